@@ -1,0 +1,5 @@
+import sys
+
+from effvision.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Learned image codecs (compressai modules) and the .evc container."""

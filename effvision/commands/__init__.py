@@ -1,0 +1,1 @@
+"""Command modules of the ``effvision`` CLI, one file per command."""

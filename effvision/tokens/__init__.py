@@ -1,0 +1,1 @@
+"""Token reduction for timm Vision Transformers."""

@@ -1,0 +1,1 @@
+"""ONNX export of effvision models and onnxruntime validation."""

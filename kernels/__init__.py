@@ -1,0 +1,1 @@
+"""Triton kernels beside their PyTorch references, with one dispatch function each."""
