@@ -1,1 +1,9 @@
-"""Triton kernels beside their PyTorch references, with one dispatch function each."""
+"""Triton kernels beside their PyTorch references, with one dispatch function each.
+
+Importing this package does not import Triton; the Triton kernels load on first use.
+"""
+
+from .selective_scan import selective_scan, selective_scan_ref
+from .token_merge import merge_tokens, merge_tokens_ref
+
+__all__ = ["merge_tokens", "merge_tokens_ref", "selective_scan", "selective_scan_ref"]

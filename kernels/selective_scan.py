@@ -1,0 +1,137 @@
+"""Selective scan (Mamba-1, Gu & Dao 2023): PyTorch reference, Triton kernels, and one dispatch function.
+
+Shapes: ``u, delta, z``: (batch, dim, length); ``A``: (dim, state) real; ``B, C``: (batch, state, length)
+or grouped (batch, groups, state, length) where channel ``d`` reads group ``d // (dim // groups)``
+(VMamba packs its 4 scan directions as 4 groups); ``D, delta_bias``: (dim,).
+
+Math, per batch, channel ``d`` and state ``n`` (fp32 throughout)::
+
+    dt_t  = softplus(delta_t + delta_bias) if delta_softplus else delta_t + delta_bias
+    h_t   = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * B_t[n] * u_t          (h_{-1} = 0)
+    y_t   = sum_n C_t[n] * h_t[n]
+    out_t = (y_t + D[d] * u_t) * silu(z_t)
+
+``out`` has ``u``'s dtype; the optional last state ``h_{L-1}`` is (batch, dim, state) fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import module_available, resolve_backend
+
+#: time steps per chunk of the reference: bounds the (chunk, batch, dim, state) temporaries.
+REFERENCE_CHUNK = 256
+
+
+def _grouped(bc: Tensor) -> Tensor:
+    """(batch, state, length) -> (batch, 1, state, length); grouped inputs pass through."""
+    return bc.unsqueeze(1) if bc.dim() == 3 else bc
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    chunk_size: int = REFERENCE_CHUNK,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """PyTorch reference of the selective scan (see module docstring); differentiable.
+
+    A sequential recurrence over time, vectorised over batch, channels and state, so it is stable for
+    any ``dt * A`` (it only ever multiplies by ``exp(dt * A)``, never by exponentials of cumulative
+    sums). Time is processed in chunks of ``chunk_size`` steps so the per-step decay and input terms
+    are materialised for one chunk at a time.
+    """
+    batch, dim, length = u.shape
+    state = A.shape[1]
+    Bg, Cg = _grouped(B), _grouped(C)
+    groups = Bg.shape[1]
+    if dim % groups != 0 or Cg.shape[1] != groups:
+        raise ValueError(f"dim {dim} must be divisible by the number of B/C groups {groups}")
+    per_group = dim // groups
+
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    uf = u.float()
+    # Layout (time, batch, groups, channels per group, state) keeps each step's slice contiguous.
+    A_g = A.float().reshape(1, 1, groups, per_group, state)
+    dt_g = dt.reshape(batch, groups, per_group, length)
+    dtu_g = (dt * uf).reshape(batch, groups, per_group, length)
+    h = u.new_zeros(batch, groups, per_group, state, dtype=torch.float32)
+    ys = []
+    for start in range(0, length, chunk_size):
+        stop = min(start + chunk_size, length)
+        dt_c = dt_g[..., start:stop].permute(3, 0, 1, 2).unsqueeze(-1)  # (T, b, g, p, 1)
+        decay = torch.exp(dt_c * A_g)  # (T, b, g, p, n)
+        B_c = Bg[..., start:stop].float().permute(3, 0, 1, 2).unsqueeze(3)  # (T, b, g, 1, n)
+        C_c = Cg[..., start:stop].float().permute(3, 0, 1, 2).unsqueeze(3)
+        drive = dtu_g[..., start:stop].permute(3, 0, 1, 2).unsqueeze(-1) * B_c  # (T, b, g, p, n)
+        states = []
+        for t in range(stop - start):
+            h = decay[t] * h + drive[t]
+            states.append(h)
+        y_c = (torch.stack(states) * C_c).sum(-1)  # (T, b, g, p)
+        ys.append(y_c.permute(1, 2, 3, 0).reshape(batch, dim, stop - start))
+    out = torch.cat(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
+    if D is not None:
+        out = out + D.float()[:, None] * uf
+    if z is not None:
+        out = out * F.silu(z.float())
+    out = out.to(u.dtype)
+    if return_last_state:
+        return out, h.reshape(batch, dim, state)
+    return out
+
+
+def _mamba_ssm_unavailable_reason() -> str | None:
+    if not module_available("mamba_ssm"):
+        return "mamba_ssm backend needs the 'mamba_ssm' package (pip install effvision[gpu])"
+    return None
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan with mamba-ssm ``selective_scan_fn`` semantics (see module docstring).
+
+    ``backend``: "auto" (Triton on CUDA tensors when Triton is importable, else PyTorch), "torch",
+    "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or "mamba_ssm" (when installed).
+    """
+    chosen = resolve_backend(
+        backend,
+        (u, delta, A, B, C, D, z, delta_bias),
+        "selective_scan",
+        extra_backends={"mamba_ssm": _mamba_ssm_unavailable_reason()},
+    )
+    if chosen == "mamba_ssm":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
+            return_last_state=return_last_state,
+        )
+    if chosen == "triton":
+        raise RuntimeError("selective_scan: the triton backend is not implemented yet; use backend='torch'")
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
