@@ -1,0 +1,113 @@
+"""Wrap compressai-style models as :class:`effvision.codecs.base.ImageCodec`, and the built-in loaders.
+
+A compressai ``CompressionModel`` returns ``{"strings": [[bytes] per entropy model], "shape": latent
+shape}`` from ``compress`` and takes both back in ``decompress``. The adapter stores the latent shape in
+section 0 (little-endian: one ``uint8`` rank, then one ``uint32`` per dimension) and one section per
+entropy model after it, so a codec author writes only the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import struct
+from pathlib import Path
+
+import torch
+
+from effvision.codecs.base import ImageCodec, fingerprint_module
+from effvision.errors import UserError
+
+MAX_LATENT_RANK = 4
+
+
+def _encode_shape(shape: tuple[int, ...]) -> bytes:
+    return struct.pack(f"<B{len(shape)}I", len(shape), *shape)
+
+
+def _decode_shape(section: bytes, limit: int) -> tuple[int, ...]:
+    if not section or section[0] == 0 or section[0] > MAX_LATENT_RANK or len(section) != 1 + 4 * section[0]:
+        raise UserError("corrupt payload: bad latent shape section")
+    shape = struct.unpack(f"<{section[0]}I", section[1:])
+    if any(not 1 <= size <= limit for size in shape):
+        raise UserError(f"corrupt payload: latent shape {shape} does not fit the image")
+    return shape
+
+
+class CompressAIImageCodec(ImageCodec):
+    """An :class:`ImageCodec` around a model with compressai's ``compress``/``decompress`` contract.
+
+    Args:
+        model: the compression model; ``update()`` is called once if it has one (builds the CDF tables).
+        name: codec id written into files.
+        config_id: configuration id written into files (e.g. ``"lite-q3"``).
+        alignment: height/width multiple the model needs (e.g. 64 for 4 stride-2 layers + a 4x hyperprior).
+        device: where the transforms run; entropy coding runs on the CPU inside compressai.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, name: str, config_id: str, alignment: int, device: str = "cpu"
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.name = name
+        self.config_id = config_id
+        self.alignment = alignment
+        self.device = device
+        if hasattr(model, "update"):
+            model.update()
+        self._accepts_lost = "lost" in inspect.signature(model.decompress).parameters
+        self._fingerprint = fingerprint_module(self.model, config_id)
+
+    def fingerprint(self) -> bytes:
+        return self._fingerprint
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> list[bytes]:
+        out = self.model.compress(image.unsqueeze(0).to(self.device))
+        sections = [_encode_shape(tuple(int(s) for s in out["shape"]))]
+        for strings in out["strings"]:
+            sections.append(bytes(strings[0]))
+        return sections
+
+    @torch.no_grad()
+    def decode(self, sections: list[bytes | None], height: int, width: int) -> torch.Tensor:
+        if len(sections) < 2 or sections[0] is None:
+            raise UserError("corrupt payload: missing latent shape or bitstream sections")
+        shape = _decode_shape(sections[0], max(height, width))
+        lost = [section is None for section in sections[1:]]
+        strings = [[section if section is not None else b""] for section in sections[1:]]
+        kwargs = {}
+        if any(lost):
+            if not self._accepts_lost:
+                raise UserError(f"codec {self.name!r} cannot restore lost sections")
+            kwargs["lost"] = lost
+        try:
+            x_hat = self.model.decompress(strings, shape, **kwargs)["x_hat"]
+        except (RuntimeError, ValueError, IndexError, KeyError, struct.error) as error:
+            raise UserError(f"corrupt payload: {self.name} decoder failed ({error})") from error
+        if x_hat.shape[-2:] != (height, width):
+            raise UserError(
+                f"corrupt payload: decoded {tuple(x_hat.shape[-2:])} pixels, header says {(height, width)}"
+            )
+        return x_hat[0].clamp(0, 1).to("cpu")
+
+
+def _missing(name: str, error: Exception) -> UserError:
+    return UserError(f"codec {name!r} is not available in this installation ({error})")
+
+
+def load_mambaic(quality: int | None = None, checkpoint: str | Path | None = None, device: str = "cpu"):
+    """Loader registered as ``"mambaic"``."""
+    try:
+        from effvision.codecs import mambaic
+    except ImportError as error:
+        raise _missing("mambaic", error) from error
+    raise _missing("mambaic", NotImplementedError(f"no loader wired for {mambaic.__name__} yet"))
+
+
+def load_vqgan(quality: int | None = None, checkpoint: str | Path | None = None, device: str = "cpu"):
+    """Loader registered as ``"vqgan"``."""
+    try:
+        from effvision.codecs import vqgan
+    except ImportError as error:
+        raise _missing("vqgan", error) from error
+    raise _missing("vqgan", NotImplementedError(f"no loader wired for {vqgan.__name__} yet"))

@@ -1,0 +1,141 @@
+"""The codec interface the CLI and the ``.evc`` container need, and the one codec registry.
+
+A codec turns one RGB image into a list of byte *sections* and back. The container (see
+``docs/format.md``) stores the sections together with the codec name, its configuration id and a
+fingerprint of its configuration + weights, so a file is only ever decoded by the codec that wrote it.
+
+Registering a codec never imports it: :func:`register_codec` takes a dotted path
+(``"package.module:function"``) that :func:`load_codec` imports on first use. The loader is called as
+``loader(quality=..., checkpoint=..., device=...)`` and returns an :class:`ImageCodec`.
+compressai-style models (``compress(x) -> {"strings", "shape"}``, ``decompress(strings, shape) ->
+{"x_hat"}``) are wrapped by :class:`effvision.codecs.adapters.CompressAIImageCodec`, so a codec
+author only writes the model and a loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from effvision.errors import UserError
+
+MAX_NAME_LENGTH = 32
+MAX_CONFIG_ID_LENGTH = 64
+
+
+class ImageCodec(ABC):
+    """An image codec as the container sees it.
+
+    Attributes:
+        name: short id stored in every file (ASCII, at most 32 bytes), e.g. ``"mambaic"``.
+        config_id: configuration id stored in every file (ASCII, at most 64 bytes), e.g. ``"lite-q3"``.
+        alignment: the image height and width the codec accepts must be multiples of this; the container
+            pads (edge replication) and records the padding.
+    """
+
+    name: str
+    config_id: str
+    alignment: int = 1
+
+    @abstractmethod
+    def fingerprint(self) -> bytes:
+        """A digest of the configuration and weights (at most 64 bytes): decoding refuses a mismatch."""
+
+    @abstractmethod
+    def encode(self, image: torch.Tensor) -> list[bytes]:
+        """Encode one image.
+
+        Args:
+            image: (3, H, W) float tensor in [0, 1]; H and W are multiples of ``alignment``.
+
+        Returns:
+            The payload sections, in order.
+        """
+
+    @abstractmethod
+    def decode(self, sections: list[bytes | None], height: int, width: int) -> torch.Tensor:
+        """Decode the sections written by :meth:`encode` back to a (3, height, width) float image in [0, 1].
+
+        A section is ``None`` when the file marks it as lost; a codec that cannot restore lost data
+        raises :class:`effvision.errors.UserError`. Corrupt sections must raise ``UserError`` too.
+        """
+
+
+def fingerprint_module(module: torch.nn.Module, config_id: str) -> bytes:
+    """SHA-256 over the config id and every state-dict tensor (name, dtype, shape, values), in name order."""
+    digest = hashlib.sha256(config_id.encode("utf-8"))
+    state = module.state_dict()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(key.encode("utf-8"))
+        digest.update(str(tensor.dtype).encode("ascii"))
+        digest.update(str(tuple(tensor.shape)).encode("ascii"))
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.digest()
+
+
+CodecLoader = Callable[..., ImageCodec]
+
+# name -> "module:function" (imported on first use) or the loader itself.
+_REGISTRY: dict[str, str | CodecLoader] = {
+    "mambaic": "effvision.codecs.adapters:load_mambaic",
+    "vqgan": "effvision.codecs.adapters:load_vqgan",
+}
+
+
+def register_codec(name: str, loader: str | CodecLoader, *, overwrite: bool = False) -> None:
+    """Register a codec under ``name``.
+
+    Args:
+        name: the id written into files (ASCII, at most 32 bytes).
+        loader: ``"package.module:function"`` (imported lazily) or a callable
+            ``loader(quality=None, checkpoint=None, device="cpu") -> ImageCodec``.
+        overwrite: replace an existing registration instead of raising ``ValueError``.
+    """
+    if not name.isascii() or not 0 < len(name) <= MAX_NAME_LENGTH:
+        raise ValueError(f"codec name must be 1-{MAX_NAME_LENGTH} ASCII characters, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"codec {name!r} is already registered")
+    _REGISTRY[name] = loader
+
+
+def unregister_codec(name: str) -> None:
+    """Remove a registration (used by tests that register temporary codecs)."""
+    _REGISTRY.pop(name, None)
+
+
+def available_codecs() -> list[str]:
+    """Registered codec names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _resolve(name: str) -> CodecLoader:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
+    loader = _REGISTRY[name]
+    if callable(loader):
+        return loader
+    module_name, _, function_name = loader.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(f"codec {name!r} is not available in this installation ({error})") from error
+    return getattr(module, function_name)
+
+
+def load_codec(
+    name: str,
+    quality: int | None = None,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+) -> ImageCodec:
+    """Build the registered codec ``name`` at ``quality`` or from ``checkpoint``, on ``device``."""
+    codec = _resolve(name)(quality=quality, checkpoint=checkpoint, device=device)
+    if codec.name != name:
+        raise ValueError(f"loader for {name!r} returned a codec named {codec.name!r}")
+    return codec
