@@ -11,6 +11,7 @@ import importlib.util
 import os
 from functools import cache
 
+import torch
 from torch import Tensor
 
 
@@ -72,3 +73,15 @@ def resolve_backend(
     if reason is not None:
         raise RuntimeError(f"{operation}: {reason}")
     return backend
+
+
+#: When True, Triton wrappers fill freshly allocated outputs with NaN so that tests catch any element a
+#: kernel forgot to write. Off in normal use (``torch.empty`` costs nothing).
+poison_outputs = False
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Allocate a kernel output: uninitialised, or NaN-filled when ``poison_outputs`` is set."""
+    if poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

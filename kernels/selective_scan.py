@@ -133,5 +133,8 @@ def selective_scan(
             return_last_state=return_last_state,
         )
     if chosen == "triton":
-        raise RuntimeError("selective_scan: the triton backend is not implemented yet; use backend='torch'")
+        from ._selective_scan_triton import selective_scan_triton
+
+        out, last_state = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (out, last_state) if return_last_state else out
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
