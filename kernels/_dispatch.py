@@ -85,3 +85,44 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     if poison_outputs:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+class _FastForwardReferenceBackward(torch.autograd.Function):
+    """Forward with a fast kernel; backward by autograd through the PyTorch reference (same math)."""
+
+    @staticmethod
+    def forward(ctx, fast, reference, *inputs):
+        ctx.reference = reference
+        ctx.save_for_backward(*inputs)
+        outputs = fast(*inputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        needs = ctx.needs_input_grad[2:]
+        with torch.enable_grad():
+            leaves = [
+                None if t is None else t.detach().requires_grad_(need)
+                for t, need in zip(ctx.saved_tensors, needs, strict=True)
+            ]
+            outputs = ctx.reference(*leaves)
+        differentiable = [
+            (out, grad)
+            for out, grad in zip(outputs, output_grads, strict=True)
+            if out is not None and out.requires_grad and grad is not None
+        ]
+        wanted = [leaf for leaf, need in zip(leaves, needs, strict=True) if need]
+        targets = [out for out, _ in differentiable]
+        target_grads = [grad for _, grad in differentiable]
+        grads = iter(torch.autograd.grad(targets, wanted, target_grads, allow_unused=True))
+        return (None, None, *(next(grads) if need else None for need in needs))
+
+
+def fast_forward_reference_backward(fast, reference, *inputs: Tensor | None) -> tuple[Tensor, ...]:
+    """Run ``fast(*inputs)`` (a tuple of tensors); gradients, when needed, come from ``reference``.
+
+    Both callables take the same positional inputs and return tuples of the same structure.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _FastForwardReferenceBackward.apply(fast, reference, *inputs)
+    return fast(*inputs)

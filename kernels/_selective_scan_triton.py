@@ -82,6 +82,7 @@ def _scan_forward_kernel(
     row = (batch * dim + channels) * length  # (BLOCK_D,) start of each channel's time series
     group = channels // per_group
     bc_row = ((batch * groups + group)[:, None] * state + states_n[None, :]) * length  # (BLOCK_D, BLOCK_N)
+    state_row = (batch * dim + channels)[:, None] * n_chunks
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for chunk_index in range(0, n_chunks):
         t = chunk_index * CHUNK + steps
@@ -101,7 +102,7 @@ def _scan_forward_kernel(
         # Padded steps carry the state unchanged, so the last column is the state after this chunk.
         h = tl.sum(tl.where(steps[None, None, :] == CHUNK - 1, hs, 0.0), axis=2)
         if STORE_ALL_STATES:
-            state_offsets = ((batch * dim + channels)[:, None] * n_chunks + chunk_index) * state + states_n[None, :]
+            state_offsets = (state_row + chunk_index) * state + states_n[None, :]
             tl.store(states_ptr + state_offsets, h, mask=mask_dn)
         if HAS_D:
             y += skip[:, None] * u
