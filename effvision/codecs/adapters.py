@@ -24,12 +24,13 @@ def _encode_shape(shape: tuple[int, ...]) -> bytes:
     return struct.pack(f"<B{len(shape)}I", len(shape), *shape)
 
 
-def _decode_shape(section: bytes, limit: int) -> tuple[int, ...]:
+def _decode_shape(section: bytes, expected: tuple[int, int]) -> tuple[int, ...]:
     if not section or section[0] == 0 or section[0] > MAX_LATENT_RANK or len(section) != 1 + 4 * section[0]:
         raise UserError("corrupt payload: bad latent shape section")
     shape = struct.unpack(f"<{section[0]}I", section[1:])
-    if any(not 1 <= size <= limit for size in shape):
-        raise UserError(f"corrupt payload: latent shape {shape} does not fit the image")
+    # The latent size follows from the image size; checking it bounds what decompress() allocates.
+    if tuple(shape[-2:]) != expected:
+        raise UserError(f"corrupt payload: latent shape {shape} does not match the image ({expected})")
     return shape
 
 
@@ -41,16 +42,25 @@ class CompressAIImageCodec(ImageCodec):
         name: codec id written into files.
         config_id: configuration id written into files (e.g. ``"lite-q3"``).
         alignment: height/width multiple the model needs (e.g. 64 for 4 stride-2 layers + a 4x hyperprior).
+        latent_stride: image size / the spatial size of compress()'s ``"shape"`` (default ``alignment``;
+            16 for a model whose ``shape`` is the main latent of a 16x analysis transform).
         device: where the transforms run; entropy coding runs on the CPU inside compressai.
     """
 
     def __init__(
-        self, model: torch.nn.Module, name: str, config_id: str, alignment: int, device: str = "cpu"
+        self,
+        model: torch.nn.Module,
+        name: str,
+        config_id: str,
+        alignment: int,
+        latent_stride: int | None = None,
+        device: str = "cpu",
     ) -> None:
         self.model = model.to(device).eval()
         self.name = name
         self.config_id = config_id
         self.alignment = alignment
+        self.latent_stride = latent_stride or alignment
         self.device = device
         if hasattr(model, "update"):
             model.update()
@@ -72,7 +82,7 @@ class CompressAIImageCodec(ImageCodec):
     def decode(self, sections: list[bytes | None], height: int, width: int) -> torch.Tensor:
         if len(sections) < 2 or sections[0] is None:
             raise UserError("corrupt payload: missing latent shape or bitstream sections")
-        shape = _decode_shape(sections[0], max(height, width))
+        shape = _decode_shape(sections[0], (height // self.latent_stride, width // self.latent_stride))
         lost = [section is None for section in sections[1:]]
         strings = [[section if section is not None else b""] for section in sections[1:]]
         kwargs = {}
@@ -95,7 +105,12 @@ def _missing(name: str, error: Exception) -> UserError:
     return UserError(f"codec {name!r} is not available in this installation ({error})")
 
 
-def load_mambaic(quality: int | None = None, checkpoint: str | Path | None = None, device: str = "cpu"):
+def load_mambaic(
+    quality: int | None = None,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    config_id: str | None = None,
+) -> CompressAIImageCodec:
     """Loader registered as ``"mambaic"``."""
     try:
         from effvision.codecs import mambaic
@@ -104,7 +119,12 @@ def load_mambaic(quality: int | None = None, checkpoint: str | Path | None = Non
     raise _missing("mambaic", NotImplementedError(f"no loader wired for {mambaic.__name__} yet"))
 
 
-def load_vqgan(quality: int | None = None, checkpoint: str | Path | None = None, device: str = "cpu"):
+def load_vqgan(
+    quality: int | None = None,
+    checkpoint: str | Path | None = None,
+    device: str = "cpu",
+    config_id: str | None = None,
+) -> CompressAIImageCodec:
     """Loader registered as ``"vqgan"``."""
     try:
         from effvision.codecs import vqgan

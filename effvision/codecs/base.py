@@ -6,7 +6,9 @@ fingerprint of its configuration + weights, so a file is only ever decoded by th
 
 Registering a codec never imports it: :func:`register_codec` takes a dotted path
 (``"package.module:function"``) that :func:`load_codec` imports on first use. The loader is called as
-``loader(quality=..., checkpoint=..., device=...)`` and returns an :class:`ImageCodec`.
+``loader(quality=..., checkpoint=..., device=..., config_id=...)`` and returns an :class:`ImageCodec`;
+``config_id`` is set when decoding a file (the loader rebuilds that configuration) and ``None`` when
+encoding (the loader picks it from ``quality``/``checkpoint``).
 compressai-style models (``compress(x) -> {"strings", "shape"}``, ``decompress(strings, shape) ->
 {"x_hat"}``) are wrapped by :class:`effvision.codecs.adapters.CompressAIImageCodec`, so a codec
 author only writes the model and a loader.
@@ -94,7 +96,7 @@ def register_codec(name: str, loader: str | CodecLoader, *, overwrite: bool = Fa
     Args:
         name: the id written into files (ASCII, at most 32 bytes).
         loader: ``"package.module:function"`` (imported lazily) or a callable
-            ``loader(quality=None, checkpoint=None, device="cpu") -> ImageCodec``.
+            ``loader(quality=None, checkpoint=None, device="cpu", config_id=None) -> ImageCodec``.
         overwrite: replace an existing registration instead of raising ``ValueError``.
     """
     if not name.isascii() or not 0 < len(name) <= MAX_NAME_LENGTH:
@@ -133,9 +135,25 @@ def load_codec(
     quality: int | None = None,
     checkpoint: str | Path | None = None,
     device: str = "cpu",
+    config_id: str | None = None,
 ) -> ImageCodec:
-    """Build the registered codec ``name`` at ``quality`` or from ``checkpoint``, on ``device``."""
-    codec = _resolve(name)(quality=quality, checkpoint=checkpoint, device=device)
+    """Build the registered codec ``name`` on ``device``.
+
+    For encoding pass ``quality`` or ``checkpoint``; for decoding pass the file's ``config_id`` (and the
+    ``checkpoint`` it was written with, when it was not a shipped one).
+    """
+    codec = _resolve(name)(quality=quality, checkpoint=checkpoint, device=device, config_id=config_id)
     if codec.name != name:
         raise ValueError(f"loader for {name!r} returned a codec named {codec.name!r}")
+    if config_id is not None and codec.config_id != config_id:
+        raise UserError(f"codec {name!r} cannot build configuration {config_id!r} (got {codec.config_id!r})")
     return codec
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; an unavailable ``"cuda"`` is a UserError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    return device

@@ -1,0 +1,161 @@
+"""File handling shared by the CLI commands: atomic writes, ``-`` for stdin/stdout, input expansion.
+
+Atomic write: the bytes go to a temporary file in the destination's directory, are flushed and
+fsync'ed, then moved into place in one step (``os.link`` when the destination must not be clobbered,
+``os.replace`` with ``force``). A failure at any point removes the temporary file, so the destination is
+either untouched or complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from effvision.errors import UserError
+
+STDIO = "-"
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], force: bool = False) -> None:
+    """Call ``write(file)`` on a temporary file and move it to ``path`` atomically.
+
+    Args:
+        path: destination, or ``"-"`` for standard output (written directly, not atomic).
+        write: fills the open binary file.
+        force: replace an existing destination; without it an existing file is a :class:`UserError`.
+    """
+    if str(path) == STDIO:
+        write(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists (use --force to overwrite)")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise UserError(f"directory {directory} does not exist")
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _move_into_place(temp_name, path, force)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, force: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(data), force=force)
+
+
+def _move_into_place(temp_name: str, path: Path, force: bool) -> None:
+    if force:
+        os.replace(temp_name, path)
+        return
+    try:
+        # link() fails if the destination appeared meanwhile, so a concurrent writer is never clobbered.
+        os.link(temp_name, path)
+    except FileExistsError as error:
+        raise UserError(f"{path} exists (use --force to overwrite)") from error
+    except OSError:
+        if path.exists():
+            raise UserError(f"{path} exists (use --force to overwrite)") from None
+        os.replace(temp_name, path)
+        return
+    os.unlink(temp_name)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def read_bytes(path: str | Path, max_bytes: int) -> bytes:
+    """Read a whole file (or stdin for ``"-"``), refusing anything larger than ``max_bytes``."""
+    if str(path) == STDIO:
+        data = sys.stdin.buffer.read(max_bytes + 1)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        if path.stat().st_size > max_bytes:
+            raise UserError(f"{path}: larger than {max_bytes} bytes")
+        with path.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UserError(f"{path}: larger than {max_bytes} bytes")
+    return data
+
+
+def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str]) -> list[str]:
+    """Expand files, directories (their files with one of ``suffixes``, sorted) and glob patterns.
+
+    ``"-"`` (stdin) is passed through. Raises :class:`UserError` when a pattern matches nothing.
+    """
+    suffixes = tuple(s.lower() for s in suffixes)
+    found: list[str] = []
+    for pattern in patterns:
+        if pattern == STDIO:
+            found.append(pattern)
+            continue
+        if Path(pattern).is_dir():
+            files = Path(pattern).iterdir()
+            matches = sorted(str(p) for p in files if p.is_file() and p.suffix.lower() in suffixes)
+        elif Path(pattern).exists():
+            matches = [pattern]
+        else:
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise UserError(f"{pattern}: no such file or no matching files")
+        found.extend(matches)
+    if found.count(STDIO) > 1:
+        raise UserError("'-' (stdin) can be given only once")
+    return list(dict.fromkeys(found))
+
+
+def output_paths(inputs: list[str], output: str | None, suffix: str) -> list[str]:
+    """Destination for each input.
+
+    One input: ``output`` itself (a file, ``"-"``, or an existing directory to write into). Several
+    inputs: ``output`` is a directory (created if missing). Without ``output``: beside each input.
+    Names are the input stem + ``suffix``; two inputs mapping to one name is a :class:`UserError`.
+    """
+    if output == STDIO and len(inputs) > 1:
+        raise UserError("'-' (stdout) takes a single input")
+    if output is not None and (len(inputs) > 1 or Path(output).is_dir() or output.endswith(("/", os.sep))):
+        directory = Path(output)
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"{directory} is not a directory (several inputs need an output directory)")
+        if STDIO in inputs:
+            raise UserError("'-' (stdin) needs an output file, not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        destinations = [str(directory / (Path(p).stem + suffix)) for p in inputs]
+    elif output is not None:
+        destinations = [output]
+    else:
+        if STDIO in inputs:
+            raise UserError("'-' (stdin) needs -o/--output")
+        destinations = [str(Path(p).with_suffix(suffix)) for p in inputs]
+    duplicates = {d for d in destinations if destinations.count(d) > 1}
+    if duplicates:
+        raise UserError(f"several inputs would write {sorted(duplicates)[0]}; use separate output folders")
+    return destinations

@@ -1,0 +1,120 @@
+"""Atomic writes: a failure mid-write leaves no partial output and never touches an existing file."""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from effvision.codecs.base import ImageCodec, register_codec, unregister_codec
+from effvision.errors import UserError
+from effvision.io_utils import atomic_write, atomic_write_bytes, output_paths
+
+
+class WriteFailure(Exception):
+    pass
+
+
+def failing_writer(handle):
+    handle.write(b"partial data")
+    raise WriteFailure("disk full")
+
+
+def test_failure_mid_write_leaves_no_output(tmp_path):
+    with pytest.raises(WriteFailure):
+        atomic_write(tmp_path / "out.evc", failing_writer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_mid_write_keeps_the_existing_file(tmp_path):
+    (tmp_path / "out.evc").write_bytes(b"original")
+    with pytest.raises(WriteFailure):
+        atomic_write(tmp_path / "out.evc", failing_writer, force=True)
+    assert (tmp_path / "out.evc").read_bytes() == b"original"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.evc"]
+
+
+def test_failing_fsync_leaves_no_output(tmp_path, monkeypatch):
+    def broken_fsync(descriptor):
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        atomic_write_bytes(tmp_path / "out.evc", b"x" * 1000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failing_rename_keeps_the_existing_file(tmp_path, monkeypatch):
+    (tmp_path / "out.evc").write_bytes(b"original")
+
+    def broken_replace(source, destination):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        atomic_write_bytes(tmp_path / "out.evc", b"new", force=True)
+    assert (tmp_path / "out.evc").read_bytes() == b"original"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.evc"]
+
+
+def test_existing_file_without_force_is_a_user_error(tmp_path):
+    (tmp_path / "out.evc").write_bytes(b"original")
+    with pytest.raises(UserError, match="exists"):
+        atomic_write_bytes(tmp_path / "out.evc", b"new")
+    assert (tmp_path / "out.evc").read_bytes() == b"original"
+
+
+def test_file_created_during_the_write_is_not_clobbered(tmp_path):
+    def racing_writer(handle):
+        (tmp_path / "out.evc").write_bytes(b"other process")
+        handle.write(b"mine")
+
+    with pytest.raises(UserError, match="exists"):
+        atomic_write(tmp_path / "out.evc", racing_writer)
+    assert (tmp_path / "out.evc").read_bytes() == b"other process"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.evc"]
+
+
+def test_successful_write_has_the_exact_bytes(tmp_path):
+    atomic_write_bytes(tmp_path / "out.evc", b"complete")
+    assert (tmp_path / "out.evc").read_bytes() == b"complete"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.evc"]
+
+
+class ConstantCodec(ImageCodec):
+    name, config_id, alignment = "constant-test", "", 1
+
+    def fingerprint(self) -> bytes:
+        return b""
+
+    def encode(self, image):
+        return [b"\x00" * 64]
+
+    def decode(self, sections, height, width):
+        return torch.zeros(3, height, width)
+
+
+def test_interrupted_cli_encode_leaves_no_output_and_keeps_existing(tmp_path, monkeypatch):
+    from effvision import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", {"encode": "encode"})
+    register_codec("constant-test", lambda **_: ConstantCodec(), overwrite=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "b.evc").write_bytes(b"original")
+
+    def interrupted_fsync(descriptor):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
+    for name in ("a", "b"):
+        argv = ["encode", str(tmp_path / f"{name}.png"), "--codec", "constant-test", "--force"]
+        assert cli.main(argv) == 130
+    unregister_codec("constant-test")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.evc", "b.png"]
+    assert (tmp_path / "b.evc").read_bytes() == b"original"
+
+
+def test_two_inputs_with_the_same_name_are_refused(tmp_path):
+    with pytest.raises(UserError, match="several inputs"):
+        output_paths(["a/x.png", "b/x.png"], str(tmp_path / "out"), ".evc")
