@@ -23,6 +23,9 @@ from effvision.errors import UserError
 
 # name -> module under effvision.commands; the order is the order of `effvision --help`.
 COMMANDS: dict[str, str] = {
+    "encode": "encode",
+    "decode": "decode",
+    "info": "info",
     "demo": "demo",
     "reduce-info": "reduce_info",
 }
