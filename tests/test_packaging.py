@@ -2,11 +2,16 @@
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_ROOTS = {"effvision": ROOT / "effvision", "effvision.kernels": ROOT / "kernels", "effvision.export": ROOT / "export"}
+PACKAGE_ROOTS = {
+    "effvision": ROOT / "effvision",
+    "effvision.kernels": ROOT / "kernels",
+    "effvision.export": ROOT / "export",
+}
 
 
 def test_every_package_directory_is_listed_in_pyproject():

@@ -1,0 +1,122 @@
+"""Run timm ViT blocks on a :class:`TokenState`, reducing tokens between attention and MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from effvision.tokens.attention import AttentionStatistics, attention_with_statistics, size_bias
+from effvision.tokens.state import TokenState
+from effvision.tokens.token_map import PerImageChoice, TokenMap, apply_token_map
+
+BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+class ReductionPolicy(Protocol):
+    name: str
+    needs: frozenset[str]
+    proportional_attention: bool
+
+    def output_tokens(self, block: int, tokens: int, num_prefix: int) -> int: ...
+
+    def select(
+        self, block: int, state: TokenState, stats: AttentionStatistics
+    ) -> TokenMap | PerImageChoice | None: ...
+
+
+@dataclass
+class NoReduction:
+    """The identity policy: every block keeps all tokens."""
+
+    name: str = "none"
+    needs: frozenset[str] = field(default_factory=frozenset)
+    proportional_attention: bool = False
+
+    def output_tokens(self, block: int, tokens: int, num_prefix: int) -> int:
+        return tokens
+
+    def select(self, block: int, state: TokenState, stats: AttentionStatistics) -> None:
+        return None
+
+
+def check_block(block: nn.Module, index: int) -> None:
+    """Raise ValueError unless ``block`` is a pre-norm timm ViT ``Block`` (LayerScale allowed)."""
+    missing = [name for name in BLOCK_PARTS if not hasattr(block, name)]
+    if missing:
+        raise ValueError(
+            f"block {index} ({type(block).__name__}) is not a pre-norm timm ViT Block (missing {missing}); "
+            "token reduction supports timm's VisionTransformer Block"
+        )
+
+
+class TokenReducingBlocks(nn.Sequential):
+    """Drop-in replacement for ``VisionTransformer.blocks``.
+
+    Holds the very same block modules under the same names (``blocks.0.attn.qkv.weight`` ...), so state
+    dicts and checkpoints of the base model load unchanged. Its ``forward`` takes and returns the token
+    tensor like timm's ``nn.Sequential``; :meth:`forward_state` exposes the full :class:`TokenState`
+    (sizes, source map). The policy is a plain, parameter-free object: no shared mutable state.
+    """
+
+    def __init__(
+        self,
+        blocks: Iterable[nn.Module],
+        policy: ReductionPolicy,
+        num_prefix: int,
+        track_source: bool = False,
+    ) -> None:
+        super().__init__(*blocks)
+        for index, block in enumerate(self):
+            check_block(block, index)
+        self.policy = policy
+        self.num_prefix = num_prefix
+        self.track_source = track_source
+        self.grad_checkpointing = False
+
+    def token_schedule(self, tokens: int) -> list[tuple[int, int]]:
+        """(tokens into attention, tokens into the MLP) for every block, for ``tokens`` input tokens."""
+        schedule = []
+        for index in range(len(self)):
+            out = self.policy.output_tokens(index, tokens, self.num_prefix)
+            schedule.append((tokens, out))
+            tokens = out
+        return schedule
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_state(TokenState.start(x, self.num_prefix, self.track_source)).x
+
+    def forward_state(self, state: TokenState) -> TokenState:
+        for index, block in enumerate(self):
+            state = self.run_block(index, block, state)
+        return state
+
+    def run_block(self, index: int, block: nn.Module, state: TokenState) -> TokenState:
+        reduces = self.policy.output_tokens(index, state.num_tokens, state.num_prefix) < state.num_tokens
+        need = self.policy.needs if reduces else frozenset()
+        bias = size_bias(state.size, state.x.dtype) if self.policy.proportional_attention else None
+
+        def attention_part(x: Tensor, bias: Tensor | None):
+            out, stats = attention_with_statistics(block.attn, block.norm1(x), bias, need)
+            return x + block.drop_path1(block.ls1(out)), stats
+
+        def mlp_part(x: Tensor) -> Tensor:
+            return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+        if self.grad_checkpointing and self.training:
+            x, stats = torch.utils.checkpoint.checkpoint(attention_part, state.x, bias, use_reentrant=False)
+        else:
+            x, stats = attention_part(state.x, bias)
+        state = state.replace(x=x)
+        if reduces:
+            token_map = self.policy.select(index, state, stats)
+            if token_map is not None:
+                state = apply_token_map(state, token_map)
+        if self.grad_checkpointing and self.training:
+            x = torch.utils.checkpoint.checkpoint(mlp_part, state.x, use_reentrant=False)
+        else:
+            x = mlp_part(state.x)
+        return state.replace(x=x)
