@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import module_available, resolve_backend
+from . import _dispatch
 
 #: time steps per chunk of the reference: bounds the (chunk, batch, dim, state) temporaries.
 REFERENCE_CHUNK = 256
@@ -96,7 +96,7 @@ def selective_scan_ref(
 
 
 def _mamba_ssm_unavailable_reason() -> str | None:
-    if not module_available("mamba_ssm"):
+    if not _dispatch.module_available("mamba_ssm"):
         return "mamba_ssm backend needs the 'mamba_ssm' package (pip install effvision[gpu])"
     return None
 
@@ -119,7 +119,7 @@ def selective_scan(
     ``backend``: "auto" (Triton on CUDA tensors when Triton is importable, else PyTorch), "torch",
     "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or "mamba_ssm" (when installed).
     """
-    chosen = resolve_backend(
+    chosen = _dispatch.resolve_backend(
         backend,
         (u, delta, A, B, C, D, z, delta_bias),
         "selective_scan",

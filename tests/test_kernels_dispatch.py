@@ -1,0 +1,88 @@
+"""Backend selection of the kernel dispatch functions and its error messages."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from effvision.kernels import _dispatch, merge_tokens, merge_tokens_ref, selective_scan
+
+CUDA_TENSOR = SimpleNamespace(device=torch.device("cuda"))  # stands in for a CUDA tensor on a CPU machine
+
+
+def scan_inputs():
+    return dict(
+        u=torch.randn(1, 4, 5), delta=torch.rand(1, 4, 5), A=-torch.rand(4, 2),
+        B=torch.randn(1, 2, 5), C=torch.randn(1, 2, 5),
+    )
+
+
+def test_auto_picks_torch_for_cpu_tensors():
+    assert _dispatch.resolve_backend("auto", (torch.zeros(1),), "op") == "torch"
+
+
+def test_auto_picks_triton_for_cuda_tensors_when_triton_is_installed(monkeypatch):
+    monkeypatch.setattr(_dispatch, "module_available", lambda name: True)
+    assert _dispatch.resolve_backend("auto", (CUDA_TENSOR, None), "op") == "triton"
+
+
+def test_auto_falls_back_to_torch_without_triton(monkeypatch):
+    monkeypatch.setattr(_dispatch, "module_available", lambda name: False)
+    assert _dispatch.resolve_backend("auto", (CUDA_TENSOR,), "op") == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_dispatch, "module_available", lambda name: True)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
+        selective_scan(**scan_inputs(), backend="triton")
+
+
+def test_triton_without_the_package_says_it_is_not_installed(monkeypatch):
+    monkeypatch.setattr(_dispatch, "module_available", lambda name: False)
+    x = torch.randn(1, 4, 3)
+    with pytest.raises(RuntimeError, match="'triton' package, which is not installed"):
+        merge_tokens(x, torch.zeros(1, 2, dtype=torch.long), backend="triton")
+
+
+def test_triton_on_cpu_is_allowed_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_dispatch, "module_available", lambda name: True)
+    assert _dispatch.resolve_backend("triton", (torch.zeros(1),), "op") == "triton"
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(ValueError, match="choose one of .*'torch'.*'triton'.*'mamba_ssm'"):
+        selective_scan(**scan_inputs(), backend="cuda")
+
+
+def test_mamba_ssm_backend_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(_dispatch, "module_available", lambda name: name != "mamba_ssm")
+    with pytest.raises(RuntimeError, match="mamba_ssm"):
+        selective_scan(**scan_inputs(), backend="mamba_ssm")
+
+
+def test_torch_backend_is_the_reference():
+    x = torch.randn(2, 6, 3)
+    keep = torch.tensor([[0, 2], [5, 1]])
+    src, dst = torch.tensor([[1, 3], [0, 4]]), torch.tensor([[0, 0], [1, 1]])
+    assert torch.equal(merge_tokens(x, keep, src, dst, backend="torch"), merge_tokens_ref(x, keep, src, dst))
+
+
+def test_poisoned_outputs_are_nan():
+    previous = _dispatch.poison_outputs
+    _dispatch.poison_outputs = True
+    try:
+        assert torch.isnan(_dispatch.new_output((3, 2), torch.float16, torch.device("cpu"))).all()
+    finally:
+        _dispatch.poison_outputs = previous
+
+
+def test_importing_kernels_does_not_load_triton_kernel_modules():
+    code = (
+        "import sys, effvision.kernels;"
+        "print(sorted(m for m in sys.modules if m.startswith('effvision.kernels._') and 'triton' in m))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
