@@ -28,6 +28,33 @@ class ReductionPolicy(Protocol):
     ) -> TokenMap | PerImageChoice | None: ...
 
 
+class BlockExtension(Protocol):
+    """Adds work around the blocks (Sparse-Tuning's Dense Adapters, CLCA's cache and head input).
+
+    Hooks run in the order of ``TokenReducingBlocks.extensions``; each gets and returns the
+    :class:`TokenState`, keeping per-forward data in ``state.extras`` (never on the module).
+
+    * ``injected_tokens(block)``: tokens appended right after the reduction of ``block`` (static).
+    * ``after_reduction(block, state, token_map)``: after the policy's map (``None``: no reduction).
+    * ``parallel_ffn(block, state)``: (state, branch) where ``branch`` (B, N, C) or ``None`` is added
+      to the residual beside the MLP.
+    * ``after_block(block, state)``: after the MLP.
+    * ``output(state)``: a tensor to return from ``forward`` instead of the tokens, or ``None``.
+    """
+
+    def injected_tokens(self, block: int) -> int: ...
+
+    def after_reduction(
+        self, block: int, state: TokenState, token_map: TokenMap | PerImageChoice | None
+    ) -> TokenState: ...
+
+    def parallel_ffn(self, block: int, state: TokenState) -> tuple[TokenState, Tensor | None]: ...
+
+    def after_block(self, block: int, state: TokenState) -> TokenState: ...
+
+    def output(self, state: TokenState) -> Tensor | None: ...
+
+
 @dataclass
 class NoReduction:
     """The identity policy: every block keeps all tokens."""
@@ -60,6 +87,8 @@ class TokenReducingBlocks(nn.Sequential):
     dicts and checkpoints of the base model load unchanged. Its ``forward`` takes and returns the token
     tensor like timm's ``nn.Sequential``; :meth:`forward_state` exposes the full :class:`TokenState`
     (sizes, source map). The policy is a plain, parameter-free object: no shared mutable state.
+    ``extensions`` (a tuple, not registered as sub-modules: extension modules are registered on the
+    model under their own names) hook into every block, see :class:`BlockExtension`.
     """
 
     def __init__(
@@ -76,18 +105,25 @@ class TokenReducingBlocks(nn.Sequential):
         self.num_prefix = num_prefix
         self.track_source = track_source
         self.grad_checkpointing = False
+        self.extensions: tuple[BlockExtension, ...] = ()
 
     def token_schedule(self, tokens: int) -> list[tuple[int, int]]:
         """(tokens into attention, tokens into the MLP) for every block, for ``tokens`` input tokens."""
         schedule = []
         for index in range(len(self)):
             out = self.policy.output_tokens(index, tokens, self.num_prefix)
+            out += sum(extension.injected_tokens(index) for extension in self.extensions)
             schedule.append((tokens, out))
             tokens = out
         return schedule
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_state(TokenState.start(x, self.num_prefix, self.track_source)).x
+        state = self.forward_state(TokenState.start(x, self.num_prefix, self.track_source))
+        for extension in self.extensions:
+            out = extension.output(state)
+            if out is not None:
+                return out
+        return state.x
 
     def forward_state(self, state: TokenState) -> TokenState:
         for index, block in enumerate(self):
@@ -111,12 +147,23 @@ class TokenReducingBlocks(nn.Sequential):
         else:
             x, stats = attention_part(state.x, bias)
         state = state.replace(x=x)
-        if reduces:
-            token_map = self.policy.select(index, state, stats)
-            if token_map is not None:
-                state = apply_token_map(state, token_map)
+        token_map = self.policy.select(index, state, stats) if reduces else None
+        if token_map is not None:
+            state = apply_token_map(state, token_map)
+        branches = []
+        for extension in self.extensions:
+            state = extension.after_reduction(index, state, token_map)
+        for extension in self.extensions:
+            state, branch = extension.parallel_ffn(index, state)
+            if branch is not None:
+                branches.append(branch)
         if self.grad_checkpointing and self.training:
             x = torch.utils.checkpoint.checkpoint(mlp_part, state.x, use_reentrant=False)
         else:
             x = mlp_part(state.x)
-        return state.replace(x=x)
+        for branch in branches:
+            x = x + branch
+        state = state.replace(x=x)
+        for extension in self.extensions:
+            state = extension.after_block(index, state)
+        return state

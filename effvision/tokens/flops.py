@@ -50,19 +50,30 @@ def block_macs(block: nn.Module, tokens_in: int, tokens_out: int) -> int:
 
 
 def count_macs(model: nn.Module, schedule: list[tuple[int, int]] | None = None) -> dict:
-    """MACs of one image through ``model``: {"total", "patch_embed", "blocks" (list), "head"}.
+    """MACs of one image through ``model``: {"total", "patch_embed", "blocks" (list), "head",
+    "extensions" (block extensions such as Dense Adapters, at their blocks' MLP token counts)}.
 
     ``schedule`` overrides the per-block (attention, MLP) token counts; default: the model's own.
     """
     if schedule is None:
         schedule = token_schedule(model)
     blocks = [block_macs(block, n_in, n_out) for block, (n_in, n_out) in zip(model.blocks, schedule, strict=True)]
-    head = _linear_macs(model.head) if isinstance(model.head, nn.Module) else 0
+    # a head with its own count (CLCA's aggregation head) says so through ``macs()``
+    if hasattr(model.head, "macs"):
+        head = model.head.macs()
+    else:
+        head = _linear_macs(model.head) if isinstance(model.head, nn.Module) else 0
     head += _linear_macs(getattr(model, "head_dist", None) or nn.Identity())
+    extensions = sum(
+        extension.macs(schedule)
+        for extension in getattr(model.blocks, "extensions", ())
+        if hasattr(extension, "macs")
+    )
     patch = patch_embed_macs(model)
     return {
-        "total": patch + sum(blocks) + head,
+        "total": patch + sum(blocks) + head + extensions,
         "patch_embed": patch,
         "blocks": blocks,
         "head": head,
+        "extensions": extensions,
     }

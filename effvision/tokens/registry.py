@@ -76,4 +76,31 @@ def register_all() -> list[str]:
     return names
 
 
-REGISTERED_MODELS = register_all()
+def _make_peft_entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        from effvision.peft.models import create_peft_model  # lazy: keeps `import effvision` light
+
+        return create_peft_model(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{name}: Sparse-Tuning / CLCA model (see effvision.peft.models)."
+    return entrypoint
+
+
+def register_peft() -> list[str]:
+    """Register ``sparse_tuning_<base>`` and ``clca_<method>_<base>`` (method: ppt, tome, topk,
+    sparse_tuning) for every base model; returns the names."""
+    module = sys.modules[__name__]
+    prefixes = ["sparse_tuning"] + [f"clca_{method}" for method in (*REDUCTION_METHODS, "sparse_tuning")]
+    names = []
+    for prefix in prefixes:
+        for base_name in BASE_MODELS:
+            entrypoint = _make_peft_entrypoint(f"{prefix}_{base_name}")
+            setattr(module, entrypoint.__name__, entrypoint)
+            register_model(entrypoint)
+            names.append(entrypoint.__name__)
+    return names
+
+
+REGISTERED_MODELS = register_all() + register_peft()

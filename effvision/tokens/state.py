@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,12 +21,16 @@ class TokenState:
         source: optional source map (B, N, N0): ``source[b, i, j] = 1`` when token ``i`` holds
             original token ``j``.
         num_prefix: number of protected prefix tokens.
+        extras: per-forward data of block extensions (e.g. earlier Dense-Adapter outputs, the CLCA
+            cache), created fresh for every call. Extensions never mutate it in place; they return
+            ``state.replace(extras={**state.extras, key: value})``.
     """
 
     x: Tensor
     size: Tensor | None = None
     source: Tensor | None = None
     num_prefix: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int, track_source: bool = False) -> TokenState:

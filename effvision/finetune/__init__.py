@@ -1,0 +1,1 @@
+"""Fine-tuning timm / effvision models on ImageFolder data (single process or torchrun + DDP)."""

@@ -1,0 +1,79 @@
+"""Builders behind the timm names ``sparse_tuning_<base>`` and ``clca_<method>_<base>``.
+
+Keyword arguments: timm's usual ones (``pretrained``, ``num_classes``, ``pretrained_cfg_overlay``,
+``img_size``...), the reduction options of :func:`effvision.reduce` (``r``, ``layers``, ``threshold``,
+``keep_rate``, ``proportional_attention``, ``track_source``), and:
+
+* Sparse-Tuning: ``bottleneck=64``, ``reduction="topk"``, ``freeze=True``.
+* CLCA: ``clca_head=True``, ``clca_cache=True``, ``carriers=0``.
+"""
+
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+from effvision.peft.clca import add_clca
+from effvision.peft.sparse_tuning import freeze_for_peft, sparse_tuning
+from effvision.tokens.reduce import reduce
+from effvision.tokens.registry import METHOD_OPTIONS, REDUCTION_METHODS
+
+SPARSE_TUNING_OPTIONS = ("bottleneck", "reduction", "freeze")
+CLCA_OPTIONS = ("clca_head", "clca_cache", "carriers")
+CLCA_METHODS = (*REDUCTION_METHODS, "sparse_tuning")
+
+
+def _take(kwargs: dict, keys: tuple[str, ...]) -> dict:
+    return {key: kwargs.pop(key) for key in keys if key in kwargs}
+
+
+def _base(base_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    if not timm.is_model(base_name):
+        raise ValueError(f"unknown timm model {base_name!r}")
+    return timm.create_model(base_name, pretrained=pretrained, **kwargs)
+
+
+def create_sparse_tuning_model(base_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model(base_name)`` as a Sparse-Tuning model (frozen, dense adapters, top-k 0.7)."""
+    reduction_options = _take(kwargs, METHOD_OPTIONS)
+    options = _take(kwargs, SPARSE_TUNING_OPTIONS)
+    track_source = reduction_options.pop("track_source", False)
+    model = _base(base_name, pretrained, kwargs)
+    reduce(model, options.pop("reduction", "topk"), track_source=track_source, **reduction_options)
+    return sparse_tuning(model, **options)
+
+
+def create_clca_model(method: str, base_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model(base_name)`` reduced with ``method`` (or Sparse-Tuning) plus CLCA.
+
+    With ``method="sparse_tuning"`` the backbone stays frozen and the CLCA head and carriers train.
+    """
+    if method not in CLCA_METHODS:
+        raise ValueError(f"unknown CLCA base method {method!r}; choose one of {', '.join(CLCA_METHODS)}")
+    clca_options = _take(kwargs, CLCA_OPTIONS)
+    head = clca_options.get("clca_head", True)
+    cache = clca_options.get("clca_cache", True)
+    carriers = clca_options.get("carriers", 0)
+    if method == "sparse_tuning":
+        freeze = kwargs.pop("freeze", True)
+        model = create_sparse_tuning_model(base_name, pretrained, freeze=False, **kwargs)
+        add_clca(model, head=head, cache=cache, carriers=carriers)
+        if freeze:
+            freeze_for_peft(model)
+        return model
+    options = _take(kwargs, METHOD_OPTIONS)
+    model = reduce(_base(base_name, pretrained, kwargs), method, **options)
+    return add_clca(model, head=head, cache=cache, carriers=carriers)
+
+
+def create_peft_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Generic creator: ``sparse_tuning_<base>``, ``clca_<method>_<base>`` or any timm/effvision name."""
+    if name.startswith("clca_"):
+        rest = name[len("clca_"):]
+        for method in sorted(CLCA_METHODS, key=len, reverse=True):
+            if rest.startswith(method + "_"):
+                return create_clca_model(method, rest[len(method) + 1:], pretrained, **kwargs)
+        raise ValueError(f"{name!r}: expected clca_<{'|'.join(CLCA_METHODS)}>_<timm name>")
+    if name.startswith("sparse_tuning_"):
+        return create_sparse_tuning_model(name[len("sparse_tuning_"):], pretrained, **kwargs)
+    return _base(name, pretrained, kwargs)
