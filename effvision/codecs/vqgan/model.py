@@ -1,0 +1,321 @@
+"""The VQGAN extreme-compression codec (Mao et al., DCC 2024, arXiv 2307.08265) as a compressai model.
+
+An image (B, 3, H, W) in [0, 1] is padded (edge replication) to a multiple of 16, encoded to an index map
+(B, H/16, W/16) of a K-entry codebook, and the index map is coded losslessly (rANS under an empirical
+model, or fixed length). ``cluster(K)`` derives a codec whose codebook is the K-means clustering of this
+one. ``decompress(..., lost=mask)`` fills lost indices with the MaskGIT-style restorer before decoding.
+
+``compress(x) -> {"strings": [[bytes per image]], "shape": (H, W)}``,
+``decompress(strings, shape, lost=None) -> {"x_hat": (B, 3, H, W)}``: the compressai contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from compressai.models import CompressionModel
+from torch import Tensor
+
+from effvision.codecs.vqgan.config import VQGANConfig
+from effvision.codecs.vqgan.index_coding import IndexEntropyModel, decode_index_map, encode_index_map
+from effvision.codecs.vqgan.kmeans import kmeans
+from effvision.codecs.vqgan.restoration import IndexRestorer
+from effvision.codecs.vqgan.taming import VQModel, taming_state_dict
+from effvision.errors import UserError
+
+CELL = 16
+CONTEXT_GROUPS = 8
+CODERS = ("learned", "fixed")
+
+
+class VQGANInputError(UserError, ValueError):
+    """A bad image, option or file given to the VQGAN codec (a UserError the CLI prints as one line)."""
+
+
+def _user_error(message: str) -> VQGANInputError:
+    return VQGANInputError(message)
+
+
+class VQGANCodec(CompressionModel):
+    """VQGAN codec with a clustered codebook, coded indices and lost-index restoration.
+
+    Args:
+        config: the VQGAN architecture (``n_embed`` = this codec's K).
+        vqmodel: an existing :class:`VQModel` (default: freshly initialised from ``config``).
+        restorer: optional :class:`IndexRestorer` for ``decompress(..., lost=...)``.
+        reference_maps: (N, h, w) index maps of reference images, used to fit the index model (and remapped
+            when the codebook is clustered).
+    """
+
+    def __init__(
+        self,
+        config: VQGANConfig,
+        vqmodel: VQModel | None = None,
+        restorer: IndexRestorer | None = None,
+        reference_maps: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vq = vqmodel if vqmodel is not None else VQModel(config)
+        self.restorer = restorer
+        if reference_maps is None:
+            reference_maps = torch.zeros(0, 1, 1, dtype=torch.long)
+        self.register_buffer("reference_maps", reference_maps.long())
+        self.index_model: IndexEntropyModel | None = None
+        if self.reference_maps.numel():
+            self._fit_index_model_to_references()
+
+    @property
+    def codebook_size(self) -> int:
+        return self.vq.quantize.n_embed
+
+    # ----------------------------------------------------------------------------------------------- models
+    def _context_groups(self) -> Tensor:
+        """Group of every codebook entry for the index model's context (K-means of the codebook)."""
+        k = self.codebook_size
+        if k <= CONTEXT_GROUPS:
+            return torch.arange(k)
+        return kmeans(self.vq.quantize.embedding.weight.detach(), CONTEXT_GROUPS, seed=0).assignment
+
+    def _fit_index_model_to_references(self) -> None:
+        self.index_model = IndexEntropyModel(self.codebook_size, self._context_groups()).fit(self.reference_maps)
+
+    @torch.no_grad()
+    def fit_index_model(self, images: list[Tensor], crop: int = 256, per_image: int = 0) -> None:
+        """Fit the index model on images (each (3, H, W) in [0, 1]). Their index maps are kept (cropped to
+        ``crop // 16`` cells from the top-left when larger) as ``reference_maps``."""
+        cells = crop // CELL
+        maps = []
+        for image in images:
+            indices = self.encode_indices(image[None])[0]
+            for top in range(0, indices.shape[0] - cells + 1, cells):
+                for left in range(0, indices.shape[1] - cells + 1, cells):
+                    maps.append(indices[top : top + cells, left : left + cells])
+        if not maps:
+            raise ValueError(f"no reference image is at least {crop}x{crop} pixels")
+        self.reference_maps = torch.stack(maps)
+        self._fit_index_model_to_references()
+
+    def update(self, scale_table=None, force: bool = False, update_quantiles: bool = False) -> bool:
+        """compressai's hook: (re)build the index model's CDFs from the reference maps."""
+        if self.reference_maps.numel():
+            self._fit_index_model_to_references()
+            return True
+        return False
+
+    # ---------------------------------------------------------------------------------------- transforms
+    def _check_image(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise _user_error(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
+        if x.shape[-2] < CELL or x.shape[-1] < CELL:
+            raise _user_error(
+                f"image is {x.shape[-1]}x{x.shape[-2]} pixels; the VQGAN codec needs at least one 16x16 cell"
+            )
+
+    def _pad(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % CELL, -w % CELL
+        return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+
+    @torch.no_grad()
+    def encode_indices(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, ceil(H/16), ceil(W/16)) indices."""
+        self._check_image(x)
+        return self.vq.encode_indices(self._pad(x) * 2 - 1)
+
+    @torch.no_grad()
+    def decode_indices(self, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+        """(B, h, w) indices -> (B, 3, H, W) in [0, 1], cropped to ``shape`` = (H, W)."""
+        x_hat = (self.vq.decode_indices(indices) + 1) / 2
+        return x_hat[..., : shape[0], : shape[1]].clamp(0, 1)
+
+    def forward(self, x: Tensor) -> dict:
+        """Training/eval pass: x (B, 3, H, W) in [0, 1] -> x_hat, likelihoods of the indices, codebook loss."""
+        self._check_image(x)
+        h, w = x.shape[-2:]
+        x_hat, codebook_loss, indices = self.vq(self._pad(x) * 2 - 1)
+        if self.index_model is not None:
+            likelihoods = self.index_model.likelihoods(indices)
+        else:
+            likelihoods = torch.full(indices.shape, 1.0 / self.codebook_size)
+        return {
+            "x_hat": ((x_hat + 1) / 2)[..., :h, :w],
+            "likelihoods": {"indices": likelihoods},
+            "codebook_loss": codebook_loss,
+        }
+
+    # ------------------------------------------------------------------------------------------- coding
+    def _coder_model(self, coder: str) -> IndexEntropyModel | None:
+        if coder not in CODERS:
+            raise _user_error(f"unknown index coder {coder!r}; choose one of {', '.join(CODERS)}")
+        if coder == "fixed":
+            return None
+        if self.index_model is None:
+            raise _user_error("this VQGAN codec has no fitted index model; use coder='fixed' or fit_index_model()")
+        return self.index_model
+
+    @torch.no_grad()
+    def compress(self, x: Tensor, coder: str = "learned") -> dict:
+        """x (B, 3, H, W) in [0, 1] -> {"strings": [[bytes per image]], "shape": (H, W)}."""
+        model = self._coder_model(coder)
+        indices = self.encode_indices(x)
+        strings = [encode_index_map(index_map, self.codebook_size, model) for index_map in indices]
+        return {"strings": [strings], "shape": (int(x.shape[-2]), int(x.shape[-1]))}
+
+    def index_grid(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Image (H, W) -> index map (h, w)."""
+        return (-(-int(shape[0]) // CELL), -(-int(shape[1]) // CELL))
+
+    @torch.no_grad()
+    def decompress_indices(self, strings: list, shape: tuple[int, int], lost: Tensor | None = None) -> Tensor:
+        """Strings -> (B, h, w) indices; positions marked in ``lost`` ((h, w) or (B, h, w)) are restored."""
+        if len(shape) != 2 or min(shape) < CELL:
+            raise _user_error(f"invalid VQGAN image shape {tuple(shape)}; each side must be at least {CELL}")
+        if not strings or not isinstance(strings[0], list | tuple):
+            raise _user_error("expected strings as [[bytes per image]] (compressai layout)")
+        h, w = self.index_grid(shape)
+        streams = strings[0]
+        lost_mask = None
+        if lost is not None:
+            lost_mask = torch.as_tensor(lost, dtype=torch.bool)
+            if tuple(lost_mask.shape) == (h, w):
+                lost_mask = lost_mask.expand(len(streams), h, w)
+            if tuple(lost_mask.shape) != (len(streams), h, w):
+                raise _user_error(
+                    f"lost mask must be ({h}, {w}) or ({len(streams)}, {h}, {w}), got {tuple(lost_mask.shape)}"
+                )
+        maps = []
+        for i, stream in enumerate(streams):
+            damaged = lost_mask is not None and bool(lost_mask[i].any())
+            maps.append(decode_index_map(stream, h, w, self.codebook_size, self.index_model, damaged))
+        indices = torch.stack(maps)
+        if lost_mask is not None and lost_mask.any():
+            indices = self.restore_indices(indices, lost_mask)
+        return indices
+
+    @torch.no_grad()
+    def restore_indices(self, indices: Tensor, lost: Tensor) -> Tensor:
+        """Fill ``lost`` (B, h, w) positions of ``indices`` (B, h, w) with the restorer's predictions."""
+        if self.restorer is None:
+            raise _user_error("this VQGAN codec has no restoration model; lost indices cannot be restored")
+        return self.restorer.restore(indices, lost, self.vq.quantize.embedding.weight)
+
+    @torch.no_grad()
+    def decompress(self, strings: list, shape: tuple[int, int], lost: Tensor | None = None) -> dict:
+        """Inverse of :meth:`compress`: {"x_hat": (B, 3, H, W) in [0, 1]}."""
+        indices = self.decompress_indices(strings, shape, lost)
+        return {"x_hat": self.decode_indices(indices, shape)}
+
+    # --------------------------------------------------------------------------------------- clustering
+    @torch.no_grad()
+    def cluster(self, k: int, seed: int = 0, weighted: bool = True, iterations: int = 50) -> VQGANCodec:
+        """A codec whose codebook is the K-means clustering (exactly ``k`` centroids) of this codebook.
+
+        Encoder, decoder and quant convs are shared with this codec; ``weighted`` weights codebook rows by
+        their usage in the reference maps (unused rows still get a small weight). Reference maps are
+        remapped through the cluster assignment, so the derived codec has a fitted index model at once.
+        """
+        n = self.codebook_size
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise _user_error(f"cannot cluster a codebook of {n} entries into K={k}; K must be between 1 and {n}")
+        weights = None
+        if weighted and self.reference_maps.numel():
+            weights = torch.bincount(self.reference_maps.flatten(), minlength=n).double()
+        result = kmeans(self.vq.quantize.embedding.weight.detach(), k, weights=weights, seed=seed,
+                        iterations=iterations)
+        config = replace(self.config, n_embed=k, name=f"{self.config.name}-k{k}")
+        with torch.device("meta"):  # shells only: the transforms are shared, the codebook is new
+            derived = VQModel(config)
+        derived.encoder, derived.decoder = self.vq.encoder, self.vq.decoder
+        derived.quant_conv, derived.post_quant_conv = self.vq.quant_conv, self.vq.post_quant_conv
+        derived.quantize = type(self.vq.quantize)(k, config.embed_dim, beta=self.vq.quantize.beta)
+        derived.quantize.embedding.weight.copy_(result.centroids)
+        references = result.assignment[self.reference_maps] if self.reference_maps.numel() else None
+        codec = VQGANCodec(config, vqmodel=derived, restorer=self.restorer, reference_maps=references)
+        codec.cluster_assignment = result.assignment
+        return codec.eval()
+
+    # -------------------------------------------------------------------------------------- persistence
+    def load_taming_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a taming-transformers VQModel ``.ckpt`` (loss/discriminator keys are ignored)."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise _user_error(f"cannot read taming checkpoint {path}: {error}") from error
+        if not isinstance(checkpoint, dict):
+            raise _user_error(f"{path} is not a taming checkpoint (expected a dict with a state_dict)")
+        state = taming_state_dict(checkpoint)
+        expected = {k: tuple(v.shape) for k, v in self.vq.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if found != expected:
+            missing = sorted(expected.keys() - found.keys())
+            unexpected = sorted(found.keys() - expected.keys())
+            reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+            raise _user_error(
+                f"{path} does not match VQGAN config {self.config.name}: {len(missing)} missing keys "
+                f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+                f"{len(reshaped)} with other shapes (e.g. {reshaped[:2]})"
+            )
+        self.vq.load_state_dict(state)
+
+    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
+        """Write weights (``dtype``), reference maps and configs to a safetensors file, atomically."""
+        from safetensors.torch import save_file
+
+        tensors = {f"vq.{k}": v.detach().to(dtype).contiguous() for k, v in self.vq.state_dict().items()}
+        tensors["reference_maps"] = self.reference_maps.to(torch.int16 if self.codebook_size < 2**15 else torch.int32)
+        metadata = {"vqgan_config": json.dumps(self.config.to_dict())}
+        if self.restorer is not None:
+            restorer_state = self.restorer.state_dict().items()
+            tensors.update({f"restorer.{k}": v.detach().to(dtype).contiguous() for k, v in restorer_state})
+            metadata["restorer_config"] = json.dumps(self.restorer.config)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> VQGANCodec:
+        """Inverse of :meth:`save` (weights come back as float32)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # noqa: BLE001
+            raise _user_error(f"cannot read VQGAN weights {path}: {error}") from error
+        if "vqgan_config" not in metadata:
+            raise _user_error(f"{path} is not a VQGAN codec file (no vqgan_config metadata)")
+        config = VQGANConfig.from_dict(json.loads(metadata["vqgan_config"]))
+        vqmodel = VQModel(config)
+        vqmodel.load_state_dict({k[3:]: v.float() for k, v in tensors.items() if k.startswith("vq.")})
+        restorer = None
+        if "restorer_config" in metadata:
+            restorer = IndexRestorer(**json.loads(metadata["restorer_config"]))
+            restorer.load_state_dict({k[9:]: v.float() for k, v in tensors.items() if k.startswith("restorer.")})
+        return cls(config, vqmodel.eval(), restorer.eval() if restorer else None, tensors.get("reference_maps")).eval()
+
+
+def demo_weights_path() -> Path:
+    """The small demo codec shipped with effvision (see scripts/train_demo_vqgan.py)."""
+    return Path(__file__).resolve().parents[2] / "assets" / "vqgan-small-f16-1024.safetensors"
+
+
+def load_demo_codec() -> VQGANCodec:
+    path = demo_weights_path()
+    if not path.exists():
+        raise _user_error(f"the VQGAN demo weights are missing ({path}); run scripts/train_demo_vqgan.py")
+    return VQGANCodec.load(path)

@@ -1,0 +1,207 @@
+"""Training loops for the VQGAN codec: the autoencoder (from scratch or codebook fine-tuning) and the
+lost-index restorer. Progress bars (tqdm), periodic checkpoints and resume.
+
+Mao et al. (DCC 2024) fine-tune the clustered codebook and the quant convs with the encoder/decoder
+frozen (``mode="codebook"``). The small demo model is trained from scratch (``mode="full"``) with an L1
+reconstruction loss plus taming's codebook/commitment loss; unused codebook entries are re-seeded from
+encoder outputs so the codebook stays alive on a tiny data set (a training-time aid only: the quantiser
+math is unchanged).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from effvision.codecs.vqgan.restoration import IndexRestorer, random_mask
+from effvision.codecs.vqgan.taming import VQModel
+
+
+class RandomCrops:
+    """Random square crops (with horizontal flips) from a list of uint8 (H, W, 3) photos, as (B, 3, S, S) in
+    [-1, 1]. Photos smaller than the crop are skipped."""
+
+    def __init__(self, photos: Sequence[np.ndarray], crop: int, seed: int = 0) -> None:
+        self.photos = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1) for p in photos]
+        self.photos = [p for p in self.photos if p.shape[1] >= crop and p.shape[2] >= crop]
+        if not self.photos:
+            raise ValueError(f"no training photo is at least {crop}x{crop} pixels")
+        self.crop = crop
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def sample(self, batch: int) -> Tensor:
+        crops = []
+        for _ in range(batch):
+            photo = self.photos[self._randint(len(self.photos))]
+            top = self._randint(photo.shape[1] - self.crop + 1)
+            left = self._randint(photo.shape[2] - self.crop + 1)
+            crop = photo[:, top : top + self.crop, left : left + self.crop]
+            if self._randint(2):
+                crop = crop.flip(-1)
+            crops.append(crop)
+        return torch.stack(crops).float() / 127.5 - 1.0
+
+
+def save_checkpoint_atomic(state: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same directory, then os.replace (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 2e-4
+    mode: str = "full"  # "full": everything trains; "codebook": codebook + quant convs only
+    checkpoint_every: int = 200
+    restart_dead_every: int = 100  # 0 disables dead-code re-seeding
+    max_minutes: float | None = None
+
+
+def _trainable_parameters(model: VQModel, mode: str) -> list[nn.Parameter]:
+    if mode == "full":
+        return list(model.parameters())
+    if mode == "codebook":
+        for module in (model.encoder, model.decoder):
+            module.requires_grad_(False)
+        return [*model.quantize.parameters(), *model.quant_conv.parameters(), *model.post_quant_conv.parameters()]
+    raise ValueError(f"unknown training mode {mode!r}; use 'full' or 'codebook'")
+
+
+@torch.no_grad()
+def reseed_dead_codes(model: VQModel, usage: Tensor, latents: Tensor, generator: torch.Generator) -> int:
+    """Replace codebook rows with zero usage by random pre-quantisation latents (B, D, h, w). Returns count."""
+    dead = (usage == 0).nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    picks = torch.randint(flat.shape[0], (dead.numel(),), generator=generator)
+    model.quantize.embedding.weight[dead] = flat[picks] + 0.01 * flat.std() * torch.randn(
+        dead.numel(), flat.shape[1], generator=generator
+    )
+    return int(dead.numel())
+
+
+def train_autoencoder(
+    model: VQModel,
+    crops: RandomCrops,
+    settings: TrainSettings,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> dict:
+    """Train ``model`` on random crops; returns {"step", "l1", "codebook_loss", "codes_used"} of the end."""
+    import time
+
+    parameters = _trainable_parameters(model, settings.mode)
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=(0.5, 0.9))
+    start = 0
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    generator = torch.Generator().manual_seed(1234 + start)
+    usage = torch.zeros(model.config.n_embed, dtype=torch.long)
+    began = time.monotonic()
+    stats = {"step": start, "l1": float("nan"), "codebook_loss": float("nan"), "codes_used": 0}
+    model.train()
+    progress = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="train-vqgan")
+    for step in progress:
+        x = crops.sample(settings.batch_size)
+        latents = model.encode_latent(x)
+        quantized, codebook_loss, indices = model.quantize(latents)
+        x_hat = model.decode_latent(quantized)
+        l1 = F.l1_loss(x_hat, x)
+        loss = l1 + codebook_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        usage += torch.bincount(indices.flatten(), minlength=usage.numel())
+        stats = {"step": step + 1, "l1": l1.item(), "codebook_loss": codebook_loss.item(),
+                 "codes_used": int((usage > 0).sum())}
+        if settings.restart_dead_every and (step + 1) % settings.restart_dead_every == 0:
+            if step + 1 < 0.8 * settings.steps:  # leave the end of training undisturbed
+                reseed_dead_codes(model, usage, latents.detach(), generator)
+            usage.zero_()
+        progress.set_postfix(l1=f"{stats['l1']:.4f}", vq=f"{stats['codebook_loss']:.4f}", used=stats["codes_used"])
+        timed_out = settings.max_minutes is not None and time.monotonic() - began > 60 * settings.max_minutes
+        last = step + 1 == settings.steps or timed_out
+        if checkpoint_path is not None and ((step + 1) % settings.checkpoint_every == 0 or last):
+            save_checkpoint_atomic(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, checkpoint_path
+            )
+        if timed_out:
+            break
+    model.eval()
+    return stats
+
+
+def train_restorer(
+    restorer: IndexRestorer,
+    index_maps: Tensor,
+    codebook: Tensor,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    seed: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 200,
+) -> dict:
+    """MaskGIT-style training: mask a random fraction (cosine schedule) of each (h, w) index map of
+    ``index_maps`` (N, h, w) and minimise cross-entropy on the masked positions."""
+    optimizer = torch.optim.AdamW(restorer.parameters(), lr=lr, weight_decay=0.01)
+    start = 0
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        restorer.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    generator = torch.Generator().manual_seed(seed + start)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    restorer.train()
+    stats = {"step": start, "loss": float("nan"), "accuracy": float("nan")}
+    progress = tqdm(range(start, steps), initial=start, total=steps, desc="train-restorer")
+    for step in progress:
+        picks = torch.randint(index_maps.shape[0], (batch_size,), generator=generator)
+        maps = index_maps[picks]
+        if torch.rand((), generator=generator) < 0.5:
+            maps = maps.flip(-1)
+        ratio = torch.cos(0.5 * torch.pi * torch.rand(batch_size, generator=generator))  # MaskGIT cosine
+        mask = random_mask(maps.shape, ratio.clamp(min=0.05), generator)
+        logits = restorer(maps, mask, codebook)
+        loss = F.cross_entropy(logits[mask], maps[mask])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        accuracy = (logits[mask].argmax(-1) == maps[mask]).float().mean().item()
+        stats = {"step": step + 1, "loss": loss.item(), "accuracy": accuracy}
+        progress.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{accuracy:.3f}")
+        if checkpoint_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save_checkpoint_atomic(
+                {"model": restorer.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, checkpoint_path
+            )
+    restorer.eval()
+    return stats

@@ -1,0 +1,103 @@
+"""The VQGAN codec's compressai contract: real bitstreams, any image size, clear errors."""
+
+import math
+
+import pytest
+import torch
+
+from effvision.codecs.vqgan.config import VQGANConfig
+from effvision.codecs.vqgan.index_coding import HEADER, CorruptStreamError
+from effvision.codecs.vqgan.model import VQGANCodec
+from effvision.codecs.vqgan.restoration import IndexRestorer
+from effvision.errors import UserError
+
+TINY = VQGANConfig(ch=32, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
+                   z_channels=32, embed_dim=8, n_embed=64, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def codec() -> VQGANCodec:
+    torch.manual_seed(0)
+    return VQGANCodec(TINY, restorer=IndexRestorer(8, dim=32, depth=1, heads=2),
+                      reference_maps=torch.randint(0, 64, (6, 4, 4))).eval()
+
+
+@pytest.mark.parametrize("size", [(16, 16), (37, 50), (64, 17)])
+def test_any_image_size_round_trips_to_the_same_size(codec, size):
+    x = torch.rand(2, 3, *size)
+    out = codec.compress(x)
+    assert out["shape"] == size and len(out["strings"][0]) == 2
+    x_hat = codec.decompress(out["strings"], out["shape"])["x_hat"]
+    assert x_hat.shape == x.shape and 0 <= float(x_hat.min()) and float(x_hat.max()) <= 1
+
+
+def test_decoded_image_equals_decoding_the_encoder_indices(codec):
+    x = torch.rand(1, 3, 40, 33)
+    out = codec.compress(x)
+    expected = codec.decode_indices(codec.encode_indices(x), (40, 33))
+    assert torch.equal(codec.decompress(out["strings"], out["shape"])["x_hat"], expected)
+
+
+def test_fixed_length_bitstream_size_is_log2_k_bits_per_index(codec):
+    x = torch.rand(1, 3, 48, 64)  # 3 x 4 = 12 indices, log2(64) = 6 bits each
+    stream = codec.compress(x, coder="fixed")["strings"][0][0]
+    assert len(stream) == HEADER.size + math.ceil(12 * 6 / 8)
+
+
+def test_forward_gives_reconstruction_and_index_likelihoods(codec):
+    out = codec(torch.rand(2, 3, 32, 40))
+    assert out["x_hat"].shape == (2, 3, 32, 40)
+    likelihoods = out["likelihoods"]["indices"]
+    assert likelihoods.shape == (2, 2, 3) and bool(((likelihoods > 0) & (likelihoods <= 1)).all())
+
+
+@pytest.mark.parametrize("size", [(15, 40), (40, 8), (1, 1)])
+def test_image_smaller_than_one_cell_is_a_clear_error(codec, size):
+    with pytest.raises(UserError, match="at least one 16x16 cell"):
+        codec.compress(torch.rand(1, 3, *size))
+
+
+def test_corrupt_stream_is_a_clear_error(codec):
+    out = codec.compress(torch.rand(1, 3, 64, 64))
+    damaged = bytearray(out["strings"][0][0])
+    damaged[-1] ^= 0xFF
+    with pytest.raises(CorruptStreamError):
+        codec.decompress([[bytes(damaged)]], out["shape"])
+
+
+def test_lost_indices_are_restored_and_known_ones_kept(codec):
+    x = torch.rand(1, 3, 64, 64)
+    out = codec.compress(x, coder="fixed")
+    lost = torch.zeros(4, 4, dtype=torch.bool)
+    lost[1:3, 1:3] = True
+    indices = codec.decompress_indices(out["strings"], out["shape"], lost=lost)
+    original = codec.encode_indices(x)
+    assert torch.equal(indices[0][~lost], original[0][~lost])
+    assert int(indices.max()) < 64
+
+
+def test_lost_mask_of_the_wrong_shape_is_a_clear_error(codec):
+    out = codec.compress(torch.rand(1, 3, 64, 64))
+    with pytest.raises(UserError, match="lost mask"):
+        codec.decompress(out["strings"], out["shape"], lost=torch.zeros(3, 3, dtype=torch.bool))
+
+
+def test_unknown_coder_is_a_clear_error(codec):
+    with pytest.raises(UserError, match="unknown index coder"):
+        codec.compress(torch.rand(1, 3, 16, 16), coder="huffman")
+
+
+def test_save_and_load_give_identical_bitstreams_and_images(codec, tmp_path):
+    codec.save(tmp_path / "codec.safetensors", dtype=torch.float32)
+    loaded = VQGANCodec.load(tmp_path / "codec.safetensors")
+    x = torch.rand(1, 3, 48, 48)
+    out = codec.compress(x)
+    assert loaded.compress(x)["strings"] == out["strings"]
+    assert torch.equal(loaded.decompress(out["strings"], out["shape"])["x_hat"],
+                       codec.decompress(out["strings"], out["shape"])["x_hat"])
+
+
+def test_loading_a_file_that_is_not_a_codec_is_a_clear_error(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="cannot read VQGAN weights"):
+        VQGANCodec.load(tmp_path / "junk.safetensors")
