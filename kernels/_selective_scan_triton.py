@@ -32,7 +32,7 @@ class ScanConfig:
 
     block_d: int = 4
     chunk: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
 
 
 DEFAULT_CONFIG = ScanConfig()

@@ -26,6 +26,26 @@ from . import _dispatch
 REFERENCE_CHUNK = 256
 
 
+def check_scan_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    """Raise ``ValueError`` naming the first input whose shape does not fit the others."""
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (batch, dim, length); got {tuple(u.shape)}, {tuple(delta.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim={dim}, state); got {tuple(A.shape)}")
+    state = A.shape[1]
+    for name, bc in (("B", B), ("C", C)):
+        grouped = bc.dim() == 4
+        expected = (batch, bc.shape[1], state, length) if grouped else (batch, state, length)
+        if tuple(bc.shape) != expected or (grouped and dim % bc.shape[1] != 0):
+            raise ValueError(
+                f"{name} must be (batch, state, length) or (batch, groups, state, length) with dim {dim} "
+                f"divisible by groups; got {tuple(bc.shape)} for u {tuple(u.shape)} and state {state}"
+            )
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape; got {tuple(B.shape)} and {tuple(C.shape)}")
+
+
 def _grouped(bc: Tensor) -> Tensor:
     """(batch, state, length) -> (batch, 1, state, length); grouped inputs pass through."""
     return bc.unsqueeze(1) if bc.dim() == 3 else bc
@@ -119,6 +139,7 @@ def selective_scan(
     ``backend``: "auto" (Triton on CUDA tensors when Triton is importable, else PyTorch), "torch",
     "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or "mamba_ssm" (when installed).
     """
+    check_scan_shapes(u, delta, A, B, C)
     chosen = _dispatch.resolve_backend(
         backend,
         (u, delta, A, B, C, D, z, delta_bias),

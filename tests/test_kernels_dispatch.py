@@ -86,3 +86,10 @@ def test_importing_kernels_does_not_load_triton_kernel_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_scan_rejects_groups_that_do_not_divide_channels():
+    inputs = scan_inputs()
+    inputs["B"] = inputs["C"] = torch.randn(1, 3, 2, 5)  # 4 channels, 3 groups
+    with pytest.raises(ValueError, match="divisible by groups"):
+        selective_scan(**inputs)
