@@ -1,4 +1,4 @@
-"""Selective scan (Mamba-1, Gu & Dao 2023): PyTorch reference, Triton kernels, and one dispatch function.
+"""Selective scan (Mamba-1, Gu & Dao 2023): PyTorch reference and dispatch.
 
 Shapes: ``u, delta, z``: (batch, dim, length); ``A``: (dim, state) real; ``B, C``: (batch, state, length)
 or grouped (batch, groups, state, length) where channel ``d`` reads group ``d // (dim // groups)``
@@ -11,7 +11,11 @@ Math, per batch, channel ``d`` and state ``n`` (fp32 throughout)::
     y_t   = sum_n C_t[n] * h_t[n]
     out_t = (y_t + D[d] * u_t) * silu(z_t)
 
-``out`` has ``u``'s dtype; the optional last state ``h_{L-1}`` is (batch, dim, state) fp32.
+``out`` has ``u``'s dtype; the optional last state ``h_{L-1}`` is (batch, dim, state) fp32 and carries
+no gradient on the Triton / mamba-ssm paths.
+
+This file holds the PyTorch reference and the dispatch function; the Triton forward/backward kernels
+live in ``_selective_scan_triton.py`` so that Triton is only imported when they run.
 """
 
 from __future__ import annotations
