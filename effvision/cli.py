@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "info": "info",
     "demo": "demo",
     "reduce-info": "reduce_info",
+    "finetune": "finetune",
+    "evaluate": "evaluate",
 }
 
 

@@ -1,0 +1,95 @@
+"""What a fine-tuning run writes: only the trained weights (safetensors) and a JSON config.
+
+Run folder layout:
+
+* ``config.json``: model name, model kwargs, base weights, classes, hyper-parameters (the run's identity;
+  a resume with a different one is refused).
+* ``trainable.safetensors``: the parameters that train (``requires_grad``) and the buffers of the
+  modules holding them (e.g. BatchNorm statistics of the CLCA head), after the last finished epoch.
+* ``training_state.pt``: optimizer, schedule, finished epochs and metrics, for resuming (tensors and
+  plain Python values only: loaded with ``weights_only=True``).
+* ``metrics.json``: per-epoch train loss/accuracy and val top-1.
+
+Every file is written atomically (temp file + ``os.replace``), weights and state before the metrics,
+so an interrupted run never leaves a half-written epoch behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+CONFIG = "config.json"
+WEIGHTS = "trainable.safetensors"
+STATE = "training_state.pt"
+METRICS = "metrics.json"
+
+
+def atomic_save(path: Path, write: Callable[[str], None]) -> None:
+    """``write(temp_path)`` in ``path``'s folder, then move the file into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def save_json(path: Path, data) -> None:
+    atomic_save(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Trainable parameters plus the buffers of every module that owns one (BatchNorm statistics)."""
+    tensors: dict[str, Tensor] = {}
+    for module_name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not any(param.requires_grad for param in own.values()):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for name, param in own.items():
+            if param.requires_grad:
+                tensors[prefix + name] = param.detach()
+        for name, buffer in module.named_buffers(recurse=False):
+            tensors[prefix + name] = buffer.detach()
+    return {name: t.cpu().clone().contiguous() for name, t in tensors.items()}
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    atomic_save(path, lambda temp: save_file(trainable_state_dict(model), temp))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``trainable.safetensors`` into ``model``; every saved key must exist with the same shape."""
+    from safetensors.torch import load_file
+
+    from effvision.errors import UserError
+
+    saved = load_file(str(path))
+    own = model.state_dict()
+    unknown = sorted(set(saved) - set(own))
+    if unknown:
+        raise UserError(f"{path} does not fit this model: unknown weights {unknown[:5]}")
+    bad = [name for name, t in saved.items() if t.shape != own[name].shape]
+    if bad:
+        raise UserError(f"{path} does not fit this model: shape mismatch for {bad[:5]}")
+    model.load_state_dict(saved, strict=False)
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    atomic_save(path, lambda temp: torch.save(state, temp))
+
+
+def load_training_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,300 @@
+"""The fine-tuning loop: AdamW on the trainable parameters, cosine schedule, AMP on CUDA, DDP.
+
+One process: ``run_finetune(config, output)``. Several (GPUs or nodes): launch the same command with
+``torchrun``; each process trains on its shard (``DistributedSampler``) through
+``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU) and rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from effvision.errors import UserError
+from effvision.finetune import checkpoint
+from effvision.finetune.data import build_transforms, check_splits, image_folder
+
+# config fields that may differ when a run is resumed (they do not change what is trained)
+RESUMABLE_CHANGES = ("workers", "device")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a run (saved as ``config.json``)."""
+
+    data: str
+    model: str
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: str | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    classes: list[str] = field(default_factory=list)
+
+
+def create_model(config: FinetuneConfig) -> nn.Module:
+    """Build ``config.model`` with its kwargs, the run's class count and base weights.
+
+    Frozen weights come from the base weights (``pretrained``: timm's hub weights; ``checkpoint``: a
+    local file); with neither, from a random init seeded by ``config.seed`` (so a saved run reloads).
+    """
+    import timm
+
+    import effvision  # noqa: F401 - registers the effvision model names with timm
+
+    if not timm.is_model(config.model):
+        raise UserError(f"unknown model {config.model!r} (any timm or effvision registered name)")
+    kwargs = dict(config.model_kwargs)
+    kwargs["num_classes"] = len(config.classes)
+    pretrained = config.pretrained
+    if config.checkpoint is not None:
+        if not Path(config.checkpoint).is_file():
+            raise UserError(f"base checkpoint {config.checkpoint} does not exist")
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(config.checkpoint).resolve()))
+    torch.manual_seed(config.seed)
+    try:
+        return timm.create_model(config.model, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"cannot build {config.model} with {config.model_kwargs}: {error}") from error
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def cosine_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 over the remaining steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Distributed:
+    """torchrun's environment (RANK / WORLD_SIZE / LOCAL_RANK), or a single process."""
+
+    def __init__(self, world_size: int | None = None, rank: int | None = None) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> None:
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def stop(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def autocast(device: torch.device):
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, ddp: Distributed, show: bool = False) -> float:
+    """Top-1 accuracy (%) over the loader's images, summed over all processes."""
+    from tqdm import tqdm
+
+    model.eval()
+    correct = count = 0
+    for images, labels in tqdm(loader, desc="val", disable=not show, leave=False):
+        images, labels = images.to(device), labels.to(device)
+        with autocast(device):
+            logits = model(images)
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        count += labels.numel()
+    correct, count = ddp.sum([correct, count], device)
+    return 100.0 * correct / max(count, 1)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: int, show: bool) -> dict:
+    """One pass over ``loader``; returns this process's mean loss, accuracy (%) and images/s."""
+    from tqdm import tqdm
+
+    model.train()
+    loss_sum = correct = seen = 0.0
+    start = time.perf_counter()
+    progress = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not show, leave=False)
+    for images, labels in progress:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(images)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        batch = labels.numel()
+        loss_sum += loss.item() * batch
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        seen += batch
+        elapsed = time.perf_counter() - start
+        progress.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                             img_s=f"{seen / max(elapsed, 1e-9):.1f}")
+    elapsed = time.perf_counter() - start
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": elapsed}
+
+
+def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict | None:
+    """Check the run folder; returns the training state to resume from (None: fresh run)."""
+    config_path = output / checkpoint.CONFIG
+    if not resume:
+        if config_path.exists():
+            raise UserError(f"{output} already holds a run: pass --resume to continue it, or choose another --output")
+        return None
+    if not config_path.exists():
+        raise UserError(f"nothing to resume: {config_path} does not exist")
+    saved = json.loads(config_path.read_text())
+    current = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
+    differences = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
+    if differences:
+        details = ", ".join(f"{key}: run {saved.get(key)!r}, now {current[key]!r}" for key in differences)
+        raise UserError(f"cannot resume {output} with a different config ({details})")
+    state_path = output / checkpoint.STATE
+    return checkpoint.load_training_state(state_path) if state_path.exists() else None
+
+
+def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = False, show: bool = True) -> dict:
+    """Fine-tune ``config.model`` on ``config.data`` into the run folder ``output``.
+
+    Returns {"val_top1", "history" (per epoch), "trainable", "total"}.
+    """
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from effvision.peft.sparse_tuning import trainable_parameter_report
+
+    if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
+        raise UserError("epochs and batch size must be >= 1 and the learning rate > 0")
+    output = Path(output)
+    config.classes = check_splits(config.data)
+    ddp = Distributed()
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    resumed = prepare_output(config, output, resume)
+    ddp.start(device)
+    try:
+        model = create_model(config).to(device)
+        if resumed is not None:
+            checkpoint.load_weights(model, output / checkpoint.WEIGHTS)
+        report = trainable_parameter_report(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise UserError(f"{config.model} has no trainable parameters")
+
+        data = Path(config.data)
+        train_set = image_folder(data / "train", build_transforms(model, train=True), config.classes)
+        val_set = image_folder(data / "val", build_transforms(model, train=False), config.classes)
+        if len(train_set) == 0 or len(val_set) == 0:
+            raise UserError(f"{data} has an empty train or val split")
+        sampler = DistributedSampler(train_set, seed=config.seed) if ddp.enabled else None
+        generator = torch.Generator().manual_seed(config.seed)
+        train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                                  num_workers=config.workers, drop_last=len(train_set) > config.batch_size,
+                                  generator=generator, pin_memory=device.type == "cuda")
+        val_shard = Subset(val_set, range(ddp.rank, len(val_set), ddp.world_size))  # exact: no padding
+        val_loader = DataLoader(val_shard, batch_size=config.batch_size, num_workers=config.workers)
+
+        trained = nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = len(train_loader)
+        total, warmup = config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total, warmup))
+        scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        history, first_epoch = [], 0
+        if resumed is not None:
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            history, first_epoch = list(resumed["history"]), int(resumed["epochs_done"])
+        if ddp.main:
+            checkpoint.save_json(output / checkpoint.CONFIG, asdict(config))
+
+        for epoch in range(first_epoch, config.epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            stats = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device, epoch,
+                                    show and ddp.main)
+            loss_sum, correct, seen = ddp.sum([stats["loss_sum"], stats["correct"], stats["seen"]], device)
+            top1 = evaluate(model, val_loader, device, ddp, show and ddp.main)
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
+                      "val_top1": top1, "img_per_s": seen / max(stats["seconds"], 1e-9)}
+            history.append(record)
+            if ddp.main:
+                checkpoint.save_weights(model, output / checkpoint.WEIGHTS)
+                checkpoint.save_training_state(output / checkpoint.STATE, {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "epochs_done": epoch + 1, "history": history,
+                })
+                checkpoint.save_json(output / checkpoint.METRICS, history)
+                if show:
+                    print(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} "
+                          f"train acc {record['train_acc']:.1f}% val top-1 {top1:.2f}% "
+                          f"({record['img_per_s']:.1f} img/s)", flush=True)
+        final = history[-1]["val_top1"] if history else evaluate(model, val_loader, device, ddp)
+        return {"val_top1": final, "history": history, "trainable": report["trainable"], "total": report["total"]}
+    finally:
+        ddp.stop()
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int | None = None,
+                 device: str = "auto", show: bool = True) -> float:
+    """Top-1 (%) of a saved run on ``data/val`` (default: the run's own data folder)."""
+    from torch.utils.data import DataLoader
+
+    run_dir = Path(run_dir)
+    config_path, weights = run_dir / checkpoint.CONFIG, run_dir / checkpoint.WEIGHTS
+    if not config_path.is_file() or not weights.is_file():
+        raise UserError(f"{run_dir} is not a fine-tuning run with a finished epoch (no {checkpoint.WEIGHTS})")
+    config = FinetuneConfig(**json.loads(config_path.read_text()))
+    data = Path(data or config.data)
+    classes = check_splits(data) if (data / "train").is_dir() else None
+    if classes is not None and classes != config.classes:
+        raise UserError(f"classes of {data} differ from the run's classes {config.classes}")
+    target = resolve_device(device)
+    model = create_model(config)
+    checkpoint.load_weights(model, weights)
+    model.to(target)
+    val_set = image_folder(data / "val", build_transforms(model, train=False), config.classes)
+    loader = DataLoader(val_set, batch_size=batch_size or config.batch_size, num_workers=config.workers)
+    return evaluate(model, loader, target, Distributed(world_size=1, rank=0), show)
