@@ -1,0 +1,36 @@
+"""The token-reduction side of the CLI: ``effvision demo`` and ``effvision reduce-info``."""
+
+import json
+
+import pytest
+
+from effvision.cli import main
+
+
+def test_demo_token_part_prints_schedule_gmacs_and_speed(capsys):
+    assert main(["demo", "--skip-codecs", "--batch", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[197, 197, 197, 197, 147, 147, 147, 97, 97, 97, 49, 49]" in out
+    assert "GMACs: DeiT-S 4.60, PPT-DeiT-S 2.94" in out
+    assert "img/s" in out
+
+
+def test_reduce_info_json(capsys):
+    assert main(["reduce-info", "topk_deit_tiny_patch16_224", "--keep-rate", "0.5", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "topk"
+    assert info["tokens"][4] == 1 + 98 + 1
+
+
+def test_reduce_info_user_errors_exit_1(capsys):
+    assert main(["reduce-info", "no_such_model"]) == 1
+    assert main(["reduce-info", "ppt_deit_tiny_patch16_224", "--r", "500"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model" in err and "too large" in err
+    assert "Traceback" not in err
+
+
+def test_usage_error_exits_2():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reduce-info"])
+    assert exit_info.value.code == 2
