@@ -26,10 +26,12 @@ COMMANDS: dict[str, str] = {
     "encode": "encode",
     "decode": "decode",
     "info": "info",
+    "export": "export",
     "demo": "demo",
     "reduce-info": "reduce_info",
     "finetune": "finetune",
     "evaluate": "evaluate",
+    "train-vqgan": "train_vqgan",
 }
 
 

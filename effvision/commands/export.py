@@ -1,0 +1,150 @@
+"""``effvision export``: a timm / effvision model or a codec transform -> ONNX."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from effvision.errors import UserError
+
+HELP = "export a model (timm or token-reduced name, or CODEC:TRANSFORM) to ONNX, optionally checked"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="timm name (e.g. ppt_deit_small_patch16_224) or codec transform (e.g. mambaic:g_a, mambaic:g_s)",
+    )
+    parser.add_argument("output", metavar="OUT.onnx", help="destination file")
+    parser.add_argument("--checkpoint", metavar="F", help="weights (.safetensors or .pth) for the model/codec")
+    parser.add_argument("--pretrained", action="store_true", help="timm models: download the hub weights")
+    parser.add_argument("--quality", type=int, metavar="Q", help="codec transforms: shipped quality preset")
+    parser.add_argument("--img-size", type=int, default=None, metavar="N", help="input size (default: model's)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    parser.add_argument("--check", action="store_true", help="compare with onnxruntime (batch 1 and 5)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="--check fails above this max abs diff")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def _load_state_dict(path: str) -> dict:
+    import torch
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is the user's file problem
+        raise UserError(f"{path}: cannot read checkpoint ({error})") from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def _timm_model(args: argparse.Namespace):
+    import timm
+
+    import effvision  # noqa: F401 - registers the token-reduced timm names
+
+    if not timm.is_model(args.model):
+        raise UserError(f"unknown model {args.model!r} (a timm name, or CODEC:TRANSFORM such as mambaic:g_a)")
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except TypeError as error:
+        raise UserError(f"{args.model}: {error}") from error
+    if args.checkpoint:
+        try:
+            model.load_state_dict(_load_state_dict(args.checkpoint))
+        except RuntimeError as error:
+            raise UserError(f"{args.checkpoint} does not fit {args.model}: {str(error).splitlines()[0]}") from error
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    image_size = args.img_size or size[-1]
+    return model.eval(), (size[0], image_size, image_size), False
+
+
+def _codec_transform(args: argparse.Namespace):
+    """The named sub-module of a registered codec's model, and the input shape it sees."""
+    import torch
+
+    from effvision.codecs.base import load_codec
+
+    codec_name, _, transform = args.model.partition(":")
+    codec = load_codec(codec_name, quality=args.quality, checkpoint=args.checkpoint)
+    network = getattr(codec, "model", None)
+    module = getattr(network, transform, None)
+    if not isinstance(module, torch.nn.Module):
+        children = [name for name, _ in network.named_children()] if network is not None else []
+        raise UserError(f"codec {codec_name!r} has no transform {transform!r}; try one of {', '.join(children)}")
+    size = args.img_size or 4 * codec.alignment
+    size = -(-size // codec.alignment) * codec.alignment
+    seen: list[torch.Size] = []
+    handle = module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape))
+    with torch.no_grad():
+        network.eval()(torch.rand(1, 3, size, size, device=codec.device))
+    handle.remove()
+    if not seen:
+        raise UserError(f"{transform} is not used by {codec_name}'s forward pass; cannot infer its input shape")
+    return module.to("cpu").eval(), tuple(seen[0][1:]), True
+
+
+def _real_images(shape: tuple[int, ...], model) -> list:
+    """A few real photos (scikit-image) at ``shape``, normalised like the model's pretrained config."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from skimage import data
+    except ImportError:
+        return []
+    photos = [
+        torch.from_numpy(getattr(data, name)().copy()).permute(2, 0, 1).float() / 255
+        for name in ("astronaut", "coffee", "chelsea")
+    ]
+    batch = torch.stack([F.interpolate(p[None], size=shape[-2:], mode="bilinear", antialias=True)[0] for p in photos])
+    config = getattr(model, "pretrained_cfg", {})
+    mean = torch.tensor(config.get("mean", (0.0, 0.0, 0.0))).view(1, 3, 1, 1)
+    std = torch.tensor(config.get("std", (1.0, 1.0, 1.0))).view(1, 3, 1, 1)
+    return [(batch - mean) / std]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from effvision.export.onnx import check_onnx, export_onnx
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise UserError(f"{output} exists (use --force to overwrite)")
+    if not output.parent.is_dir():
+        raise UserError(f"directory {output.parent} does not exist")
+    is_codec = ":" in args.model
+    model, shape, dynamic_hw = _codec_transform(args) if is_codec else _timm_model(args)
+    print(f"exporting {args.model} with input (batch, {', '.join(map(str, shape))})", file=sys.stderr)
+    export_onnx(model, output, (1, *shape), opset=args.opset, dynamic_hw=dynamic_hw, exporter=args.exporter)
+    print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    if not args.check:
+        return 0
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(b, *shape, generator=generator) for b in (1, 5)]
+    if dynamic_hw:
+        # another spatial size than the one traced: the dynamic height/width must really be dynamic
+        batches.append(torch.randn(2, shape[0], 2 * shape[1], shape[2], generator=generator))
+    elif shape[0] == 3:
+        batches += _real_images(shape, model)
+    result = check_onnx(model, output, batches)
+    for batch in result["batches"]:
+        print(f"check input {tuple(batch['shape'])}: max abs diff {batch['max_abs_diff']:.3g}")
+    agreement = result["top1_agreement"]
+    agreement_text = "" if agreement is None else f", top-1 agreement {agreement:.3f} over {result['images']} images"
+    print(f"max abs diff {result['max_abs_diff']:.3g}{agreement_text}")
+    if result["max_abs_diff"] > args.atol:
+        raise UserError(f"onnxruntime output differs by {result['max_abs_diff']:.3g} > --atol {args.atol}")
+    return 0

@@ -1,0 +1,182 @@
+"""Export any in-memory model to ONNX and check it against PyTorch with onnxruntime.
+
+``export_onnx`` works for plain timm ViTs, effvision's token-reduced ViTs (static token counts, so the
+graph has fixed shapes apart from the batch axis) and codec transforms (dynamic height/width where the
+architecture allows it). ``onnx`` and ``onnxruntime`` are imported inside the functions, never at import
+time of :mod:`effvision.export`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_OPSET = 18
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def _dynamic_axes(names: Sequence[str], dynamic_batch: bool, dynamic_hw: bool, rank: int) -> dict:
+    axes: dict[int, str] = {}
+    if dynamic_batch:
+        axes[0] = "batch"
+    if dynamic_hw and rank == 4:
+        axes.update({2: "height", 3: "width"})
+    return {name: dict(axes) for name in names}
+
+
+def _dynamic_shapes(example: torch.Tensor, dynamic_batch: bool, dynamic_hw: bool, hw_multiple: int) -> dict:
+    shapes: dict[int, object] = {}
+    if dynamic_batch:
+        shapes[0] = torch.export.Dim("batch", min=1, max=4096)
+    if dynamic_hw and example.dim() == 4:
+        for axis, label in ((2, "height"), (3, "width")):
+            if hw_multiple > 1:
+                shapes[axis] = hw_multiple * torch.export.Dim(f"{label}_blocks", min=1, max=65535 // hw_multiple)
+            else:
+                shapes[axis] = torch.export.Dim(label, min=1, max=65535)
+    return {"x": shapes}
+
+
+class _SingleInput(nn.Module):
+    """Names the forward argument ``x`` so dynamic shapes can refer to it whatever the model calls it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_shape: Sequence[int] = (1, 3, 224, 224),
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    dynamic_hw: bool = False,
+    hw_multiple: int = 1,
+    exporter: str = "torchscript",
+    input_name: str = "input",
+    output_name: str = "output",
+    overwrite: bool = True,
+) -> Path:
+    """Export ``model`` (one tensor in, one tensor out) to an ONNX file, atomically.
+
+    Args:
+        model: any module; exported in eval mode on the CPU with fp32 weights (its state is restored).
+        path: destination ``.onnx`` file; written to a temporary file first, then renamed.
+        input_shape: example input shape, e.g. ``(1, 3, 224, 224)``.
+        opset: ONNX opset version.
+        dynamic_batch: make axis 0 of the input and output symbolic.
+        dynamic_hw: also make height/width symbolic (convolutional codec transforms).
+        hw_multiple: with ``dynamic_hw`` and the dynamo exporter, height/width are multiples of this.
+        exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``) or ``"dynamo"``
+            (``torch.export`` based). Both are checked by the tests for every registered reduced model.
+        input_name / output_name: graph input/output names.
+        overwrite: replace an existing file (``False`` raises ``FileExistsError``).
+
+    Returns:
+        The path written.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(path)
+    was_training = model.training
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    wrapped = _SingleInput(model).eval().to("cpu")
+    example = torch.randn(*input_shape)
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(descriptor)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
+            if exporter == "dynamo":
+                torch.onnx.export(
+                    wrapped,
+                    (example,),
+                    temp_name,
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    opset_version=opset,
+                    dynamo=True,
+                    verbose=False,
+                    dynamic_shapes=_dynamic_shapes(example, dynamic_batch, dynamic_hw, hw_multiple),
+                )
+            else:
+                torch.onnx.export(
+                    wrapped,
+                    (example,),
+                    temp_name,
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    opset_version=opset,
+                    dynamo=False,
+                    do_constant_folding=True,
+                    dynamic_axes=_dynamic_axes([input_name, output_name], dynamic_batch, dynamic_hw, example.dim()),
+                )
+        os.replace(temp_name, path)
+    finally:
+        Path(temp_name).unlink(missing_ok=True)
+        model.to(device).train(was_training)
+    return path
+
+
+def check_onnx(
+    model: nn.Module,
+    path: str | Path,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> dict:
+    """Run ``model`` (PyTorch, fp32, CPU, eval) and the ONNX file on the same inputs and compare.
+
+    Args:
+        model: the module that was exported.
+        path: the ONNX file.
+        inputs: one batch or several (e.g. batch 1 and batch 5, random and real images).
+
+    Returns:
+        ``{"max_abs_diff": float, "top1_agreement": float | None, "batches": [...], "images": int}``;
+        ``top1_agreement`` (fraction of images whose argmax class matches) is ``None`` for outputs
+        that are not (batch, classes) logits.
+    """
+    from effvision.export.ort import OrtModel
+
+    session = OrtModel(path, providers=providers)
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    was_training = model.training
+    model.eval()
+    max_diff, agree, images, logits = 0.0, 0, 0, True
+    per_batch = []
+    try:
+        for batch in batches:
+            with torch.no_grad():
+                expected = model(batch.float()).float()
+            actual = session(batch.float())
+            if actual.shape != expected.shape:
+                raise ValueError(f"ONNX output shape {tuple(actual.shape)} != PyTorch {tuple(expected.shape)}")
+            diff = (actual - expected).abs().max().item()
+            per_batch.append({"batch": batch.shape[0], "shape": list(batch.shape), "max_abs_diff": diff})
+            max_diff = max(max_diff, diff)
+            images += batch.shape[0]
+            logits = logits and expected.dim() == 2
+            if expected.dim() == 2:
+                agree += (actual.argmax(1) == expected.argmax(1)).sum().item()
+    finally:
+        model.train(was_training)
+    return {
+        "max_abs_diff": max_diff,
+        "top1_agreement": agree / images if logits else None,
+        "batches": per_batch,
+        "images": images,
+    }

@@ -1,0 +1,105 @@
+"""ONNX export + onnxruntime parity: every registered token-reduced family, batch 1 and 5, fp32."""
+
+import onnx
+import pytest
+import timm
+import torch
+from effvision.export import OrtModel, check_onnx, export_onnx
+
+import effvision
+from effvision.tokens.registry import REDUCTION_METHODS
+
+ATOL = 1e-4
+# 7x7 patches and 4 blocks (reduction at blocks 1, 2, 3) keep the tests fast; r is scaled to 49 patches
+# (the defaults are for 196); other families use their defaults.
+IMG_SIZE = 112
+DEPTH = 4
+OPTIONS_AT_112 = {"ppt": {"r": 8}, "tome": {"r": 3}}
+
+
+def reduced_deit_tiny(method: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    options = OPTIONS_AT_112.get(method, {})
+    return timm.create_model(f"{method}_deit_tiny_patch16_224", img_size=IMG_SIZE, depth=DEPTH, **options).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """method -> (model, path of its TorchScript-exported ONNX file), exported once per module."""
+    cache = {}
+
+    def get(method: str):
+        if method not in cache:
+            model = reduced_deit_tiny(method)
+            path = export_onnx(model, tmp_path_factory.mktemp(method) / "model.onnx", (1, 3, IMG_SIZE, IMG_SIZE))
+            cache[method] = model, path
+        return cache[method]
+
+    return get
+
+
+def batches(*sizes: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(size, 3, IMG_SIZE, IMG_SIZE, generator=generator) for size in sizes]
+
+
+@pytest.mark.parametrize("method", REDUCTION_METHODS)
+def test_reduced_model_matches_onnxruntime_at_batch_1_and_5(method, exported):
+    model, path = exported(method)
+    assert len(set(effvision.reduction_info(model)["tokens"])) > 1  # tokens really are removed
+    result = check_onnx(model, path, batches(1, 5))
+    assert [b["batch"] for b in result["batches"]] == [1, 5]
+    assert result["max_abs_diff"] <= ATOL and result["top1_agreement"] == 1.0
+
+
+def test_ppt_batch_mixing_pooled_and_pruned_images_matches(tmp_path):
+    """PPT picks prune or pool per image; the export must keep that choice data-dependent."""
+    model = reduced_deit_tiny("ppt")
+    policy = model.blocks.policy
+    variances = []
+    original = type(policy).use_pooling
+    policy.use_pooling = lambda significance: (
+        variances.append(significance.var(dim=-1)) or original(policy, significance)
+    )
+    images = batches(6)[0]
+    model(images)
+    del policy.use_pooling
+    policy.threshold = variances[0].median().item() * 1.0001  # half the images pool at the first layer
+    choices = (variances[0] < policy.threshold).tolist()
+    assert any(choices) and not all(choices)
+    export_onnx(model, tmp_path / "ppt.onnx", (1, 3, IMG_SIZE, IMG_SIZE))
+    assert check_onnx(model, tmp_path / "ppt.onnx", [images])["max_abs_diff"] <= ATOL
+
+
+def test_dynamo_exporter_matches_for_ppt(tmp_path):
+    model = reduced_deit_tiny("ppt")
+    export_onnx(model, tmp_path / "ppt.onnx", (1, 3, IMG_SIZE, IMG_SIZE), exporter="dynamo")
+    assert check_onnx(model, tmp_path / "ppt.onnx", batches(1, 5))["max_abs_diff"] <= ATOL
+
+
+def test_exported_batch_axis_is_symbolic(exported):
+    graph = onnx.load(str(exported("tome")[1])).graph
+    for value in (graph.input[0], graph.output[0]):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_ort_model_runs_the_exported_file(tmp_path):
+    model = timm.create_model("deit_tiny_patch16_224", img_size=IMG_SIZE, depth=2).eval()
+    export_onnx(model, tmp_path / "deit.onnx", (1, 3, IMG_SIZE, IMG_SIZE))
+    images = batches(3)[0]
+    with torch.no_grad():
+        expected = model(images)
+    assert torch.allclose(OrtModel(tmp_path / "deit.onnx")(images), expected, atol=ATOL)
+
+
+def test_existing_file_is_kept_without_overwrite(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        export_onnx(torch.nn.Identity(), tmp_path / "model.onnx", (1, 3, 8, 8), overwrite=False)
+    assert (tmp_path / "model.onnx").read_bytes() == b"keep"
+
+
+def test_export_restores_training_mode(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout()).train()
+    export_onnx(model, tmp_path / "m.onnx", (1, 3, 8, 8))
+    assert model.training
