@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from effvision.kernels.token_gather import gather_tokens
 from effvision.kernels.token_merge import merge_tokens
 
 
@@ -75,7 +76,13 @@ class PerImageChoice:
 
 
 def apply_token_map(state, token_map: TokenMap | PerImageChoice):
-    """Reduce a :class:`~effvision.tokens.state.TokenState` with ``token_map``."""
+    """Reduce a :class:`~effvision.tokens.state.TokenState` with ``token_map``.
+
+    A pure selection (pruning) moves tokens, sizes and source rows in one gather pass.
+    """
+    if isinstance(token_map, TokenMap) and token_map.src_index is None and token_map.keep_weight is None:
+        x, size, source = gather_tokens(state.x, token_map.keep_index, state.sizes(), state.source)
+        return state.replace(x=x, size=size, source=source)
     size = token_map.sums(state.sizes())
     source = None if state.source is None else token_map.sums(state.source)
     return state.replace(x=token_map.features(state.x), size=size, source=source)
