@@ -282,10 +282,14 @@ def write_atomically(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                        help="input dtype on CUDA (the CPU runs are float32)")
     parser.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (median reported)")
     args = parser.parse_args()
-    command = "python bench/kernels.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items())
+    options = {"device": args.device, **({"dtype": args.dtype} if args.device == "cuda" else {"repeats": args.repeats})}
+    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python bench/kernels.py " + " ".join(
+        f"--{k} {v}" for k, v in options.items()
+    )
     if args.device == "cuda":
         results = bench_cuda(getattr(torch, args.dtype))
         device_name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
