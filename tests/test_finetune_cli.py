@@ -1,0 +1,143 @@
+"""`effvision finetune` / `evaluate`: learning, saved files, resume, DDP and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from effvision.cli import main
+from effvision.finetune import loop
+
+TINY = ["img_size=32", "patch_size=8", "embed_dim=48", "depth=4", "num_heads=3", "layers=(1,2)"]
+COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+
+
+def write_dataset(root: Path, per_class=(16, 8), colours=COLOURS) -> Path:
+    """Noisy single-colour images, one class per colour: a signal a tiny ViT learns in a few steps."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(("train", "val"), per_class, strict=True):
+        for name, colour in colours.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = np.array(colour)[None, None] + rng.normal(0, 50, (32, 32, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("colours"))
+
+
+def finetune_args(data, output, *extra, model="sparse_tuning_vit_tiny_patch16_224", epochs=3):
+    options = [item for option in TINY for item in ("--option", option)]
+    return ["finetune", str(data), "--model", model, "-o", str(output), "--epochs", str(epochs),
+            "--batch-size", "16", "--lr", "3e-3", "--workers", "0", *options, *extra]
+
+
+def test_tiny_finetune_learns_and_evaluate_reproduces_top1(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(finetune_args(dataset, run)) == 0
+    history = json.loads((run / "metrics.json").read_text())
+    assert len(history) == 3 and history[-1]["val_top1"] >= 80.0  # chance: 33%
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 0
+    assert f"{history[-1]['val_top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_run_saves_only_trainable_weights(dataset, tmp_path):
+    run = tmp_path / "run"
+    assert main(finetune_args(dataset, run, epochs=1)) == 0
+    saved = load_file(str(run / "trainable.safetensors"))
+    assert saved and all(name.startswith(("dense_adapters.", "head.")) for name in saved)
+    config = json.loads((run / "config.json").read_text())
+    assert config["classes"] == sorted(COLOURS) and config["model"] == "sparse_tuning_vit_tiny_patch16_224"
+
+
+def test_base_weights_come_from_a_local_checkpoint(dataset, tmp_path):
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+    path = tmp_path / "base.pth"
+    torch.save(base.state_dict(), path)
+    config = loop.FinetuneConfig(data=str(dataset), model="sparse_tuning_vit_tiny_patch16_224",
+                                 model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3),
+                                 checkpoint=str(path), classes=sorted(COLOURS))
+    model = loop.create_model(config)
+    torch.testing.assert_close(model.blocks[2].mlp.fc1.weight, base.blocks[2].mlp.fc1.weight)
+
+
+def test_interrupted_run_resumes_after_its_last_finished_epoch(dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_epoch, calls = loop.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[6])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    assert main(finetune_args(dataset, run)) == 130
+    assert len(json.loads((run / "metrics.json").read_text())) == 1
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *a, **k: calls.append(a[6]) or real_epoch(*a, **k))
+    assert main(finetune_args(dataset, run, "--resume")) == 0
+    assert calls == [0, 1, 1, 2]
+    assert [record["epoch"] for record in json.loads((run / "metrics.json").read_text())] == [1, 2, 3]
+
+
+def test_resuming_with_a_different_config_is_refused(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(finetune_args(dataset, run, epochs=1)) == 0
+    assert main(finetune_args(dataset, run, "--resume", "--lr", "1e-2", epochs=1)) == 1
+    assert "cannot resume" in capsys.readouterr().err
+    assert main(finetune_args(dataset, run, epochs=1)) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("missing", "does not exist"),
+    ("no_val", "val does not exist"),
+    ("empty", "no class sub-folders"),
+    ("class_mismatch", "only in train ['red']"),
+    ("empty_class", "cannot read images"),
+])
+def test_bad_dataset_folders_are_clear_errors(tmp_path, capsys, layout, message):
+    data = tmp_path / "data"
+    if layout == "no_val":
+        (data / "train" / "a").mkdir(parents=True)
+    elif layout == "empty":
+        (data / "train").mkdir(parents=True)
+        (data / "val").mkdir()
+    elif layout == "class_mismatch":
+        write_dataset(data, per_class=(1, 1))
+        for image in (data / "val" / "red").iterdir():
+            image.unlink()
+        (data / "val" / "red").rmdir()
+    elif layout == "empty_class":
+        write_dataset(data, per_class=(1, 1))
+        (data / "train" / "yellow").mkdir()
+        (data / "val" / "yellow").mkdir()
+    assert main(finetune_args(data, tmp_path / "run", epochs=1)) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_ddp_two_cpu_processes_with_gloo(dataset, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "effvision", *finetune_args(dataset, run, epochs=1)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((run / "metrics.json").read_text())
+    # 48 training images, 16 per batch and process: each process takes 24 images -> one full batch each
+    assert len(history) == 1 and history[0]["epoch"] == 1
+    assert (run / "trainable.safetensors").is_file()
