@@ -3,8 +3,9 @@
 Three stages, each resumable from its checkpoint under --work-dir:
 1. ``autoencoder``: the SMALL_F16 VQGAN trained from scratch on random 64x64 crops of scikit-image's bundled
    photos (astronaut and chelsea held out for evaluation), L1 + codebook/commitment loss, CPU, ~35 min.
-2. ``restorer``: the MaskGIT-style lost-index restorer trained on index maps of 256x256 crops.
-3. ``export``: fit the empirical index model on the training photos, write the safetensors asset.
+2. ``restorer``: encode the half-size training photos into 8x8-index tiles (the reference maps that fit the
+   empirical index model) and train the MaskGIT-style lost-index restorer on them.
+3. ``export``: write the safetensors asset (fp16 weights, reference maps, configs).
 
 Run: ``OMP_NUM_THREADS=1 nice -n 10 python scripts/train_demo_vqgan.py --stage all``
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from effvision.codecs.vqgan.config import SMALL_F16
@@ -25,6 +25,7 @@ from effvision.codecs.vqgan.train import RandomCrops, TrainSettings, train_autoe
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "effvision" / "assets" / "vqgan-small-f16-1024.safetensors"
+RESTORER = {"dim": 96, "depth": 3, "heads": 4}
 
 
 def stage_autoencoder(work: Path, minutes: float) -> None:
@@ -42,35 +43,37 @@ def load_autoencoder(work: Path) -> VQModel:
     return model.eval()
 
 
-@torch.no_grad()
-def index_maps_of_crops(model: VQModel, photos: list[np.ndarray], count: int, crop: int, seed: int) -> torch.Tensor:
-    crops = RandomCrops(photos, crop=crop, seed=seed)
-    return torch.cat([model.encode_indices(crops.sample(16)) for _ in range(count // 16)])
+def half_size_training_photos() -> list[torch.Tensor]:
+    # the half-size copies only: encoding every full-size photo costs minutes on a shared CPU
+    photos = training_photos()
+    return [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in photos[len(photos) // 2 :]]
 
 
 def stage_restorer(work: Path, steps: int) -> None:
-    model = load_autoencoder(work)
-    maps_path = work / "index_maps.pt"
-    if maps_path.exists():
-        maps = torch.load(maps_path, weights_only=True)
+    """Fit the index model (reference maps = 8x8-index tiles of the photos) and train the restorer on them."""
+    from effvision.codecs.vqgan.model import VQGANCodec
+
+    codec = VQGANCodec(SMALL_F16, vqmodel=load_autoencoder(work))
+    references = work / "reference_maps.pt"
+    if references.exists():
+        codec.reference_maps = torch.load(references, weights_only=True)
     else:
-        maps = index_maps_of_crops(model, training_photos(), count=1024, crop=256, seed=1)
-        torch.save(maps, maps_path)
+        codec.fit_index_model(half_size_training_photos(), crop=128)
+        torch.save(codec.reference_maps, references)
     torch.manual_seed(0)
-    restorer = IndexRestorer(SMALL_F16.embed_dim, dim=96, depth=3, heads=4)
-    stats = train_restorer(restorer, maps, model.quantize.embedding.weight.detach(), steps=steps, batch_size=32,
-                           checkpoint_path=work / "restorer.pt", resume=True)
+    restorer = IndexRestorer(SMALL_F16.embed_dim, **RESTORER)
+    stats = train_restorer(restorer, codec.reference_maps, codec.vq.quantize.embedding.weight.detach(), steps=steps,
+                           batch_size=32, checkpoint_path=work / "restorer.pt", resume=True)
     print(stats)
 
 
 def stage_export(work: Path) -> None:
     from effvision.codecs.vqgan.model import VQGANCodec
 
-    model = load_autoencoder(work)
-    restorer = IndexRestorer(SMALL_F16.embed_dim, dim=96, depth=3, heads=4)
+    restorer = IndexRestorer(SMALL_F16.embed_dim, **RESTORER)
     restorer.load_state_dict(torch.load(work / "restorer.pt", map_location="cpu", weights_only=True)["model"])
-    codec = VQGANCodec(SMALL_F16, vqmodel=model, restorer=restorer.eval())
-    codec.fit_index_model([torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in training_photos()])
+    references = torch.load(work / "reference_maps.pt", weights_only=True)
+    codec = VQGANCodec(SMALL_F16, vqmodel=load_autoencoder(work), restorer=restorer.eval(), reference_maps=references)
     codec.save(ASSET)
     print(f"wrote {ASSET} ({ASSET.stat().st_size / 1e6:.2f} MB); held out: {[n for n, _ in held_out_photos()]}")
 
@@ -80,7 +83,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=["autoencoder", "restorer", "export", "all"], default="all")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "vqgan-demo")
     parser.add_argument("--minutes", type=float, default=36.0, help="wall-clock cap of the autoencoder stage")
-    parser.add_argument("--restorer-steps", type=int, default=1500)
+    parser.add_argument("--restorer-steps", type=int, default=400)
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ class RandomCrops:
     [-1, 1]. Photos smaller than the crop are skipped."""
 
     def __init__(self, photos: Sequence[np.ndarray], crop: int, seed: int = 0) -> None:
-        self.photos = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1) for p in photos]
+        self.photos = [torch.from_numpy(np.array(p, dtype=np.uint8)).permute(2, 0, 1) for p in photos]
         self.photos = [p for p in self.photos if p.shape[1] >= crop and p.shape[2] >= crop]
         if not self.photos:
             raise ValueError(f"no training photo is at least {crop}x{crop} pixels")

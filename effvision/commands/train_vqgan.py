@@ -1,0 +1,114 @@
+"""``effvision train-vqgan``: train or fine-tune a VQGAN codec, optionally with a K-means-clustered codebook.
+
+Examples::
+
+    # Mao et al. (DCC 2024): cluster a taming f16-16384 checkpoint to K=256 and fine-tune codebook + quant convs
+    effvision train-vqgan photos/ --init vqgan_imagenet_f16_16384.ckpt --config imagenet-f16-16384 \\
+        --k 256 -o k256.safetensors
+    # train the small config from scratch
+    effvision train-vqgan photos/ --config small-f16-1024 --mode full --steps 2000 -o small.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+from effvision.errors import UserError
+
+HELP = "train or fine-tune a VQGAN codec (K-means codebook clustering, index model, lost-index restorer)"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", type=Path, help="directory of training images (searched recursively)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output codec (.safetensors)")
+    parser.add_argument("--init", type=Path, help="start from a taming .ckpt or an effvision VQGAN .safetensors")
+    parser.add_argument("--config", default="small-f16-1024", help="architecture (imagenet-f16-16384, small-f16-1024)")
+    parser.add_argument("--k", type=int, help="K-means the codebook into K entries before training")
+    parser.add_argument("--mode", choices=["full", "codebook"],
+                        help="train everything, or only codebook + quant convs (default: codebook with --init)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=256, help="random crop size in pixels (multiple of 16)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--minutes", type=float, help="stop after this many minutes (a checkpoint is written)")
+    parser.add_argument("--restorer-steps", type=int, default=0, help="also train the lost-index restorer")
+    parser.add_argument("--checkpoint", type=Path, help="training checkpoint (default: OUTPUT.train.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load_images(directory: Path, minimum: int):
+    """uint8 (H, W, 3) arrays of every image in ``directory`` at least ``minimum`` pixels on each side."""
+    import numpy as np
+    from PIL import Image
+
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory")
+    images = []
+    for path in sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+        except OSError as error:
+            raise UserError(f"cannot read image {path}: {error}") from error
+        if min(array.shape[:2]) >= minimum:
+            images.append(array)
+    if not images:
+        raise UserError(f"no image of at least {minimum}x{minimum} pixels found in {directory}")
+    return images
+
+
+def _initial_codec(args: argparse.Namespace):
+    from effvision.codecs.vqgan.config import CONFIGS
+    from effvision.codecs.vqgan.model import VQGANCodec
+
+    if args.init is not None and args.init.suffix == ".safetensors":
+        return VQGANCodec.load(args.init)
+    if args.config not in CONFIGS:
+        raise UserError(f"unknown VQGAN config {args.config!r}; choose one of {', '.join(CONFIGS)}")
+    codec = VQGANCodec(CONFIGS[args.config])
+    if args.init is not None:
+        if not args.init.is_file():
+            raise UserError(f"checkpoint {args.init} does not exist")
+        codec.load_taming_checkpoint(args.init)
+    return codec
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from effvision.codecs.vqgan.restoration import IndexRestorer
+    from effvision.codecs.vqgan.train import RandomCrops, TrainSettings, train_autoencoder, train_restorer
+
+    if args.crop < 16 or args.crop % 16:
+        raise UserError(f"--crop must be a positive multiple of 16, got {args.crop}")
+    if args.steps < 0 or args.batch_size < 1:
+        raise UserError("--steps must be >= 0 and --batch-size >= 1")
+    torch.manual_seed(args.seed)
+    images = load_images(args.data, args.crop)
+    codec = _initial_codec(args)
+    if args.k is not None:
+        codec = codec.cluster(args.k, seed=args.seed)
+        codec.vq = copy.deepcopy(codec.vq)  # fine-tuning must not touch the shared transforms of the source
+    mode = args.mode or ("codebook" if args.init is not None or args.k is not None else "full")
+    checkpoint = args.checkpoint or args.output.with_suffix(".train.pt")
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mode=mode,
+                             restart_dead_every=100 if mode == "full" else 0, max_minutes=args.minutes)
+    crops = RandomCrops(images, args.crop, seed=args.seed)
+    if args.steps:
+        stats = train_autoencoder(codec.vq, crops, settings, checkpoint, resume=args.resume)
+        print(f"autoencoder: step {stats['step']}, L1 {stats['l1']:.4f}, codes used {stats['codes_used']}")
+    tensors = [torch.from_numpy(image).permute(2, 0, 1).float() / 255 for image in images]
+    codec.fit_index_model(tensors, crop=min(args.crop, 256))
+    if args.restorer_steps:
+        if codec.restorer is None:
+            codec.restorer = IndexRestorer(codec.config.embed_dim)
+        train_restorer(codec.restorer, codec.reference_maps, codec.vq.quantize.embedding.weight.detach(),
+                       steps=args.restorer_steps, seed=args.seed,
+                       checkpoint_path=checkpoint.with_suffix(".restorer.pt"), resume=args.resume)
+    codec.save(args.output)
+    print(f"wrote {args.output} (K={codec.codebook_size})")
+    return 0

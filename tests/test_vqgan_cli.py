@@ -1,0 +1,42 @@
+"""``effvision train-vqgan``: trains, checkpoints, resumes, and reports user mistakes clearly."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from effvision.cli import main
+from effvision.codecs.vqgan.model import VQGANCodec
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_training_writes_a_loadable_codec_and_resumes_from_its_checkpoint(image_dir, tmp_path):
+    out = tmp_path / "codec.safetensors"
+    common = [str(image_dir), "-o", str(out), "--crop", "32", "--batch-size", "2"]
+    assert main(["train-vqgan", *common, "--steps", "2"]) == 0
+    assert torch.load(tmp_path / "codec.train.pt", weights_only=True)["step"] == 2
+    assert main(["train-vqgan", *common, "--steps", "3", "--resume"]) == 0
+    assert torch.load(tmp_path / "codec.train.pt", weights_only=True)["step"] == 3
+    codec = VQGANCodec.load(out)
+    assert codec.index_model is not None and codec.reference_maps.shape[1:] == (2, 2)
+
+
+def test_clustering_to_more_entries_than_the_codebook_is_a_clear_error(image_dir, tmp_path, capsys):
+    code = main(["train-vqgan", str(image_dir), "-o", str(tmp_path / "x.safetensors"), "--crop", "32",
+                 "--k", "5000", "--steps", "0"])
+    assert code == 1
+    assert "K must be between 1 and 1024" in capsys.readouterr().err
+
+
+def test_missing_data_directory_is_a_clear_error(tmp_path, capsys):
+    assert main(["train-vqgan", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
