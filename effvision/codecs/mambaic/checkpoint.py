@@ -1,0 +1,240 @@
+"""MambaIC checkpoints: safetensors files with their config, and the official release layout.
+
+* :func:`save_checkpoint` / :func:`load_checkpoint`: our format, a safetensors file whose metadata holds
+  the :class:`MambaICConfig` as JSON. Loading with an expected config that differs raises a
+  :class:`UserError` naming every mismatching field.
+* :func:`to_official_state_dict` / :func:`from_official_state_dict`: key mapping to and from the
+  state dict of the official MambaIC repository (``models/MambaIC.py``), whose context modules are
+  flat per-kind lists (``atten_mean.{i}.0``, ``cc_mean_transforms.{i}``, ``context_vss_{i+1}`` ...)
+  while ours group them per slice (``slices.{i}.mean_support_attention`` ...).
+  :func:`load_official_checkpoint` reads a ``.pth``/``.pth.tar`` release with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from effvision.codecs.mambaic.model import CONFIGS, MambaIC, MambaICConfig
+from effvision.errors import UserError
+
+FORMAT = "effvision-mambaic"
+
+# Per-slice module of ours -> (official list name, whether the official wraps it in nn.Sequential).
+_SLICE_MODULES = {
+    "mean_support_attention": ("atten_mean", True),
+    "scale_support_attention": ("atten_scale", True),
+    "anchor_mean_attention": ("anchor_atten_mean", True),
+    "anchor_scale_attention": ("anchor_atten_scale", True),
+    "mean_transform": ("cc_mean_transforms", False),
+    "scale_transform": ("cc_scale_transforms", False),
+    "lrp_transform": ("lrp_transforms", False),
+    "context_vss": ("context_vss", False),
+    "checkerboard_conv": ("context_prediction", False),
+}
+# Inside a window attention gate: ours -> official (prefix renames, applied in order).
+_GATE_RENAMES = [
+    ("project_in.", "in_conv."),
+    ("project_out.", "out_conv."),
+    ("trunk.", "conv_a."),
+    ("gate.", "conv_b."),
+    ("regular_window.", "non_local_block.block_1."),
+    ("shifted_window.", "non_local_block.block_2."),
+]
+_BLOCK_RENAMES = [
+    ("norm1.", "ln1."),
+    ("norm2.", "ln2."),
+    ("attn.qkv.", "msa.embedding_layer."),
+    ("attn.relative_position_bias", "msa.relative_position_params"),
+    ("attn.proj.", "msa.linear."),
+]
+
+
+def _rename(key: str, renames: list[tuple[str, str]], reverse: bool = False) -> str:
+    for ours, official in renames:
+        old, new = (official, ours) if reverse else (ours, official)
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def _gate_to_official(rest: str) -> str:
+    rest = _rename(rest, _GATE_RENAMES)
+    match = re.match(r"(non_local_block\.block_[12]\.)(.*)", rest)
+    return match.group(1) + _rename(match.group(2), _BLOCK_RENAMES) if match else rest
+
+
+def _gate_from_official(rest: str) -> str:
+    match = re.match(r"(non_local_block\.block_[12]\.)(.*)", rest)
+    if match:
+        rest = match.group(1) + _rename(match.group(2), _BLOCK_RENAMES, reverse=True)
+    return _rename(rest, _GATE_RENAMES, reverse=True)
+
+
+def to_official_state_dict(model: MambaIC) -> dict[str, Tensor]:
+    """Our state dict in the official repository's key layout (for export and for tests).
+
+    The official model also registers each context VSS stage as ``context_vss_{i+1}`` and builds
+    slice-0 channel transforms it never uses: both are emitted (the unused ones as zeros).
+    """
+    official: dict[str, Tensor] = {}
+    slice_channels = model.config.latent_channels // model.config.num_slices
+    for key, tensor in model.state_dict().items():
+        match = re.match(r"slices\.(\d+)\.([a-z_]+)\.(.*)", key)
+        if not match:
+            official[key] = tensor
+            continue
+        index, module, rest = int(match.group(1)), match.group(2), match.group(3)
+        name, wrapped = _SLICE_MODULES[module]
+        if wrapped:
+            rest = _gate_to_official(rest)
+        official[f"{name}.{index}.{'0.' if wrapped else ''}{rest}"] = tensor
+        if module == "context_vss":
+            official[f"context_vss_{index + 1}.{rest}"] = tensor
+    for i, context in enumerate(model.slices):
+        mask = context.checkerboard_conv.mask
+        official[f"context_prediction.{i}.mask"] = mask.clone()
+        official[f"context_prediction.{i}.weight"] = official[f"context_prediction.{i}.weight"] * mask
+    # Slice 0's unused channel transforms, shaped like the official ones (slice 1's minus its support).
+    for kind in ("cc_mean_transforms", "cc_scale_transforms"):
+        for key in [k for k in official if k.startswith(f"{kind}.1.")]:
+            shape = list(official[key].shape)
+            if key.endswith(".0.weight"):
+                shape[1] -= slice_channels * min(1, model.config.max_support_slices)
+            official[f"{kind}.0.{key[len(kind) + 3:]}"] = torch.zeros(shape, dtype=official[key].dtype)
+    return official
+
+
+def from_official_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map an official-layout state dict to our keys (drops the duplicates and unused tensors)."""
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    official_to_ours = {name: (ours, wrapped) for ours, (name, wrapped) in _SLICE_MODULES.items()}
+    ours: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        if re.match(r"context_vss_\d+\.", key) or re.match(r"context_prediction\.\d+\.mask$", key):
+            continue
+        if re.match(r"cc_(mean|scale)_transforms\.0\.", key):
+            continue
+        match = re.match(r"([a-z_]+)\.(\d+)\.(.*)", key)
+        if not match or match.group(1) not in official_to_ours:
+            ours[key] = tensor
+            continue
+        module, wrapped = official_to_ours[match.group(1)]
+        rest = match.group(3)
+        if wrapped:
+            if not rest.startswith("0."):
+                raise UserError(f"unexpected key {key!r} in the official MambaIC checkpoint")
+            rest = _gate_from_official(rest[2:])
+        ours[f"slices.{match.group(2)}.{module}.{rest}"] = tensor
+    return ours
+
+
+def load_official_checkpoint(path: str | Path, config: MambaICConfig | str = "paper") -> MambaIC:
+    """Load an official MambaIC release (``torch.save`` of a dict with ``state_dict``) into our model."""
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise UserError(f"checkpoint not found: {path}") from error
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad pickle
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+    state_dict = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{path} holds no state dict")
+    model = MambaIC(config)
+    _load_into(model, from_official_state_dict(state_dict), str(path))
+    return model
+
+
+def _load_into(model: MambaIC, state_dict: dict[str, Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not match MambaIC config {model.config.name!r}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    resizable = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+    for key, tensor in state_dict.items():
+        if expected[key].shape != tensor.shape and not key.endswith(resizable):
+            raise UserError(
+                f"{source} does not match MambaIC config {model.config.name!r}: {key} has shape "
+                f"{tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state_dict)
+
+
+def save_checkpoint(model: MambaIC, path: str | Path, extra: dict[str, str] | None = None) -> None:
+    """Write ``model`` (weights + CDF tables + config) to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict()), **(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[MambaICConfig, dict[str, str]]:
+    """The config and metadata of a checkpoint written by :func:`save_checkpoint`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except FileNotFoundError as error:
+        raise UserError(f"checkpoint not found: {path}") from error
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise UserError(f"{path} is not a safetensors checkpoint ({error})") from error
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise UserError(f"{path} is not a MambaIC checkpoint (no {FORMAT} metadata)")
+    return MambaICConfig.from_dict(json.loads(metadata["config"])), metadata
+
+
+def config_mismatch(found: MambaICConfig, expected: MambaICConfig) -> list[str]:
+    """Human-readable differences ``field: found != expected`` (the name field is ignored)."""
+    found_dict, expected_dict = found.to_dict(), expected.to_dict()
+    return [
+        f"{key}: {found_dict[key]} != {expected_dict[key]}"
+        for key in expected_dict
+        if key != "name" and found_dict[key] != expected_dict[key]
+    ]
+
+
+def load_checkpoint(
+    path: str | Path, expected_config: MambaICConfig | str | None = None, device: str = "cpu"
+) -> MambaIC:
+    """Load a checkpoint written by :func:`save_checkpoint`, in eval mode with CDFs ready.
+
+    Args:
+        expected_config: when given (config or name), a checkpoint of another config is a
+            :class:`UserError` naming the mismatching fields.
+    """
+    from safetensors.torch import load_file
+
+    config, _ = read_checkpoint_config(path)
+    if expected_config is not None:
+        expected = CONFIGS[expected_config] if isinstance(expected_config, str) else expected_config
+        differences = config_mismatch(config, expected)
+        if differences:
+            raise UserError(
+                f"{path} was trained with MambaIC config {config.name!r}, not {expected.name!r} "
+                f"({'; '.join(differences)})"
+            )
+    model = MambaIC(config)
+    _load_into(model, load_file(str(path)), str(path))
+    model.update()
+    return model.to(device).eval()

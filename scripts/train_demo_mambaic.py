@@ -1,0 +1,72 @@
+"""Reproduce the shipped MambaIC demo checkpoint (effvision/assets/mambaic-lite-*.safetensors).
+
+Trains the ``lite`` config on random crops of scikit-image's bundled photos (CPU, one thread), holding
+out ``chelsea`` and ``coffee`` for evaluation, then writes the weights with their CDF tables.
+
+    nice -n 10 .venv/bin/python scripts/train_demo_mambaic.py --lambda 0.0130 --minutes 35
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TRAIN_PHOTOS = (
+    "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "colorwheel",
+    "camera", "coins", "moon", "brick", "grass", "gravel", "cell",
+)
+HELD_OUT_PHOTOS = ("chelsea", "coffee")
+
+
+def photo(name: str) -> torch.Tensor:
+    """A scikit-image sample as a (3, H, W) float tensor in [0, 1] (grayscale replicated)."""
+    import skimage.data
+
+    array = np.asarray(getattr(skimage.data, name)())
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return torch.from_numpy(array[..., :3].astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lambda", dest="lmbda", type=float, default=0.0130)
+    parser.add_argument("--steps", type=int, default=100000, help="upper bound; --minutes usually stops first")
+    parser.add_argument("--minutes", type=float, default=35.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--out-dir", default="runs/mambaic-demo")
+    parser.add_argument("--asset", default=None, help="copy the result here (default: effvision/assets/...)")
+    args = parser.parse_args()
+
+    from effvision.codecs.mambaic import MambaIC
+    from effvision.codecs.mambaic.checkpoint import save_checkpoint
+    from effvision.codecs.mambaic.train import TrainSettings, train
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    train_images = [photo(name) for name in TRAIN_PHOTOS]
+    val_images = [photo(name) for name in HELD_OUT_PHOTOS]
+    settings = TrainSettings(
+        lmbda=args.lmbda, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+        val_every=250, save_every=250, max_seconds=args.minutes * 60, progress=True,
+    )
+    model = MambaIC("lite")
+    started = time.time()
+    history = train(model, train_images, settings, out_dir=args.out_dir, val_images=val_images)
+    print(f"trained {len(history)} steps in {(time.time() - started) / 60:.1f} min")
+    tag = f"{round(args.lmbda * 10000):04d}"
+    default_asset = Path(__file__).resolve().parents[1] / f"effvision/assets/mambaic-lite-lambda{tag}.safetensors"
+    asset = Path(args.asset or default_asset)
+    save_checkpoint(model, asset, extra={"lambda": str(args.lmbda), "trained_on": ",".join(TRAIN_PHOTOS),
+                                         "steps": str(len(history))})
+    print(f"wrote {asset}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""MambaIC model: real bitstreams decode to exactly the latents forward() quantises, any image size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from effvision.codecs.mambaic import MambaIC, MambaICConfig, bits_per_pixel
+from effvision.codecs.mambaic.model import ALIGNMENT
+
+torch.set_num_threads(1)
+
+# Same structure as "lite" (every stage present, 5 slices), narrower so the tests stay fast.
+TINY = MambaICConfig(
+    transform_channels=16, latent_channels=20, hyper_channels=8, depths=(0, 1, 1, 1), attention_dim=8,
+    head_dim=8, context_hidden=(8, 8), context_depth=1, d_state=4, ssm_ratio=1.0, drop_path_rate=0.0,
+    name="test-tiny",
+)
+ASSETS = Path(__file__).resolve().parents[1] / "effvision" / "assets"
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> MambaIC:
+    torch.manual_seed(0)
+    model = MambaIC(TINY).eval()
+    model.update()
+    return model
+
+
+@pytest.mark.parametrize("size", [(97, 131), (128, 128), (300, 451)])
+def test_decompress_reproduces_forward_latents_exactly(tiny_model: MambaIC, size: tuple[int, int]) -> None:
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = tiny_model(x)
+    coded = tiny_model.compress(x)
+    decoded = tiny_model.decompress(coded["strings"], coded["shape"])
+    assert torch.equal(decoded["y_hat"], expected["y_hat"])
+    assert decoded["x_hat"].shape == x.shape
+    assert torch.equal(decoded["x_hat"], expected["x_hat"].clamp(0, 1))
+
+
+def test_bitstreams_are_identical_across_runs(tiny_model: MambaIC) -> None:
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    first = tiny_model.compress(x)
+    second = tiny_model.compress(x)
+    assert first["strings"] == second["strings"]
+
+
+def test_compress_layout_is_anchor_nonanchor_per_slice_then_z(tiny_model: MambaIC) -> None:
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    coded = tiny_model.compress(x)
+    assert len(coded["strings"]) == 2 * TINY.num_slices + 1
+    assert all(len(part) == 2 for part in coded["strings"])
+    assert coded["shape"] == (64, 64)
+
+
+def test_small_sides_below_window_size_work(tiny_model: MambaIC) -> None:
+    x = torch.rand(1, 3, 5, 17, generator=torch.Generator().manual_seed(4))
+    coded = tiny_model.compress(x)
+    decoded = tiny_model.decompress(coded["strings"], coded["shape"])
+    assert decoded["x_hat"].shape == (1, 3, 5, 17)
+
+
+def test_pad_reaches_alignment_with_edge_values() -> None:
+    x = torch.rand(1, 3, 65, 3)
+    padded = MambaIC.pad(x)
+    assert padded.shape[-2:] == (2 * ALIGNMENT, ALIGNMENT)
+    assert torch.equal(padded[..., 64, :3], x[..., 64, :])
+    assert torch.equal(padded[..., :65, 40], x[..., :, 2])
+
+
+def test_bits_per_pixel_counts_every_string() -> None:
+    strings = [[b"ab", b"c"], [b"defg"]]
+    assert bits_per_pixel(strings, 2, 4) == 8 * 7 / 8
+
+
+def test_paper_config_has_the_released_parameter_count() -> None:
+    with torch.device("meta"):
+        model = MambaIC("paper")
+    count = sum(p.numel() for p in model.parameters())
+    # The release also holds slice 0's unused channel transforms (1.95M): ~124M in total.
+    assert 121_000_000 < count < 123_000_000
+
+
+@pytest.mark.skipif(not (ASSETS / "mambaic-lite-lambda0130.safetensors").exists(), reason="demo weights not built")
+def test_real_bpp_is_within_5_percent_of_the_estimate_on_the_shipped_checkpoint() -> None:
+    import numpy as np
+    import skimage.data
+
+    from effvision.codecs.mambaic.checkpoint import load_checkpoint
+
+    model = load_checkpoint(ASSETS / "mambaic-lite-lambda0130.safetensors", expected_config="lite")
+    image = torch.from_numpy(np.asarray(skimage.data.chelsea(), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        out = model(image)
+    pixels = image.shape[-2] * image.shape[-1]
+    estimate = sum(float(-torch.log2(lik).sum()) for lik in out["likelihoods"].values()) / pixels
+    coded = model.compress(image)
+    real = bits_per_pixel(coded["strings"], *image.shape[-2:])
+    assert abs(real - estimate) / estimate < 0.05
