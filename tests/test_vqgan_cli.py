@@ -40,3 +40,16 @@ def test_clustering_to_more_entries_than_the_codebook_is_a_clear_error(image_dir
 def test_missing_data_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["train-vqgan", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.safetensors")]) == 1
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_codebook_fine_tuning_with_gan_changes_only_codebook_and_quant_convs(image_dir, tmp_path):
+    base = tmp_path / "base.safetensors"
+    assert main(["train-vqgan", str(image_dir), "-o", str(base), "--crop", "32", "--steps", "0"]) == 0
+    tuned = tmp_path / "tuned.safetensors"
+    assert main(["train-vqgan", str(image_dir), "-o", str(tuned), "--init", str(base), "--k", "8", "--crop", "32",
+                 "--batch-size", "2", "--steps", "2", "--lr", "1e-2", "--gan-weight", "0.5"]) == 0
+    before, after = VQGANCodec.load(base).vq.state_dict(), VQGANCodec.load(tuned).vq.state_dict()
+    assert after["quantize.embedding.weight"].shape == (8, before["quantize.embedding.weight"].shape[1])
+    assert not torch.equal(before["quant_conv.weight"], after["quant_conv.weight"])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "decoder.")))
+    assert "discriminator" in torch.load(tmp_path / "tuned.train.pt", weights_only=True)

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", type=int, default=256, help="random crop size in pixels (multiple of 16)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--minutes", type=float, help="stop after this many minutes (a checkpoint is written)")
+    parser.add_argument("--gan-weight", type=float, default=0.0,
+                        help="weight of the hinge PatchGAN loss (taming uses 0.8 with LPIPS; none by default)")
+    parser.add_argument("--gan-start", type=int, default=0, help="step at which the GAN loss starts")
     parser.add_argument("--restorer-steps", type=int, default=0, help="also train the lost-index restorer")
     parser.add_argument("--checkpoint", type=Path, help="training checkpoint (default: OUTPUT.train.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode or ("codebook" if args.init is not None or args.k is not None else "full")
     checkpoint = args.checkpoint or args.output.with_suffix(".train.pt")
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mode=mode,
-                             restart_dead_every=100 if mode == "full" else 0, max_minutes=args.minutes)
+                             restart_dead_every=100 if mode == "full" else 0, max_minutes=args.minutes,
+                             gan_weight=args.gan_weight, gan_start=args.gan_start)
     crops = RandomCrops(images, args.crop, seed=args.seed)
     if args.steps:
         stats = train_autoencoder(codec.vq, crops, settings, checkpoint, resume=args.resume)

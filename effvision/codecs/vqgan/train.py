@@ -2,10 +2,12 @@
 lost-index restorer. Progress bars (tqdm), periodic checkpoints and resume.
 
 Mao et al. (DCC 2024) fine-tune the clustered codebook and the quant convs with the encoder/decoder
-frozen (``mode="codebook"``). The small demo model is trained from scratch (``mode="full"``) with an L1
-reconstruction loss plus taming's codebook/commitment loss; unused codebook entries are re-seeded from
-encoder outputs so the codebook stays alive on a tiny data set (a training-time aid only: the quantiser
-math is unchanged).
+frozen (``mode="codebook"``) under taming's VQGAN loss. Here: L1 + codebook/commitment loss, plus an optional
+hinge-loss PatchGAN term (``gan_weight``; Isola et al. 2017 / Esser et al. 2021). taming's LPIPS perceptual
+term is not included: its VGG weights cannot be shipped or fetched offline. The small demo model is trained
+from scratch (``mode="full"``) with L1 + codebook losses only; unused codebook entries are re-seeded from
+encoder outputs so the codebook stays alive on a tiny data set (a training-time aid: the quantiser math is
+unchanged).
 """
 
 from __future__ import annotations
@@ -77,6 +79,31 @@ class TrainSettings:
     checkpoint_every: int = 200
     restart_dead_every: int = 100  # 0 disables dead-code re-seeding
     max_minutes: float | None = None
+    gan_weight: float = 0.0  # > 0 adds the hinge PatchGAN term
+    gan_start: int = 0  # step at which the adversarial term starts
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: strided 4x4 convs with LeakyReLU -> (B, 1, h', w') real/fake logits per patch."""
+
+    def __init__(self, channels: int = 3, width: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        modules: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        current = width
+        for layer in range(1, layers + 1):
+            following = width * min(2**layer, 8)
+            stride = 2 if layer < layers else 1
+            modules += [nn.Conv2d(current, following, 4, stride, 1), nn.GroupNorm(32, following), nn.LeakyReLU(0.2)]
+            current = following
+        modules.append(nn.Conv2d(current, 1, 4, 1, 1))
+        self.layers = nn.Sequential(*modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+def hinge_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
 
 def _trainable_parameters(model: VQModel, mode: str) -> list[nn.Parameter]:
@@ -115,11 +142,17 @@ def train_autoencoder(
 
     parameters = _trainable_parameters(model, settings.mode)
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=(0.5, 0.9))
+    discriminator = PatchDiscriminator() if settings.gan_weight > 0 else None
+    if discriminator is not None:
+        discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, betas=(0.5, 0.9))
     start = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if discriminator is not None and "discriminator" in state:
+            discriminator.load_state_dict(state["discriminator"])
+            discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
         start = int(state["step"])
     generator = torch.Generator().manual_seed(1234 + start)
     usage = torch.zeros(model.config.n_embed, dtype=torch.long)
@@ -134,9 +167,19 @@ def train_autoencoder(
         x_hat = model.decode_latent(quantized)
         l1 = F.l1_loss(x_hat, x)
         loss = l1 + codebook_loss
+        adversarial = discriminator is not None and step >= settings.gan_start
+        if adversarial:
+            discriminator.requires_grad_(False)
+            loss = loss - settings.gan_weight * discriminator(x_hat).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if adversarial:
+            discriminator.requires_grad_(True)
+            discriminator_loss = hinge_discriminator_loss(discriminator(x), discriminator(x_hat.detach()))
+            discriminator_optimizer.zero_grad(set_to_none=True)
+            discriminator_loss.backward()
+            discriminator_optimizer.step()
         usage += torch.bincount(indices.flatten(), minlength=usage.numel())
         stats = {"step": step + 1, "l1": l1.item(), "codebook_loss": codebook_loss.item(),
                  "codes_used": int((usage > 0).sum())}
@@ -148,9 +191,11 @@ def train_autoencoder(
         timed_out = settings.max_minutes is not None and time.monotonic() - began > 60 * settings.max_minutes
         last = step + 1 == settings.steps or timed_out
         if checkpoint_path is not None and ((step + 1) % settings.checkpoint_every == 0 or last):
-            save_checkpoint_atomic(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, checkpoint_path
-            )
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
+            if discriminator is not None:
+                state["discriminator"] = discriminator.state_dict()
+                state["discriminator_optimizer"] = discriminator_optimizer.state_dict()
+            save_checkpoint_atomic(state, checkpoint_path)
         if timed_out:
             break
     model.eval()
