@@ -7,7 +7,7 @@ import torch
 from effvision.export import OrtModel, check_onnx, export_onnx
 
 import effvision
-from effvision.tokens.registry import REDUCTION_METHODS
+from effvision.tokens.registry import REGISTERED_MODELS
 
 ATOL = 1e-4
 # 7x7 patches and 4 blocks (reduction at blocks 1, 2, 3) keep the tests fast; r is scaled to 49 patches
@@ -15,12 +15,30 @@ ATOL = 1e-4
 IMG_SIZE = 112
 DEPTH = 4
 OPTIONS_AT_112 = {"ppt": {"r": 8}, "tome": {"r": 3}}
+BASE = "_deit_tiny_patch16_224"
+# Every registered family: ppt, tome, topk, sparse_tuning and clca_<each of them>.
+FAMILIES = sorted({name.removesuffix(BASE) for name in REGISTERED_MODELS if name.endswith(BASE)})
 
 
-def reduced_deit_tiny(method: str) -> torch.nn.Module:
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Perturb every weight and BatchNorm statistic, so zero-initialised branches (adapter
+    up-projections) and identity-like normalisations take part in the comparison."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+    return model
+
+
+def reduced_deit_tiny(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    options = OPTIONS_AT_112.get(method, {})
-    return timm.create_model(f"{method}_deit_tiny_patch16_224", img_size=IMG_SIZE, depth=DEPTH, **options).eval()
+    options = OPTIONS_AT_112.get(family.removeprefix("clca_"), {})
+    model = timm.create_model(f"{family}{BASE}", img_size=IMG_SIZE, depth=DEPTH, **options)
+    return randomize(model).eval()
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +61,13 @@ def batches(*sizes: int) -> list[torch.Tensor]:
     return [torch.randn(size, 3, IMG_SIZE, IMG_SIZE, generator=generator) for size in sizes]
 
 
-@pytest.mark.parametrize("method", REDUCTION_METHODS)
-def test_reduced_model_matches_onnxruntime_at_batch_1_and_5(method, exported):
-    model, path = exported(method)
+def test_every_family_is_covered():
+    assert {"ppt", "tome", "topk", "sparse_tuning", "clca_ppt"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduced_model_matches_onnxruntime_at_batch_1_and_5(family, exported):
+    model, path = exported(family)
     assert len(set(effvision.reduction_info(model)["tokens"])) > 1  # tokens really are removed
     result = check_onnx(model, path, batches(1, 5))
     assert [b["batch"] for b in result["batches"]] == [1, 5]
