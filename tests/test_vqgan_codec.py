@@ -101,3 +101,29 @@ def test_loading_a_file_that_is_not_a_codec_is_a_clear_error(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="cannot read VQGAN weights"):
         VQGANCodec.load(tmp_path / "junk.safetensors")
+
+
+def test_chunked_streams_decode_to_the_same_image(codec):
+    x = torch.rand(1, 3, 80, 48)  # 5 index rows -> bands of 1, 2, 2 rows
+    whole = codec.compress(x)
+    chunked = codec.compress(x, chunks=3)
+    assert len(chunked["strings"]) == 3
+    assert torch.equal(codec.decompress(chunked["strings"], chunked["shape"])["x_hat"],
+                       codec.decompress(whole["strings"], whole["shape"])["x_hat"])
+
+
+def test_a_lost_chunk_is_restored_from_per_chunk_flags(codec):
+    x = torch.rand(1, 3, 80, 48)
+    out = codec.compress(x, chunks=3)
+    strings = [out["strings"][0], [b""], out["strings"][2]]
+    indices = codec.decompress_indices(strings, out["shape"], lost=[False, True, False])
+    original = codec.encode_indices(x)
+    assert torch.equal(indices[:, :1], original[:, :1]) and torch.equal(indices[:, 3:], original[:, 3:])
+    assert indices.shape == original.shape and int(indices.max()) < codec.codebook_size
+
+
+def test_a_lost_chunk_without_a_restorer_is_a_clear_error():
+    plain = VQGANCodec(TINY).eval()
+    out = plain.compress(torch.rand(1, 3, 32, 32), coder="fixed", chunks=2)
+    with pytest.raises(UserError, match="no restoration model"):
+        plain.decompress([out["strings"][0], [b""]], out["shape"], lost=[False, True])

@@ -5,8 +5,9 @@ An image (B, 3, H, W) in [0, 1] is padded (edge replication) to a multiple of 16
 model, or fixed length). ``cluster(K)`` derives a codec whose codebook is the K-means clustering of this
 one. ``decompress(..., lost=mask)`` fills lost indices with the MaskGIT-style restorer before decoding.
 
-``compress(x) -> {"strings": [[bytes per image]], "shape": (H, W)}``,
-``decompress(strings, shape, lost=None) -> {"x_hat": (B, 3, H, W)}``: the compressai contract.
+``compress(x) -> {"strings": [[bytes per image] per chunk], "shape": (H, W)}``,
+``decompress(strings, shape, lost=None) -> {"x_hat": (B, 3, H, W)}``: the compressai contract. ``shape``
+is the image size, so a wrapper's latent stride is 1; one chunk (section) by default.
 """
 
 from __future__ import annotations
@@ -161,40 +162,72 @@ class VQGANCodec(CompressionModel):
         return self.index_model
 
     @torch.no_grad()
-    def compress(self, x: Tensor, coder: str = "learned") -> dict:
-        """x (B, 3, H, W) in [0, 1] -> {"strings": [[bytes per image]], "shape": (H, W)}."""
+    def compress(self, x: Tensor, coder: str = "learned", chunks: int = 1) -> dict:
+        """x (B, 3, H, W) in [0, 1] -> {"strings": [[bytes per image] per chunk], "shape": (H, W)}.
+
+        ``chunks`` > 1 splits the index rows into that many independently decodable bands (see
+        :func:`chunk_rows`), so a transport or container can lose one band and ``decompress(..., lost=...)``
+        restores it; each band costs a 3-byte header.
+        """
         model = self._coder_model(coder)
         indices = self.encode_indices(x)
-        strings = [encode_index_map(index_map, self.codebook_size, model) for index_map in indices]
-        return {"strings": [strings], "shape": (int(x.shape[-2]), int(x.shape[-1]))}
+        if not isinstance(chunks, int) or chunks < 1:
+            raise _user_error(f"chunks must be a positive integer, got {chunks!r}")
+        bands = chunk_rows(indices.shape[1], chunks)
+        strings = [
+            [encode_index_map(index_map[top:bottom], self.codebook_size, model) for index_map in indices]
+            for top, bottom in bands
+        ]
+        return {"strings": strings, "shape": (int(x.shape[-2]), int(x.shape[-1]))}
 
     def index_grid(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Image (H, W) -> index map (h, w)."""
         return (-(-int(shape[0]) // CELL), -(-int(shape[1]) // CELL))
 
+    def _lost_mask(self, lost, bands: list[tuple[int, int]], batch: int, h: int, w: int) -> Tensor | None:
+        """``lost`` as a (B, h, w) bool mask. Accepts a mask (h, w) / (B, h, w), or one bool per chunk
+        (the container's "this section is missing" flags)."""
+        if lost is None:
+            return None
+        if isinstance(lost, list | tuple) and len(lost) == len(bands) and all(isinstance(v, bool) for v in lost):
+            mask = torch.zeros(batch, h, w, dtype=torch.bool)
+            for (top, bottom), missing in zip(bands, lost, strict=True):
+                mask[:, top:bottom] = missing
+            return mask
+        mask = torch.as_tensor(lost, dtype=torch.bool)
+        if tuple(mask.shape) == (h, w):
+            mask = mask.expand(batch, h, w)
+        if tuple(mask.shape) != (batch, h, w):
+            raise _user_error(
+                f"lost mask must be ({h}, {w}), ({batch}, {h}, {w}) or {len(bands)} per-chunk flags, "
+                f"got {tuple(mask.shape)}"
+            )
+        return mask
+
     @torch.no_grad()
-    def decompress_indices(self, strings: list, shape: tuple[int, int], lost: Tensor | None = None) -> Tensor:
-        """Strings -> (B, h, w) indices; positions marked in ``lost`` ((h, w) or (B, h, w)) are restored."""
+    def decompress_indices(self, strings: list, shape: tuple[int, int], lost=None) -> Tensor:
+        """Strings -> (B, h, w) indices; positions marked in ``lost`` are restored (see :meth:`decompress`)."""
         if len(shape) != 2 or min(shape) < CELL:
             raise _user_error(f"invalid VQGAN image shape {tuple(shape)}; each side must be at least {CELL}")
-        if not strings or not isinstance(strings[0], list | tuple):
-            raise _user_error("expected strings as [[bytes per image]] (compressai layout)")
+        if not strings or not all(isinstance(chunk, list | tuple) for chunk in strings):
+            raise _user_error("expected strings as [[bytes per image] per chunk] (compressai layout)")
+        batch = len(strings[0])
+        if any(len(chunk) != batch for chunk in strings):
+            raise _user_error("every chunk must hold one stream per image")
         h, w = self.index_grid(shape)
-        streams = strings[0]
-        lost_mask = None
-        if lost is not None:
-            lost_mask = torch.as_tensor(lost, dtype=torch.bool)
-            if tuple(lost_mask.shape) == (h, w):
-                lost_mask = lost_mask.expand(len(streams), h, w)
-            if tuple(lost_mask.shape) != (len(streams), h, w):
-                raise _user_error(
-                    f"lost mask must be ({h}, {w}) or ({len(streams)}, {h}, {w}), got {tuple(lost_mask.shape)}"
+        if len(strings) > h:
+            raise _user_error(f"{len(strings)} chunks for an index map of only {h} rows")
+        bands = chunk_rows(h, len(strings))
+        lost_mask = self._lost_mask(lost, bands, batch, h, w)
+        indices = torch.zeros(batch, h, w, dtype=torch.long)
+        for (top, bottom), chunk in zip(bands, strings, strict=True):
+            for i, stream in enumerate(chunk):
+                damaged = lost_mask is not None and bool(lost_mask[i, top:bottom].any())
+                if damaged and not stream:
+                    continue  # a lost section: nothing to decode, the restorer fills it
+                indices[i, top:bottom] = decode_index_map(
+                    stream, bottom - top, w, self.codebook_size, self.index_model, damaged
                 )
-        maps = []
-        for i, stream in enumerate(streams):
-            damaged = lost_mask is not None and bool(lost_mask[i].any())
-            maps.append(decode_index_map(stream, h, w, self.codebook_size, self.index_model, damaged))
-        indices = torch.stack(maps)
         if lost_mask is not None and lost_mask.any():
             indices = self.restore_indices(indices, lost_mask)
         return indices
@@ -207,8 +240,12 @@ class VQGANCodec(CompressionModel):
         return self.restorer.restore(indices, lost, self.vq.quantize.embedding.weight)
 
     @torch.no_grad()
-    def decompress(self, strings: list, shape: tuple[int, int], lost: Tensor | None = None) -> dict:
-        """Inverse of :meth:`compress`: {"x_hat": (B, 3, H, W) in [0, 1]}."""
+    def decompress(self, strings: list, shape: tuple[int, int], lost=None) -> dict:
+        """Inverse of :meth:`compress`: {"x_hat": (B, 3, H, W) in [0, 1]}.
+
+        ``lost``: indices to restore instead of trusting the stream, as a bool mask (h, w) or (B, h, w) of the
+        index map, or one bool per chunk (a missing chunk's bytes may be ``b""``).
+        """
         indices = self.decompress_indices(strings, shape, lost)
         return {"x_hat": self.decode_indices(indices, shape)}
 
@@ -307,6 +344,12 @@ class VQGANCodec(CompressionModel):
             restorer = IndexRestorer(**json.loads(metadata["restorer_config"]))
             restorer.load_state_dict({k[9:]: v.float() for k, v in tensors.items() if k.startswith("restorer.")})
         return cls(config, vqmodel.eval(), restorer.eval() if restorer else None, tensors.get("reference_maps")).eval()
+
+
+def chunk_rows(rows: int, chunks: int) -> list[tuple[int, int]]:
+    """Split ``rows`` index rows into ``min(chunks, rows)`` balanced bands [(top, bottom), ...]."""
+    chunks = max(1, min(chunks, rows))
+    return [(i * rows // chunks, (i + 1) * rows // chunks) for i in range(chunks)]
 
 
 def demo_weights_path() -> Path:
