@@ -230,8 +230,9 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
             raise UserError(f"{data} has an empty train or val split")
         sampler = DistributedSampler(train_set, seed=config.seed) if ddp.enabled else None
         generator = torch.Generator().manual_seed(config.seed)
+        shard_size = len(sampler) if sampler is not None else len(train_set)  # keep >= 1 step per epoch
         train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                                  num_workers=config.workers, drop_last=len(train_set) > config.batch_size,
+                                  num_workers=config.workers, drop_last=shard_size > config.batch_size,
                                   generator=generator, pin_memory=device.type == "cuda")
         val_shard = Subset(val_set, range(ddp.rank, len(val_set), ddp.world_size))  # exact: no padding
         val_loader = DataLoader(val_shard, batch_size=config.batch_size, num_workers=config.workers)
