@@ -17,18 +17,23 @@ def psnr(reference: Tensor, distorted: Tensor, peak: float = 1.0) -> float:
 
 
 def _differentiable_ms_ssim(reference: Tensor, distorted: Tensor) -> Tensor:
-    """MS-SSIM (Wang et al. 2003) via pytorch_msssim; images too small for 5 scales (<= 160 px) use
-    fewer scales (renormalised weights) instead of failing."""
+    """MS-SSIM (Wang et al. 2003) via pytorch_msssim, 5 scales, 11-tap Gaussian window.
+
+    pytorch_msssim needs a side > 16 * (window - 1): smaller images use the largest odd window that
+    fits (down to 3); images of 32 px or less fall back to single-scale SSIM.
+    """
     from pytorch_msssim import ms_ssim as _ms_ssim
+    from pytorch_msssim import ssim as _ssim
 
     if reference.dim() == 3:
         reference, distorted = reference[None], distorted[None]
     side = min(reference.shape[-2:])
-    weights = list(_MS_SSIM_WEIGHTS)
-    while len(weights) > 1 and side <= 10 * 2 ** (len(weights) - 1):
-        weights.pop()
-    total = sum(weights)
-    return _ms_ssim(reference.float(), distorted.float(), data_range=1.0, weights=[w / total for w in weights])
+    window = 11
+    while window > 3 and side <= 16 * (window - 1):
+        window -= 2
+    if side <= 16 * (window - 1):
+        return _ssim(reference.float(), distorted.float(), data_range=1.0, win_size=min(window, side - side % 2 - 1))
+    return _ms_ssim(reference.float(), distorted.float(), data_range=1.0, win_size=window, weights=_MS_SSIM_WEIGHTS)
 
 
 def ms_ssim(reference: Tensor, distorted: Tensor) -> float:

@@ -164,9 +164,9 @@ def train(
         aux_optimizer.step()
         record = {
             "step": step + 1,
-            "loss": float(losses["loss"]),
-            "bpp": float(losses["bpp"]),
-            "psnr": -10 * math.log10(max(float(losses["mse"]), 1e-10)),
+            "loss": float(losses["loss"].detach()),
+            "bpp": float(losses["bpp"].detach()),
+            "psnr": -10 * math.log10(max(float(losses["mse"].detach()), 1e-10)),
         }
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", bpp=f"{record['bpp']:.3f}", psnr=f"{record['psnr']:.2f}")

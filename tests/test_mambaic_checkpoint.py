@@ -1,0 +1,105 @@
+"""MambaIC checkpoints: safetensors round trip, official layout mapping, clear errors on mismatch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from effvision.codecs.mambaic import MambaIC, MambaICConfig
+from effvision.codecs.mambaic.checkpoint import (
+    from_official_state_dict,
+    load_checkpoint,
+    load_official_checkpoint,
+    save_checkpoint,
+    to_official_state_dict,
+)
+from effvision.errors import UserError
+
+torch.set_num_threads(1)
+
+TINY = MambaICConfig(
+    transform_channels=16, latent_channels=20, hyper_channels=8, depths=(0, 1, 1, 1), attention_dim=8,
+    head_dim=8, context_hidden=(8, 8), context_depth=1, d_state=4, ssm_ratio=1.0, drop_path_rate=0.0,
+    name="test-tiny",
+)
+
+
+def _model(seed: int) -> MambaIC:
+    torch.manual_seed(seed)
+    model = MambaIC(TINY).eval()
+    model.update()
+    return model
+
+
+def test_official_layout_round_trip_gives_identical_outputs() -> None:
+    source, target = _model(0), _model(1)
+    target.load_state_dict(from_official_state_dict(to_official_state_dict(source)))
+    x = torch.rand(1, 3, 40, 72, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(source(x)["x_hat"], target(x)["x_hat"])
+
+
+def test_official_layout_uses_the_release_key_names() -> None:
+    with torch.device("meta"):
+        official = to_official_state_dict(MambaIC("paper"))
+    for key in (
+        "g_a.0.weight",
+        "g_a.16.weight",
+        "g_a.1.op.x_proj_weight",
+        "h_mean_s.1.op.A_logs",
+        "atten_mean.4.0.non_local_block.block_2.msa.relative_position_params",
+        "atten_scale.0.0.conv_b.3.weight",
+        "anchor_atten_mean.1.0.in_conv.weight",
+        "cc_mean_transforms.0.0.weight",
+        "lrp_transforms.4.4.bias",
+        "context_vss.2.1.op.out_norm.weight",
+        "context_vss_3.1.op.out_norm.weight",
+        "context_prediction.0.mask",
+        "entropy_bottleneck.quantiles",
+    ):
+        assert key in official, key
+    # official slice-0 channel transform reads the M = 320 hyper-mean channels only
+    assert tuple(official["cc_mean_transforms.0.0.weight"].shape) == (224, 320, 3, 3)
+    assert tuple(official["context_vss_1.0.norm.weight"].shape) == (2 * 320 + 2 * 64,)
+
+
+def test_load_official_checkpoint_file(tmp_path: Path) -> None:
+    source = _model(2)
+    path = tmp_path / "official.pth.tar"
+    torch.save({"epoch": 1, "state_dict": to_official_state_dict(source)}, path)
+    loaded = load_official_checkpoint(path, TINY).state_dict()
+    for key, tensor in source.state_dict().items():
+        if key.endswith("checkerboard_conv.weight"):  # the release stores these pre-masked
+            tensor = tensor * source.get_submodule(key.removesuffix(".weight")).mask
+        assert torch.equal(loaded[key], tensor), key
+
+
+def test_official_checkpoint_of_another_config_names_the_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "official.pth.tar"
+    torch.save({"state_dict": to_official_state_dict(_model(3))}, path)
+    with pytest.raises(UserError, match="g_a.0.weight has shape"):
+        load_official_checkpoint(path, MambaICConfig(**{**TINY.to_dict(), "transform_channels": 24}))
+
+
+def test_safetensors_round_trip_keeps_bitstreams(tmp_path: Path) -> None:
+    model = _model(4)
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded = load_checkpoint(tmp_path / "m.safetensors")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert loaded.config == TINY
+    assert loaded.compress(x)["strings"] == model.compress(x)["strings"]
+
+
+def test_checkpoint_of_wrong_config_is_a_user_error_naming_fields(tmp_path: Path) -> None:
+    save_checkpoint(_model(5), tmp_path / "m.safetensors")
+    with pytest.raises(UserError, match=r"not 'lite'.*transform_channels: 16 != 48"):
+        load_checkpoint(tmp_path / "m.safetensors", expected_config="lite")
+
+
+def test_non_checkpoint_file_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"definitely not safetensors")
+    with pytest.raises(UserError, match="not a safetensors checkpoint"):
+        load_checkpoint(path)

@@ -1,0 +1,83 @@
+"""MambaIC training: the loss goes down, resume continues, DDP (gloo, 2 CPU processes) stays in sync."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from effvision.codecs.mambaic import MambaIC, MambaICConfig
+from effvision.codecs.mambaic.train import TrainSettings, random_crops, rate_distortion_loss, train
+
+torch.set_num_threads(1)
+
+TINY = MambaICConfig(
+    transform_channels=16, latent_channels=20, hyper_channels=8, depths=(0, 1, 1, 1), attention_dim=8,
+    head_dim=8, context_hidden=(8, 8), context_depth=1, d_state=4, ssm_ratio=1.0, drop_path_rate=0.0,
+    name="test-tiny",
+)
+
+
+def _images(count: int = 2) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    # smooth images (a low-resolution random field upsampled) are learnable in a few steps
+    return [
+        torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=generator), size=(80, 80), mode="bilinear")[0]
+        for _ in range(count)
+    ]
+
+
+def test_a_few_steps_on_tiny_crops_lower_the_loss() -> None:
+    torch.manual_seed(0)
+    model = MambaIC(TINY)
+    x = random_crops(_images(), 4, 64, torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        before = float(rate_distortion_loss(model(x), x, 0.013)["loss"])
+    train(model, _images(), TrainSettings(steps=12, batch_size=4, crop=64, lr=2e-3, progress=False))
+    model.eval()
+    with torch.no_grad():
+        after = float(rate_distortion_loss(model(x), x, 0.013)["loss"])
+    assert after < before
+
+
+def test_rate_distortion_loss_is_lambda_mse_plus_bpp() -> None:
+    x = torch.zeros(1, 3, 4, 4)
+    output = {"x_hat": x + 0.5, "likelihoods": {"y": torch.full((1, 2, 2, 2), 0.5)}}
+    losses = rate_distortion_loss(output, x, lmbda=0.01)
+    assert torch.isclose(losses["bpp"], torch.tensor(8 / 16))
+    assert torch.isclose(losses["loss"], torch.tensor(0.01 * 255**2 * 0.25 + 0.5))
+
+
+def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
+    settings = TrainSettings(steps=2, batch_size=1, crop=64, progress=False, save_every=1)
+    train(MambaIC(TINY), _images(1), settings, out_dir=tmp_path)
+    settings.steps = 3
+    history = train(MambaIC(TINY), _images(1), settings, out_dir=tmp_path, resume=True)
+    assert [record["step"] for record in history] == [3]
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # same initial weights on both ranks, as DDP expects
+    model = MambaIC(TINY)
+    train(model, _images(), TrainSettings(steps=2, batch_size=1, crop=64, progress=False, seed=0))
+    torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_with_two_gloo_processes_keeps_replicas_identical(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    first = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    second = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    initial = MambaIC(TINY).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["g_a.0.weight"], initial["g_a.0.weight"])
