@@ -107,3 +107,10 @@ def test_clca_model_exports():
     x = images()
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_cache_can_also_reinject_after_a_block_that_does_not_reduce():
+    model = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), head=False,
+                     cache_layers=(1, 3, 4))
+    assert effvision.reduction_info(model)["tokens_after"] == [65, 48, 48, 37, 38, 38]  # +1 GAP, +2, +1
+    assert forward_tokens(model, images()).num_tokens == 38

@@ -247,6 +247,7 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
         if resumed is not None:
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
+            scaler.load_state_dict(resumed["scaler"])
             history, first_epoch = list(resumed["history"]), int(resumed["epochs_done"])
         if ddp.main:
             checkpoint.save_json(output / checkpoint.CONFIG, asdict(config))
@@ -254,6 +255,7 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
         for epoch in range(first_epoch, config.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
+            generator.manual_seed(config.seed + epoch)  # same order whether or not the run was resumed
             stats = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device, epoch,
                                     show and ddp.main)
             loss_sum, correct, seen = ddp.sum([stats["loss_sum"], stats["correct"], stats["seen"]], device)
@@ -265,6 +267,7 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
                 checkpoint.save_weights(model, output / checkpoint.WEIGHTS)
                 checkpoint.save_training_state(output / checkpoint.STATE, {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "epochs_done": epoch + 1, "history": history,
                 })
                 checkpoint.save_json(output / checkpoint.METRICS, history)

@@ -157,7 +157,13 @@ def reduction_layers(model: nn.Module) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def add_clca(model: nn.Module, head: bool = True, cache: bool = True, carriers: int = 0) -> nn.Module:
+def add_clca(
+    model: nn.Module,
+    head: bool = True,
+    cache: bool = True,
+    carriers: int = 0,
+    cache_layers: tuple[int, ...] | None = None,
+) -> nn.Module:
     """Add CLCA's aggregation head and/or cross-layer cache to a token-reduced timm ViT, in place.
 
     Args:
@@ -167,6 +173,8 @@ def add_clca(model: nn.Module, head: bool = True, cache: bool = True, carriers: 
             and the blocks return the stacked CLS tokens (B, L, D).
         cache: add :class:`CrossLayerCache` as ``model.clca_cache``.
         carriers: learnable carrier tokens per injection (cache only).
+        cache_layers: blocks after whose reduction the cache is re-injected; default: the reduction
+            blocks. Other blocks are allowed (the paper also re-injects at block 10 of 12).
     """
     from effvision.tokens.blocks import TokenReducingBlocks
 
@@ -181,9 +189,15 @@ def add_clca(model: nn.Module, head: bool = True, cache: bool = True, carriers: 
     layers = reduction_layers(model)
     if not layers:
         raise ValueError("CLCA aggregates around reduction blocks, but this model's policy reduces no tokens")
+    if cache_layers is not None:
+        cache_layers = tuple(int(layer) for layer in cache_layers)
+        if not cache or not cache_layers or not all(0 <= layer < len(model.blocks) for layer in cache_layers):
+            raise ValueError(f"cache_layers {cache_layers} need the cache and blocks in 0..{len(model.blocks) - 1}")
     extensions = list(model.blocks.extensions)
     if cache:
-        model.clca_cache = CrossLayerCache(model.embed_dim, layers, carriers, getattr(model, "cls_token", None))
+        model.clca_cache = CrossLayerCache(
+            model.embed_dim, cache_layers or layers, carriers, getattr(model, "cls_token", None)
+        )
         extensions.append(model.clca_cache)
     if head:
         if getattr(model, "cls_token", None) is None or getattr(model, "head_dist", None) is not None:

@@ -5,7 +5,7 @@ Keyword arguments: timm's usual ones (``pretrained``, ``num_classes``, ``pretrai
 ``keep_rate``, ``proportional_attention``, ``track_source``), and:
 
 * Sparse-Tuning: ``bottleneck=64``, ``reduction="topk"``, ``freeze=True``.
-* CLCA: ``clca_head=True``, ``clca_cache=True``, ``carriers=0``.
+* CLCA: ``clca_head=True``, ``clca_cache=True``, ``carriers=0``, ``cache_layers=None`` (reduction blocks).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from effvision.tokens.reduce import reduce
 from effvision.tokens.registry import METHOD_OPTIONS, REDUCTION_METHODS
 
 SPARSE_TUNING_OPTIONS = ("bottleneck", "reduction", "freeze")
-CLCA_OPTIONS = ("clca_head", "clca_cache", "carriers")
+CLCA_OPTIONS = ("clca_head", "clca_cache", "carriers", "cache_layers")
 CLCA_METHODS = (*REDUCTION_METHODS, "sparse_tuning")
 
 
@@ -51,19 +51,18 @@ def create_clca_model(method: str, base_name: str, pretrained: bool = False, **k
     if method not in CLCA_METHODS:
         raise ValueError(f"unknown CLCA base method {method!r}; choose one of {', '.join(CLCA_METHODS)}")
     clca_options = _take(kwargs, CLCA_OPTIONS)
-    head = clca_options.get("clca_head", True)
-    cache = clca_options.get("clca_cache", True)
-    carriers = clca_options.get("carriers", 0)
+    clca = dict(head=clca_options.get("clca_head", True), cache=clca_options.get("clca_cache", True),
+                carriers=clca_options.get("carriers", 0), cache_layers=clca_options.get("cache_layers"))
     if method == "sparse_tuning":
         freeze = kwargs.pop("freeze", True)
         model = create_sparse_tuning_model(base_name, pretrained, freeze=False, **kwargs)
-        add_clca(model, head=head, cache=cache, carriers=carriers)
+        add_clca(model, **clca)
         if freeze:
             freeze_for_peft(model)
         return model
     options = _take(kwargs, METHOD_OPTIONS)
     model = reduce(_base(base_name, pretrained, kwargs), method, **options)
-    return add_clca(model, head=head, cache=cache, carriers=carriers)
+    return add_clca(model, **clca)
 
 
 def create_peft_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
