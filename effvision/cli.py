@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "finetune": "finetune",
     "evaluate": "evaluate",
     "train-vqgan": "train_vqgan",
+    "train-codec": "train_codec",
+    "eval-codec": "eval_codec",
 }
 
 

@@ -1,0 +1,63 @@
+"""``effvision train-codec``: train a MambaIC codec on a folder of images (random crops)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "train a MambaIC learned codec on a folder of images (random crops; torchrun for several processes)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="folder of training images")
+    parser.add_argument("--val-data", type=Path, help="folder of validation images (whole images)")
+    parser.add_argument("--config", default="lite", help="model config: lite or paper (default lite)")
+    parser.add_argument("--lambda", dest="lmbda", type=float, default=0.0130, help="rate-distortion trade-off")
+    parser.add_argument("--metric", choices=("mse", "ms-ssim"), default="mse", help="distortion term")
+    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=256, help="square crop side in pixels")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--val-every", type=int, default=500)
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--out", type=Path, default=Path("runs/mambaic"), help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    parser.add_argument("--init", type=Path, help="start from this MambaIC safetensors checkpoint")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(args) -> int:
+    import torch
+
+    from effvision.codecs.image_io import list_images, load_image
+    from effvision.codecs.mambaic.checkpoint import load_checkpoint
+    from effvision.codecs.mambaic.model import CONFIGS, MambaIC
+    from effvision.codecs.mambaic.train import TrainSettings, train
+    from effvision.errors import UserError
+
+    if args.config not in CONFIGS:
+        raise UserError(f"unknown config {args.config!r}; choose from {', '.join(CONFIGS)}")
+    for name in ("steps", "batch_size", "crop"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.lmbda <= 0:
+        raise UserError("--lambda must be positive")
+    train_images = [load_image(path) for path in list_images(args.data)]
+    val_images = [load_image(path) for path in list_images(args.val_data)] if args.val_data else []
+    torch.manual_seed(args.seed)
+    model = load_checkpoint(args.init, expected_config=args.config) if args.init else MambaIC(args.config)
+    settings = TrainSettings(
+        lmbda=args.lmbda, metric=args.metric, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
+        lr=args.lr, val_every=args.val_every, save_every=args.save_every, seed=args.seed, amp=not args.no_amp,
+    )
+    train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume,
+          device=args.device)
+    print(f"wrote {args.out / 'model.safetensors'}")
+    return 0
