@@ -75,6 +75,8 @@ def test_wrong_image_size_is_a_clear_value_error():
         model(torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="3-channel images, got 1"):
+        model(torch.randn(2, 1, 64, 64))
 
 
 @pytest.mark.parametrize("method", ["none", "ppt", "tome", "topk"])

@@ -50,9 +50,12 @@ def _check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
 
 def _check_size_hook(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook on ``patch_embed``: a clear ValueError for wrong input shapes."""
-    (x,) = args[:1]
+    x = args[0]
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(getattr(x, 'shape', ()))}")
+    channels = getattr(getattr(module, "proj", None), "in_channels", x.shape[1])
+    if x.shape[1] != channels:
+        raise ValueError(f"expected {channels}-channel images, got {x.shape[1]} channels")
     expected = tuple(module.img_size)
     if getattr(module, "strict_img_size", True) and not getattr(module, "dynamic_img_size", False):
         if tuple(x.shape[-2:]) != expected:
