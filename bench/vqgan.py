@@ -121,10 +121,13 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=demo_weights_path())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "vqgan-cpu")
+    parser.add_argument("--max-side", type=int, help="crop photos to at most this many pixels (quick checks)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = VQGANCodec.load(args.weights)
     photos = [(name, torch.from_numpy(p).permute(2, 0, 1)[None].float() / 255) for name, p in held_out_photos()]
+    if args.max_side:
+        photos = [(name, x[..., : args.max_side, : args.max_side]) for name, x in photos]
     rate, restored = [], []
     for k in CODEBOOK_SIZES:
         codec = codec_for(base, k)

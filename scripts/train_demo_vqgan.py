@@ -32,7 +32,7 @@ def stage_autoencoder(work: Path, minutes: float) -> None:
     torch.manual_seed(0)
     model = VQModel(SMALL_F16)
     crops = RandomCrops(training_photos(), crop=64, seed=0)
-    settings = TrainSettings(steps=2200, batch_size=16, lr=4e-4, checkpoint_every=100,
+    settings = TrainSettings(steps=1000, batch_size=16, lr=4e-4, checkpoint_every=100,
                              restart_dead_every=100, max_minutes=minutes)
     print(train_autoencoder(model, crops, settings, work / "autoencoder.pt", resume=True))
 
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=["autoencoder", "restorer", "export", "all"], default="all")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "vqgan-demo")
     parser.add_argument("--minutes", type=float, default=36.0, help="wall-clock cap of the autoencoder stage")
-    parser.add_argument("--restorer-steps", type=int, default=400)
+    parser.add_argument("--restorer-steps", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -39,3 +39,20 @@ def test_masked_positions_do_not_see_their_true_index():
     changed[0, 1, 2] = (indices[0, 1, 2] + 1) % 10
     with torch.no_grad():
         assert torch.equal(restorer(indices, mask, codebook), restorer(changed, mask, codebook))
+
+
+class _FixedBelief(IndexRestorer):
+    """Predicts the same distribution everywhere: half on entry 0, half on entry 1, nothing on entry 2."""
+
+    def forward(self, indices, mask, codebook):
+        logits = torch.tensor([0.0, 0.0, -1e4]).expand(*indices.shape, 3)
+        return logits.clone()
+
+
+def test_mmse_decision_picks_the_entry_nearest_the_posterior_mean():
+    restorer = _FixedBelief(code_dim=1, dim=32, depth=1, heads=2)
+    codebook = torch.tensor([[-1.0], [1.0], [0.1]])  # entry 2 sits next to the mean of entries 0 and 1
+    indices = torch.zeros(1, 2, 2, dtype=torch.long)
+    lost = torch.ones(1, 2, 2, dtype=torch.bool)
+    assert restorer.restore(indices, lost, codebook, decision="mmse").unique().tolist() == [2]
+    assert set(restorer.restore(indices, lost, codebook, decision="argmax").unique().tolist()) <= {0, 1}

@@ -318,6 +318,7 @@ class VQGANCodec(CompressionModel):
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file is a shareable asset
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -357,8 +358,14 @@ def demo_weights_path() -> Path:
     return Path(__file__).resolve().parents[2] / "assets" / "vqgan-small-f16-1024.safetensors"
 
 
-def load_demo_codec() -> VQGANCodec:
+# quality level -> codebook size K of the demo codec (1 = smallest files)
+QUALITY_TO_K = {1: 16, 2: 64, 3: 256, 4: 1024}
+
+
+def load_demo_codec(k: int | None = None) -> VQGANCodec:
+    """The shipped demo codec, K-means-clustered (seed 0, deterministic) to ``k`` entries when given."""
     path = demo_weights_path()
     if not path.exists():
         raise _user_error(f"the VQGAN demo weights are missing ({path}); run scripts/train_demo_vqgan.py")
-    return VQGANCodec.load(path)
+    codec = VQGANCodec.load(path)
+    return codec if k is None or k == codec.codebook_size else codec.cluster(k, seed=0)

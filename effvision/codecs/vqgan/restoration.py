@@ -73,12 +73,19 @@ class IndexRestorer(nn.Module):
         return logits.reshape(b, h, w, -1)
 
     @torch.no_grad()
-    def restore(self, indices: Tensor, lost: Tensor, codebook: Tensor, iterations: int = 4) -> Tensor:
+    def restore(
+        self, indices: Tensor, lost: Tensor, codebook: Tensor, iterations: int = 4, decision: str = "mmse"
+    ) -> Tensor:
         """Fill the ``lost`` (B, h, w) positions of ``indices`` (B, h, w); known indices are never changed.
 
         Each iteration predicts every still-missing index and commits the most confident share of them
-        (MaskGIT's schedule: a cosine-decaying number stays masked after each round).
+        (MaskGIT's schedule: a cosine-decaying number stays masked after each round). ``decision="argmax"``
+        commits the most probable index; ``"mmse"`` commits the index nearest to the posterior mean codebook
+        vector sum_k p_k e_k, which minimises the expected squared latent error (the better choice when the
+        prediction is uncertain).
         """
+        if decision not in ("mmse", "argmax"):
+            raise ValueError(f"decision must be 'mmse' or 'argmax', got {decision!r}")
         indices = indices.clone()
         remaining = lost.clone()
         total = remaining.flatten(1).sum(1)
@@ -87,6 +94,10 @@ class IndexRestorer(nn.Module):
                 break
             probabilities = self.forward(indices, remaining, codebook).softmax(-1)
             confidence, guess = probabilities.max(-1)
+            if decision == "mmse":
+                mean = probabilities @ codebook  # (B, h, w, D)
+                distances = mean.pow(2).sum(-1, keepdim=True) - 2 * mean @ codebook.t() + codebook.pow(2).sum(1)
+                guess = distances.argmin(-1)
             still_masked = (total.float() * math.cos(0.5 * math.pi * (iteration + 1) / iterations)).floor().long()
             confidence = confidence.masked_fill(~remaining, -1.0).flatten(1)
             order = confidence.argsort(1, descending=True).argsort(1).reshape(remaining.shape)

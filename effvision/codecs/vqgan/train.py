@@ -231,8 +231,13 @@ def train_restorer(
     for step in progress:
         picks = torch.randint(index_maps.shape[0], (batch_size,), generator=generator)
         maps = index_maps[picks]
+        # the 8 flips/transposes of a square map: a few reference maps go a long way
         if torch.rand((), generator=generator) < 0.5:
             maps = maps.flip(-1)
+        if torch.rand((), generator=generator) < 0.5:
+            maps = maps.flip(-2)
+        if maps.shape[-1] == maps.shape[-2] and torch.rand((), generator=generator) < 0.5:
+            maps = maps.transpose(-1, -2)
         ratio = torch.cos(0.5 * torch.pi * torch.rand(batch_size, generator=generator))  # MaskGIT cosine
         mask = random_mask(maps.shape, ratio.clamp(min=0.05), generator)
         logits = restorer(maps, mask, codebook)
