@@ -8,7 +8,6 @@ entropy model after it, so a codec author writes only the model.
 
 from __future__ import annotations
 
-import inspect
 import struct
 from pathlib import Path
 
@@ -64,7 +63,6 @@ class CompressAIImageCodec(ImageCodec):
         self.device = device
         if hasattr(model, "update"):
             model.update()
-        self._accepts_lost = "lost" in inspect.signature(model.decompress).parameters
         self._fingerprint = fingerprint_module(self.model, config_id)
 
     def fingerprint(self) -> bytes:
@@ -83,26 +81,58 @@ class CompressAIImageCodec(ImageCodec):
         if len(sections) < 2 or sections[0] is None:
             raise UserError("corrupt payload: missing latent shape or bitstream sections")
         shape = _decode_shape(sections[0], (height // self.latent_stride, width // self.latent_stride))
-        lost = [section is None for section in sections[1:]]
-        strings = [[section if section is not None else b""] for section in sections[1:]]
-        kwargs = {}
-        if any(lost):
-            if not self._accepts_lost:
-                raise UserError(f"codec {self.name!r} cannot restore lost sections")
-            kwargs["lost"] = lost
+        if any(section is None for section in sections):
+            raise UserError(f"codec {self.name!r} cannot restore lost sections")
+        strings = [[section] for section in sections[1:]]
         try:
-            x_hat = self.model.decompress(strings, shape, **kwargs)["x_hat"]
+            x_hat = self.model.decompress(strings, shape)["x_hat"]
         except (RuntimeError, ValueError, IndexError, KeyError, struct.error) as error:
             raise UserError(f"corrupt payload: {self.name} decoder failed ({error})") from error
         if x_hat.shape[-2:] != (height, width):
-            raise UserError(
-                f"corrupt payload: decoded {tuple(x_hat.shape[-2:])} pixels, header says {(height, width)}"
-            )
+            raise UserError(f"corrupt payload: decoded {tuple(x_hat.shape[-2:])} pixels, header says {(height, width)}")
         return x_hat[0].clamp(0, 1).to("cpu")
 
 
-def _missing(name: str, error: Exception) -> UserError:
-    return UserError(f"codec {name!r} is not available in this installation ({error})")
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def shipped_weights(codec: str) -> dict[str, Path]:
+    """Weights shipped in ``effvision/assets`` as ``<codec>-<config id>.safetensors``: config id -> path."""
+    prefix = f"{codec}-"
+    return {p.stem[len(prefix) :]: p for p in sorted(ASSETS.glob(f"{prefix}*.safetensors"))}
+
+
+def select_weights(
+    codec: str, quality: int | None, checkpoint: str | Path | None, config_id: str | None
+) -> tuple[Path, str]:
+    """The weights file and config id for a loader.
+
+    ``checkpoint`` wins (its config id is the file's own when decoding, ``file-<stem>`` when encoding;
+    the fingerprint then proves it is the right file). Otherwise the shipped weights named by
+    ``config_id`` (decoding), by ``quality`` (``...-q<quality>``), or the only/first shipped one.
+    """
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {path}")
+        return path, config_id if config_id is not None else f"file-{path.stem}"[:64]
+    shipped = shipped_weights(codec)
+    if config_id is not None:
+        if config_id not in shipped:
+            raise UserError(
+                f"the file was written with {codec} weights {config_id!r}, which are not shipped; "
+                "pass the checkpoint it was encoded with (--checkpoint)"
+            )
+        return shipped[config_id], config_id
+    if not shipped:
+        raise UserError(f"no {codec} weights are shipped with this installation; pass --checkpoint")
+    if quality is None:
+        config_id = next(iter(shipped))
+        return shipped[config_id], config_id
+    matches = [name for name in shipped if name.endswith(f"q{quality}")]
+    if not matches:
+        raise UserError(f"no shipped {codec} weights for quality {quality}; shipped: {', '.join(shipped)}")
+    return shipped[matches[0]], matches[0]
 
 
 def load_mambaic(
@@ -111,12 +141,12 @@ def load_mambaic(
     device: str = "cpu",
     config_id: str | None = None,
 ) -> CompressAIImageCodec:
-    """Loader registered as ``"mambaic"``."""
-    try:
-        from effvision.codecs import mambaic
-    except ImportError as error:
-        raise _missing("mambaic", error) from error
-    raise _missing("mambaic", NotImplementedError(f"no loader wired for {mambaic.__name__} yet"))
+    """Loader registered as ``"mambaic"``: MambaIC pads internally and its ``shape`` is the image size."""
+    from effvision.codecs.mambaic.checkpoint import load_checkpoint
+
+    path, config_id = select_weights("mambaic", quality, checkpoint, config_id)
+    model = load_checkpoint(path, device=device)
+    return CompressAIImageCodec(model, "mambaic", config_id, alignment=1, latent_stride=1, device=device)
 
 
 def load_vqgan(
@@ -125,9 +155,9 @@ def load_vqgan(
     device: str = "cpu",
     config_id: str | None = None,
 ) -> CompressAIImageCodec:
-    """Loader registered as ``"vqgan"``."""
-    try:
-        from effvision.codecs import vqgan
-    except ImportError as error:
-        raise _missing("vqgan", error) from error
-    raise _missing("vqgan", NotImplementedError(f"no loader wired for {vqgan.__name__} yet"))
+    """Loader registered as ``"vqgan"``: VQGAN pads internally and its ``shape`` is the image size."""
+    from effvision.codecs.vqgan.model import VQGANCodec
+
+    path, config_id = select_weights("vqgan", quality, checkpoint, config_id)
+    model = VQGANCodec.load(path)
+    return CompressAIImageCodec(model, "vqgan", config_id, alignment=1, latent_stride=1, device=device)

@@ -79,20 +79,50 @@ def _codec_transform(args: argparse.Namespace):
     codec_name, _, transform = args.model.partition(":")
     codec = load_codec(codec_name, quality=args.quality, checkpoint=args.checkpoint)
     network = getattr(codec, "model", None)
-    module = getattr(network, transform, None)
-    if not isinstance(module, torch.nn.Module):
-        children = [name for name, _ in network.named_children()] if network is not None else []
-        raise UserError(f"codec {codec_name!r} has no transform {transform!r}; try one of {', '.join(children)}")
+    if network is None:
+        raise UserError(f"codec {codec_name!r} has no torch model to export")
+    try:
+        module = network.get_submodule(transform)
+    except AttributeError:
+        children = [name for name, _ in network.named_modules() if name and name.count(".") < 2]
+        raise UserError(
+            f"codec {codec_name!r} has no transform {transform!r}; try one of {', '.join(children)}"
+        ) from None
     size = args.img_size or 4 * codec.alignment
     size = -(-size // codec.alignment) * codec.alignment
-    seen: list[torch.Size] = []
-    handle = module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape))
+    seen: list[tuple] = []
+    handle = module.register_forward_hook(lambda _, inputs, output: seen.append((inputs, output)))
     with torch.no_grad():
         network.eval()(torch.rand(1, 3, size, size, device=codec.device))
     handle.remove()
     if not seen:
         raise UserError(f"{transform} is not used by {codec_name}'s forward pass; cannot infer its input shape")
-    return module.to("cpu").eval(), tuple(seen[0][1:]), True
+    inputs, output = seen[0]
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+        raise UserError(f"{transform} is not a one-tensor-in, one-tensor-out transform; pick a sub-module")
+    return module.to("cpu").eval(), tuple(inputs[0].shape[1:]), True
+
+
+def _other_size(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(C, H, W) -> (C, 2H, W): a second, non-square size to check dynamic height/width on."""
+    return (shape[0], 2 * shape[1], shape[2])
+
+
+def _dynamic_size_works(model, path: Path, shape: tuple[int, ...], atol: float) -> bool:
+    """Does the exported graph also run, and agree, at another height/width than the traced one?"""
+    import onnxruntime
+    import torch
+
+    from effvision.export.onnx import check_onnx
+
+    onnxruntime.set_default_logger_severity(4)  # the expected failure is not worth an ORT error log
+    try:
+        result = check_onnx(model, path, torch.randn(1, *_other_size(shape)))
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own error types for baked-in shapes
+        return False
+    finally:
+        onnxruntime.set_default_logger_severity(2)
+    return result["max_abs_diff"] <= atol
 
 
 def _real_images(shape: tuple[int, ...], model) -> list:
@@ -129,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
     model, shape, dynamic_hw = _codec_transform(args) if is_codec else _timm_model(args)
     print(f"exporting {args.model} with input (batch, {', '.join(map(str, shape))})", file=sys.stderr)
     export_onnx(model, output, (1, *shape), opset=args.opset, dynamic_hw=dynamic_hw, exporter=args.exporter)
+    if dynamic_hw and not _dynamic_size_works(model, output, shape, args.atol):
+        # Some transforms (e.g. MambaIC's window attention / selective scan) trace size-specific reshapes.
+        print(f"note: {args.model} does not export with a dynamic height/width; fixed at {shape[1:]}", file=sys.stderr)
+        dynamic_hw = False
+        export_onnx(model, output, (1, *shape), opset=args.opset, dynamic_hw=False, exporter=args.exporter)
     print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     if not args.check:
         return 0
@@ -136,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     batches = [torch.randn(b, *shape, generator=generator) for b in (1, 5)]
     if dynamic_hw:
         # another spatial size than the one traced: the dynamic height/width must really be dynamic
-        batches.append(torch.randn(2, shape[0], 2 * shape[1], shape[2], generator=generator))
+        batches.append(torch.randn(2, *_other_size(shape), generator=generator))
     elif shape[0] == 3:
         batches += _real_images(shape, model)
     result = check_onnx(model, output, batches)
