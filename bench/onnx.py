@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -42,16 +43,20 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def images_per_second(run, batch: torch.Tensor, iters: int, repeats: int) -> float:
-    for _ in range(2):
-        run(batch)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
+def interleaved_images_per_second(runners: dict, batch: torch.Tensor, iters: int, repeats: int) -> dict:
+    """Median img/s per runner; the runners alternate within each repeat, so on a shared machine they
+    see the same background load."""
+    for run in runners.values():
+        for _ in range(2):
             run(batch)
-        rates.append(iters * batch.shape[0] / (time.perf_counter() - start))
-    return statistics.median(rates)
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                run(batch)
+            rates[name].append(iters * batch.shape[0] / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def measure(name: str, batch_size: int, threads: int, iters: int, repeats: int, workdir: Path) -> dict:
@@ -62,8 +67,8 @@ def measure(name: str, batch_size: int, threads: int, iters: int, repeats: int, 
     parity = check_onnx(model, path, [batch])
     ort_model = OrtModel(path, threads=threads)
     with torch.inference_mode():
-        eager = images_per_second(model, batch, iters, repeats)
-    ort = images_per_second(ort_model, batch, iters, repeats)
+        rates = interleaved_images_per_second({"eager": model, "ort": ort_model}, batch, iters, repeats)
+    eager, ort = rates["eager"], rates["ort"]
     info = effvision.reduction_info(model) if name.startswith(("ppt_", "tome_", "topk_")) else None
     return {
         "model": name,
@@ -103,8 +108,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results/onnx-cpu", help="output path without extension")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,7 +119,9 @@ def main() -> None:
         ]
     results = {
         "machine": f"{_cpu_name()}, {torch.get_num_threads()} threads",
-        "note": "Shared 2-core CPU VM (other jobs were running): absolute numbers are noisy, the ratio less so.",
+        "note": "Shared 2-core CPU VM with other engineers' jobs running (load average "
+        f"{os.getloadavg()[0]:.1f} at the end): absolute numbers are low and noisy; eager and ORT runs "
+        "alternate, so the ratio is the meaningful number.",
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "threads": args.threads,
