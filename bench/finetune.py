@@ -6,11 +6,13 @@ Variants (same base ViT, random weights, AdamW, cross-entropy on random labels):
 * ``adapters``: frozen backbone + Dense Adapters + head, no token reduction.
 * ``sparse_tuning``: frozen backbone + Dense Adapters + head, top-k keep 0.7 at blocks 3, 6, 9.
 
-Each variant runs in its own subprocess so memory numbers do not mix. Memory: on CUDA
+Memory: each variant runs 3 steps in its own subprocess so numbers do not mix; on CUDA
 ``torch.cuda.max_memory_allocated`` over the timed steps (weights + optimizer state + activations);
 on CPU the growth of the process's peak RSS (``resource.getrusage``) from just before the first
 training step to the end (activations, gradients, optimizer state; the weights are already resident
-before, so they are excluded).
+before, so they are excluded). Time: one more subprocess holds all variants and steps them in turn
+(round robin), so load from other users of a shared machine hits every variant alike; wall and CPU
+time (all threads) per step are reported.
 
     python bench/finetune.py                                  # CUDA: ViT-B/16 batch 32; CPU: ViT-S/16 batch 4
     python bench/finetune.py --model vit_base_patch16_224 --batch 4 --threads 2
@@ -47,41 +49,49 @@ def build(variant: str, model_name: str, num_classes: int):
     return model, info
 
 
-def measure(variant: str, model_name: str, batch: int, steps: int, warmup: int, device_name: str) -> dict:
-    """Runs in a subprocess: build, train ``warmup + steps`` steps, report time and memory."""
+def make_step(variant: str, model_name: str, batch: int, device):
+    """(one training step, model, trainable params, reduction info) for ``variant``."""
     import torch
 
-    device = torch.device(device_name)
     model, info = build(variant, model_name, num_classes=100)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    size = model.patch_embed.img_size
-    images = torch.randn(batch, 3, *size, device=device)
+    images = torch.randn(batch, 3, *model.patch_embed.img_size, device=device)
     labels = torch.randint(0, 100, (batch,), device=device)
     cuda = device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     def step():
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
         with amp:
             loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
 
+    return step, model, params, info
+
+
+def timed(step) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all threads) of one call."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    step()
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def measure(variant: str, model_name: str, batch: int, steps: int, warmup: int, device_name: str) -> dict:
+    """Runs in a subprocess: build, train ``warmup + steps`` steps, report time and memory."""
+    import torch
+
+    device = torch.device(device_name)
+    step, model, params, info = make_step(variant, model_name, batch, device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, cpu_times = [], []
-    for index in range(warmup + steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+    samples = [timed(step) for _ in range(warmup + steps)][warmup:]
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
         memory = "torch.cuda.max_memory_allocated (weights + optimizer + activations)"
@@ -90,16 +100,37 @@ def measure(variant: str, model_name: str, batch: int, steps: int, warmup: int, 
         memory = "peak RSS growth from before the first step (activations + grads + optimizer state)"
     return {
         "variant": variant,
-        "step_ms_median": 1000 * statistics.median(times),
-        "step_ms_all": [1000 * t for t in times],
-        # CPU time of all threads: the work done, less sensitive than wall time to other load on the machine
-        "step_cpu_ms_median": 1000 * statistics.median(cpu_times),
+        "isolated_step_ms_median": 1000 * statistics.median(wall for wall, _ in samples),
         "peak_memory_mb": peak_mb,
         "memory_measure": memory,
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "gmacs": info["gmacs"],
         "tokens_after": info["tokens_after"],
+    }
+
+
+def measure_interleaved(model_name: str, batch: int, rounds: int, warmup: int, device_name: str) -> dict:
+    """Runs in a subprocess: all variants in one process, one step of each per round, so a load change
+    on a shared machine hits every variant alike. Returns per-variant wall and CPU step times (ms)."""
+    import torch
+
+    device = torch.device(device_name)
+    steps = {variant: make_step(variant, model_name, batch, device)[0] for variant in VARIANTS}
+    samples = {variant: [] for variant in VARIANTS}
+    for index in range(warmup + rounds):
+        for variant, step in steps.items():
+            sample = timed(step)
+            if index >= warmup:
+                samples[variant].append(sample)
+    return {
+        variant: {
+            "step_ms_median": 1000 * statistics.median(wall for wall, _ in values),
+            "step_ms_all": [1000 * wall for wall, _ in values],
+            # CPU time of all threads: the work done, less sensitive to other load than wall time
+            "step_cpu_ms_median": 1000 * statistics.median(cpu for _, cpu in values),
+        }
+        for variant, values in samples.items()
     }
 
 
@@ -112,7 +143,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="results stem (default bench/results/finetune-<cpu|cuda>)")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # subprocess mode
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # subprocess mode: memory of one variant
+    parser.add_argument("--interleaved", action="store_true", help=argparse.SUPPRESS)  # subprocess: timing
     args = parser.parse_args()
 
     import torch
@@ -120,21 +152,28 @@ def main() -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = args.model or ("vit_base_patch16_224" if device == "cuda" else "vit_small_patch16_224")
     batch = args.batch or (32 if device == "cuda" else 4)
-    if args.variant:
+    if args.variant or args.interleaved:
         torch.set_num_threads(args.threads)
-        print(json.dumps(measure(args.variant, model, batch, args.steps, args.warmup, device)))
+        if args.variant:
+            print(json.dumps(measure(args.variant, model, batch, 2, 1, device)))
+        else:
+            print(json.dumps(measure_interleaved(model, batch, args.steps, args.warmup, device)))
         return
+
+    def subprocess_json(*mode: str) -> dict:
+        command = [sys.executable, __file__, *mode, "--model", model, "--batch", str(batch), "--steps",
+                   str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", device]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
 
     results = []
     for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant, "--model", model, "--batch", str(batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--device", device]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"{variant}: {results[-1]['step_ms_median']:.1f} ms/step, {results[-1]['peak_memory_mb']:.0f} MB",
-              flush=True)
+        results.append(subprocess_json("--variant", variant))
+        print(f"{variant}: peak memory {results[-1]['peak_memory_mb']:.0f} MB", flush=True)
+    timing = subprocess_json("--interleaved")
+    for result in results:
+        result.update(timing[result["variant"]])
 
     base_gmacs = build("full", model, 100)[1]["gmacs"]
     full = results[0]
@@ -155,8 +194,9 @@ def main() -> None:
         f"# Fine-tuning step cost: {model}, batch {batch}",
         "",
         f"Device: {device_text}; torch {torch.__version__}. Command: `python {report['command']}`.",
-        f"Median of {args.steps} steps after {args.warmup} warm-up steps (AdamW, random data, random weights).",
-        f"Memory: {results[0]['memory_measure']}.",
+        f"Step time: median of {args.steps} rounds after {args.warmup} warm-up rounds, the three variants stepping "
+        "in turn in one process (AdamW, random data, random weights).",
+        f"Memory: one subprocess per variant (3 steps), {results[0]['memory_measure']}.",
         "",
         "| variant | step wall (ms) | x full | step CPU (ms) | x full | peak memory (MB) | x full | trainable params "
         "| GMACs | x base |",
