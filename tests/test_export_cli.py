@@ -1,0 +1,63 @@
+"""`effvision export`: timm names and codec transforms, with --check numbers."""
+
+import pytest
+import torch
+
+from effvision import cli
+from effvision.codecs.base import register_codec, unregister_codec
+
+
+@pytest.fixture(autouse=True)
+def export_command_only(monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", {"export": "export"})
+
+
+def test_timm_model_export_prints_the_check_numbers(tmp_path, capsys):
+    argv = ["export", "deit_tiny_patch16_224", str(tmp_path / "deit.onnx"), "--img-size", "32", "--check"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "max abs diff" in out and "top-1 agreement 1.000" in out
+    assert (tmp_path / "deit.onnx").stat().st_size > 0
+
+
+def test_codec_transform_exports_with_dynamic_height_and_width(tmp_path, capsys):
+    from compressai.models import FactorizedPrior
+
+    from effvision.codecs.adapters import CompressAIImageCodec
+
+    torch.manual_seed(0)
+    codec = CompressAIImageCodec(FactorizedPrior(N=16, M=24), "factorized-test", "n16", alignment=16)
+    register_codec("factorized-test", lambda **_: codec)
+    try:
+        argv = ["export", "factorized-test:g_s", str(tmp_path / "g_s.onnx"), "--img-size", "32", "--check"]
+        assert cli.main(argv) == 0
+    finally:
+        unregister_codec("factorized-test")
+    out = capsys.readouterr().out
+    assert "(2, 24, 4, 2)" in out  # checked at twice the traced latent height
+    assert "top-1" not in out
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    (tmp_path / "m.onnx").write_bytes(b"keep")
+    assert cli.main(["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx")]) == 1
+    assert (tmp_path / "m.onnx").read_bytes() == b"keep" and "--force" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_user_error(tmp_path, capsys):
+    assert cli.main(["export", "no_such_model", str(tmp_path / "m.onnx")]) == 1
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_unknown_codec_transform_lists_the_choices(tmp_path, capsys):
+    from compressai.models import FactorizedPrior
+
+    from effvision.codecs.adapters import CompressAIImageCodec
+
+    codec = CompressAIImageCodec(FactorizedPrior(N=16, M=24), "factorized-test", "n16", alignment=16)
+    register_codec("factorized-test", lambda **_: codec)
+    try:
+        assert cli.main(["export", "factorized-test:nope", str(tmp_path / "m.onnx")]) == 1
+    finally:
+        unregister_codec("factorized-test")
+    assert "g_a" in capsys.readouterr().err
