@@ -2,7 +2,7 @@
 
 A compressai ``CompressionModel`` returns ``{"strings": [[bytes] per entropy model], "shape": latent
 shape}`` from ``compress`` and takes both back in ``decompress``. The adapter stores the latent shape in
-section 0 (little-endian: one ``uint8`` rank, then one ``uint32`` per dimension) and one section per
+section 0 (little-endian: one ``uint8`` rank, then one ``uint16`` per dimension) and one section per
 entropy model after it, so a codec author writes only the model.
 """
 
@@ -20,13 +20,13 @@ MAX_LATENT_RANK = 4
 
 
 def _encode_shape(shape: tuple[int, ...]) -> bytes:
-    return struct.pack(f"<B{len(shape)}I", len(shape), *shape)
+    return struct.pack(f"<B{len(shape)}H", len(shape), *shape)
 
 
 def _decode_shape(section: bytes, expected: tuple[int, int]) -> tuple[int, ...]:
-    if not section or section[0] == 0 or section[0] > MAX_LATENT_RANK or len(section) != 1 + 4 * section[0]:
+    if not section or section[0] == 0 or section[0] > MAX_LATENT_RANK or len(section) != 1 + 2 * section[0]:
         raise UserError("corrupt payload: bad latent shape section")
-    shape = struct.unpack(f"<{section[0]}I", section[1:])
+    shape = struct.unpack(f"<{section[0]}H", section[1:])
     # The latent size follows from the image size; checking it bounds what decompress() allocates.
     if tuple(shape[-2:]) != expected:
         raise UserError(f"corrupt payload: latent shape {shape} does not match the image ({expected})")

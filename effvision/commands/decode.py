@@ -38,6 +38,10 @@ def _format_for(destination: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    # compressai calls torch.jit.script at import; its deprecation warning is not the user's concern.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from effvision.codecs.base import load_codec, resolve_device
     from effvision.codecs.container import MAX_FILE_BYTES, parse
     from effvision.codecs.imagefile import decode_image
@@ -75,7 +79,5 @@ def run(args: argparse.Namespace) -> int:
         buffer = io.BytesIO()
         image.save(buffer, format=image_format)
         atomic_write_bytes(destination, buffer.getvalue(), force=args.force)
-        progress.write(
-            f"{source} -> {destination}: {image.width}x{image.height} {image.mode}", file=sys.stderr
-        )
+        progress.write(f"{source} -> {destination}: {image.width}x{image.height} {image.mode}", file=sys.stderr)
     return 0

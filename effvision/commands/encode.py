@@ -45,15 +45,17 @@ def _open_image(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    # compressai calls torch.jit.script at import; its deprecation warning is not the user's concern.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from effvision.codecs.base import load_codec, resolve_device
     from effvision.codecs.imagefile import encode_image
     from effvision.io_utils import atomic_write_bytes, expand_inputs, output_paths
 
     inputs = expand_inputs(args.inputs, IMAGE_SUFFIXES)
     outputs = output_paths(inputs, args.output, ".evc")
-    codec = load_codec(
-        args.codec, quality=args.quality, checkpoint=args.checkpoint, device=resolve_device(args.device)
-    )
+    codec = load_codec(args.codec, quality=args.quality, checkpoint=args.checkpoint, device=resolve_device(args.device))
     progress = tqdm(
         list(zip(inputs, outputs, strict=True)),
         desc="encode",
@@ -67,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_bytes(destination, data, force=args.force)
         bpp = 8 * len(data) / (image.width * image.height)
         progress.write(
-            f"{source} -> {destination}: {image.width}x{image.height} {image.mode}, "
-            f"{len(data)} bytes, {bpp:.4f} bpp",
+            f"{source} -> {destination}: {image.width}x{image.height} {image.mode}, {len(data)} bytes, {bpp:.4f} bpp",
             file=sys.stderr,
         )
     return 0
