@@ -93,6 +93,70 @@ class CompressAIImageCodec(ImageCodec):
         return x_hat[0].clamp(0, 1).to("cpu")
 
 
+def chunk_sizes(total: int, chunks: int) -> list[int]:
+    """Split ``total`` bytes into ``chunks`` near-equal sizes (the first ``total % chunks`` one larger)."""
+    return [total // chunks + (i < total % chunks) for i in range(chunks)]
+
+
+class VQGANImageCodec(CompressAIImageCodec):
+    """The VQGAN codec with optional loss resilience.
+
+    ``chunks=1``: one rANS-coded index stream (smallest files). ``chunks>1``: the fixed-length index
+    stream split into that many sections; a section the container marks lost becomes a range of lost
+    indices that the codec's restorer fills in (Mao et al., DCC 2024, lost-index restoration).
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str, config_id: str, chunks: int = 1, device: str = "cpu"):
+        super().__init__(model, name, config_id, alignment=1, latent_stride=1, device=device)
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        self.chunks = chunks
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> list[bytes]:
+        if self.chunks == 1:
+            return super().encode(image)
+        out = self.model.compress(image.unsqueeze(0).to(self.device), coder="fixed")
+        stream = out["strings"][0][0]
+        sections, offset = [_encode_shape(tuple(out["shape"]))], 0
+        for size in chunk_sizes(len(stream), self.chunks):
+            sections.append(stream[offset : offset + size])
+            offset += size
+        return sections
+
+    @torch.no_grad()
+    def decode(self, sections: list[bytes | None], height: int, width: int) -> torch.Tensor:
+        if len(sections) <= 2 or not any(section is None for section in sections[1:]):
+            if len(sections) > 2 and sections[0] is not None:
+                sections = [sections[0], b"".join(sections[1:])]
+            return super().decode(sections, height, width)
+        from effvision.codecs.vqgan.index_coding import FIXED_LENGTH, HEADER, bits_per_index, lost_positions
+
+        if sections[0] is None:
+            raise UserError("corrupt payload: the latent shape section is lost")
+        shape = _decode_shape(sections[0], (height, width))
+        h, w = self.model.index_grid(shape)
+        k = self.model.codebook_size
+        total = HEADER.size + -(-h * w * bits_per_index(k) // 8)
+        sizes = chunk_sizes(total, len(sections) - 1)
+        stream, missing, offset = bytearray(), [], 0
+        for section, size in zip(sections[1:], sizes, strict=True):
+            if section is None:
+                missing.append((offset, offset + size))
+                section = bytes(size)
+            elif len(section) != size:
+                raise UserError(f"corrupt payload: index chunk of {len(section)} bytes, expected {size}")
+            stream += section
+            offset += size
+        stream[: HEADER.size] = HEADER.pack(FIXED_LENGTH, 0)  # checksum unused for a damaged stream
+        lost = lost_positions(h, w, k, missing)
+        try:
+            x_hat = self.model.decompress([[bytes(stream)]], shape, lost=lost)["x_hat"]
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise UserError(f"corrupt payload: {self.name} decoder failed ({error})") from error
+        return x_hat[0].clamp(0, 1).to("cpu")
+
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
@@ -154,10 +218,9 @@ def load_vqgan(
     checkpoint: str | Path | None = None,
     device: str = "cpu",
     config_id: str | None = None,
-) -> CompressAIImageCodec:
+) -> VQGANImageCodec:
     """Loader registered as ``"vqgan"``: VQGAN pads internally and its ``shape`` is the image size."""
     from effvision.codecs.vqgan.model import VQGANCodec
 
     path, config_id = select_weights("vqgan", quality, checkpoint, config_id)
-    model = VQGANCodec.load(path)
-    return CompressAIImageCodec(model, "vqgan", config_id, alignment=1, latent_stride=1, device=device)
+    return VQGANImageCodec(VQGANCodec.load(path), "vqgan", config_id, device=device)
