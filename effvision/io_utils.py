@@ -159,3 +159,12 @@ def output_paths(inputs: list[str], output: str | None, suffix: str) -> list[str
     if duplicates:
         raise UserError(f"several inputs would write {sorted(duplicates)[0]}; use separate output folders")
     return destinations
+
+
+def check_not_existing(paths: Iterable[str], force: bool) -> None:
+    """Fail before any work when an output exists and ``force`` is off (the write re-checks atomically)."""
+    if force:
+        return
+    for path in paths:
+        if path != STDIO and Path(path).exists():
+            raise UserError(f"{path} exists (use --force to overwrite)")

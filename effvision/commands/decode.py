@@ -46,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from effvision.codecs.container import MAX_FILE_BYTES, parse
     from effvision.codecs.imagefile import decode_image
     from effvision.errors import UserError
-    from effvision.io_utils import atomic_write_bytes, expand_inputs, output_paths, read_bytes
+    from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths, read_bytes
 
     inputs = expand_inputs(args.inputs, (".evc",))
     outputs = output_paths(inputs, args.output, ".png")
+    check_not_existing(outputs, args.force)
     formats = [_format_for(destination) for destination in outputs]
     device = resolve_device(args.device)
     codecs = {}

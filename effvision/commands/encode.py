@@ -51,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from effvision.codecs.base import load_codec, resolve_device
     from effvision.codecs.imagefile import encode_image
-    from effvision.io_utils import atomic_write_bytes, expand_inputs, output_paths
+    from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths
 
     inputs = expand_inputs(args.inputs, IMAGE_SUFFIXES)
     outputs = output_paths(inputs, args.output, ".evc")
+    check_not_existing(outputs, args.force)
     codec = load_codec(args.codec, quality=args.quality, checkpoint=args.checkpoint, device=resolve_device(args.device))
     progress = tqdm(
         list(zip(inputs, outputs, strict=True)),
