@@ -25,6 +25,8 @@ class VQGANConfig:
         n_embed: codebook size.
         in_channels / out_ch: image channels.
         dropout: dropout inside residual blocks.
+        norm_groups: GroupNorm groups (taming: 32). A 32-channel model needs fewer: with one channel per
+            group every norm becomes an instance norm and the decoder cannot carry a crop's mean colour.
     """
 
     ch: int = 128
@@ -38,6 +40,7 @@ class VQGANConfig:
     in_channels: int = 3
     out_ch: int = 3
     dropout: float = 0.0
+    norm_groups: int = 32
     name: str = field(default="custom", compare=False)
 
     @property
@@ -68,6 +71,7 @@ SMALL_F16 = VQGANConfig(
     z_channels=64,
     embed_dim=32,
     n_embed=1024,
+    norm_groups=8,
     name="small-f16-1024",
 )
 

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from effvision.codecs.vqgan.config import VQGANConfig
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """taming's normalisation: 32 groups, eps 1e-6, affine."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """taming's normalisation: 32 groups, eps 1e-6, affine (``groups`` is configurable for narrow models)."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 def swish(x: Tensor) -> Tensor:
@@ -28,11 +28,11 @@ class ResnetBlock(nn.Module):
     """norm -> swish -> conv3x3 -> norm -> swish -> dropout -> conv3x3, plus a 1x1 ``nin_shortcut`` when the
     channel count changes. (B, C_in, H, W) -> (B, C_out, H, W)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -48,9 +48,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1 q/k/v/proj_out convs and a residual. (B, C, H, W)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -104,11 +104,11 @@ class _Level(nn.Module):
 
 
 class _Middle(nn.Module):
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -128,16 +128,16 @@ class Encoder(nn.Module):
             stage = _Level()
             block_out = ch * factor
             for _ in range(config.num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, block_out, config.dropout))
+                stage.block.append(ResnetBlock(block_in, block_out, config.dropout, config.norm_groups))
                 block_in = block_out
                 if resolution in config.attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, config.norm_groups))
             if level != len(mult) - 1:
                 stage.downsample = Downsample(block_in)
                 resolution //= 2
             self.down.append(stage)
-        self.mid = _Middle(block_in, config.dropout)
-        self.norm_out = group_norm(block_in)
+        self.mid = _Middle(block_in, config.dropout, config.norm_groups)
+        self.norm_out = group_norm(block_in, config.norm_groups)
         self.conv_out = nn.Conv2d(block_in, config.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,22 +159,22 @@ class Decoder(nn.Module):
         block_in = ch * mult[-1]
         resolution = config.resolution // config.downsampling_factor
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = _Middle(block_in, config.dropout)
+        self.mid = _Middle(block_in, config.dropout, config.norm_groups)
         stages: list[_Level] = []
         for level in reversed(range(len(mult))):
             stage = _Level()
             block_out = ch * mult[level]
             for _ in range(config.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, block_out, config.dropout))
+                stage.block.append(ResnetBlock(block_in, block_out, config.dropout, config.norm_groups))
                 block_in = block_out
                 if resolution in config.attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, config.norm_groups))
             if level != 0:
                 stage.upsample = Upsample(block_in)
                 resolution *= 2
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, config.norm_groups)
         self.conv_out = nn.Conv2d(block_in, config.out_ch, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
