@@ -1,14 +1,18 @@
-"""Sections marked lost in the container become lost VQGAN indices that the restorer fills in."""
+"""Sections marked lost in the container become lost VQGAN index rows that the restorer fills in."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from effvision.codecs.adapters import VQGANImageCodec, chunk_sizes
+from effvision.codecs.adapters import CompressAIImageCodec
 from effvision.codecs.container import Section, parse
 from effvision.codecs.imagefile import decode_image, encode_image
 from effvision.errors import UserError
+
+
+def vqgan_codec(model, chunks: int) -> CompressAIImageCodec:
+    return CompressAIImageCodec(model, "vqgan", "t", alignment=1, latent_stride=1, compress_kwargs={"chunks": chunks})
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +36,19 @@ def image():
     return Image.fromarray(pixels.numpy())
 
 
-def test_chunk_sizes_add_up_and_differ_by_at_most_one():
-    sizes = chunk_sizes(103, 4)
-    assert sizes == [26, 26, 26, 25] and sum(sizes) == 103
-
-
 def test_chunked_file_decodes_like_the_single_stream_file(vqgan_model, image):
-    single = encode_image(VQGANImageCodec(vqgan_model, "vqgan", "t"), image)
-    chunked_codec = VQGANImageCodec(vqgan_model, "vqgan", "t", chunks=4)
+    single = encode_image(vqgan_codec(vqgan_model, 1), image)
+    chunked_codec = vqgan_codec(vqgan_model, 4)
     chunked = parse(encode_image(chunked_codec, image).to_bytes())
-    assert len(chunked.codec_sections) == 5  # latent shape + 4 index chunks
+    assert len(chunked.codec_sections) == 5  # latent shape + 4 row bands
     assert decode_image(chunked, chunked_codec).tobytes() == decode_image(single, chunked_codec).tobytes()
 
 
-def test_lost_chunk_marks_its_indices_lost_and_restores_them(vqgan_model, image, monkeypatch):
-    from effvision.codecs.vqgan.index_coding import lost_positions
-
-    codec = VQGANImageCodec(vqgan_model, "vqgan", "t", chunks=4)
+def test_lost_section_restores_exactly_its_index_rows(vqgan_model, image, monkeypatch):
+    codec = vqgan_codec(vqgan_model, 4)  # 64 px high -> 4 index rows -> one row per band
     container = encode_image(codec, image)
     sections = list(container.sections)
-    sections[2] = Section(lost=True)  # the second index chunk
+    sections[2] = Section(lost=True)  # the second band
     damaged = parse(dataclasses.replace(container, sections=tuple(sections)).to_bytes())
     seen = []
     original = type(vqgan_model).restore_indices
@@ -59,20 +56,29 @@ def test_lost_chunk_marks_its_indices_lost_and_restores_them(vqgan_model, image,
         type(vqgan_model), "restore_indices", lambda self, i, lost: seen.append(lost) or original(self, i, lost)
     )
     decoded = decode_image(damaged, codec)
-    stream_sizes = [len(section.data) for section in container.sections[1:]]
-    start = stream_sizes[0]
-    expected = lost_positions(4, 3, vqgan_model.codebook_size, [(start, start + stream_sizes[1])])
-    assert decoded.size == image.size
-    assert torch.equal(seen[0][0], expected) and expected.any()
+    expected = torch.zeros(4, 3, dtype=torch.bool)
+    expected[1] = True
+    assert decoded.size == image.size and torch.equal(seen[0][0], expected)
 
 
-def test_lost_chunk_without_a_restorer_is_a_user_error(image):
+def test_lost_section_without_a_restorer_is_a_user_error(image):
     from effvision.codecs.vqgan.config import SMALL_F16
     from effvision.codecs.vqgan.model import VQGANCodec
 
     torch.manual_seed(0)
-    codec = VQGANImageCodec(VQGANCodec(SMALL_F16).eval(), "vqgan", "t", chunks=3)
+    codec = vqgan_codec(VQGANCodec(SMALL_F16, reference_maps=torch.zeros(1, 4, 4, dtype=torch.long)).eval(), 2)
     container = encode_image(codec, image)
     sections = (*container.sections[:1], Section(lost=True), *container.sections[2:])
     with pytest.raises(UserError, match="restor"):
+        decode_image(dataclasses.replace(container, sections=sections), codec)
+
+
+def test_codec_without_lost_support_refuses_lost_sections(image):
+    from compressai.models import FactorizedPrior
+
+    torch.manual_seed(0)
+    codec = CompressAIImageCodec(FactorizedPrior(N=16, M=24), "factorized-test", "n16", alignment=16)
+    container = encode_image(codec, image)
+    sections = (*container.sections[:1], Section(lost=True))
+    with pytest.raises(UserError, match="cannot restore lost sections"):
         decode_image(dataclasses.replace(container, sections=sections), codec)

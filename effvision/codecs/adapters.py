@@ -8,6 +8,7 @@ entropy model after it, so a codec author writes only the model.
 
 from __future__ import annotations
 
+import inspect
 import struct
 from pathlib import Path
 
@@ -44,6 +45,9 @@ class CompressAIImageCodec(ImageCodec):
         latent_stride: image size / the spatial size of compress()'s ``"shape"`` (default ``alignment``;
             16 for a model whose ``shape`` is the main latent of a 16x analysis transform).
         device: where the transforms run; entropy coding runs on the CPU inside compressai.
+        compress_kwargs: extra ``compress()`` options, e.g. ``{"chunks": 4}`` for VQGAN's independently
+            decodable row bands (one section each; a section the container marks lost is passed to
+            ``decompress(..., lost=[flag per section])`` and restored by models that accept ``lost``).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class CompressAIImageCodec(ImageCodec):
         alignment: int,
         latent_stride: int | None = None,
         device: str = "cpu",
+        compress_kwargs: dict | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.name = name
@@ -61,8 +66,10 @@ class CompressAIImageCodec(ImageCodec):
         self.alignment = alignment
         self.latent_stride = latent_stride or alignment
         self.device = device
+        self.compress_kwargs = dict(compress_kwargs or {})
         if hasattr(model, "update"):
             model.update()
+        self._accepts_lost = "lost" in inspect.signature(model.decompress).parameters
         self._fingerprint = fingerprint_module(self.model, config_id)
 
     def fingerprint(self) -> bytes:
@@ -70,7 +77,7 @@ class CompressAIImageCodec(ImageCodec):
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> list[bytes]:
-        out = self.model.compress(image.unsqueeze(0).to(self.device))
+        out = self.model.compress(image.unsqueeze(0).to(self.device), **self.compress_kwargs)
         sections = [_encode_shape(tuple(int(s) for s in out["shape"]))]
         for strings in out["strings"]:
             sections.append(bytes(strings[0]))
@@ -81,79 +88,19 @@ class CompressAIImageCodec(ImageCodec):
         if len(sections) < 2 or sections[0] is None:
             raise UserError("corrupt payload: missing latent shape or bitstream sections")
         shape = _decode_shape(sections[0], (height // self.latent_stride, width // self.latent_stride))
-        if any(section is None for section in sections):
-            raise UserError(f"codec {self.name!r} cannot restore lost sections")
-        strings = [[section] for section in sections[1:]]
+        lost = [section is None for section in sections[1:]]
+        kwargs = {}
+        if any(lost):
+            if not self._accepts_lost:
+                raise UserError(f"codec {self.name!r} cannot restore lost sections")
+            kwargs["lost"] = lost  # one flag per entropy-coded section, e.g. VQGAN's row bands
+        strings = [[section if section is not None else b""] for section in sections[1:]]
         try:
-            x_hat = self.model.decompress(strings, shape)["x_hat"]
+            x_hat = self.model.decompress(strings, shape, **kwargs)["x_hat"]
         except (RuntimeError, ValueError, IndexError, KeyError, struct.error) as error:
             raise UserError(f"corrupt payload: {self.name} decoder failed ({error})") from error
         if x_hat.shape[-2:] != (height, width):
             raise UserError(f"corrupt payload: decoded {tuple(x_hat.shape[-2:])} pixels, header says {(height, width)}")
-        return x_hat[0].clamp(0, 1).to("cpu")
-
-
-def chunk_sizes(total: int, chunks: int) -> list[int]:
-    """Split ``total`` bytes into ``chunks`` near-equal sizes (the first ``total % chunks`` one larger)."""
-    return [total // chunks + (i < total % chunks) for i in range(chunks)]
-
-
-class VQGANImageCodec(CompressAIImageCodec):
-    """The VQGAN codec with optional loss resilience.
-
-    ``chunks=1``: one rANS-coded index stream (smallest files). ``chunks>1``: the fixed-length index
-    stream split into that many sections; a section the container marks lost becomes a range of lost
-    indices that the codec's restorer fills in (Mao et al., DCC 2024, lost-index restoration).
-    """
-
-    def __init__(self, model: torch.nn.Module, name: str, config_id: str, chunks: int = 1, device: str = "cpu"):
-        super().__init__(model, name, config_id, alignment=1, latent_stride=1, device=device)
-        if chunks < 1:
-            raise ValueError(f"chunks must be >= 1, got {chunks}")
-        self.chunks = chunks
-
-    @torch.no_grad()
-    def encode(self, image: torch.Tensor) -> list[bytes]:
-        if self.chunks == 1:
-            return super().encode(image)
-        out = self.model.compress(image.unsqueeze(0).to(self.device), coder="fixed")
-        stream = out["strings"][0][0]
-        sections, offset = [_encode_shape(tuple(out["shape"]))], 0
-        for size in chunk_sizes(len(stream), self.chunks):
-            sections.append(stream[offset : offset + size])
-            offset += size
-        return sections
-
-    @torch.no_grad()
-    def decode(self, sections: list[bytes | None], height: int, width: int) -> torch.Tensor:
-        if len(sections) <= 2 or not any(section is None for section in sections[1:]):
-            if len(sections) > 2 and sections[0] is not None:
-                sections = [sections[0], b"".join(sections[1:])]
-            return super().decode(sections, height, width)
-        from effvision.codecs.vqgan.index_coding import FIXED_LENGTH, HEADER, bits_per_index, lost_positions
-
-        if sections[0] is None:
-            raise UserError("corrupt payload: the latent shape section is lost")
-        shape = _decode_shape(sections[0], (height, width))
-        h, w = self.model.index_grid(shape)
-        k = self.model.codebook_size
-        total = HEADER.size + -(-h * w * bits_per_index(k) // 8)
-        sizes = chunk_sizes(total, len(sections) - 1)
-        stream, missing, offset = bytearray(), [], 0
-        for section, size in zip(sections[1:], sizes, strict=True):
-            if section is None:
-                missing.append((offset, offset + size))
-                section = bytes(size)
-            elif len(section) != size:
-                raise UserError(f"corrupt payload: index chunk of {len(section)} bytes, expected {size}")
-            stream += section
-            offset += size
-        stream[: HEADER.size] = HEADER.pack(FIXED_LENGTH, 0)  # checksum unused for a damaged stream
-        lost = lost_positions(h, w, k, missing)
-        try:
-            x_hat = self.model.decompress([[bytes(stream)]], shape, lost=lost)["x_hat"]
-        except (RuntimeError, ValueError, IndexError) as error:
-            raise UserError(f"corrupt payload: {self.name} decoder failed ({error})") from error
         return x_hat[0].clamp(0, 1).to("cpu")
 
 
@@ -218,9 +165,9 @@ def load_vqgan(
     checkpoint: str | Path | None = None,
     device: str = "cpu",
     config_id: str | None = None,
-) -> VQGANImageCodec:
+) -> CompressAIImageCodec:
     """Loader registered as ``"vqgan"``: VQGAN pads internally and its ``shape`` is the image size."""
     from effvision.codecs.vqgan.model import VQGANCodec
 
     path, config_id = select_weights("vqgan", quality, checkpoint, config_id)
-    return VQGANImageCodec(VQGANCodec.load(path), "vqgan", config_id, device=device)
+    return CompressAIImageCodec(VQGANCodec.load(path), "vqgan", config_id, alignment=1, latent_stride=1, device=device)
