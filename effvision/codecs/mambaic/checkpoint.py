@@ -182,6 +182,7 @@ def save_checkpoint(model: MambaIC, path: str | Path, extra: dict[str, str] | No
     os.close(fd)
     try:
         save_file(tensors, temp, metadata=metadata)
+        os.chmod(temp, 0o644)  # mkstemp creates 0600; checkpoints are shared/package data
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

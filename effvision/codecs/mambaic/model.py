@@ -289,6 +289,8 @@ class MambaIC(CompressionModel):
         if len(strings) != 2 * len(self.slices) + 1:
             raise ValueError(f"expected {2 * len(self.slices) + 1} string lists, got {len(strings)}")
         height, width = int(shape[0]), int(shape[1])
+        if height <= 0 or width <= 0:
+            raise ValueError(f"invalid image shape {tuple(shape)}")
         padded_h, padded_w = height + (-height % ALIGNMENT), width + (-width % ALIGNMENT)
         z_hat = self.entropy_bottleneck.decompress(strings[-1], (padded_h // ALIGNMENT, padded_w // ALIGNMENT))
         parts = iter(strings[:-1])
