@@ -3,7 +3,10 @@
 Trains the ``lite`` config on random crops of scikit-image's bundled photos (CPU, one thread), holding
 out ``chelsea`` and ``coffee`` for evaluation, then writes the weights with their CDF tables.
 
-    nice -n 10 .venv/bin/python scripts/train_demo_mambaic.py --lambda 0.0130 --minutes 35
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/train_demo_mambaic.py
+
+The shipped q1 weights are 409 steps of the defaults (a 30-minute budget on a shared 2-core CPU);
+``--steps 409 --minutes 1000`` replays exactly that many steps wherever the machine is faster or slower.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lambda", dest="lmbda", type=float, default=0.0130)
     parser.add_argument("--steps", type=int, default=100000, help="upper bound; --minutes usually stops first")
-    parser.add_argument("--minutes", type=float, default=35.0)
+    parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out-dir", default="runs/mambaic-demo")
-    parser.add_argument("--asset", default=None, help="copy the result here (default: effvision/assets/...)")
+    parser.add_argument("--quality", type=int, default=1, help="shipped as effvision/assets/mambaic-lite-q<N>")
+    parser.add_argument("--asset", default=None, help="write the result here instead of effvision/assets/")
     args = parser.parse_args()
 
     from effvision.codecs.mambaic import MambaIC
@@ -60,8 +64,7 @@ def main() -> None:
     started = time.time()
     history = train(model, train_images, settings, out_dir=args.out_dir, val_images=val_images)
     print(f"trained {len(history)} steps in {(time.time() - started) / 60:.1f} min")
-    tag = f"{round(args.lmbda * 10000):04d}"
-    default_asset = Path(__file__).resolve().parents[1] / f"effvision/assets/mambaic-lite-lambda{tag}.safetensors"
+    default_asset = Path(__file__).resolve().parents[1] / f"effvision/assets/mambaic-lite-q{args.quality}.safetensors"
     asset = Path(args.asset or default_asset)
     save_checkpoint(model, asset, extra={"lambda": str(args.lmbda), "trained_on": ",".join(TRAIN_PHOTOS),
                                          "steps": str(len(history))})

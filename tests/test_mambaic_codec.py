@@ -84,14 +84,14 @@ def test_paper_config_has_the_released_parameter_count() -> None:
     assert 121_000_000 < count < 123_000_000
 
 
-@pytest.mark.skipif(not (ASSETS / "mambaic-lite-lambda0130.safetensors").exists(), reason="demo weights not built")
+@pytest.mark.skipif(not (ASSETS / "mambaic-lite-q1.safetensors").exists(), reason="demo weights not built")
 def test_real_bpp_is_within_5_percent_of_the_estimate_on_the_shipped_checkpoint() -> None:
     import numpy as np
     import skimage.data
 
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
 
-    model = load_checkpoint(ASSETS / "mambaic-lite-lambda0130.safetensors", expected_config="lite")
+    model = load_checkpoint(ASSETS / "mambaic-lite-q1.safetensors", expected_config="lite")
     image = torch.from_numpy(np.asarray(skimage.data.chelsea(), dtype=np.float32) / 255).permute(2, 0, 1)[None]
     with torch.no_grad():
         out = model(image)

@@ -240,27 +240,3 @@ def load_checkpoint(
     model.update()
     return model.to(device).eval()
 
-
-def shipped_checkpoints() -> list[Path]:
-    """The demo checkpoints shipped in ``effvision/assets`` (``mambaic-lite-*.safetensors``), sorted by rate."""
-    assets = Path(__file__).resolve().parents[2] / "assets"
-    return sorted(assets.glob("mambaic-lite-*.safetensors"))
-
-
-def load_image_codec(quality: int | None = None, checkpoint: str | Path | None = None, device: str = "cpu"):
-    """An :class:`effvision.codecs.base.ImageCodec` for the container: ``checkpoint`` if given, else the
-    shipped demo checkpoint number ``quality`` (1 = lowest rate; default: the first)."""
-    from effvision.codecs.adapters import CompressAIImageCodec
-    from effvision.codecs.mambaic.model import ALIGNMENT
-
-    if checkpoint is None:
-        shipped = shipped_checkpoints()
-        if not shipped:
-            raise UserError("no MambaIC checkpoint shipped in this installation; pass --checkpoint")
-        index = 1 if quality is None else quality
-        if not 1 <= index <= len(shipped):
-            raise UserError(f"MambaIC quality must be 1..{len(shipped)} (shipped checkpoints), got {quality}")
-        checkpoint = shipped[index - 1]
-    model = load_checkpoint(checkpoint, device=device)
-    config_id = f"{model.config.name}-{Path(checkpoint).stem.removeprefix('mambaic-')}"[:64]
-    return CompressAIImageCodec(model, "mambaic", config_id, alignment=ALIGNMENT, device=device)
