@@ -29,17 +29,21 @@ def demo_image_path() -> Path:
     return Path(str(resources.files("effvision") / "assets" / "astronaut-256.png"))
 
 
-def _time_model(model, images, repeats: int) -> float:
+def _throughputs(models: dict, images, repeats: int) -> dict[str, float]:
+    """img/s per model: median over ``repeats`` timed batches, models interleaved so that a change
+    in machine load hits all of them alike."""
     import torch
 
+    times = {name: [] for name in models}
     with torch.no_grad():
-        model(images)  # warm-up
-        times = []
+        for model in models.values():
+            model(images)  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            model(images)
-            times.append(time.perf_counter() - start)
-    return images.shape[0] / statistics.median(times)
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(images)
+                times[name].append(time.perf_counter() - start)
+    return {name: images.shape[0] / statistics.median(values) for name, values in times.items()}
 
 
 def run_token_reduction(batch: int, repeats: int) -> None:
@@ -57,8 +61,8 @@ def run_token_reduction(batch: int, repeats: int) -> None:
     print("== Token reduction: PPT-DeiT-S vs DeiT-S (random weights, CPU fp32) ==")
     print(f"tokens into blocks 0..11: {info['tokens']}  ->  {info['tokens_after'][-1]} tokens after block 11")
     print(f"GMACs: DeiT-S {info['base_gmacs']:.2f}, PPT-DeiT-S {info['gmacs']:.2f} ({info['macs_ratio']:.2f}x)")
-    base_ips = _time_model(base, images, repeats)
-    ppt_ips = _time_model(ppt, images, repeats)
+    speed = _throughputs({"base": base, "ppt": ppt}, images, repeats)
+    base_ips, ppt_ips = speed["base"], speed["ppt"]
     print(f"throughput (batch {batch}, median of {repeats}): DeiT-S {base_ips:.1f} img/s, "
           f"PPT-DeiT-S {ppt_ips:.1f} img/s  ->  {ppt_ips / base_ips:.2f}x")
     with torch.no_grad():
