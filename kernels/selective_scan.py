@@ -102,9 +102,11 @@ def selective_scan_ref(
         B_c = Bg[..., start:stop].float().permute(3, 0, 1, 2).unsqueeze(3)  # (T, b, g, 1, n)
         C_c = Cg[..., start:stop].float().permute(3, 0, 1, 2).unsqueeze(3)
         drive = dtu_g[..., start:stop].permute(3, 0, 1, 2).unsqueeze(-1) * B_c  # (T, b, g, p, n)
+        # unbind once: indexing decay[t] per step would make autograd allocate a chunk-sized
+        # gradient for every step (backward quadratic in the chunk length)
         states = []
-        for t in range(stop - start):
-            h = decay[t] * h + drive[t]
+        for decay_t, drive_t in zip(decay.unbind(0), drive.unbind(0), strict=True):
+            h = decay_t * h + drive_t
             states.append(h)
         y_c = (torch.stack(states) * C_c).sum(-1)  # (T, b, g, p)
         ys.append(y_c.permute(1, 2, 3, 0).reshape(batch, dim, stop - start))

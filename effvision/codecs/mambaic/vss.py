@@ -7,8 +7,7 @@ and both reversed), each order with its own x/dt projections, ``A`` and ``D``, s
 back in image order, applies LayerNorm and the ``SiLU(gate)``, and projects back to ``d_model``.
 
 The 4 directions are packed as ``G = 4`` groups of one selective-scan call, dispatched through
-:func:`effvision.kernels.selective_scan.selective_scan` (Triton on CUDA); on CPU the PyTorch reference
-is called directly with a short time chunk (see :data:`CPU_SCAN_CHUNK`).
+:func:`effvision.kernels.selective_scan.selective_scan` (Triton on CUDA, the PyTorch reference on CPU).
 Parameter names follow VMamba's SS2D so official checkpoints load without renaming.
 """
 
@@ -24,17 +23,10 @@ from torch import Tensor, nn
 DIRECTIONS = 4
 
 
-#: time-step chunk for the CPU reference scan. Its backward costs O(chunk) per step (indexing a
-#: chunk-sized tensor per step), so short chunks make CPU training ~15x faster than the default 256.
-CPU_SCAN_CHUNK = 16
-
-
 def _selective_scan(backend: str, *args, **kwargs) -> Tensor:
     # Imported on first use so importing the codec modules stays light.
-    from effvision.kernels.selective_scan import selective_scan, selective_scan_ref
+    from effvision.kernels.selective_scan import selective_scan
 
-    if backend in ("auto", "torch") and args[0].device.type == "cpu":
-        return selective_scan_ref(*args, chunk_size=CPU_SCAN_CHUNK, **kwargs)
     return selective_scan(*args, backend=backend, **kwargs)
 
 
