@@ -132,16 +132,18 @@ def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str]) -> list[str]
     return list(dict.fromkeys(found))
 
 
-def output_paths(inputs: list[str], output: str | None, suffix: str) -> list[str]:
+def output_paths(inputs: list[str], output: str | None, suffix: str, patterns: Iterable[str] = ()) -> list[str]:
     """Destination for each input.
 
-    One input: ``output`` itself (a file, ``"-"``, or an existing directory to write into). Several
-    inputs: ``output`` is a directory (created if missing). Without ``output``: beside each input.
+    One input file: ``output`` itself (a file, ``"-"``, or an existing directory to write into). Several
+    inputs, or any directory/glob among the ``patterns`` the user gave: ``output`` is a directory
+    (created if missing). Without ``output``: beside each input.
     Names are the input stem + ``suffix``; two inputs mapping to one name is a :class:`UserError`.
     """
     if output == STDIO and len(inputs) > 1:
         raise UserError("'-' (stdout) takes a single input")
-    if output is not None and (len(inputs) > 1 or Path(output).is_dir() or output.endswith(("/", os.sep))):
+    many = len(inputs) > 1 or any(Path(p).is_dir() or glob.has_magic(p) for p in patterns)
+    if output is not None and (many or Path(output).is_dir() or output.endswith(("/", os.sep))):
         directory = Path(output)
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory} is not a directory (several inputs need an output directory)")

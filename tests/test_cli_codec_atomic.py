@@ -118,3 +118,9 @@ def test_interrupted_cli_encode_leaves_no_output_and_keeps_existing(tmp_path, mo
 def test_two_inputs_with_the_same_name_are_refused(tmp_path):
     with pytest.raises(UserError, match="several inputs"):
         output_paths(["a/x.png", "b/x.png"], str(tmp_path / "out"), ".evc")
+
+
+def test_a_directory_input_with_one_file_writes_into_the_output_directory(tmp_path):
+    (tmp_path / "in").mkdir()
+    destinations = output_paths(["in/a.png"], str(tmp_path / "out"), ".evc", [str(tmp_path / "in")])
+    assert destinations == [str(tmp_path / "out" / "a.evc")] and (tmp_path / "out").is_dir()

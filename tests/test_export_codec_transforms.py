@@ -18,10 +18,23 @@ def vqgan():
 
 @pytest.fixture(scope="module")
 def mambaic():
-    from effvision.codecs.mambaic import MambaIC, get_config
+    from effvision.codecs.mambaic import MambaIC, MambaICConfig
 
     torch.manual_seed(0)
-    return MambaIC(get_config("lite")).eval()
+    tiny = MambaICConfig(
+        transform_channels=16,
+        latent_channels=20,
+        hyper_channels=8,
+        depths=(0, 1, 1, 1),
+        attention_dim=8,
+        head_dim=8,
+        context_hidden=(8, 8),
+        context_depth=1,
+        d_state=4,
+        ssm_ratio=1.0,
+        drop_path_rate=0.0,
+    )
+    return MambaIC(tiny).eval()
 
 
 def inputs(channels: int, sizes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
@@ -42,7 +55,7 @@ def test_vqgan_decoder_has_dynamic_batch_height_and_width(vqgan, tmp_path):
     assert result["max_abs_diff"] <= ATOL
 
 
-@pytest.mark.parametrize(("transform", "channels", "size"), [("g_a", 3, 64), ("g_s", 50, 4)])
+@pytest.mark.parametrize(("transform", "channels", "size"), [("g_a", 3, 64), ("g_s", 20, 4)])
 def test_mambaic_transforms_match_at_batch_1_and_5_with_fixed_size(mambaic, tmp_path, transform, channels, size):
     # MambaIC's traced graph is size-specific (see the report), so height/width are fixed here.
     module = getattr(mambaic, transform)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths, read_bytes
 
     inputs = expand_inputs(args.inputs, (".evc",))
-    outputs = output_paths(inputs, args.output, ".png")
+    outputs = output_paths(inputs, args.output, ".png", args.inputs)
     check_not_existing(outputs, args.force)
     formats = [_format_for(destination) for destination in outputs]
     device = resolve_device(args.device)

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths
 
     inputs = expand_inputs(args.inputs, IMAGE_SUFFIXES)
-    outputs = output_paths(inputs, args.output, ".evc")
+    outputs = output_paths(inputs, args.output, ".evc", args.inputs)
     check_not_existing(outputs, args.force)
     codec = load_codec(args.codec, quality=args.quality, checkpoint=args.checkpoint, device=resolve_device(args.device))
     progress = tqdm(
