@@ -3,8 +3,8 @@
 Three stages, each resumable from its checkpoint under --work-dir:
 1. ``autoencoder``: the SMALL_F16 VQGAN trained from scratch on random 64x64 crops of scikit-image's bundled
    photos (astronaut and chelsea held out for evaluation), L1 + codebook/commitment loss, CPU, ~35 min.
-2. ``restorer``: encode the half-size training photos into 8x8-index tiles (the reference maps that fit the
-   empirical index model) and train the MaskGIT-style lost-index restorer on them.
+2. ``restorer``: encode the training photos (full and half size) into 8x8-index tiles (the reference maps
+   that fit the empirical index model) and train the MaskGIT-style lost-index restorer on them.
 3. ``export``: write the safetensors asset (fp16 weights, reference maps, configs).
 
 Run: ``OMP_NUM_THREADS=1 nice -n 10 python scripts/train_demo_vqgan.py --stage all``
@@ -43,10 +43,8 @@ def load_autoencoder(work: Path) -> VQModel:
     return model.eval()
 
 
-def half_size_training_photos() -> list[torch.Tensor]:
-    # the half-size copies only: encoding every full-size photo costs minutes on a shared CPU
-    photos = training_photos()
-    return [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in photos[len(photos) // 2 :]]
+def training_tensors() -> list[torch.Tensor]:
+    return [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in training_photos()]
 
 
 def stage_restorer(work: Path, steps: int) -> None:
@@ -58,7 +56,7 @@ def stage_restorer(work: Path, steps: int) -> None:
     if references.exists():
         codec.reference_maps = torch.load(references, weights_only=True)
     else:
-        codec.fit_index_model(half_size_training_photos(), crop=128)
+        codec.fit_index_model(training_tensors(), crop=128)
         torch.save(codec.reference_maps, references)
     torch.manual_seed(0)
     restorer = IndexRestorer(SMALL_F16.embed_dim, **RESTORER)

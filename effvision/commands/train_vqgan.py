@@ -54,7 +54,7 @@ def load_images(directory: Path, minimum: int):
     for path in sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"))
+                array = np.array(image.convert("RGB"))
         except OSError as error:
             raise UserError(f"cannot read image {path}: {error}") from error
         if min(array.shape[:2]) >= minimum:
