@@ -4,6 +4,8 @@ import pytest
 import torch
 from effvision.export import check_onnx, export_onnx
 
+from tests.codec_factory import tiny_mambaic_config
+
 ATOL = 1e-4
 
 
@@ -18,22 +20,10 @@ def vqgan():
 
 @pytest.fixture(scope="module")
 def mambaic():
-    from effvision.codecs.mambaic import MambaIC, MambaICConfig
+    from effvision.codecs.mambaic import MambaIC
 
     torch.manual_seed(0)
-    tiny = MambaICConfig(
-        transform_channels=16,
-        latent_channels=20,
-        hyper_channels=8,
-        depths=(0, 1, 1, 1),
-        attention_dim=8,
-        head_dim=8,
-        context_hidden=(8, 8),
-        context_depth=1,
-        d_state=4,
-        ssm_ratio=1.0,
-        drop_path_rate=0.0,
-    )
+    tiny = tiny_mambaic_config()
     return MambaIC(tiny).eval()
 
 
