@@ -10,16 +10,13 @@ import torch
 from PIL import Image
 
 from effvision.cli import main
-from effvision.codecs.mambaic import MambaIC, MambaICConfig
+from effvision.codecs.mambaic import MambaIC
 from effvision.codecs.mambaic.checkpoint import save_checkpoint
+from tests.codec_factory import tiny_mambaic_config
 
 torch.set_num_threads(1)
 
-TINY = MambaICConfig(
-    transform_channels=16, latent_channels=20, hyper_channels=8, depths=(0, 1, 1, 1), attention_dim=8,
-    head_dim=8, context_hidden=(8, 8), context_depth=1, d_state=4, ssm_ratio=1.0, drop_path_rate=0.0,
-    name="test-tiny",
-)
+TINY = tiny_mambaic_config()
 
 
 def _image_dir(tmp_path: Path) -> Path:

@@ -7,17 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from effvision.codecs.mambaic import MambaIC, MambaICConfig, bits_per_pixel
+from effvision.codecs.mambaic import MambaIC, bits_per_pixel
 from effvision.codecs.mambaic.model import ALIGNMENT
+from tests.codec_factory import tiny_mambaic_config
 
 torch.set_num_threads(1)
 
 # Same structure as "lite" (every stage present, 5 slices), narrower so the tests stay fast.
-TINY = MambaICConfig(
-    transform_channels=16, latent_channels=20, hyper_channels=8, depths=(0, 1, 1, 1), attention_dim=8,
-    head_dim=8, context_hidden=(8, 8), context_depth=1, d_state=4, ssm_ratio=1.0, drop_path_rate=0.0,
-    name="test-tiny",
-)
+TINY = tiny_mambaic_config()
 ASSETS = Path(__file__).resolve().parents[1] / "effvision" / "assets"
 
 

@@ -9,16 +9,13 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from effvision.codecs.mambaic import MambaIC, MambaICConfig
+from effvision.codecs.mambaic import MambaIC
 from effvision.codecs.mambaic.train import TrainSettings, random_crops, rate_distortion_loss, train
+from tests.codec_factory import tiny_mambaic_config
 
 torch.set_num_threads(1)
 
-TINY = MambaICConfig(
-    transform_channels=16, latent_channels=20, hyper_channels=8, depths=(0, 1, 1, 1), attention_dim=8,
-    head_dim=8, context_hidden=(8, 8), context_depth=1, d_state=4, ssm_ratio=1.0, drop_path_rate=0.0,
-    name="test-tiny",
-)
+TINY = tiny_mambaic_config()
 
 
 def _images(count: int = 2) -> list[torch.Tensor]:
