@@ -101,29 +101,26 @@ def export_onnx(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
             if exporter == "dynamo":
-                torch.onnx.export(
-                    wrapped,
-                    (example,),
-                    temp_name,
-                    input_names=[input_name],
-                    output_names=[output_name],
-                    opset_version=opset,
+                options = dict(
                     dynamo=True,
                     verbose=False,
                     dynamic_shapes=_dynamic_shapes(example, dynamic_batch, dynamic_hw, hw_multiple),
                 )
             else:
-                torch.onnx.export(
-                    wrapped,
-                    (example,),
-                    temp_name,
-                    input_names=[input_name],
-                    output_names=[output_name],
-                    opset_version=opset,
+                options = dict(
                     dynamo=False,
                     do_constant_folding=True,
                     dynamic_axes=_dynamic_axes([input_name, output_name], dynamic_batch, dynamic_hw, example.dim()),
                 )
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                temp_name,
+                input_names=[input_name],
+                output_names=[output_name],
+                opset_version=opset,
+                **options,
+            )
         os.replace(temp_name, path)
     finally:
         Path(temp_name).unlink(missing_ok=True)
