@@ -53,13 +53,33 @@ def test_weighted_merge_matches_reference(dtype):
     assert relative_error(out, expected) < RELATIVE_TOLERANCE[dtype]
 
 
-def test_many_sources_on_one_destination_across_source_tiles():
-    x = torch.randn(2, 80, 136)  # 72 sources > 2 tiles of 32; 136 channels > one channel block
+@pytest.fixture
+def merge_module():
+    from effvision.kernels import _token_merge_triton
+
+    return _token_merge_triton
+
+
+def test_many_sources_on_one_destination_across_channel_blocks(merge_module, monkeypatch):
+    monkeypatch.setattr(merge_module, "MAX_BLOCK_C", 64)  # 136 channels = 3 channel blocks
+    x = torch.randn(2, 80, 136)
     keep, src = random_partition(2, 80, 8)
-    dst = torch.full_like(src, 3)
+    dst = torch.full_like(src, 3)  # 72 sources: 64 on destination 3, 8 on 5, none on the others
     dst[:, ::9] = 5
     out = merge_tokens(x, keep, src, dst, backend="triton")
     assert relative_error(out, merge_tokens_ref(x, keep, src, dst)) < 1e-6
+    merged, merged_size = size_weighted_merge(x, torch.rand(2, 80) + 0.5, keep, src, dst, backend="triton")
+    assert torch.isfinite(merged).all() and torch.isfinite(merged_size).all()
+
+
+def test_sources_are_grouped_by_destination_in_list_order(merge_module):
+    src = torch.tensor([[10, 11, 12, 13, 14]])
+    dst = torch.tensor([[2, 0, 2, 1, 0]])
+    weight = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    sources, weights, bounds = merge_module.sources_by_destination(src, dst, weight, n_out=4)
+    assert sources.tolist() == [[11, 14, 13, 10, 12]]
+    assert torch.equal(weights, torch.tensor([[0.2, 0.5, 0.4, 0.1, 0.3]]))
+    assert bounds.tolist() == [[0, 2, 3, 5, 5]]  # destination 3 has no source
 
 
 def test_gather_only_merge_copies_rows_exactly():
