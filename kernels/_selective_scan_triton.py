@@ -226,7 +226,9 @@ def _scan_backward_kernel(
             dB_chunk += tl.sum(dhs * (dt * u)[:, None, :], axis=0)
             dC_chunk += tl.sum(hs * dy[:, None, :], axis=0)
 
-            # Carried sums: read-modify-write of rows only this program touches.
+            # Carried sums: read-modify-write of rows only this program touches. The barrier keeps every
+            # thread's read of this chunk's dh row ahead of the overwrite below (threads may differ).
+            tl.debug_barrier()
             not_first_d = (channels * 0 + reverse_index) > 0
             dA = tl.load(dA_ptr + carried, mask=mask_dn & not_first, other=0.0)
             dA += tl.sum(dhs * dt[:, None, :] * decayed_previous, axis=2)
