@@ -227,7 +227,35 @@ def bench_cuda(dtype: torch.dtype) -> dict:
                    do_bench(backward, rep=repeat_ms), backward_bytes)
             del out, backward
             torch.cuda.empty_cache()
+    results["scan_configs"] = sweep_scan_configs(SCAN_SHAPES_CUDA[0], dtype, device, lambda fn: do_bench(fn, rep=100))
     return results
+
+
+#: (block_d, chunk, num_warps, backward_block_d) tile configs timed on the first CUDA scan shape.
+SCAN_CONFIG_SWEEP = [(4, 64, 8, 2), (2, 64, 4, 2), (4, 32, 4, 2), (8, 32, 8, 4), (2, 32, 2, 1), (4, 128, 8, 2)]
+
+
+def sweep_scan_configs(shape, dtype, device, timer: Callable[[Callable[[], object]], float]) -> list[dict]:
+    """Forward and backward time of the Triton scan under each ``SCAN_CONFIG_SWEEP`` tile config."""
+    from effvision.kernels._selective_scan_triton import ScanConfig, selective_scan_triton
+
+    inputs = scan_inputs(*shape, dtype, device, requires_grad=True)
+    B, C = inputs["B"], inputs["C"]
+    if shape[-1] == 1:  # ungrouped B/C as the kernel takes them
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    args = (inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["z"], inputs["delta_bias"], True)
+    leaves = [inputs[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    rows = []
+    for block_d, chunk, num_warps, backward_block_d in SCAN_CONFIG_SWEEP:
+        config = ScanConfig(block_d=block_d, chunk=chunk, num_warps=num_warps, backward_block_d=backward_block_d)
+        out, _ = selective_scan_triton(*args, config)
+        grad = torch.randn_like(out)
+        forward_ms = timer(lambda config=config: selective_scan_triton(*args, config))
+        backward_ms = timer(lambda out=out, grad=grad: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+        rows.append(dict(shape=list(shape), block_d=block_d, chunk=chunk, num_warps=num_warps,
+                         backward_block_d=backward_block_d, forward_ms=forward_ms, backward_ms=backward_ms))
+        del out, grad
+    return rows
 
 
 def _first(output):
@@ -266,6 +294,13 @@ def to_markdown(report: dict) -> str:
         error = e.get("relative_error_vs_torch", e.get("relative_error_vs_naive"))
         lines.append(f"| {tuple(e['shape'])} | {e['path']} | {e.get('pass_', 'forward')} | {e['ms']:.1f} | "
                      f"{_fmt(e.get('floor_ms'))} | {_fmt(e.get('fraction_of_floor'))} | {_fmt(error, '.1e')} |")
+    if report.get("scan_configs"):
+        lines += ["", "## Scan tile configs (Triton, first scan shape)", "",
+                  "| (B, D, L, N, G) | block_d | chunk | warps | backward block_d | forward ms | backward ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in report["scan_configs"]:
+            lines.append(f"| {tuple(e['shape'])} | {e['block_d']} | {e['chunk']} | {e['num_warps']} | "
+                         f"{e['backward_block_d']} | {e['forward_ms']:.3f} | {e['backward_ms']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
