@@ -52,9 +52,15 @@ def test_forward_gives_reconstruction_and_index_likelihoods(codec):
 
 
 @pytest.mark.parametrize("size", [(15, 40), (40, 8), (1, 1)])
-def test_image_smaller_than_one_cell_is_a_clear_error(codec, size):
-    with pytest.raises(UserError, match="at least one 16x16 cell"):
-        codec.compress(torch.rand(1, 3, *size))
+def test_image_smaller_than_one_cell_is_padded_and_round_trips(codec, size):
+    out = codec.compress(torch.rand(1, 3, *size))
+    x_hat = codec.decompress(out["strings"], out["shape"])["x_hat"]
+    assert x_hat.shape == (1, 3, *size) and bool(torch.isfinite(x_hat).all())
+
+
+def test_empty_image_is_a_clear_error(codec):
+    with pytest.raises(UserError, match="at least one pixel"):
+        codec.compress(torch.rand(1, 3, 0, 16))
 
 
 def test_corrupt_stream_is_a_clear_error(codec):

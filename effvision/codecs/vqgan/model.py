@@ -114,10 +114,8 @@ class VQGANCodec(CompressionModel):
     def _check_image(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
             raise _user_error(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
-        if x.shape[-2] < CELL or x.shape[-1] < CELL:
-            raise _user_error(
-                f"image is {x.shape[-1]}x{x.shape[-2]} pixels; the VQGAN codec needs at least one 16x16 cell"
-            )
+        if x.shape[-2] < 1 or x.shape[-1] < 1:
+            raise _user_error(f"image is {x.shape[-1]}x{x.shape[-2]} pixels; it must have at least one pixel")
 
     def _pad(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -207,8 +205,8 @@ class VQGANCodec(CompressionModel):
     @torch.no_grad()
     def decompress_indices(self, strings: list, shape: tuple[int, int], lost=None) -> Tensor:
         """Strings -> (B, h, w) indices; positions marked in ``lost`` are restored (see :meth:`decompress`)."""
-        if len(shape) != 2 or min(shape) < CELL:
-            raise _user_error(f"invalid VQGAN image shape {tuple(shape)}; each side must be at least {CELL}")
+        if len(shape) != 2 or min(shape) < 1:
+            raise _user_error(f"invalid VQGAN image shape {tuple(shape)}; each side must be at least 1")
         if not strings or not all(isinstance(chunk, list | tuple) for chunk in strings):
             raise _user_error("expected strings as [[bytes per image] per chunk] (compressai layout)")
         batch = len(strings[0])
