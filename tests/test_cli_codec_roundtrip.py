@@ -93,6 +93,18 @@ def test_palette_image_decodes_as_rgb(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(image.convert("RGB")))
 
 
+def test_exif_orientation_is_applied_so_the_decoded_image_is_upright(tmp_path):
+    image = random_image("RGB", 30, 20)  # stored 30 wide, 20 high; tag 6 = show rotated 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "in.png", exif=exif)
+    cli.main(["encode", str(tmp_path / "in.png"), "-o", str(tmp_path / "x.evc"), "--codec", "lossless-test"])
+    cli.main(["decode", str(tmp_path / "x.evc"), "-o", str(tmp_path / "out.png")])
+    decoded = Image.open(tmp_path / "out.png")
+    assert decoded.size == (20, 30)
+    assert np.array_equal(np.asarray(decoded), np.asarray(image.transpose(Image.Transpose.ROTATE_270)))
+
+
 @pytest.mark.parametrize(("mode", "width", "height"), [("RGB", 32, 32), ("RGB", 45, 19), ("L", 20, 33)])
 def test_compressai_codec_round_trip_keeps_size_and_mode(tmp_path, mode, width, height):
     random_image(mode, width, height).save(tmp_path / "in.png")

@@ -2,7 +2,8 @@
 
 Codecs and their tools see (3, H, W) float32 tensors in [0, 1]. Grayscale is replicated to RGB, an
 alpha channel is composited onto white, 16-bit and float images are rescaled to [0, 1], palette images
-are expanded. Files that are not images, truncated or corrupt raise :class:`UserError`.
+are expanded, an EXIF orientation is applied (pixels come out upright). Files that are not images,
+truncated or corrupt raise :class:`UserError`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from effvision.errors import UserError
 
@@ -54,7 +55,7 @@ def load_image(path: str | Path) -> torch.Tensor:
             if image.width * image.height > MAX_PIXELS:
                 raise UserError(f"{path}: {image.width}x{image.height} is too large (max {MAX_PIXELS} pixels)")
             image.load()
-            array = _to_array(image)
+            array = _to_array(ImageOps.exif_transpose(image))
     except UnidentifiedImageError as error:
         raise UserError(f"{path} is not an image file (or not a format Pillow can read)") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:

@@ -32,13 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    """Read an image file (or stdin), upright: an EXIF orientation tag is applied to the pixels, since
+    the .evc container keeps no metadata and the decoded image should look as the original is shown."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from effvision.io_utils import read_bytes
 
     try:
         image = Image.open(io.BytesIO(read_bytes(path, MAX_INPUT_BYTES)))
         image.load()
+        image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f"{path}: cannot read image ({error})") from error
     return image
