@@ -5,9 +5,10 @@ out ``chelsea`` and ``coffee`` for evaluation, then writes the weights with thei
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/train_demo_mambaic.py
 
-The shipped q1 weights are 1178 steps of the defaults: 409 steps in a 30-minute budget on a loaded 2-core CPU,
-then ``--resume --threads 2 --minutes 13`` (769 more steps). ``--steps 1178 --minutes 1000`` replays that
-many steps in one run wherever the machine is faster or slower (the resume changes the crop order).
+The shipped q1 weights are 3843 steps of the defaults: 409 steps in a 30-minute budget on a loaded 2-core CPU,
+then ``--resume --threads 2 --minutes 13`` (769 more steps), then ``--resume --threads 1 --minutes 55`` (2665
+more). ``--steps 3843 --minutes 1000`` replays that many steps in one run wherever the machine is faster or
+slower (each resume changes the crop order, so the weights will differ a little).
 """
 
 from __future__ import annotations
