@@ -17,6 +17,7 @@ import argparse
 import importlib
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from effvision.errors import UserError
@@ -61,7 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._module.run(args) or 0)
+        with warnings.catch_warnings():
+            # compressai calls torch.jit.script when imported; that deprecation is not the user's concern.
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+            return int(args._module.run(args) or 0)
     except UserError as error:
         if args.debug:
             traceback.print_exc()

@@ -38,10 +38,6 @@ def _format_for(destination: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    # compressai calls torch.jit.script at import; its deprecation warning is not the user's concern.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from effvision.codecs.base import load_codec, resolve_device
     from effvision.codecs.container import MAX_FILE_BYTES, parse
     from effvision.codecs.imagefile import decode_image

@@ -48,10 +48,6 @@ def _open_image(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    # compressai calls torch.jit.script at import; its deprecation warning is not the user's concern.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from effvision.codecs.base import load_codec, resolve_device
     from effvision.codecs.imagefile import encode_image
     from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths

@@ -146,10 +146,6 @@ def _real_images(shape: tuple[int, ...], model) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    # compressai calls torch.jit.script at import; its deprecation warning is not the user's concern.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import torch
 
     from effvision.export.onnx import check_onnx, export_onnx
