@@ -93,6 +93,12 @@ def test_ppt_batch_mixing_pooled_and_pruned_images_matches(tmp_path):
     assert check_onnx(model, tmp_path / "ppt.onnx", [images])["max_abs_diff"] <= ATOL
 
 
+def test_dynamo_exporter_matches_for_ppt(tmp_path):
+    model = reduced_deit_tiny("ppt")
+    export_onnx(model, tmp_path / "ppt.onnx", (1, 3, IMG_SIZE, IMG_SIZE), exporter="dynamo")
+    assert check_onnx(model, tmp_path / "ppt.onnx", batches(1, 5))["max_abs_diff"] <= ATOL
+
+
 def test_exported_batch_axis_is_symbolic(exported):
     graph = onnx.load(str(exported("tome")[1])).graph
     for value in (graph.input[0], graph.output[0]):
