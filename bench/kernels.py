@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -32,6 +31,8 @@ from effvision.kernels import (
     selective_scan_ref,
     size_weighted_merge,
 )
+
+from effvision.io_utils import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKEN_SHAPES = [  # (name, batch, tokens, channels, r)
@@ -308,12 +309,6 @@ def _fmt(value, spec=".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -339,8 +334,9 @@ def main() -> None:
     report = dict(device_name=device_name, machine=machine_description(args.device), command=command,
                   notes=notes, **results)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomically(RESULTS / f"kernels-{device_name}.json", json.dumps(report, indent=2) + "\n")
-    write_atomically(RESULTS / f"kernels-{device_name}.md", to_markdown(report))
+    atomic_write_bytes(RESULTS / f"kernels-{device_name}.json", (json.dumps(report, indent=2) + "\n").encode(),
+                       force=True)
+    atomic_write_bytes(RESULTS / f"kernels-{device_name}.md", to_markdown(report).encode(), force=True)
     print(to_markdown(report))
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from effvision.kernels import aot_check
+
+from effvision.io_utils import atomic_write_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REGISTERS_PER_SM = 65536
@@ -80,10 +80,7 @@ def main() -> None:
                      f"{r['shared_bytes']} | {r['ptx_lines']} | {r['resident_warps']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", "\n".join(lines) + "\n")):
-        path = args.out.with_suffix(suffix)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
+        atomic_write_bytes(args.out.with_suffix(suffix), text.encode(), force=True)
     print(f"wrote {args.out}.json and .md")
 
 
