@@ -3,7 +3,9 @@
 Atomic write: the bytes go to a temporary file in the destination's directory, are flushed and
 fsync'ed, then moved into place in one step (``os.link`` when the destination must not be clobbered,
 ``os.replace`` with ``force``). A failure at any point removes the temporary file, so the destination is
-either untouched or complete.
+either untouched or complete. :func:`atomic_path` does the same for writers that need a file name
+(``torch.save``, safetensors, ``torch.onnx.export``). The files get the permissions a plain ``open``
+would give (0666 minus the umask), not ``mkstemp``'s owner-only 0600.
 """
 
 from __future__ import annotations
@@ -12,13 +14,38 @@ import glob
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from effvision.errors import UserError
 
 STDIO = "-"
+
+
+def _new_temp_file(directory: Path, name: str) -> str:
+    """An empty temporary file beside the destination ``name``, with ordinary file permissions."""
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(descriptor)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp_name, 0o666 & ~umask)
+    return temp_name
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """Yield a temporary file name in ``path``'s folder (created if missing); when the block ends
+    normally the file replaces ``path`` in one step, on any exception it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_name = _new_temp_file(path.parent, path.name)
+    try:
+        yield temp_name
+        os.replace(temp_name, path)
+    finally:
+        Path(temp_name).unlink(missing_ok=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], force: bool = False) -> None:
@@ -41,9 +68,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], force: boo
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UserError(f"directory {directory} does not exist")
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    temp_name = _new_temp_file(directory, path.name)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
+        with open(temp_name, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -8,14 +8,14 @@ time of :mod:`effvision.export`.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from effvision.io_utils import atomic_path
 
 DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
@@ -95,10 +95,8 @@ def export_onnx(
     device = next(iter(model.parameters()), torch.empty(0)).device
     wrapped = _SingleInput(model).eval().to("cpu")
     example = torch.randn(*input_shape)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(descriptor)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with atomic_path(path) as temp_name, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
             if exporter == "dynamo":
                 options = dict(
@@ -121,9 +119,7 @@ def export_onnx(
                 opset_version=opset,
                 **options,
             )
-        os.replace(temp_name, path)
     finally:
-        Path(temp_name).unlink(missing_ok=True)
         model.to(device).train(was_training)
     return path
 

@@ -1,6 +1,7 @@
 """Atomic writes: a failure mid-write leaves no partial output and never touches an existing file."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from PIL import Image
 
 from effvision.codecs.base import ImageCodec, register_codec, unregister_codec
 from effvision.errors import UserError
-from effvision.io_utils import atomic_write, atomic_write_bytes, output_paths
+from effvision.io_utils import atomic_path, atomic_write, atomic_write_bytes, output_paths
 
 
 class WriteFailure(Exception):
@@ -32,6 +33,30 @@ def test_failure_mid_write_keeps_the_existing_file(tmp_path):
         atomic_write(tmp_path / "out.evc", failing_writer, force=True)
     assert (tmp_path / "out.evc").read_bytes() == b"original"
     assert [p.name for p in tmp_path.iterdir()] == ["out.evc"]
+
+
+def test_atomic_path_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "sub" / "model.bin"  # the folder is created
+    with atomic_path(target) as temp:
+        Path(temp).write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    with pytest.raises(WriteFailure), atomic_path(target) as temp:
+        Path(temp).write_bytes(b"partial")
+        raise WriteFailure("disk full")
+    assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == ["model.bin"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_ordinary_permissions_not_owner_only(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a.evc", b"x")
+        with atomic_path(tmp_path / "b.safetensors") as temp:
+            Path(temp).write_bytes(b"y")
+    finally:
+        os.umask(previous)
+    for name in ("a.evc", "b.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_failing_fsync_leaves_no_output(tmp_path, monkeypatch):

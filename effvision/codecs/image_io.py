@@ -8,8 +8,6 @@ truncated or corrupt raise :class:`UserError`.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from effvision.errors import UserError
+from effvision.io_utils import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: refuse decompression bombs: 2**28 pixels is 3 GiB as float32 RGB.
@@ -72,16 +71,8 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:
     """Write a (3, H, W) float image in [0, 1] as an 8-bit PNG, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as temp:
         Image.fromarray(to_uint8(image)).save(temp, format="PNG")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def list_images(directory: str | Path) -> list[Path]:

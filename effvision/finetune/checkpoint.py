@@ -17,13 +17,13 @@ so an interrupted run never leaves a half-written epoch behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from effvision.io_utils import atomic_path
 
 CONFIG = "config.json"
 WEIGHTS = "trainable.safetensors"
@@ -33,15 +33,8 @@ METRICS = "metrics.json"
 
 def atomic_save(path: Path, write: Callable[[str], None]) -> None:
     """``write(temp_path)`` in ``path``'s folder, then move the file into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def save_json(path: Path, data) -> None:

@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch import Tensor
 
 from effvision.codecs.mambaic.model import CONFIGS, MambaIC, MambaICConfig
 from effvision.errors import UserError
+from effvision.io_utils import atomic_path
 
 FORMAT = "effvision-mambaic"
 
@@ -176,17 +175,8 @@ def save_checkpoint(model: MambaIC, path: str | Path, extra: dict[str, str] | No
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict()), **(extra or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as temp:
         save_file(tensors, temp, metadata=metadata)
-        os.chmod(temp, 0o644)  # mkstemp creates 0600; checkpoints are shared/package data
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint_config(path: str | Path) -> tuple[MambaICConfig, dict[str, str]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from effvision.codecs.vqgan.kmeans import kmeans
 from effvision.codecs.vqgan.restoration import IndexRestorer
 from effvision.codecs.vqgan.taming import VQModel, taming_state_dict
 from effvision.errors import UserError
+from effvision.io_utils import atomic_path
 
 CELL = 16
 CONTEXT_GROUPS = 8
@@ -310,17 +310,8 @@ class VQGANCodec(CompressionModel):
             restorer_state = self.restorer.state_dict().items()
             tensors.update({f"restorer.{k}": v.detach().to(dtype).contiguous() for k, v in restorer_state})
             metadata["restorer_config"] = json.dumps(self.restorer.config)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file is a shareable asset
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as temp:
+            save_file(tensors, temp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VQGANCodec:

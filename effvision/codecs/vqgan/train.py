@@ -13,7 +13,6 @@ unchanged).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from effvision.codecs.vqgan.restoration import IndexRestorer, random_mask
 from effvision.codecs.vqgan.taming import VQModel
+from effvision.io_utils import atomic_path
 
 
 class RandomCrops:
@@ -58,16 +58,8 @@ class RandomCrops:
 
 def save_checkpoint_atomic(state: dict, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same directory, then os.replace (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
 
 
 @dataclass
