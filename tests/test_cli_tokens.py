@@ -34,3 +34,21 @@ def test_usage_error_exits_2():
     with pytest.raises(SystemExit) as exit_info:
         main(["reduce-info"])
     assert exit_info.value.code == 2
+
+
+def test_compressai_jit_script_deprecation_is_hidden_but_other_warnings_are_not(monkeypatch):
+    import warnings
+
+    from effvision import cli
+    from effvision.commands import reduce_info
+
+    def noisy_run(args):
+        warnings.warn("`torch.jit.script` is deprecated. Please switch to torch.compile", FutureWarning, stacklevel=1)
+        warnings.warn("something the user should see", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(reduce_info, "run", noisy_run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["reduce-info", "ppt_deit_small_patch16_224"]) == 0
+    assert [str(w.message) for w in caught] == ["something the user should see"]
