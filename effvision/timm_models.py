@@ -1,0 +1,15 @@
+"""The one entry point that registers every effvision model name with timm.
+
+``register()`` is idempotent and imports timm (and torch); ``import effvision`` arranges for it to run
+when timm is imported, so ``timm.create_model("ppt_deit_small_patch16_224")`` works after
+``import effvision`` without the package import itself paying for timm.
+"""
+
+from __future__ import annotations
+
+
+def register() -> list[str]:
+    """Register all ``<method>_<timm name>`` entries (token reduction and PEFT); returns the names."""
+    from effvision.tokens.registry import REGISTERED_MODELS
+
+    return list(REGISTERED_MODELS)
