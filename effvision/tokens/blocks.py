@@ -40,6 +40,12 @@ class BlockExtension(Protocol):
       to the residual beside the MLP.
     * ``after_block(block, state)``: after the MLP.
     * ``output(state)``: a tensor to return from ``forward`` instead of the tokens, or ``None``.
+
+    Optional (looked up with ``getattr``, so extensions without them need not define them):
+
+    * ``before_block(block, state)``: before the block's attention (e.g. tokens added to the input).
+    * ``tokens_before_block(block)``: (stream tokens, protected tokens) that ``before_block`` adds
+      (static). Protected tokens join the prefix (inserted after it; policies never remove them).
     """
 
     def injected_tokens(self, block: int) -> int: ...
@@ -109,9 +115,14 @@ class TokenReducingBlocks(nn.Sequential):
 
     def token_schedule(self, tokens: int) -> list[tuple[int, int]]:
         """(tokens into attention, tokens into the MLP) for every block, for ``tokens`` input tokens."""
-        schedule = []
+        schedule, prefix = [], self.num_prefix
         for index in range(len(self)):
-            out = self.policy.output_tokens(index, tokens, self.num_prefix)
+            for extension in self.extensions:
+                added = getattr(extension, "tokens_before_block", None)
+                if added is not None:
+                    stream, protected = added(index)
+                    tokens, prefix = tokens + stream + protected, prefix + protected
+            out = self.policy.output_tokens(index, tokens, prefix)
             out += sum(extension.injected_tokens(index) for extension in self.extensions)
             schedule.append((tokens, out))
             tokens = out
@@ -131,6 +142,10 @@ class TokenReducingBlocks(nn.Sequential):
         return state
 
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> TokenState:
+        for extension in self.extensions:
+            before = getattr(extension, "before_block", None)
+            if before is not None:
+                state = before(index, state)
         reduces = self.policy.output_tokens(index, state.num_tokens, state.num_prefix) < state.num_tokens
         need = self.policy.needs if reduces else frozenset()
         bias = size_bias(state.size, state.x.dtype) if self.policy.proportional_attention else None
