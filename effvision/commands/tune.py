@@ -1,0 +1,148 @@
+"""``effvision tune MODEL --target 1.8x``: per token-reduction method, the setting that meets a speed
+target on this device with the highest fidelity to the unreduced model (see :mod:`effvision.tune`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HELP = "measure token-reduction settings on this device and pick, per method, the most faithful one meeting a target"
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="timm ViT name, e.g. deit_small_patch16_224 (unreduced base)")
+    parser.add_argument("--target", required=True, help="speed-up over the unreduced model ('1.8x') or latency per "
+                        "batch ('120ms', '0.5s')")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp32 (CPU default) or autocast to "
+                        "bf16 / fp16 (CUDA default: bf16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per timed batch (32 on CPU, 256 on CUDA)")
+    parser.add_argument("--methods", nargs="+", default=["ppt", "tome", "topk"], choices=["ppt", "tome", "topk"])
+    parser.add_argument("--calibration", type=Path, help="folder of images for the fidelity measure (default: random "
+                        "crops and flips of built-in photos)")
+    parser.add_argument("--calibration-count", type=int, default=32, help="number of calibration images")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the network or "
+                         "the Hugging Face cache); default: random weights (speed does not depend on them)")
+    weights.add_argument("--checkpoint", type=Path, help="weights file for the model (timm's pretrained_cfg_overlay)")
+    parser.add_argument("--onnx", action="store_true", help="time with ONNX Runtime (CPU) instead of PyTorch")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per search step (3 CPU, 10 CUDA)")
+    parser.add_argument("--final-repeats", type=int, default=None, help="rounds when re-measuring the picks "
+                        "(5 CPU, 30 CUDA)")
+    parser.add_argument("--max-steps", type=int, default=6, help="settings timed per method at most")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="JSON config to write (default tune-<model>-<target>.json)")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG plot (default: the config's name with .png)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing config")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _create_model(args):
+    import timm
+
+    from effvision.errors import UserError
+
+    if not timm.is_model(args.model):
+        raise UserError(f"unknown timm model {args.model!r}")
+    kwargs: dict = {}
+    if args.pretrained:
+        kwargs["pretrained"] = True
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_file():
+            raise UserError(f"checkpoint not found: {args.checkpoint}")
+        kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(args.checkpoint.resolve())}}
+    try:
+        model = timm.create_model(args.model, **kwargs)
+    except Exception as error:  # noqa: BLE001 - hub / file errors come in many types; all mean "no weights"
+        if args.pretrained:
+            raise UserError(
+                f"could not get pretrained weights for {args.model} (they are downloaded from the Hugging Face "
+                f"Hub: no network? use --checkpoint FILE or random weights): {type(error).__name__}: {error}"
+            ) from error
+        raise UserError(f"could not create {args.model}: {type(error).__name__}: {error}") from error
+    return model, kwargs
+
+
+def run(args) -> int:
+    import timm
+    import torch
+
+    from effvision import tune
+    from effvision.errors import UserError
+
+    try:
+        target = tune.Target.parse(args.target)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device available")
+    if args.onnx and cuda:
+        raise UserError("--onnx times ONNX Runtime on the CPU; use it with --device cpu")
+    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if cuda else "fp32")])
+    batch_size = args.batch_size or (256 if cuda else 32)
+    repeats = args.repeats or (10 if cuda else 3)
+    final_repeats = args.final_repeats or (30 if cuda else 5)
+    if batch_size < 1 or repeats < 1 or final_repeats < 1 or args.calibration_count < 1 or args.max_steps < 1:
+        raise UserError("--batch-size, --repeats, --final-repeats, --calibration-count and --max-steps must be >= 1")
+    output = args.output or Path(f"tune-{args.model}-{args.target.strip().replace(' ', '')}.json")
+    if output.exists() and not args.force:
+        raise UserError(f"{output} exists (use --force to overwrite)")
+
+    torch.manual_seed(args.seed)
+    model, model_kwargs = _create_model(args)
+    model = model.eval().to(device)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    images, calibration = tune.calibration_images(data_config, args.calibration_count, args.calibration, args.seed)
+
+    runtime = "onnxruntime-cpu" if args.onnx else "pytorch"
+    print(f"tuning {args.model} for {target} on {device} ({DTYPES[args.dtype or ('bf16' if cuda else 'fp32')]}, "
+          f"batch {batch_size}, {runtime}); fidelity on {calibration}", flush=True)
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    def search(timer):
+        try:
+            return tune.tune(
+                model, target, images, timer, methods=args.methods, base_model=args.model, model_kwargs=model_kwargs,
+                device=str(device), dtype=dtype, batch_size=batch_size, runtime=runtime, calibration=calibration,
+                repeats=repeats, final_repeats=final_repeats, max_steps=args.max_steps, log=log,
+            )
+        except ValueError as error:
+            raise UserError(str(error)) from error
+
+    if args.onnx:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="effvision-tune-") as workdir:
+            result = search(tune.OnnxTimer(data_config["input_size"], batch_size, workdir))
+    else:
+        result = search(tune.TorchTimer(data_config["input_size"], batch_size, str(device), dtype))
+
+    print()
+    print(result.table())
+    print(f"finished in {result.elapsed_seconds:.0f} s")
+    if result.best is None:
+        raise UserError(f"no method reached the target {target} on {device}; the table shows the fastest setting "
+                        "timed per method (try a lower target or a larger batch)")
+
+    from effvision.io_utils import atomic_write_bytes
+
+    config = result.config()
+    atomic_write_bytes(output, (json.dumps(config, indent=2) + "\n").encode(), force=args.force)
+    print(f"config: {output}  (timm.create_model(cfg['model'], **cfg['kwargs']) or "
+          f"effvision.tune.model_from_config(path))")
+    if not args.no_plot:
+        plot_path = args.plot or output.with_suffix(".png")
+        try:
+            result.plot(plot_path)
+            print(f"plot: {plot_path}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    return 0
