@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "demo": "demo",
     "reduce-info": "reduce_info",
+    "tune": "tune",
     "finetune": "finetune",
     "evaluate": "evaluate",
     "train-vqgan": "train_vqgan",
