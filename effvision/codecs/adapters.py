@@ -1,9 +1,14 @@
 """Wrap compressai-style models as :class:`effvision.codecs.base.ImageCodec`, and the built-in loaders.
 
-A compressai ``CompressionModel`` returns ``{"strings": [[bytes] per entropy model], "shape": latent
-shape}`` from ``compress`` and takes both back in ``decompress``. The adapter stores the latent shape in
-section 0 (little-endian: one ``uint8`` rank, then one ``uint16`` per dimension) and one section per
-entropy model after it, so a codec author writes only the model.
+A compressai ``CompressionModel`` returns ``{"strings": [[bytes] per entropy model], "shape": ...}`` from
+``compress`` and takes the strings back in ``decompress(strings, shape)``. The models here take the image
+size as ``shape`` (they pad internally and derive every latent grid from it), so the container's image
+size is the single source of truth: a file stores one section per entropy model and nothing else. Version-1
+files also stored the shape (one ``uint8`` rank, then one ``uint16`` per dimension) in a first section; it
+must be exactly the rank-2 image size and is dropped (:meth:`CompressAIImageCodec.strip_version1_sections`).
+
+The wrapped model may provide ``check_strings(strings, shape)`` (cheap plausibility checks run before any
+decoding work) and ``decode_memory_bytes(shape)`` (a peak-memory estimate).
 """
 
 from __future__ import annotations
@@ -15,23 +20,8 @@ from pathlib import Path
 import torch
 
 from effvision.codecs.base import ImageCodec, fingerprint_module
+from effvision.codecs.rans import CorruptStreamError
 from effvision.errors import UserError
-
-MAX_LATENT_RANK = 4
-
-
-def _encode_shape(shape: tuple[int, ...]) -> bytes:
-    return struct.pack(f"<B{len(shape)}H", len(shape), *shape)
-
-
-def _decode_shape(section: bytes, expected: tuple[int, int]) -> tuple[int, ...]:
-    if not section or section[0] == 0 or section[0] > MAX_LATENT_RANK or len(section) != 1 + 2 * section[0]:
-        raise UserError("corrupt payload: bad latent shape section")
-    shape = struct.unpack(f"<{section[0]}H", section[1:])
-    # The latent size follows from the image size; checking it bounds what decompress() allocates.
-    if tuple(shape[-2:]) != expected:
-        raise UserError(f"corrupt payload: latent shape {shape} does not match the image ({expected})")
-    return shape
 
 
 class CompressAIImageCodec(ImageCodec):
@@ -41,13 +31,11 @@ class CompressAIImageCodec(ImageCodec):
         model: the compression model; ``update()`` is called once if it has one (builds the CDF tables).
         name: codec id written into files.
         config_id: configuration id written into files (e.g. ``"lite-q3"``).
-        alignment: height/width multiple the model needs (e.g. 64 for 4 stride-2 layers + a 4x hyperprior).
-        latent_stride: image size / the spatial size of compress()'s ``"shape"`` (default ``alignment``;
-            16 for a model whose ``shape`` is the main latent of a 16x analysis transform).
         device: where the transforms run; entropy coding runs on the CPU inside compressai.
         compress_kwargs: extra ``compress()`` options, e.g. ``{"chunks": 4}`` for VQGAN's independently
             decodable row bands (one section each; a section the container marks lost is passed to
             ``decompress(..., lost=[flag per section])`` and restored by models that accept ``lost``).
+        tile_size: side of the square tiles images are coded in (see :class:`ImageCodec`).
     """
 
     def __init__(
@@ -55,16 +43,15 @@ class CompressAIImageCodec(ImageCodec):
         model: torch.nn.Module,
         name: str,
         config_id: str,
-        alignment: int,
-        latent_stride: int | None = None,
         device: str = "cpu",
         compress_kwargs: dict | None = None,
+        tile_size: int = 1024,
     ) -> None:
         self.model = model.to(device).eval()
         self.name = name
         self.config_id = config_id
-        self.alignment = alignment
-        self.latent_stride = latent_stride or alignment
+        self.alignment = 1
+        self.tile_size = tile_size
         self.device = device
         self.compress_kwargs = dict(compress_kwargs or {})
         if hasattr(model, "update"):
@@ -78,26 +65,41 @@ class CompressAIImageCodec(ImageCodec):
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> list[bytes]:
         out = self.model.compress(image.unsqueeze(0).to(self.device), **self.compress_kwargs)
-        sections = [_encode_shape(tuple(int(s) for s in out["shape"]))]
-        for strings in out["strings"]:
-            sections.append(bytes(strings[0]))
-        return sections
+        return [bytes(strings[0]) for strings in out["strings"]]
+
+    def check_sections(self, sections: list[bytes | None], height: int, width: int) -> None:
+        if not sections:
+            raise UserError("corrupt payload: a tile without sections")
+        if any(section is None for section in sections) and not self._accepts_lost:
+            raise UserError(f"codec {self.name!r} cannot restore lost sections")
+        if hasattr(self.model, "check_strings"):
+            self.model.check_strings(sections, (height, width))
+
+    def decode_memory_bytes(self, height: int, width: int) -> int:
+        if hasattr(self.model, "decode_memory_bytes"):
+            return int(self.model.decode_memory_bytes((height, width)))
+        return 0
+
+    def strip_version1_sections(self, sections: list[bytes | None], height: int, width: int) -> list[bytes | None]:
+        shape_section = sections[0] if sections else None
+        if not shape_section or len(shape_section) != 5 or shape_section[0] != 2:
+            raise UserError("corrupt payload: a version-1 shape section must hold the rank-2 image size")
+        shape = struct.unpack("<2H", shape_section[1:])
+        if shape != (height, width):
+            raise UserError(f"corrupt payload: shape section says {shape}, the header {(height, width)}")
+        return sections[1:]
 
     @torch.no_grad()
     def decode(self, sections: list[bytes | None], height: int, width: int) -> torch.Tensor:
-        if len(sections) < 2 or sections[0] is None:
-            raise UserError("corrupt payload: missing latent shape or bitstream sections")
-        shape = _decode_shape(sections[0], (height // self.latent_stride, width // self.latent_stride))
-        lost = [section is None for section in sections[1:]]
-        kwargs = {}
-        if any(lost):
-            if not self._accepts_lost:
-                raise UserError(f"codec {self.name!r} cannot restore lost sections")
-            kwargs["lost"] = lost  # one flag per entropy-coded section, e.g. VQGAN's row bands
-        strings = [[section if section is not None else b""] for section in sections[1:]]
+        self.check_sections(sections, height, width)
+        lost = [section is None for section in sections]
+        kwargs = {"lost": lost} if any(lost) else {}
+        strings = [[section if section is not None else b""] for section in sections]
         try:
-            x_hat = self.model.decompress(strings, shape, **kwargs)["x_hat"]
-        except (RuntimeError, ValueError, IndexError, KeyError, struct.error) as error:
+            x_hat = self.model.decompress(strings, (height, width), **kwargs)["x_hat"]
+        except CorruptStreamError as error:
+            raise UserError(f"corrupt payload: {error}") from error
+        except (ValueError, IndexError, KeyError, struct.error) as error:
             raise UserError(f"corrupt payload: {self.name} decoder failed ({error})") from error
         if x_hat.shape[-2:] != (height, width):
             raise UserError(f"corrupt payload: decoded {tuple(x_hat.shape[-2:])} pixels, header says {(height, width)}")
@@ -152,12 +154,12 @@ def load_mambaic(
     device: str = "cpu",
     config_id: str | None = None,
 ) -> CompressAIImageCodec:
-    """Loader registered as ``"mambaic"``: MambaIC pads internally and its ``shape`` is the image size."""
+    """Loader registered as ``"mambaic"`` (MambaIC pads internally; ``shape`` is the image size)."""
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
 
     path, config_id = select_weights("mambaic", quality, checkpoint, config_id)
     model = load_checkpoint(path, device=device)
-    return CompressAIImageCodec(model, "mambaic", config_id, alignment=1, latent_stride=1, device=device)
+    return CompressAIImageCodec(model, "mambaic", config_id, device=device, tile_size=1024)
 
 
 def load_vqgan(
@@ -166,8 +168,8 @@ def load_vqgan(
     device: str = "cpu",
     config_id: str | None = None,
 ) -> CompressAIImageCodec:
-    """Loader registered as ``"vqgan"``: VQGAN pads internally and its ``shape`` is the image size."""
+    """Loader registered as ``"vqgan"`` (VQGAN pads internally; ``shape`` is the image size)."""
     from effvision.codecs.vqgan.model import VQGANCodec
 
     path, config_id = select_weights("vqgan", quality, checkpoint, config_id)
-    return CompressAIImageCodec(VQGANCodec.load(path), "vqgan", config_id, alignment=1, latent_stride=1, device=device)
+    return CompressAIImageCodec(VQGANCodec.load(path), "vqgan", config_id, device=device, tile_size=1024)

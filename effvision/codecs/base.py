@@ -38,11 +38,16 @@ class ImageCodec(ABC):
         config_id: configuration id stored in every file (ASCII, at most 64 bytes), e.g. ``"lite-q3"``.
         alignment: the image height and width the codec accepts must be multiples of this; the container
             pads (edge replication) and records the padding.
+        tile_size: side of the square tiles an image is cut into for encoding (a multiple of
+            ``alignment``); each tile is coded on its own, so memory is bounded by the tile, not the image.
+        max_tile_pixels: largest tile a file may declare; decoding refuses bigger ones before any work.
     """
 
     name: str
     config_id: str
     alignment: int = 1
+    tile_size: int = 1024
+    max_tile_pixels: int = 2048 * 2048
 
     @abstractmethod
     def fingerprint(self) -> bytes:
@@ -66,6 +71,19 @@ class ImageCodec(ABC):
         A section is ``None`` when the file marks it as lost; a codec that cannot restore lost data
         raises :class:`effvision.errors.UserError`. Corrupt sections must raise ``UserError`` too.
         """
+
+    def check_sections(self, sections: list[bytes | None], height: int, width: int) -> None:  # noqa: B027
+        """Refuse, before any decoding work, sections that cannot be what :meth:`encode` writes for a
+        (height, width) image: wrong count, lost where the codec cannot restore, shorter than the
+        information the codec's probability tables force. Raises :class:`UserError`. Default: no check."""
+
+    def decode_memory_bytes(self, height: int, width: int) -> int:
+        """Estimated peak memory (bytes) of :meth:`decode` for a (height, width) image; 0 if unknown."""
+        return 0
+
+    def strip_version1_sections(self, sections: list[bytes | None], height: int, width: int) -> list[bytes | None]:
+        """The sections of a version-1 file in this release's layout (e.g. without a leading shape section)."""
+        return sections
 
 
 FINGERPRINT_BYTES = 16

@@ -1,28 +1,53 @@
-"""PIL image <-> ``.evc`` container through an :class:`~effvision.codecs.base.ImageCodec`.
+"""PIL image <-> ``.evc`` container through an :class:`~effvision.codecs.base.ImageCodec`, tile by tile.
 
 Codecs see RGB only. Grayscale images are replicated to RGB and converted back after decoding; an
 alpha channel is stored losslessly (zlib) in its own section; other PIL modes are converted to the
 nearest of RGB, L, RGBA, LA first. The image is edge-padded to the codec's alignment and the padding
 is recorded, so the decoder crops back to the original size.
+
+Tiling: the padded image is cut into ``tile_size`` x ``tile_size`` tiles (the last row and column cut to
+the image) and every tile is coded on its own, so encoding and decoding need the memory of one tile, not
+of the image. An image no larger than one tile is coded exactly as an untiled codec would code it. In a
+larger image each tile is an independent image for the codec: its bitstream is the one the codec writes
+for that crop alone, no context crosses a tile border, so seams can show at low rates and the rate is a
+little higher than untiled coding (each tile pays for its own hyperprior and stream headers).
+
+Decoding checks everything a file declares before any work: size against ``max_pixels``, tile size
+against the codec's limit, every tile's sections against what the codec can have written
+(:meth:`ImageCodec.check_sections`), and the estimated memory of one tile against what the machine has.
 """
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from effvision.codecs.base import ImageCodec
-from effvision.codecs.container import MAX_PADDING, Container, ContainerError, Mode, Section, SectionKind
+from effvision.codecs.container import (
+    MAX_PADDING,
+    Container,
+    ContainerError,
+    Mode,
+    Section,
+    SectionKind,
+    Tile,
+    tile_grid,
+)
 from effvision.errors import UserError
 
-# Largest padded image a codec is asked to process: 3 x 2**26 float32 is 768 MiB before any activation.
+# Largest padded image a codec is asked to process (the default of ``--max-pixels``).
 MAX_PIXELS = 1 << 26
 
 _STORED_MODE = {"RGB": "RGB", "L": "L", "RGBA": "RGBA", "LA": "LA", "1": "L", "I": "L", "I;16": "L", "F": "L"}
+_ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "not enough memory", "failed to allocate")
+
+
+class ResourceError(UserError):
+    """The work needs more memory than this process can have (not a corrupt file)."""
 
 
 def _normalize_mode(image: Image.Image) -> Image.Image:
@@ -36,24 +61,91 @@ def _normalize_mode(image: Image.Image) -> Image.Image:
     return image.convert(_STORED_MODE.get(image.mode, "RGB"))
 
 
-def _check_pixels(height: int, width: int) -> None:
-    if height * width > MAX_PIXELS:
-        raise UserError(f"image of {width}x{height} pixels exceeds the {MAX_PIXELS}-pixel limit")
+def _check_pixels(height: int, width: int, limit: int = MAX_PIXELS) -> None:
+    if height * width > limit:
+        raise UserError(f"image of {width}x{height} pixels exceeds the {limit}-pixel limit (--max-pixels)")
 
 
-def encode_image(codec: ImageCodec, image: Image.Image) -> Container:
-    """Encode a PIL image of any mode into a container."""
+def available_memory_bytes() -> int | None:
+    """Memory the machine can still give (``MemAvailable`` of /proc/meminfo), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _gigabytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GB"
+
+
+def _is_allocation_failure(error: BaseException) -> bool:
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _ALLOCATION_FAILURES)
+
+
+def _tiles_progress(total: int, what: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="tile", leave=False, disable=not progress or total < 2, file=sys.stderr)
+
+
+def _check_tile_size(codec: ImageCodec, tile_height: int, tile_width: int) -> None:
+    if tile_height % codec.alignment or tile_width % codec.alignment:
+        raise ContainerError(f"tile size {tile_width}x{tile_height} is not a multiple of {codec.alignment}")
+    if tile_height * tile_width > codec.max_tile_pixels:
+        raise ContainerError(
+            f"tile size {tile_width}x{tile_height} exceeds {codec.name}'s limit of {codec.max_tile_pixels} pixels"
+        )
+
+
+def encode_image(
+    codec: ImageCodec, image: Image.Image, tile_size: int | None = None, progress: bool = False
+) -> Container:
+    """Encode a PIL image of any mode into a (version 2, tiled) container.
+
+    Args:
+        codec: the codec.
+        image: any PIL image.
+        tile_size: side of the square tiles (default ``codec.tile_size``; a multiple of its alignment).
+        progress: show a progress bar over the tiles on stderr (for images of several tiles).
+    """
     image = _normalize_mode(image)
     width, height = image.size
     if codec.alignment > MAX_PADDING + 1:
         raise ValueError(f"codec alignment {codec.alignment} exceeds {MAX_PADDING + 1}")
+    tile = codec.tile_size if tile_size is None else tile_size
+    if tile < 1:
+        raise UserError(f"tile size must be positive, got {tile}")
+    _check_tile_size(codec, tile, tile)
     pad_right, pad_bottom = -width % codec.alignment, -height % codec.alignment
     _check_pixels(height + pad_bottom, width + pad_right)
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
     if pad_right or pad_bottom:
-        tensor = F.pad(tensor.unsqueeze(0), (0, pad_right, 0, pad_bottom), mode="replicate")[0]
-    sections = [Section(data) for data in codec.encode(tensor)]
+        rgb = np.pad(rgb, ((0, pad_bottom), (0, pad_right), (0, 0)), mode="edge")
+    sections: list[Section] = []
+    places = tile_grid(*rgb.shape[:2], tile, tile)
+    with _tiles_progress(len(places), "encode", progress) as bar:
+        for top, left, tile_height, tile_width in places:
+            crop = torch.from_numpy(np.ascontiguousarray(rgb[top : top + tile_height, left : left + tile_width]))
+            try:
+                streams = codec.encode(crop.permute(2, 0, 1).float().div_(255))
+            except Exception as error:
+                if _is_allocation_failure(error):
+                    raise ResourceError(
+                        f"encoding a {tile_width}x{tile_height} tile needs about "
+                        f"{_gigabytes(codec.decode_memory_bytes(tile_height, tile_width))} and the allocation "
+                        "failed; use a smaller --tile-size"
+                    ) from error
+                raise
+            if not streams:
+                raise ValueError(f"codec {codec.name!r} wrote no section for a tile")
+            sections.extend(Section(data, tile_start=index == 0) for index, data in enumerate(streams))
+            bar.update()
     if image.mode in ("RGBA", "LA"):
         alpha = np.asarray(image.getchannel("A"), dtype=np.uint8)
         sections.append(Section(zlib.compress(alpha.tobytes(), 9), SectionKind.ALPHA))
@@ -67,6 +159,8 @@ def encode_image(codec: ImageCodec, image: Image.Image) -> Container:
         sections=tuple(sections),
         pad_right=pad_right,
         pad_bottom=pad_bottom,
+        tile_width=tile,
+        tile_height=tile,
     )
 
 
@@ -79,11 +173,16 @@ def _decode_alpha(data: bytes, height: int, width: int) -> Image.Image:
         raise ContainerError(f"corrupt alpha section ({error})") from error
     if len(plane) != height * width or inflater.unconsumed_tail or not inflater.eof:
         raise ContainerError("corrupt alpha section: wrong size")
+    if inflater.unused_data:
+        raise ContainerError(f"corrupt alpha section: {len(inflater.unused_data)} bytes after the zlib stream")
     return Image.frombytes("L", (width, height), plane)
 
 
-def decode_image(container: Container, codec: ImageCodec) -> Image.Image:
-    """Decode a container with the codec that wrote it, back to the original size and mode."""
+def plan_decode(container: Container, codec: ImageCodec, max_pixels: int = MAX_PIXELS) -> list[Tile]:
+    """Every check that can be made before decoding; returns the tiles to decode.
+
+    Raises :class:`UserError` (a :class:`ResourceError` when one tile would not fit in memory).
+    """
     if (codec.name, codec.config_id) != (container.codec, container.config_id):
         raise UserError(
             f"file needs codec {container.codec}/{container.config_id}, got {codec.name}/{codec.config_id}"
@@ -93,20 +192,75 @@ def decode_image(container: Container, codec: ImageCodec) -> Image.Image:
             f"file was written by different {container.codec}/{container.config_id} weights "
             "(fingerprint mismatch); pass the checkpoint it was encoded with"
         )
-    padded_h, padded_w = container.height + container.pad_bottom, container.width + container.pad_right
+    padded_h, padded_w = container.padded_size
     if padded_h % codec.alignment or padded_w % codec.alignment:
         raise ContainerError(f"padded size {padded_w}x{padded_h} is not a multiple of {codec.alignment}")
-    _check_pixels(padded_h, padded_w)
+    _check_pixels(padded_h, padded_w, max_pixels)
+    if container.version == 1:
+        tile = container.tiles[0]
+        sections = codec.strip_version1_sections(list(tile.sections), padded_h, padded_w)
+        tiles = [Tile(0, 0, padded_h, padded_w, tuple(sections))]
+    else:
+        _check_tile_size(codec, container.tile_height, container.tile_width)
+        tiles = container.tiles
+    for tile in tiles:
+        try:
+            codec.check_sections(list(tile.sections), tile.height, tile.width)
+        except UserError as error:
+            where = f"tile at ({tile.left}, {tile.top})" if len(tiles) > 1 else "payload"
+            raise UserError(f"corrupt {where}: {error}") from error
+    largest = max(tiles, key=lambda t: t.height * t.width)
+    needed = codec.decode_memory_bytes(largest.height, largest.width) + padded_h * padded_w * 4
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"decoding needs about {_gigabytes(needed)} ({largest.width}x{largest.height} pixels at once); "
+            f"this machine has {_gigabytes(available)} available"
+        )
+    return tiles
+
+
+def decode_image(
+    container: Container, codec: ImageCodec, max_pixels: int = MAX_PIXELS, progress: bool = False
+) -> Image.Image:
+    """Decode a container with the codec that wrote it, back to the original size and mode.
+
+    Args:
+        container: a parsed file.
+        codec: the codec named by the file (same weights: the fingerprint is checked).
+        max_pixels: refuse files whose padded image has more pixels, before any work.
+        progress: show a progress bar over the tiles on stderr.
+    """
+    tiles = plan_decode(container, codec, max_pixels)
     alpha = None
     if container.mode in (Mode.RGBA, Mode.LA):
         if container.alpha is None:
             raise ContainerError(f"mode {container.mode.name} but no alpha section")
         alpha = _decode_alpha(container.alpha, container.height, container.width)
-    tensor = codec.decode(container.codec_sections, padded_h, padded_w)
-    if tuple(tensor.shape) != (3, padded_h, padded_w):
-        raise UserError(f"codec returned shape {tuple(tensor.shape)}, expected {(3, padded_h, padded_w)}")
-    pixels = tensor[:, : container.height, : container.width].clamp(0, 1).mul(255).round().to(torch.uint8)
-    image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    pixels = np.empty((container.height, container.width, 3), dtype=np.uint8)
+    with _tiles_progress(len(tiles), "decode", progress) as bar:
+        for tile in tiles:
+            try:
+                tensor = codec.decode(list(tile.sections), tile.height, tile.width)
+            except Exception as error:
+                if _is_allocation_failure(error):
+                    raise ResourceError(
+                        f"decoding a {tile.width}x{tile.height} tile needs about "
+                        f"{_gigabytes(codec.decode_memory_bytes(tile.height, tile.width))} and the allocation "
+                        "failed (memory limit of this process or machine)"
+                    ) from error
+                raise
+            if tuple(tensor.shape) != (3, tile.height, tile.width):
+                raise UserError(f"codec returned shape {tuple(tensor.shape)}, expected {(3, tile.height, tile.width)}")
+            bottom = min(tile.top + tile.height, container.height)
+            right = min(tile.left + tile.width, container.width)
+            if bottom > tile.top and right > tile.left:
+                crop = tensor[:, : bottom - tile.top, : right - tile.left]
+                pixels[tile.top : bottom, tile.left : right] = (
+                    crop.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                )
+            bar.update()
+    image = Image.fromarray(pixels, "RGB")
     if container.mode in (Mode.L, Mode.LA):
         image = image.convert("L")
     if alpha is not None:

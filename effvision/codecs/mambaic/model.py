@@ -30,10 +30,20 @@ from torch import Tensor, nn
 
 from effvision.codecs.mambaic.context import SliceContext, anchor_mask
 from effvision.codecs.mambaic.vss import VSSBlock
+from effvision.codecs.rans import (
+    MIN_STREAM_BYTES,
+    SYMBOL_SLACK_BITS,
+    CorruptStreamError,
+    min_stream_bytes,
+    use_checked_decoder,
+)
 
 #: inputs are padded to a multiple of this (4 stride-2 layers in g_a, 2 more in h_a).
 ALIGNMENT = 64
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
+#: peak decode memory per padded pixel and per transform channel (float32), measured on the lite and
+#: paper configs on CPU (bench/results/codec-tiling-cpu.md); used to refuse what cannot fit up front.
+DECODE_BYTES_PER_PIXEL_CHANNEL = 12
 
 
 @dataclass(frozen=True)
@@ -283,14 +293,64 @@ class MambaIC(CompressionModel):
         strings.append(z_strings)
         return {"strings": strings, "shape": (height, width)}
 
+    @staticmethod
+    def latent_grids(shape: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Image (H, W) -> the grids of ``y`` (H/16 x W/16 after padding to 64) and ``z`` (H/64 x W/64)."""
+        height, width = int(shape[0]), int(shape[1])
+        z_grid = (-(-height // ALIGNMENT), -(-width // ALIGNMENT))
+        return (z_grid[0] * 4, z_grid[1] * 4), z_grid
+
+    def _min_z_bits_per_position(self) -> float:
+        """Fewest bits one z position (all channels) can cost under the factorised prior's CDF tables."""
+        cdfs, lengths = self.entropy_bottleneck._quantized_cdf, self.entropy_bottleneck._cdf_length
+        if cdfs.numel() == 0:
+            return 0.0
+        bits = 0.0
+        for row, length in zip(cdfs.tolist(), lengths.tolist(), strict=True):
+            largest = max(b - a for a, b in zip(row[: length - 1], row[1:length], strict=True))
+            bits += max(0.0, -math.log2(largest / (1 << 16)) - SYMBOL_SLACK_BITS)
+        return bits
+
+    def check_strings(self, strings: list[bytes | None], shape: tuple[int, int]) -> None:
+        """Cheap checks before decoding (``strings``: one ``bytes`` per stream, as in a file): the stream
+        count, no lost stream, whole rANS words, and a z stream long enough for the z grid the image size
+        implies (the factorised prior's most likely symbols still cost bits). Raises CorruptStreamError."""
+        expected = 2 * len(self.slices) + 1
+        if len(strings) != expected:
+            raise CorruptStreamError(f"MambaIC tile has {len(strings)} streams, expected {expected}")
+        for index, stream in enumerate(strings):
+            if stream is None:
+                raise CorruptStreamError("MambaIC cannot restore a lost stream")
+            if len(stream) < MIN_STREAM_BYTES or len(stream) % 4:
+                raise CorruptStreamError(f"stream {index} has {len(stream)} bytes, not a whole rANS stream")
+        _, (z_h, z_w) = self.latent_grids(shape)
+        needed = min_stream_bytes(self._min_z_bits_per_position() * z_h * z_w)
+        if len(strings[-1]) < needed:
+            raise CorruptStreamError(
+                f"hyperprior stream of {len(strings[-1])} bytes cannot hold a {z_w}x{z_h} grid (at least {needed})"
+            )
+
+    def decode_memory_bytes(self, shape: tuple[int, int]) -> int:
+        """Estimated peak memory of :meth:`decompress` for one (H, W) image (float32, batch 1)."""
+        (y_h, y_w), _ = self.latent_grids(shape)
+        pixels = y_h * y_w * 256
+        return pixels * DECODE_BYTES_PER_PIXEL_CHANNEL * self.config.transform_channels + 64 * 2**20
+
     @torch.no_grad()
     def decompress(self, strings: list[list[bytes]], shape: tuple[int, int]) -> dict:
-        """Inverse of :meth:`compress`: returns {"x_hat": (B, 3, H, W) clamped to [0, 1], "y_hat"}."""
+        """Inverse of :meth:`compress`: returns {"x_hat": (B, 3, H, W) clamped to [0, 1], "y_hat"}.
+
+        Streams are decoded with :mod:`effvision.codecs.rans`'s bounds-checked decoder: a truncated,
+        padded or corrupt stream raises :class:`CorruptStreamError` instead of reading past its end.
+        """
         if len(strings) != 2 * len(self.slices) + 1:
             raise ValueError(f"expected {2 * len(self.slices) + 1} string lists, got {len(strings)}")
+        if len(shape) != 2:
+            raise ValueError(f"shape must be the image (height, width), got {tuple(shape)}")
         height, width = int(shape[0]), int(shape[1])
         if height <= 0 or width <= 0:
             raise ValueError(f"invalid image shape {tuple(shape)}")
+        use_checked_decoder(self)
         padded_h, padded_w = height + (-height % ALIGNMENT), width + (-width % ALIGNMENT)
         z_hat = self.entropy_bottleneck.decompress(strings[-1], (padded_h // ALIGNMENT, padded_w // ALIGNMENT))
         parts = iter(strings[:-1])

@@ -21,16 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from effvision.errors import UserError
+from effvision.codecs.rans import CorruptStreamError, RansStreamDecoder
+
+__all__ = ["CorruptStreamError", "IndexEntropyModel", "decode_index_map", "encode_index_map"]
 
 FIXED_LENGTH = 0
 RANS = 1
 HEADER = struct.Struct("<BH")
 CDF_PRECISION = 16
-
-
-class CorruptStreamError(UserError, ValueError):
-    """The index stream is truncated, damaged or was written by another codebook."""
 
 
 def index_checksum(indices: np.ndarray) -> int:
@@ -57,7 +55,10 @@ def unpack_fixed_length(payload: bytes, count: int, k: int, damaged: bool = Fals
     needed = math.ceil(count * bits / 8)
     if len(payload) != needed:
         raise CorruptStreamError(f"fixed-length index stream has {len(payload)} bytes, expected {needed}")
-    unpacked = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))[: count * bits].reshape(count, bits)
+    all_bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))
+    if all_bits[count * bits :].any():
+        raise CorruptStreamError("fixed-length index stream has non-zero padding bits")
+    unpacked = all_bits[: count * bits].reshape(count, bits)
     values = (unpacked.astype(np.int64) << np.arange(bits - 1, -1, -1)).sum(1)
     if (values >= k).any():
         if not damaged:
@@ -144,12 +145,9 @@ class IndexEntropyModel:
     def decode(self, payload: bytes, h: int, w: int, damaged: bool = False) -> Tensor:
         """Decode an (h, w) map row by row: a row's contexts come from the row above. ``damaged``:
         out-of-range symbols (from lost regions) become 0 instead of raising."""
-        from compressai.ans import RansDecoder
-
-        decoder = RansDecoder()
-        # rANS reads 32-bit words as it renormalises; zero padding keeps a truncated stream from
-        # reading past the end of its buffer (the CRC then reports the damage).
-        decoder.set_stream(payload + bytes(4 * (h * w + 4)))
+        # Bounds-checked: a truncated stream raises instead of reading past its end, and the stream must
+        # be consumed exactly (no trailing bytes) even in a damaged band.
+        decoder = RansStreamDecoder(payload)
         rows: list[Tensor] = []
         previous: Tensor | None = None
         for _ in range(h):
@@ -159,7 +157,7 @@ class IndexEntropyModel:
                 row_contexts = (self.groups[previous] + 1).tolist()
             used = sorted(set(row_contexts))
             local = {context: slot for slot, context in enumerate(used)}
-            values = decoder.decode_stream(
+            values = decoder.decode(
                 [local[c] for c in row_contexts],
                 [self.cdfs[c] for c in used],
                 [self.k + 2] * len(used),
@@ -173,6 +171,9 @@ class IndexEntropyModel:
                 row = row.masked_fill(outside, 0)
             rows.append(row)
             previous = row
+        if h * w == 1:  # the encoder's padding symbol (see encode)
+            decoder.decode([0], [self.cdfs[0]], [self.k + 2], [0])
+        decoder.finish()
         return torch.stack(rows)
 
 

@@ -13,6 +13,7 @@ is the image size, so a wrapper's latent stride is 1; one chunk (section) by def
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -22,8 +23,18 @@ import torch.nn.functional as F
 from compressai.models import CompressionModel
 from torch import Tensor
 
+from effvision.codecs.rans import SYMBOL_SLACK_BITS, min_stream_bytes
 from effvision.codecs.vqgan.config import VQGANConfig
-from effvision.codecs.vqgan.index_coding import IndexEntropyModel, decode_index_map, encode_index_map
+from effvision.codecs.vqgan.index_coding import (
+    FIXED_LENGTH,
+    HEADER,
+    RANS,
+    CorruptStreamError,
+    IndexEntropyModel,
+    bits_per_index,
+    decode_index_map,
+    encode_index_map,
+)
 from effvision.codecs.vqgan.kmeans import kmeans
 from effvision.codecs.vqgan.restoration import IndexRestorer
 from effvision.codecs.vqgan.taming import VQModel, taming_state_dict
@@ -33,6 +44,12 @@ from effvision.io_utils import atomic_path
 CELL = 16
 CONTEXT_GROUPS = 8
 CODERS = ("learned", "fixed")
+#: a file may mark at most this share of a tile's indices lost: restoration costs no bytes, so this keeps
+#: the decoder's work proportional to the bytes the file holds (Mao et al. restore up to ~20-40%).
+MAX_LOST_FRACTION = 0.5
+#: peak decode memory: bytes per pixel of the convolutional decoder (float32; measured on CPU, see
+#: bench/results/codec-tiling-cpu.md) plus the non-local block's (cells x cells) attention matrix.
+DECODE_BYTES_PER_PIXEL = 700
 
 
 class VQGANInputError(UserError, ValueError):
@@ -201,6 +218,52 @@ class VQGANCodec(CompressionModel):
                 f"got {tuple(mask.shape)}"
             )
         return mask
+
+    def _min_bits_per_index(self) -> float:
+        """Fewest bits one index can cost under the index model's quantised CDFs (0 without a model)."""
+        if self.index_model is None:
+            return 0.0
+        largest = max(max(b - a for a, b in zip(cdf[:-1], cdf[1:], strict=True)) for cdf in self.index_model.cdfs)
+        return max(0.0, -math.log2(largest / (1 << 16)) - SYMBOL_SLACK_BITS)
+
+    def check_strings(self, strings: list[bytes | None], shape: tuple[int, int]) -> None:
+        """Cheap checks before decoding one image's streams (one ``bytes`` or ``None`` = lost per row band):
+        band count, stream lengths the index map implies (exact for the fixed-length code, a lower bound from
+        the index model's CDFs for rANS), and at most :data:`MAX_LOST_FRACTION` of the indices lost."""
+        h, w = self.index_grid(shape)
+        if not strings or len(strings) > h:
+            raise CorruptStreamError(f"{len(strings)} index bands for an index map of {h} rows")
+        fixed_bits = bits_per_index(self.codebook_size)
+        lost_cells = 0
+        for band, ((top, bottom), stream) in enumerate(zip(chunk_rows(h, len(strings)), strings, strict=True)):
+            cells = (bottom - top) * w
+            if stream is None:
+                lost_cells += cells
+                continue
+            if len(stream) < HEADER.size:
+                raise CorruptStreamError(f"index band {band} is shorter than its {HEADER.size}-byte header")
+            payload = len(stream) - HEADER.size
+            if stream[0] == FIXED_LENGTH:
+                needed = math.ceil(cells * fixed_bits / 8)
+                if payload != needed:
+                    raise CorruptStreamError(f"index band {band} has {payload} payload bytes, expected {needed}")
+            elif stream[0] == RANS:
+                needed = min_stream_bytes(cells * self._min_bits_per_index())
+                if payload < needed or payload % 4:
+                    raise CorruptStreamError(
+                        f"index band {band} has {payload} payload bytes; {cells} indices need at least {needed}"
+                    )
+            else:
+                raise CorruptStreamError(f"index band {band}: unknown index coder id {stream[0]}")
+        if lost_cells > MAX_LOST_FRACTION * h * w:
+            raise CorruptStreamError(
+                f"{lost_cells} of {h * w} indices are lost; at most {MAX_LOST_FRACTION:.0%} can be restored"
+            )
+
+    def decode_memory_bytes(self, shape: tuple[int, int]) -> int:
+        """Estimated peak memory of :meth:`decompress` for one (H, W) image (float32, batch 1)."""
+        h, w = self.index_grid(shape)
+        return h * w * CELL * CELL * DECODE_BYTES_PER_PIXEL + 2 * 4 * (h * w) ** 2 + 64 * 2**20
 
     @torch.no_grad()
     def decompress_indices(self, strings: list, shape: tuple[int, int], lost=None) -> Tensor:

@@ -74,9 +74,46 @@ class IndexRestorer(nn.Module):
 
     @torch.no_grad()
     def restore(
-        self, indices: Tensor, lost: Tensor, codebook: Tensor, iterations: int = 4, decision: str = "mmse"
+        self,
+        indices: Tensor,
+        lost: Tensor,
+        codebook: Tensor,
+        iterations: int = 4,
+        decision: str = "mmse",
+        window: int = 32,
+        margin: int = 8,
     ) -> Tensor:
         """Fill the ``lost`` (B, h, w) positions of ``indices`` (B, h, w); known indices are never changed.
+
+        Maps larger than ``window`` x ``window`` are restored window by window in raster order, each window
+        seen with ``margin`` cells of context around it (already-restored cells included), so attention
+        memory is bounded by (window + 2 * margin)**2 tokens whatever the image size; the result is
+        deterministic. A map that fits in one window is restored in one piece, exactly as before.
+        """
+        h, w = indices.shape[-2:]
+        if h <= window and w <= window:
+            return self._restore_window(indices, lost, codebook, iterations, decision)
+        indices = indices.clone()
+        for top in range(0, h, window):
+            for left in range(0, w, window):
+                bottom, right = min(top + window, h), min(left + window, w)
+                if not lost[:, top:bottom, left:right].any():
+                    continue
+                rows = slice(max(0, top - margin), min(h, bottom + margin))
+                cols = slice(max(0, left - margin), min(w, right + margin))
+                crop_lost = lost[:, rows, cols]
+                restored = self._restore_window(indices[:, rows, cols], crop_lost, codebook, iterations, decision)
+                core_rows = slice(top - rows.start, bottom - rows.start)
+                core_cols = slice(left - cols.start, right - cols.start)
+                indices[:, top:bottom, left:right] = restored[:, core_rows, core_cols]
+                lost = lost.clone()
+                lost[:, top:bottom, left:right] = False
+        return indices
+
+    def _restore_window(
+        self, indices: Tensor, lost: Tensor, codebook: Tensor, iterations: int, decision: str
+    ) -> Tensor:
+        """MaskGIT filling of one map (B, h, w).
 
         Each iteration predicts every still-missing index and commits the most confident share of them
         (MaskGIT's schedule: a cosine-decaying number stays masked after each round). ``decision="argmax"``

@@ -1,0 +1,196 @@
+"""A bounds-checked decoder for compressai's rANS bitstreams, and the coder that uses it.
+
+compressai's C++ ``RansDecoder`` trusts its input: it reads 32-bit words past the end of a stream that is
+too short for the symbols it is asked for (a crafted file then crashes the process or decodes to
+different pixels on every run). :class:`RansStreamDecoder` decodes exactly the same format (ryg's
+``rans64``: 64-bit state, 32-bit words, 16-bit probabilities, compressai's 4-bit bypass escape for values
+outside a CDF's range) in Python, with every read checked, and proves at the end that the stream was
+consumed exactly: every word read and the state back at the encoder's initial value. A stream that
+passes is, symbol for symbol, what compressai's encoder writes for the decoded values; anything else
+raises :class:`CorruptStreamError`.
+
+:class:`CheckedRansCoder` keeps compressai's C++ encoder (bitstreams stay byte-identical) and swaps in
+this decoder; :func:`use_checked_decoder` installs it on every compressai entropy model of a module.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from array import array
+from bisect import bisect_right
+from collections.abc import Sequence
+
+from effvision.errors import UserError
+
+PRECISION = 16
+BYPASS_BITS = 4
+MAX_BYPASS_VALUE = (1 << BYPASS_BITS) - 1
+#: rans64's lower bound of the normalised state, and the state every stream starts (encoder) / ends
+#: (decoder) with.
+STATE_LOW = 1 << 31
+#: 32 bits of raw value at 4 bits per bypass symbol: more is never written by the encoder.
+MAX_BYPASS_SYMBOLS = 8
+#: every stream ends with the encoder's flushed 64-bit state.
+MIN_STREAM_BYTES = 8
+_MASK = (1 << PRECISION) - 1
+
+
+class CorruptStreamError(UserError, ValueError):
+    """An entropy-coded stream that is truncated, too long, or not what the encoder writes."""
+
+
+class RansStreamDecoder:
+    """Decode one rANS stream, possibly in several calls (e.g. row by row), then :meth:`finish`.
+
+    Args:
+        stream: the encoded bytes: a whole number of little-endian 32-bit words, at least two.
+    """
+
+    def __init__(self, stream: bytes) -> None:
+        if len(stream) < MIN_STREAM_BYTES or len(stream) % 4:
+            raise CorruptStreamError(
+                f"rANS stream of {len(stream)} bytes (needs a multiple of 4, at least {MIN_STREAM_BYTES})"
+            )
+        words = array("I", bytes(stream))
+        if words.itemsize != 4:  # pragma: no cover - every platform CPython supports has 32-bit "I"
+            words = array("L", bytes(stream))
+        if sys.byteorder == "big":  # pragma: no cover
+            words.byteswap()
+        self._words = words
+        self._state = words[0] | (words[1] << 32)
+        self._position = 2
+
+    def _refill(self, state: int) -> int:
+        if self._position >= len(self._words):
+            raise CorruptStreamError("rANS stream is truncated (the decoder needs more words than it holds)")
+        state = (state << 32) | self._words[self._position]
+        self._position += 1
+        return state
+
+    def _bits(self, state: int) -> tuple[int, int]:
+        value = state & MAX_BYPASS_VALUE
+        state >>= BYPASS_BITS
+        if state < STATE_LOW:
+            state = self._refill(state)
+        return value, state
+
+    def decode(
+        self,
+        indexes: Sequence[int],
+        cdfs: Sequence[Sequence[int]],
+        cdf_sizes: Sequence[int],
+        offsets: Sequence[int],
+    ) -> list[int]:
+        """Decode one symbol per entry of ``indexes`` (each selects a CDF), as compressai's
+        ``decode_stream`` / ``decode_with_indexes``. The CDFs come from the model, never from the file."""
+        words = self._words
+        count = len(words)
+        position = self._position
+        state = self._state
+        output = []
+        append = output.append
+        for index in indexes:
+            cdf = cdfs[index]
+            size = cdf_sizes[index]
+            cumulative = state & _MASK
+            symbol = bisect_right(cdf, cumulative, 0, size) - 1
+            start = cdf[symbol]
+            state = (cdf[symbol + 1] - start) * (state >> PRECISION) + cumulative - start
+            if state < STATE_LOW:
+                if position >= count:
+                    raise CorruptStreamError("rANS stream is truncated (the decoder needs more words than it holds)")
+                state = (state << 32) | words[position]
+                position += 1
+            if symbol == size - 2:  # the escape symbol: the value follows in 4-bit bypass symbols
+                self._position, self._state = position, state
+                symbol = self._bypass_value(symbol)
+                position, state = self._position, self._state
+            append(symbol + offsets[index])
+        self._position, self._state = position, state
+        return output
+
+    def _bypass_value(self, max_value: int) -> int:
+        value, state = self._bits(self._state)
+        count = value
+        while value == MAX_BYPASS_VALUE:
+            value, state = self._bits(state)
+            count += value
+            if count > MAX_BYPASS_SYMBOLS:
+                break
+        if count > MAX_BYPASS_SYMBOLS:
+            raise CorruptStreamError(f"rANS escape announces {count} 4-bit groups (at most {MAX_BYPASS_SYMBOLS})")
+        raw = 0
+        for group in range(count):
+            value, state = self._bits(state)
+            raw |= value << (group * BYPASS_BITS)
+        self._state = state
+        if raw >= 1 << 31:  # compressai keeps the raw value in an int32
+            raw -= 1 << 32
+        half = raw >> 1
+        return -half - 1 if raw & 1 else half + max_value
+
+    def finish(self) -> None:
+        """Check that the stream was consumed exactly: no word left over, state back at its start."""
+        if self._position != len(self._words):
+            left = 4 * (len(self._words) - self._position)
+            raise CorruptStreamError(f"rANS stream has {left} bytes after its last symbol")
+        if self._state != STATE_LOW:
+            raise CorruptStreamError("rANS stream does not decode consistently (corrupt data)")
+
+
+def decode_with_indexes(
+    stream: bytes,
+    indexes: Sequence[int],
+    cdfs: Sequence[Sequence[int]],
+    cdf_sizes: Sequence[int],
+    offsets: Sequence[int],
+) -> list[int]:
+    """Checked drop-in for compressai's ``RansDecoder.decode_with_indexes``: the whole stream, exactly."""
+    decoder = RansStreamDecoder(stream)
+    values = decoder.decode(indexes, cdfs, cdf_sizes, offsets)
+    decoder.finish()
+    return values
+
+
+class CheckedRansCoder:
+    """compressai's rANS encoder with :func:`decode_with_indexes` as decoder (same bitstreams)."""
+
+    name = "ans"
+
+    def __init__(self) -> None:
+        from compressai.ans import RansEncoder
+
+        self._encoder = RansEncoder()
+
+    def encode_with_indexes(self, *args, **kwargs) -> bytes:
+        return self._encoder.encode_with_indexes(*args, **kwargs)
+
+    @staticmethod
+    def decode_with_indexes(stream, indexes, cdfs, cdf_sizes, offsets) -> list[int]:
+        return decode_with_indexes(bytes(stream), indexes, cdfs, cdf_sizes, offsets)
+
+
+def use_checked_decoder(module) -> None:
+    """Make every compressai entropy model in ``module`` decode with the checked decoder."""
+    from compressai.entropy_models import EntropyModel
+
+    coder = CheckedRansCoder()
+    for child in module.modules():
+        if isinstance(child, EntropyModel):
+            child.entropy_coder = coder
+
+
+def min_stream_bytes(symbol_bits: float) -> int:
+    """Fewest bytes a stream can have whose symbols carry at least ``symbol_bits`` bits of information.
+
+    The encoder starts from a 31-bit state and flushes its final state (< 2**64) as 8 bytes; each symbol of
+    probability p multiplies the state by at least (1 - 2**-15) / p, so the words it emits carry at least
+    ``symbol_bits - 64 + 31`` bits once the per-symbol loss (callers subtract it) is accounted for.
+    """
+    emitted_bits = max(0.0, symbol_bits - 33.0)
+    return MIN_STREAM_BYTES + 4 * math.floor(emitted_bits / 32)
+
+
+#: information lost per symbol by rANS's integer state (bits), an upper bound: log2(1 / (1 - 2**-15)).
+SYMBOL_SLACK_BITS = -math.log2(1 - 2.0**-15)
