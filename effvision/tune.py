@@ -704,6 +704,13 @@ def _random_crop(image: Tensor, size: int, generator: torch.Generator) -> Tensor
     return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+def _read_images(files: Sequence[Path]) -> list[Tensor]:
+    """(3, H, W) float tensors in [0, 1], through effvision's one image reader (alpha onto white)."""
+    from effvision.image_io import load_image
+
+    return [load_image(path) for path in files]
+
+
 def builtin_photos() -> list[Tensor]:
     """Real photos shipped with scikit-image (if installed), else effvision's own astronaut; (3, H, W) in [0, 1]."""
     try:
@@ -711,9 +718,7 @@ def builtin_photos() -> list[Tensor]:
     except ImportError:
         from importlib import resources
 
-        from effvision.codecs.image_io import load_image
-
-        return [load_image(Path(str(resources.files("effvision") / "assets" / "astronaut-256.png")))]
+        return _read_images([Path(str(resources.files("effvision") / "assets" / "astronaut-256.png"))])
     photos = []
     for name in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field"):
         try:
@@ -733,12 +738,12 @@ def calibration_images(data_config: dict, count: int = 32, folder: str | Path | 
         count: number of images (a folder gives at most its own number of images).
         folder: image files (searched recursively); ``None``: random crops and flips of built-in photos.
     """
-    from effvision.codecs.image_io import list_images, load_image
+    from effvision.image_io import list_images
 
     size = data_config["input_size"][-1]
     if folder is not None:
-        files = list_images(folder)[:count]
-        images = [_resize_center_crop(load_image(path), size, data_config.get("crop_pct", 0.875)) for path in files]
+        crop_pct = data_config.get("crop_pct", 0.875)
+        images = [_resize_center_crop(image, size, crop_pct) for image in _read_images(list_images(folder)[:count])]
         description = f"{len(images)} images from {folder}"
     else:
         photos = builtin_photos()

@@ -1,0 +1,251 @@
+"""``effvision tune``: target parsing, the search and pick with a deterministic timer, configs, the CLI."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import effvision
+from effvision import tune
+from effvision.cli import main
+from tests.vit_factory import make_family
+
+FIXED_SHARE = 0.2  # the fake device: time = 0.2 + 0.8 * MACs ratio (x 10 ms)
+
+
+class MacsTimer:
+    """A deterministic device: a batch takes 10 ms x (FIXED_SHARE + (1 - FIXED_SHARE) x MACs ratio)."""
+
+    def __init__(self):
+        self.prepared = 0
+
+    def prepare(self, model):
+        self.prepared += 1
+        seconds = 0.01 * (FIXED_SHARE + (1 - FIXED_SHARE) * effvision.reduction_info(model)["macs_ratio"])
+        return lambda: seconds
+
+
+def fake_speedup(macs_ratio):
+    return 1 / (FIXED_SHARE + (1 - FIXED_SHARE) * macs_ratio)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    return make_family("vit")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def result(tiny_vit, images):
+    return tune.tune(tiny_vit, "1.5x", images, MacsTimer(), batch_size=6, base_model="tiny")
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [("1.8x", "speedup", 1.8), ("2X", "speedup", 2.0), ("120ms", "latency", 0.12), ("0.5 s", "latency", 0.5)],
+)
+def test_target_parses_speedups_and_latencies(text, kind, value):
+    target = tune.Target.parse(text)
+    assert (target.kind, target.value) == (kind, pytest.approx(value))
+
+
+@pytest.mark.parametrize("text", ["fast", "1.8", "0x", "-2x", "12 fps"])
+def test_target_rejects_other_text(text):
+    with pytest.raises(ValueError, match="target"):
+        tune.Target.parse(text)
+
+
+def test_latency_target_asks_for_the_speedup_that_reaches_it():
+    assert tune.Target.parse("50ms").required_speedup(base_seconds=0.1) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("method", tune.METHODS)
+def test_grid_starts_unreduced_and_orders_distinct_schedules_by_macs(tiny_vit, method):
+    grid = tune.candidate_grid(tiny_vit, method)
+    ratios = [candidate.macs_ratio for candidate in grid]
+    assert ratios[0] == pytest.approx(1.0)
+    assert ratios == sorted(ratios, reverse=True)
+    assert len(grid) > 10
+    for candidate in (grid[1], grid[-1]):
+        reduced = effvision.reduce(make_family("vit"), method, **candidate.options)
+        assert effvision.reduction_info(reduced)["macs_ratio"] == pytest.approx(candidate.macs_ratio)
+
+
+def test_grid_of_a_method_that_needs_a_class_token_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not apply"):
+        tune.candidate_grid(make_family("no_class_token"), "ppt")
+
+
+def test_fidelity_of_identical_logits_is_full_agreement_and_zero_kl():
+    logits = torch.randn(5, 7)
+    assert tune.fidelity(logits, logits.clone()) == (1.0, pytest.approx(0.0, abs=1e-6))
+
+
+def test_fidelity_matches_the_definitions():
+    reference = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    reduced = torch.tensor([[0.0, 1.0], [0.0, 3.0]])
+    p, q = reference.softmax(-1), reduced.softmax(-1)
+    expected_kl = (p * (p.log() - q.log())).sum(-1).mean().item()
+    agreement, kl = tune.fidelity(reference, reduced)
+    assert agreement == 0.5
+    assert kl == pytest.approx(expected_kl)
+
+
+def _timed(macs_ratio, speedup, agreement, kl, name="x"):
+    candidate = tune.Candidate("tome", {"r": name}, macs_ratio, 1.0, 10, top1_agreement=agreement, kl=kl)
+    candidate.base_times, candidate.times = [1.0], [1.0 / speedup]
+    return candidate
+
+
+def test_pick_is_the_most_faithful_setting_meeting_the_target():
+    slow_but_faithful = _timed(0.8, 1.4, 1.0, 0.0, "slow")
+    meets = _timed(0.6, 1.6, 0.9, 0.02, "meets")
+    meets_more_faithful = _timed(0.5, 1.8, 0.95, 0.03, "faithful")
+    meets_same_agreement_lower_kl = _timed(0.4, 2.0, 0.95, 0.01, "lower-kl")
+    untimed = tune.Candidate("tome", {"r": "untimed"}, 0.7, 1.0, 10, top1_agreement=1.0, kl=0.0)
+    candidates = [slow_but_faithful, meets, meets_more_faithful, meets_same_agreement_lower_kl, untimed]
+    assert tune.pick_setting(candidates, tune.Target.parse("1.5x")) is meets_same_agreement_lower_kl
+    assert tune.pick_setting(candidates, tune.Target.parse("3x")) is None
+
+
+def test_speedup_is_the_median_of_paired_rounds():
+    candidate = tune.Candidate("tome", {"r": 1}, 0.5, 1.0, 10)
+    candidate.base_times = [1.0, 4.0, 1.0]  # a load spike in round 2 hits both models of that round
+    candidate.times = [0.5, 2.0, 0.4]
+    assert candidate.speedup == pytest.approx(2.0)
+
+
+def test_every_pick_meets_the_target_near_the_boundary(result, tiny_vit):
+    assert set(result.picks) == set(tune.METHODS)
+    for method, pick in result.picks.items():
+        assert pick is not None, method
+        assert pick.speedup >= 1.5
+        assert pick.final_speedup == pytest.approx(fake_speedup(pick.macs_ratio))
+        grid = tune.candidate_grid(tiny_vit, method)
+        index = next(i for i, c in enumerate(grid) if c.options["r" if method != "topk" else "keep_rate"]
+                     == pick.options["r" if method != "topk" else "keep_rate"])
+        # the search stops within 5% of the target, or at the boundary of the grid
+        assert pick.speedup <= 1.5 * 1.05 or fake_speedup(grid[index - 1].macs_ratio) < 1.5
+
+
+def test_pick_has_the_highest_fidelity_of_the_timed_settings_meeting_the_target(result):
+    for method, pick in result.picks.items():
+        rivals = [c for c in result.candidates if c.method == method and c.speedup and c.speedup >= 1.5]
+        assert pick in rivals
+        assert all((c.top1_agreement, -c.kl) <= (pick.top1_agreement, -pick.kl) for c in rivals)
+    assert result.best in result.picks.values()
+
+
+def test_search_times_few_settings(result):
+    assert len([c for c in result.candidates if c.timed_as is None]) <= 3 * 6
+
+
+def test_ppt_thresholds_share_the_timing_of_the_picked_r(result):
+    variants = [c for c in result.candidates if c.timed_as is not None]
+    assert sorted(c.options["threshold"] for c in variants) == sorted(tune.PPT_THRESHOLDS[1:])
+    assert all(c.speedup == c.timed_as.speedup and c.options["r"] == c.timed_as.options["r"] for c in variants)
+
+
+def test_unreachable_target_leaves_every_method_without_a_pick(tiny_vit, images):
+    result = tune.tune(tiny_vit, "20x", images, MacsTimer(), methods=("tome",), batch_size=6, max_steps=3)
+    assert result.picks == {"tome": None} and result.best is None
+    assert "target not met (fastest timed:" in result.table()
+    with pytest.raises(ValueError, match="no method met the target 20x"):
+        result.config()
+
+
+def test_latency_target_is_met_in_seconds_per_batch(tiny_vit, images):
+    result = tune.tune(tiny_vit, "7ms", images, MacsTimer(), methods=("topk",), batch_size=6)
+    pick = result.picks["topk"]
+    assert pick.seconds <= 0.007
+    assert result.base_seconds == pytest.approx(0.01)
+
+
+def test_config_and_plot(result, tmp_path):
+    pytest.importorskip("matplotlib")
+    config = json.loads(json.dumps(result.config()))
+    assert config["format"] == tune.CONFIG_FORMAT
+    assert config["method"] == result.best.method and config["model"] is None  # "tiny" is not a timm name
+    assert set(config["per_method"]) == set(tune.METHODS)
+    rebuilt = effvision.reduce(make_family("vit"), config["method"], **config["options"])
+    assert effvision.reduction_info(rebuilt)["macs_ratio"] == pytest.approx(result.best.macs_ratio)
+    path = result.plot(tmp_path / "tune.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_builtin_calibration_images_are_normalised_crops():
+    data_config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "crop_pct": 0.9}
+    images, description = tune.calibration_images(data_config, count=6)
+    assert images.shape == (6, 3, 32, 32)
+    assert images.min() >= -2.0 and images.max() <= 2.0
+    assert not torch.equal(images[0], images[1])
+    assert "built-in photos" in description
+
+
+def test_calibration_images_from_a_folder(tmp_path):
+    from PIL import Image
+
+    for index, size in enumerate([(40, 30), (30, 50)]):
+        Image.new("RGB", size, (index * 100, 50, 200)).save(tmp_path / f"{index}.png")
+    data_config = {"input_size": (3, 16, 16), "mean": (0, 0, 0), "std": (1, 1, 1), "crop_pct": 1.0}
+    images, description = tune.calibration_images(data_config, count=8, folder=tmp_path)
+    assert images.shape == (2, 3, 16, 16)
+    assert images[1, 0].allclose(torch.tensor(100 / 255))
+    assert str(tmp_path) in description
+
+
+def test_cli_writes_a_config_that_timm_create_model_accepts(tmp_path, capsys):
+    output = tmp_path / "tune.json"
+    argv = ["tune", "deit_tiny_patch16_224", "--target", "1.3x", "--batch-size", "2", "--calibration-count", "2",
+            "--methods", "tome", "topk", "--repeats", "1", "--final-repeats", "1", "--max-steps", "2",
+            "-o", str(output)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "re-measured" in out and "top-1 agree" in out
+    config = json.loads(output.read_text())
+    assert output.with_suffix(".png").is_file() or "plot skipped" in capsys.readouterr().err
+    model = timm.create_model(config["model"], **config["kwargs"])
+    assert config["model"] == f"{config['method']}_deit_tiny_patch16_224"
+    assert effvision.reduction_info(model)["macs_ratio"] == pytest.approx(config["measured"]["macs_ratio"], abs=1e-4)
+    assert effvision.reduction_info(tune.model_from_config(output))["macs_ratio"] == pytest.approx(
+        config["measured"]["macs_ratio"], abs=1e-4
+    )
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    assert main(["tune", "deit_tiny_patch16_224", "--target", "fast"]) == 1
+    assert main(["tune", "no_such_model", "--target", "2x", "-o", str(tmp_path / "a.json")]) == 1
+    err = capsys.readouterr().err
+    assert "speed-up like '1.8x'" in err and "unknown timm model" in err
+    assert "Traceback" not in err
+
+
+def test_cli_pretrained_without_network_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    real_create_model = timm.create_model
+
+    def offline_create_model(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+        return real_create_model(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_create_model)
+    argv = ["tune", "deit_tiny_patch16_224", "--target", "2x", "--pretrained", "-o", str(tmp_path / "a.json")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "could not get pretrained weights" in err and "--checkpoint" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tune_on_cuda_in_bf16(tiny_vit, images):
+    model = make_family("vit").cuda()
+    timer = tune.TorchTimer((3, 64, 64), batch_size=64, device="cuda", dtype=torch.bfloat16, warmup=3)
+    result = tune.tune(model, "1.2x", images, timer, device="cuda", dtype=torch.bfloat16, batch_size=64,
+                       methods=("tome",), repeats=5, final_repeats=5)
+    assert result.table()
+    assert result.candidates and all(c.top1_agreement is not None for c in result.candidates)
