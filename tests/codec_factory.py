@@ -19,3 +19,23 @@ def tiny_mambaic_config():
         drop_path_rate=0.0,
         name="test-tiny",
     )
+
+
+def image_size_factorized_prior(channels: int = 16, latent_channels: int = 24):
+    """compressai's FactorizedPrior (random weights) with the image-size ``shape`` contract effvision's
+    codecs follow: it pads to a multiple of 16 itself and crops back, so any image size codes."""
+    import torch.nn.functional as F
+    from compressai.models import FactorizedPrior
+
+    class ImageSizeFactorizedPrior(FactorizedPrior):
+        def compress(self, x):
+            height, width = x.shape[-2:]
+            padded = F.pad(x, (0, -width % 16, 0, -height % 16), mode="replicate")
+            return {"strings": super().compress(padded)["strings"], "shape": (height, width)}
+
+        def decompress(self, strings, shape):
+            height, width = shape
+            x_hat = super().decompress(strings, (-(-height // 16), -(-width // 16)))["x_hat"]
+            return {"x_hat": x_hat[..., :height, :width].clamp(0, 1)}
+
+    return ImageSizeFactorizedPrior(N=channels, M=latent_channels)

@@ -18,10 +18,12 @@ from effvision.codecs.container import (
 )
 from effvision.errors import UserError
 
-FIXED_HEADER = 24
+FIXED_HEADER = 28  # version 2: the 24 bytes of version 1 plus the tile width and height
+WHOLE_IMAGE = MAX_DIMENSION  # a tile side no image exceeds: one tile
 
 
-def make_container(rng: random.Random, sections: int = 3) -> Container:
+def make_container(rng: random.Random, sections: int = 3, version: int = 2) -> Container:
+    tiled = version >= 2
     return Container(
         codec="testcodec",
         config_id=f"q{rng.randint(1, 8)}",
@@ -29,9 +31,14 @@ def make_container(rng: random.Random, sections: int = 3) -> Container:
         width=rng.randint(1, 4000),
         height=rng.randint(1, 4000),
         mode=Mode.RGB,
-        sections=tuple(Section(rng.randbytes(rng.randint(0, 200))) for _ in range(sections)),
+        sections=tuple(
+            Section(rng.randbytes(rng.randint(0, 200)), tile_start=tiled and i == 0) for i in range(sections)
+        ),
         pad_right=rng.randint(0, 63),
         pad_bottom=rng.randint(0, 63),
+        tile_width=WHOLE_IMAGE if tiled else 0,
+        tile_height=WHOLE_IMAGE if tiled else 0,
+        version=version,
     )
 
 
@@ -66,7 +73,62 @@ def test_file_size_is_header_plus_payload_plus_two_checksums():
 
 def test_file_starts_with_magic_and_version():
     data = make_container(random.Random(2)).to_bytes()
-    assert data[:8] == MAGIC and data[8] == 1
+    assert data[:8] == MAGIC and data[8] == 2
+
+
+def test_version_1_files_still_parse_as_one_whole_image_tile():
+    container = make_container(random.Random(12), version=1)
+    data = container.to_bytes()
+    assert data[8] == 1 and len(data) == header_end(container) - 4 + sum(len(s.data) for s in container.sections) + 4
+    parsed = parse(data)
+    assert parsed == container
+    (tile,) = parsed.tiles
+    assert (tile.top, tile.left, (tile.height, tile.width)) == (0, 0, parsed.padded_size)
+    assert list(tile.sections) == parsed.codec_sections
+
+
+def test_tiles_group_sections_by_tile_start_in_raster_order():
+    sections = (
+        Section(b"a0", tile_start=True), Section(b"a1"),
+        Section(b"b0", tile_start=True),
+        Section(lost=True, tile_start=True), Section(b"c1"),
+        Section(b"d0", tile_start=True),
+    )
+    container = Container(
+        codec="c", config_id="", fingerprint=b"", width=100, height=70, mode=Mode.RGB, sections=sections,
+        tile_width=64, tile_height=64,
+    )
+    tiles = parse(container.to_bytes()).tiles
+    assert [(t.top, t.left, t.height, t.width) for t in tiles] == [
+        (0, 0, 64, 64), (0, 64, 64, 36), (64, 0, 6, 64), (64, 64, 6, 36)
+    ]
+    assert [t.sections for t in tiles] == [(b"a0", b"a1"), (b"b0",), (None, b"c1"), (b"d0",)]
+
+
+@pytest.mark.parametrize("starts", [(False, True, True), (True, True, True), (True, False, False)])
+def test_tile_count_must_match_the_image_and_tile_size(starts):
+    # a 100x50 image in 64x64 tiles has two tiles; the first codec section must start one
+    with pytest.raises(ContainerError, match="tile"):
+        Container(
+            codec="c", config_id="", fingerprint=b"", width=100, height=50, mode=Mode.RGB,
+            sections=tuple(Section(b"x", tile_start=start) for start in starts), tile_width=64, tile_height=64,
+        )
+
+
+def test_version_1_files_cannot_have_tiles():
+    with pytest.raises(ContainerError, match="version-1"):
+        Container(
+            codec="c", config_id="", fingerprint=b"", width=8, height=8, mode=Mode.RGB,
+            sections=(Section(b"x", tile_start=True),), tile_width=8, tile_height=8, version=1,
+        )
+
+
+def test_zero_tile_size_is_refused():
+    container = make_container(random.Random(13))
+    data = bytearray(container.to_bytes())
+    data[24:26] = b"\x00\x00"  # tile width
+    with pytest.raises(ContainerError, match="tile width 0"):
+        parse(bytes(rewrite_header_crc(data, header_end(container))))
 
 
 def test_lost_and_alpha_sections_round_trip():
@@ -77,7 +139,9 @@ def test_lost_and_alpha_sections_round_trip():
         width=5,
         height=7,
         mode=Mode.RGBA,
-        sections=(Section(b"abc"), Section(lost=True), Section(b"zz", SectionKind.ALPHA)),
+        sections=(Section(b"abc", tile_start=True), Section(lost=True), Section(b"zz", SectionKind.ALPHA)),
+        tile_width=8,
+        tile_height=8,
     )
     parsed = parse(container.to_bytes())
     assert parsed.codec_sections == [b"abc", None] and parsed.alpha == b"zz"
@@ -135,7 +199,7 @@ def test_huge_section_length_is_refused_without_allocating():
 
 
 def test_thirty_byte_file_is_a_clean_error():
-    data = struct.pack("<8sBBBBBBHHHHH", MAGIC, 1, 0, 0, 1, 0, 0, MAX_DIMENSION, MAX_DIMENSION, 0, 0, 1024)
+    data = struct.pack("<8sBBBBBBHHHHHHH", MAGIC, 2, 0, 0, 1, 0, 0, MAX_DIMENSION, MAX_DIMENSION, 0, 0, 1024, 1, 1)
     with pytest.raises(ContainerError):
         parse(data + b"x" + bytes(5))
 
@@ -151,7 +215,7 @@ def test_zero_width_is_refused():
 def test_lost_section_carrying_bytes_is_refused():
     container = make_container(random.Random(10), sections=1)
     data = bytearray(container.to_bytes())
-    data[header_end(container) - 4 - 1] = 0x01  # flags of the only section
+    data[header_end(container) - 4 - 1] = 0x03  # flags of the only section: tile start + lost
     with pytest.raises(ContainerError, match="lost"):
         parse(bytes(rewrite_header_crc(data, header_end(container))))
 

@@ -16,7 +16,7 @@ from effvision.codecs.container import Container, ContainerError, parse
 from effvision.codecs.imagefile import decode_image, encode_image
 from effvision.errors import UserError
 
-FIXED_HEADER = 24
+FIXED_HEADER = 28  # version 2
 SECTION_ENTRY = 6
 
 
@@ -24,16 +24,16 @@ SECTION_ENTRY = 6
 def codecs() -> dict:
     """Two real codecs with random weights: a compressai factorized prior (rANS over a latent) and
     the VQGAN codec (coded index map)."""
-    from compressai.models import FactorizedPrior
+    from tests.codec_factory import image_size_factorized_prior
 
     from effvision.codecs.adapters import CompressAIImageCodec
     from effvision.codecs.vqgan.config import SMALL_F16
     from effvision.codecs.vqgan.model import VQGANCodec
 
     torch.manual_seed(0)
-    factorized = CompressAIImageCodec(FactorizedPrior(N=16, M=24), "factorized-test", "n16", alignment=16)
+    factorized = CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")
     references = torch.randint(0, SMALL_F16.n_embed, (2, 4, 4))
-    vqgan = CompressAIImageCodec(VQGANCodec(SMALL_F16, reference_maps=references), "vqgan", "small", alignment=1)
+    vqgan = CompressAIImageCodec(VQGANCodec(SMALL_F16, reference_maps=references), "vqgan", "small")
     return {codec.name: codec for codec in (factorized, vqgan)}
 
 
@@ -74,7 +74,8 @@ def with_header_crc(data: bytearray, size: int) -> bytes:
 
 def header_fields(data: bytes) -> list[tuple[int, int]]:
     """(offset, width in bytes) of every numeric header field, the section table included."""
-    fields = [(8, 1), (9, 1), (10, 1), (11, 1), (12, 1), (13, 1), (14, 2), (16, 2), (18, 2), (20, 2), (22, 2)]
+    fields = [(8, 1), (9, 1), (10, 1), (11, 1), (12, 1), (13, 1), (14, 2), (16, 2), (18, 2), (20, 2), (22, 2), (24, 2)]
+    fields += [(26, 2)]
     table = header_size(data) - 4 - SECTION_ENTRY * struct.unpack_from("<H", data, 22)[0]
     for entry in range(table, header_size(data) - 4, SECTION_ENTRY):
         fields += [(entry, 4), (entry + 4, 1), (entry + 5, 1)]
@@ -165,7 +166,7 @@ def test_mutated_files_that_still_parse_decode_cleanly(real_files, codecs):
         data = bytearray(original)
         size = header_size(original)
         if trial % 2:
-            offset, width = rng.choice([(10, 1), (14, 2), (16, 2), (18, 2), (20, 2), *header_fields(original)[11:]])
+            offset, width = rng.choice([(10, 1), (14, 2), (16, 2), (18, 2), (20, 2), *header_fields(original)[13:]])
             value = rng.choice([0, 1, 2, 15, 16, 17, 48, rng.randrange(2 ** (8 * width))])
             data[offset : offset + width] = value.to_bytes(width, "little")
         else:

@@ -12,7 +12,7 @@ from effvision.errors import UserError
 
 
 def vqgan_codec(model, chunks: int) -> CompressAIImageCodec:
-    return CompressAIImageCodec(model, "vqgan", "t", alignment=1, latent_stride=1, compress_kwargs={"chunks": chunks})
+    return CompressAIImageCodec(model, "vqgan", "t", compress_kwargs={"chunks": chunks})
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_chunked_file_decodes_like_the_single_stream_file(vqgan_model, image):
     single = encode_image(vqgan_codec(vqgan_model, 1), image)
     chunked_codec = vqgan_codec(vqgan_model, 4)
     chunked = parse(encode_image(chunked_codec, image).to_bytes())
-    assert len(chunked.codec_sections) == 5  # latent shape + 4 row bands
+    assert len(chunked.codec_sections) == 4  # 4 row bands
     assert decode_image(chunked, chunked_codec).tobytes() == decode_image(single, chunked_codec).tobytes()
 
 
@@ -48,7 +48,7 @@ def test_lost_section_restores_exactly_its_index_rows(vqgan_model, image, monkey
     codec = vqgan_codec(vqgan_model, 4)  # 64 px high -> 4 index rows -> one row per band
     container = encode_image(codec, image)
     sections = list(container.sections)
-    sections[2] = Section(lost=True)  # the second band
+    sections[1] = Section(lost=True)  # the second band
     damaged = parse(dataclasses.replace(container, sections=tuple(sections)).to_bytes())
     seen = []
     original = type(vqgan_model).restore_indices
@@ -74,10 +74,10 @@ def test_lost_section_without_a_restorer_is_a_user_error(image):
 
 
 def test_codec_without_lost_support_refuses_lost_sections(image):
-    from compressai.models import FactorizedPrior
+    from tests.codec_factory import image_size_factorized_prior
 
     torch.manual_seed(0)
-    codec = CompressAIImageCodec(FactorizedPrior(N=16, M=24), "factorized-test", "n16", alignment=16)
+    codec = CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")
     container = encode_image(codec, image)
     sections = (*container.sections[:1], Section(lost=True))
     with pytest.raises(UserError, match="cannot restore lost sections"):

@@ -21,12 +21,12 @@ def test_timm_model_export_prints_the_check_numbers(tmp_path, capsys):
 
 
 def test_codec_transform_exports_with_dynamic_height_and_width(tmp_path, capsys):
-    from compressai.models import FactorizedPrior
+    from tests.codec_factory import image_size_factorized_prior
 
     from effvision.codecs.adapters import CompressAIImageCodec
 
     torch.manual_seed(0)
-    codec = CompressAIImageCodec(FactorizedPrior(N=16, M=24), "factorized-test", "n16", alignment=16)
+    codec = CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")
     register_codec("factorized-test", lambda **_: codec)
     try:
         argv = ["export", "factorized-test:g_s", str(tmp_path / "g_s.onnx"), "--img-size", "32", "--check"]
@@ -50,11 +50,11 @@ def test_unknown_model_is_a_user_error(tmp_path, capsys):
 
 
 def test_unknown_codec_transform_lists_the_choices(tmp_path, capsys):
-    from compressai.models import FactorizedPrior
+    from tests.codec_factory import image_size_factorized_prior
 
     from effvision.codecs.adapters import CompressAIImageCodec
 
-    codec = CompressAIImageCodec(FactorizedPrior(N=16, M=24), "factorized-test", "n16", alignment=16)
+    codec = CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")
     register_codec("factorized-test", lambda **_: codec)
     try:
         assert cli.main(["export", "factorized-test:nope", str(tmp_path / "m.onnx")]) == 1

@@ -131,7 +131,7 @@ def encode_image(
     places = tile_grid(*rgb.shape[:2], tile, tile)
     with _tiles_progress(len(places), "encode", progress) as bar:
         for top, left, tile_height, tile_width in places:
-            crop = torch.from_numpy(np.ascontiguousarray(rgb[top : top + tile_height, left : left + tile_width]))
+            crop = torch.from_numpy(rgb[top : top + tile_height, left : left + tile_width].copy())
             try:
                 streams = codec.encode(crop.permute(2, 0, 1).float().div_(255))
             except Exception as error:
