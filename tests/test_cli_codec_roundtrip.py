@@ -40,12 +40,12 @@ class LosslessCodec(ImageCodec):
 
 
 def _compressai_codec(**_):
-    from compressai.models import FactorizedPrior
+    from tests.codec_factory import image_size_factorized_prior
 
     from effvision.codecs.adapters import CompressAIImageCodec
 
     torch.manual_seed(0)  # same weights on every load, so the fingerprint matches at decode time
-    return CompressAIImageCodec(FactorizedPrior(N=16, M=24), "factorized-test", "n16", alignment=16)
+    return CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")
 
 
 @pytest.fixture(autouse=True)
