@@ -17,7 +17,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor, nn
 
 DIRECTIONS = 4
@@ -115,6 +114,26 @@ class SS2D(nn.Module):
         y = cross_merge(y.reshape(batch, DIRECTIONS, self.d_inner, length), height, width)
         y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, self.d_inner).to(x.dtype))
         return self.out_proj(y * F.silu(gate))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero the residual branch of each sample with probability ``drop_prob``
+    and scale the kept ones by ``1 / (1 - drop_prob)``; the identity in eval mode. Same random draws as
+    timm's ``DropPath`` (the codec path does not import timm)."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * keep.div_(keep_prob) if keep_prob > 0.0 else x * keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class VSSBlock(nn.Module):
