@@ -7,7 +7,7 @@ import torch
 from effvision.export import OrtModel, check_onnx, export_onnx
 
 import effvision
-from effvision.tokens.registry import REGISTERED_MODELS
+from effvision.timm_models import register
 
 ATOL = 1e-4
 # 7x7 patches and 4 blocks (reduction at blocks 1, 2, 3) keep the tests fast; r is scaled to 49 patches
@@ -17,7 +17,7 @@ DEPTH = 4
 OPTIONS_AT_112 = {"ppt": {"r": 8}, "tome": {"r": 3}}
 BASE = "_deit_tiny_patch16_224"
 # Every registered family: ppt, tome, topk, sparse_tuning and clca_<each of them>.
-FAMILIES = sorted({name.removesuffix(BASE) for name in REGISTERED_MODELS if name.endswith(BASE)})
+FAMILIES = sorted({name.removesuffix(BASE) for name in register() if name.endswith(BASE)})
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:

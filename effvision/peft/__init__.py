@@ -1,7 +1,7 @@
 """Parameter-efficient fine-tuning of token-reduced ViTs: Sparse-Tuning's Dense Adapters and CLCA.
 
 Imported lazily (never from ``effvision/__init__``): the timm entry points in
-:mod:`effvision.tokens.registry` import it when a ``sparse_tuning_*`` / ``clca_*`` model is built.
+:mod:`effvision.peft.registry` import it when a ``sparse_tuning_*`` / ``clca_*`` model is built.
 """
 
 from effvision.peft.clca import CrossLayerAggregationHead, CrossLayerCache, add_clca

@@ -1,4 +1,5 @@
-"""Builders behind the timm names ``sparse_tuning_<base>`` and ``clca_<method>_<base>``.
+"""Builders behind the timm names ``sparse_tuning_<base>`` and ``clca_<method>_<base>``
+(registered by :mod:`effvision.peft.registry`).
 
 Keyword arguments: timm's usual ones (``pretrained``, ``num_classes``, ``pretrained_cfg_overlay``,
 ``img_size``...), the reduction options of :func:`effvision.reduce` (``r``, ``layers``, ``threshold``,
@@ -14,13 +15,13 @@ import timm
 from torch import nn
 
 from effvision.peft.clca import add_clca
+from effvision.peft.registry import CLCA_METHODS
 from effvision.peft.sparse_tuning import freeze_for_peft, sparse_tuning
 from effvision.tokens.reduce import reduce
-from effvision.tokens.registry import METHOD_OPTIONS, REDUCTION_METHODS
+from effvision.tokens.registry import METHOD_OPTIONS
 
 SPARSE_TUNING_OPTIONS = ("bottleneck", "reduction", "freeze")
 CLCA_OPTIONS = ("clca_head", "clca_cache", "carriers", "cache_layers")
-CLCA_METHODS = (*REDUCTION_METHODS, "sparse_tuning")
 
 
 def _take(kwargs: dict, keys: tuple[str, ...]) -> dict:
@@ -64,15 +65,3 @@ def create_clca_model(method: str, base_name: str, pretrained: bool = False, **k
     model = reduce(_base(base_name, pretrained, kwargs), method, **options)
     return add_clca(model, **clca)
 
-
-def create_peft_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """Generic creator: ``sparse_tuning_<base>``, ``clca_<method>_<base>`` or any timm/effvision name."""
-    if name.startswith("clca_"):
-        rest = name[len("clca_"):]
-        for method in sorted(CLCA_METHODS, key=len, reverse=True):
-            if rest.startswith(method + "_"):
-                return create_clca_model(method, rest[len(method) + 1:], pretrained, **kwargs)
-        raise ValueError(f"{name!r}: expected clca_<{'|'.join(CLCA_METHODS)}>_<timm name>")
-    if name.startswith("sparse_tuning_"):
-        return create_sparse_tuning_model(name[len("sparse_tuning_"):], pretrained, **kwargs)
-    return _base(name, pretrained, kwargs)

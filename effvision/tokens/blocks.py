@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.utils.hooks import BackwardHook
 
 from effvision.tokens.attention import AttentionStatistics, attention_with_statistics, size_bias
 from effvision.tokens.state import TokenState
 from effvision.tokens.token_map import PerImageChoice, TokenMap, apply_token_map
 
-BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+# timm's pre-norm ViT Block; EvaBlock has the same parts with LayerScale as gamma_1 / gamma_2
+BLOCK_PARTS = ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2")
+LAYER_SCALES = (("ls1", "ls2"), ("gamma_1", "gamma_2"))
 
 
 class ReductionPolicy(Protocol):
@@ -77,13 +80,69 @@ class NoReduction:
 
 
 def check_block(block: nn.Module, index: int) -> None:
-    """Raise ValueError unless ``block`` is a pre-norm timm ViT ``Block`` (LayerScale allowed)."""
+    """Raise ValueError unless ``block`` is a pre-norm timm ViT ``Block`` or ``EvaBlock`` (LayerScale allowed)."""
     missing = [name for name in BLOCK_PARTS if not hasattr(block, name)]
+    if not any(all(hasattr(block, name) for name in scales) for scales in LAYER_SCALES):
+        missing.append("ls1/ls2 or gamma_1/gamma_2")
     if missing:
         raise ValueError(
             f"block {index} ({type(block).__name__}) is not a pre-norm timm ViT Block (missing {missing}); "
-            "token reduction supports timm's VisionTransformer Block"
+            "token reduction supports timm's VisionTransformer Block and Eva's pre-norm EvaBlock"
         )
+
+
+def layer_scale(block: nn.Module, branch: int, y: Tensor) -> Tensor:
+    """The block's LayerScale of residual branch 1 (attention) or 2 (MLP): timm ``ls1``/``ls2`` modules,
+    or Eva's ``gamma_1``/``gamma_2`` parameters (``None``: no scale)."""
+    scale = getattr(block, f"ls{branch}", None)
+    if scale is not None:
+        return scale(y)
+    gamma = getattr(block, f"gamma_{branch}", None)
+    return y if gamma is None else gamma * y
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run any forward or backward hook (its own or global ones)."""
+    hooks = nn.modules.module
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
+    )
+
+
+def call_with_hooks(module: nn.Module, run: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``run(x)`` as if it were ``module(x)``: the module's (and global) forward pre-hooks, forward hooks
+    and full backward hooks run as ``nn.Module.__call__`` runs them, with ``x`` as the input and the
+    result as the output. Pre-hooks may replace the input and forward hooks the output."""
+    hooks = nn.modules.module
+    args, kwargs = (x,), {}
+    for hook_id, hook in (*hooks._global_forward_pre_hooks.items(), *module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    full_backward_hooks, _ = module._get_backward_hooks()
+    backward_pre_hooks = module._get_backward_pre_hooks()
+    backward_hook = None
+    if full_backward_hooks or backward_pre_hooks:
+        backward_hook = BackwardHook(module, full_backward_hooks, backward_pre_hooks)
+        args = backward_hook.setup_input_hook(args)
+    output = run(args[0])
+    for hook_id, hook in (*hooks._global_forward_hooks.items(), *module._forward_hooks.items()):
+        if hook_id in module._forward_hooks_with_kwargs or hook_id in hooks._global_forward_hooks_with_kwargs:
+            result = hook(module, args, kwargs, output)
+        else:
+            result = hook(module, args, output)
+        if result is not None:
+            output = result
+    if backward_hook is not None:
+        output = backward_hook.setup_output_hook(output)
+    return output
 
 
 class TokenReducingBlocks(nn.Sequential):
@@ -93,6 +152,9 @@ class TokenReducingBlocks(nn.Sequential):
     dicts and checkpoints of the base model load unchanged. Its ``forward`` takes and returns the token
     tensor like timm's ``nn.Sequential``; :meth:`forward_state` exposes the full :class:`TokenState`
     (sizes, source map). The policy is a plain, parameter-free object: no shared mutable state.
+    Forward hooks on each block fire once per forward with the block's input and output tokens
+    (:func:`call_with_hooks`). Slicing a prefix (``blocks[:k]``, as timm's ``prune_intermediate_layers``
+    does) keeps the reduction.
     ``extensions`` (a tuple, not registered as sub-modules: extension modules are registered on the
     model under their own names) hook into every block, see :class:`BlockExtension`.
     """
@@ -128,8 +190,26 @@ class TokenReducingBlocks(nn.Sequential):
             tokens = out
         return schedule
 
+    def __getitem__(self, index):
+        if not isinstance(index, slice):
+            return super().__getitem__(index)
+        start, stop, step = index.indices(len(self))
+        if start != 0 or step != 1:
+            raise ValueError(
+                "a token-reduced model's blocks can only be sliced from the first block (blocks[:k]): the "
+                "reduction schedule is indexed by block"
+            )
+        blocks = TokenReducingBlocks(list(self._modules.values())[:stop], self.policy, self.num_prefix,
+                                     self.track_source)
+        blocks.grad_checkpointing = self.grad_checkpointing
+        blocks.extensions = self.extensions
+        return blocks
+
     def forward(self, x: Tensor) -> Tensor:
-        state = self.forward_state(TokenState.start(x, self.num_prefix, self.track_source))
+        return self.output(self.forward_state(TokenState.start(x, self.num_prefix, self.track_source)))
+
+    def output(self, state: TokenState) -> Tensor:
+        """What ``forward`` returns for the final ``state``: the tokens, or an extension's output."""
         for extension in self.extensions:
             out = extension.output(state)
             if out is not None:
@@ -141,7 +221,36 @@ class TokenReducingBlocks(nn.Sequential):
             state = self.run_block(index, block, state)
         return state
 
+    def forward_intermediate_states(
+        self, state: TokenState, indices: Iterable[int], stop_early: bool = False
+    ) -> tuple[TokenState, list[TokenState]]:
+        """Run the blocks; returns the final state and the state after each block in ``indices``
+        (with ``stop_early``, the blocks after the last of them are skipped)."""
+        indices = set(indices)
+        last = max(indices) if stop_early and indices else len(self) - 1
+        collected = []
+        for index, block in enumerate(self):
+            if index > last:
+                break
+            state = self.run_block(index, block, state)
+            if index in indices:
+                collected.append(state)
+        return state, collected
+
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> TokenState:
+        """Block ``index`` on ``state``; the block's hooks see its input and output tokens."""
+        if not has_hooks(block):
+            return self.run_block_parts(index, block, state)
+        result = {}
+
+        def run(x: Tensor) -> Tensor:
+            result["state"] = self.run_block_parts(index, block, state.replace(x=x))
+            return result["state"].x
+
+        x = call_with_hooks(block, run, state.x)
+        return result["state"].replace(x=x)
+
+    def run_block_parts(self, index: int, block: nn.Module, state: TokenState) -> TokenState:
         for extension in self.extensions:
             before = getattr(extension, "before_block", None)
             if before is not None:
@@ -149,18 +258,20 @@ class TokenReducingBlocks(nn.Sequential):
         reduces = self.policy.output_tokens(index, state.num_tokens, state.num_prefix) < state.num_tokens
         need = self.policy.needs if reduces else frozenset()
         bias = size_bias(state.size, state.x.dtype) if self.policy.proportional_attention else None
+        rope = state.rope_embedding(index)
+        num_prefix = state.num_prefix
 
-        def attention_part(x: Tensor, bias: Tensor | None):
-            out, stats = attention_with_statistics(block.attn, block.norm1(x), bias, need)
-            return x + block.drop_path1(block.ls1(out)), stats
+        def attention_part(x: Tensor, bias: Tensor | None, rope: Tensor | None):
+            out, stats = attention_with_statistics(block.attn, block.norm1(x), bias, need, rope, num_prefix)
+            return x + block.drop_path1(layer_scale(block, 1, out)), stats
 
         def mlp_part(x: Tensor) -> Tensor:
-            return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            return x + block.drop_path2(layer_scale(block, 2, block.mlp(block.norm2(x))))
 
         if self.grad_checkpointing and self.training:
-            x, stats = torch.utils.checkpoint.checkpoint(attention_part, state.x, bias, use_reentrant=False)
+            x, stats = torch.utils.checkpoint.checkpoint(attention_part, state.x, bias, rope, use_reentrant=False)
         else:
-            x, stats = attention_part(state.x, bias)
+            x, stats = attention_part(state.x, bias, rope)
         state = state.replace(x=x)
         token_map = self.policy.select(index, state, stats) if reduces else None
         if token_map is not None:

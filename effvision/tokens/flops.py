@@ -42,9 +42,8 @@ def patch_embed_macs(model: nn.Module) -> int:
 def block_macs(block: nn.Module, tokens_in: int, tokens_out: int) -> int:
     attn = block.attn
     attn_dim = attn.num_heads * attn.head_dim
-    projections = tokens_in * (_linear_macs(attn.qkv) + _linear_macs(attn.proj))
-    if getattr(attn, "gate", None) is not None:
-        projections += tokens_in * _linear_macs(attn.gate)
+    # every Linear of the attention: qkv (or q/k/v), output projection, optional gate
+    projections = tokens_in * _linear_macs(attn)
     products = 2 * tokens_in * tokens_in * attn_dim
     return projections + products + tokens_out * _linear_macs(block.mlp)
 

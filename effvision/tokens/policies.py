@@ -8,16 +8,21 @@ block into a token map. Policies:
 * :class:`PPTPolicy`: per layer and per image, prune inattentive tokens or pool duplicates
   (Wu et al., 2023, arXiv 2310.01812).
 * :class:`TopKPolicy`: EViT top-k with a fused token (Liang et al., ICLR 2022).
+
+Each is built from one table, :data:`POLICIES`: per method its options with their defaults (paper
+values, scaled to the model's depth and patch count) and validation; :func:`make_policy` reads it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from effvision.tokens.attention import AttentionStatistics
+from effvision.tokens.blocks import NoReduction
 from effvision.tokens.matching import (
     bipartite_soft_matching,
     fused_topk_count,
@@ -145,3 +150,162 @@ class TopKPolicy:
             return None
         cls_attention = stats.cls_attention.mean(dim=1)[:, state.num_prefix:]
         return topk_with_fused_token(cls_attention, state.num_prefix, self.keep_rate)
+
+
+# ---------------------------------------------------------------- the policy table
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What option defaults and checks need to know about a ViT."""
+
+    depth: int
+    patches: int
+    num_prefix: int
+    has_class_token: bool
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method option: ``default(shape)`` when not given; ``check(value, shape)`` (given or default)
+    returns the normalised value or raises ValueError."""
+
+    default: Callable[[ModelShape], Any]
+    check: Callable[[Any, ModelShape], Any]
+    doc: str
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A reduction method: its policy class, options and whether it scores tokens by CLS attention."""
+
+    policy: Callable[..., Any]
+    options: dict[str, Option]
+    needs_class_token: bool
+    doc: str
+
+
+def default_layers(depth: int) -> tuple[int, ...]:
+    """Reduction blocks at a quarter, half and three quarters of the depth: (3, 6, 9) for 12 blocks."""
+    return tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
+
+
+def scaled_to_patches(r_at_196: int) -> Callable[[ModelShape], int]:
+    """A paper default given for 196 patches (224 px / 16), scaled to the model's patch count."""
+    return lambda shape: max(1, round(r_at_196 * shape.patches / 196))
+
+
+def default_tome_r(shape: ModelShape) -> int:
+    """ToMe's off-the-shelf r: 13 for 12-block models (8 for 24 blocks) at 196 patches, scaled to the patches."""
+    return scaled_to_patches(13 if shape.depth <= 12 else 8)(shape)
+
+
+def check_tome_r(r: RSchedule, shape: ModelShape) -> list[int]:
+    schedule = parse_r_schedule(r, shape.depth)
+    if max(schedule, default=0) > shape.patches // 2:
+        raise ValueError(
+            f"r={max(schedule)} too large: bipartite matching removes at most {shape.patches // 2} of the "
+            f"{shape.patches} patch tokens per block"
+        )
+    return schedule
+
+
+def check_ppt_r(r: Any, shape: ModelShape) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"ppt r must be a non-negative int, got {r!r}")
+    if r > shape.patches // 2:
+        raise ValueError(
+            f"r={r} too large: PPT removes at most (N-1)//2 = {shape.patches // 2} of the {shape.patches} patch tokens"
+        )
+    return r
+
+
+def check_layers(layers: Any, shape: ModelShape) -> tuple[int, ...]:
+    layers = tuple(int(layer) for layer in layers)
+    bad = [layer for layer in layers if not 0 <= layer < shape.depth]
+    if bad:
+        raise ValueError(
+            f"reduction layers {bad} out of range for a model with {shape.depth} blocks (0..{shape.depth - 1})"
+        )
+    return layers
+
+
+def check_threshold(threshold: Any, shape: ModelShape) -> float:
+    threshold = float(threshold)
+    if threshold < 0:
+        raise ValueError(f"ppt threshold must be >= 0, got {threshold}")
+    return threshold
+
+
+def check_keep_rate(keep_rate: Any, shape: ModelShape) -> float:
+    keep_rate = float(keep_rate)
+    if not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"topk keep_rate must be in (0, 1], got {keep_rate}")
+    return keep_rate
+
+
+def check_bool(value: Any, shape: ModelShape) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected True or False, got {value!r}")
+    return value
+
+
+def _proportional_attention(default: bool) -> Option:
+    return Option(lambda shape: default, check_bool, "add log(token size) to the attention logits")
+
+
+LAYERS = Option(
+    lambda shape: default_layers(shape.depth), check_layers, "blocks that reduce (default: depth/4, depth/2, 3*depth/4)"
+)
+
+POLICIES: dict[str, PolicySpec] = {
+    "ppt": PolicySpec(
+        PPTPolicy,
+        {
+            "r": Option(scaled_to_patches(50), check_ppt_r, "tokens removed per reducing block (50 at 196 patches)"),
+            "layers": LAYERS,
+            "threshold": Option(lambda shape: 7e-5, check_threshold, "score variance below which an image pools"),
+            "proportional_attention": _proportional_attention(True),
+        },
+        needs_class_token=True,
+        doc="per image: pool (ToMe matching) or prune r tokens, by the variance of token significance",
+    ),
+    "tome": PolicySpec(
+        ToMePolicy,
+        {
+            "r": Option(default_tome_r, check_tome_r, "tokens merged per block: int, list or (r, inflection)"),
+            "proportional_attention": _proportional_attention(True),
+        },
+        needs_class_token=False,
+        doc="bipartite soft matching on head-mean keys, size-weighted merge, every block",
+    ),
+    "topk": PolicySpec(
+        TopKPolicy,
+        {
+            "keep_rate": Option(lambda shape: 0.7, check_keep_rate, "fraction of patch tokens kept"),
+            "layers": LAYERS,
+            "proportional_attention": _proportional_attention(False),
+        },
+        needs_class_token=True,
+        doc="EViT: keep the top tokens by CLS attention, fuse the rest into one token",
+    ),
+    "none": PolicySpec(NoReduction, {}, needs_class_token=False, doc="no reduction"),
+}
+
+
+def make_policy(method: str, shape: ModelShape, **options):
+    """The policy of ``method`` for a model of ``shape``: :data:`POLICIES` defaults overridden by ``options``."""
+    if not isinstance(method, str) or method not in POLICIES:
+        raise ValueError(f"unknown token-reduction method {method!r}; choose one of {', '.join(POLICIES)}")
+    spec = POLICIES[method]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        takes = ", ".join(spec.options) or "no options"
+        raise ValueError(f"{method} takes {takes}, not {', '.join(unknown)}")
+    if spec.needs_class_token and not shape.has_class_token:
+        raise ValueError(f"method {method!r} scores tokens by CLS attention; this model has no class token")
+    values = {
+        name: option.check(options[name] if name in options else option.default(shape), shape)
+        for name, option in spec.options.items()
+    }
+    return spec.policy(**values)

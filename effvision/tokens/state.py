@@ -21,6 +21,13 @@ class TokenState:
         source: optional source map (B, N, N0): ``source[b, i, j] = 1`` when token ``i`` holds
             original token ``j``.
         num_prefix: number of protected prefix tokens.
+        position: (B, N) int64, for models with rotary position embeddings (RoPE): the original token
+            whose position each token carries, or ``None``. A token keeps the position of its
+            *representative*, the input token a token map keeps at its slot (``TokenMap.keep_index``):
+            a kept token keeps its own position, a ToMe-merged token that of the token it merged into,
+            EViT's fused token that of the most attended of the tokens it fuses.
+        rope: the model's RoPE table for the original patch grid as timm computes it, (N0 - P, D), or
+            (depth, heads, N0 - P, D) for timm's "mixed" RoPE (one table per block); ``None`` without RoPE.
         extras: per-forward data of block extensions (e.g. earlier Dense-Adapter outputs, the CLCA
             cache), created fresh for every call. Extensions never mutate it in place; they return
             ``state.replace(extras={**state.extras, key: value})``.
@@ -30,16 +37,22 @@ class TokenState:
     size: Tensor | None = None
     source: Tensor | None = None
     num_prefix: int = 1
+    position: Tensor | None = None
+    rope: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, x: Tensor, num_prefix: int, track_source: bool = False) -> TokenState:
-        """State at the first block: every token is itself (size 1, identity source map)."""
-        source = None
+    def start(
+        cls, x: Tensor, num_prefix: int, track_source: bool = False, rope: Tensor | None = None
+    ) -> TokenState:
+        """State at the first block: every token is itself (size 1, identity source map, own position)."""
+        batch, tokens = x.shape[:2]
+        source = position = None
         if track_source:
-            batch, tokens = x.shape[:2]
             source = torch.eye(tokens, device=x.device, dtype=torch.float32).expand(batch, -1, -1)
-        return cls(x=x, size=None, source=source, num_prefix=num_prefix)
+        if rope is not None:
+            position = torch.arange(tokens, device=x.device).expand(batch, -1)
+        return cls(x=x, size=None, source=source, num_prefix=num_prefix, position=position, rope=rope)
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +63,16 @@ class TokenState:
         if self.size is not None:
             return self.size
         return torch.ones(self.x.shape[:2], device=self.x.device, dtype=torch.float32)
+
+    def rope_embedding(self, block: int) -> Tensor | None:
+        """RoPE of the patch tokens at ``block``: (B, 1, N - P, D), or (B, heads, N - P, D) for mixed
+        RoPE; each token takes the row of the original patch it carries the position of."""
+        if self.rope is None:
+            return None
+        index = self.position[:, self.num_prefix:] - self.num_prefix  # (B, N - P) into the patch grid
+        if self.rope.dim() == 2:
+            return self.rope[index].unsqueeze(1)
+        return self.rope[block][:, index].transpose(0, 1)
 
     def replace(self, **changes) -> TokenState:
         return replace(self, **changes)

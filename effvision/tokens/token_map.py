@@ -47,6 +47,10 @@ class TokenMap:
             return self.sums(t.unsqueeze(-1)).squeeze(-1)
         return merge_tokens(t, self.keep_index, self.src_index, self.dst_index)
 
+    def representatives(self, t: Tensor) -> Tensor:
+        """Per output token, the entry of the input token kept at its slot: (B, N) -> (B, M) (positions)."""
+        return t.gather(1, self.keep_index)
+
 
 @dataclass
 class PerImageChoice:
@@ -74,15 +78,20 @@ class PerImageChoice:
     def sums(self, t: Tensor) -> Tensor:
         return self._select(self.first.sums(t), self.second.sums(t))
 
+    def representatives(self, t: Tensor) -> Tensor:
+        return self._select(self.first.representatives(t), self.second.representatives(t))
+
 
 def apply_token_map(state, token_map: TokenMap | PerImageChoice):
     """Reduce a :class:`~effvision.tokens.state.TokenState` with ``token_map``.
 
-    A pure selection (pruning) moves tokens, sizes and source rows in one gather pass.
+    A pure selection (pruning) moves tokens, sizes and source rows in one gather pass. Positions (RoPE
+    models) follow each output token's representative (see :class:`~effvision.tokens.state.TokenState`).
     """
+    position = None if state.position is None else token_map.representatives(state.position)
     if isinstance(token_map, TokenMap) and token_map.src_index is None and token_map.keep_weight is None:
         x, size, source = gather_tokens(state.x, token_map.keep_index, state.sizes(), state.source)
-        return state.replace(x=x, size=size, source=source)
+        return state.replace(x=x, size=size, source=source, position=position)
     size = token_map.sums(state.sizes())
     source = None if state.source is None else token_map.sums(state.source)
-    return state.replace(x=token_map.features(state.x), size=size, source=source)
+    return state.replace(x=token_map.features(state.x), size=size, source=source, position=position)

@@ -1,0 +1,63 @@
+"""timm registry entries of the PEFT models: ``sparse_tuning_<base>`` and ``clca_<method>_<base>``.
+
+Each entry point carries its method and base model explicitly and calls the builder in
+:mod:`effvision.peft.models` (imported when a model is built, so registering stays light).
+:func:`register_peft_models` is called by :func:`effvision.timm_models.register`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+from effvision.tokens.registry import REDUCTION_METHODS, VIT_BASE_MODELS
+
+PEFT_BASE_MODELS = VIT_BASE_MODELS
+CLCA_METHODS = (*REDUCTION_METHODS, "sparse_tuning")
+
+REGISTERED_MODELS = tuple(
+    [f"sparse_tuning_{base}" for base in PEFT_BASE_MODELS]
+    + [f"clca_{method}_{base}" for method in CLCA_METHODS for base in PEFT_BASE_MODELS]
+)
+
+
+def _named(entrypoint, name: str, doc: str):
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = doc
+    return entrypoint
+
+
+def _sparse_tuning_entrypoint(base_name: str):
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        from effvision.peft.models import create_sparse_tuning_model
+
+        return create_sparse_tuning_model(base_name, pretrained=pretrained, **kwargs)
+
+    return _named(entrypoint, f"sparse_tuning_{base_name}", f"{base_name} as a Sparse-Tuning model.")
+
+
+def _clca_entrypoint(method: str, base_name: str):
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        from effvision.peft.models import create_clca_model
+
+        return create_clca_model(method, base_name, pretrained=pretrained, **kwargs)
+
+    return _named(entrypoint, f"clca_{method}_{base_name}", f"{base_name} reduced with {method}, plus CLCA.")
+
+
+def register_peft_models() -> list[str]:
+    """Register ``sparse_tuning_<base>`` and ``clca_<method>_<base>`` (method: ppt, tome, topk,
+    sparse_tuning) for every base model (idempotent); returns the names."""
+    from timm.models import register_model
+
+    module = sys.modules[__name__]
+    entrypoints = [_sparse_tuning_entrypoint(base) for base in PEFT_BASE_MODELS] + [
+        _clca_entrypoint(method, base) for method in CLCA_METHODS for base in PEFT_BASE_MODELS
+    ]
+    for entrypoint in entrypoints:
+        if not hasattr(module, entrypoint.__name__):
+            setattr(module, entrypoint.__name__, entrypoint)
+            register_model(entrypoint)
+    return list(REGISTERED_MODELS)

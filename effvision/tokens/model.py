@@ -1,0 +1,166 @@
+"""timm's model contract on token-reduced ViTs.
+
+:func:`effvision.reduce` gives the model the class ``TokenReduced<timm class>``, a subclass of its own
+timm class (``VisionTransformer``, ``VisionTransformerDistilled``, ``Eva``) with :class:`TokenReducedModel`
+first in the MRO. It overrides only what timm's own code cannot do on reduced tokens:
+
+* ``forward_features`` runs the reduced blocks (Eva: with RoPE following the tokens) and never timm's
+  per-block ``checkpoint_seq``, which would bypass the reduction;
+* ``forward_intermediates`` (and with it ``features_only=True``) runs the reduced model. ``NLC`` returns
+  the reduced tokens; ``NCHW`` scatters them back onto the patch grid through the source map
+  ("unmerge": every patch takes the value of the token holding it; pruned patches are zero);
+* ``set_grad_checkpointing`` checkpoints the attention and MLP of each block inside the reduction.
+
+Everything else (``forward_head``, ``reset_classifier``, ``prune_intermediate_layers``, ``pretrained_cfg``,
+state-dict names) is timm's. The class is a plain class attribute, not a closure over the instance, so
+models pickle (``torch.save(model)``) and ``copy.deepcopy`` gives an independent model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from effvision.tokens.state import TokenState
+
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+def reduced_class(base: type) -> type:
+    """``TokenReduced<base.__name__>``: ``base`` with :class:`TokenReducedModel` first (made once per class)."""
+    if issubclass(base, TokenReducedModel):
+        return base
+    if base not in _REDUCED_CLASSES:
+        _REDUCED_CLASSES[base] = type(
+            f"TokenReduced{base.__name__}",
+            (TokenReducedModel, base),
+            {"__module__": __name__, "__doc__": f"timm ``{base.__name__}`` with token reduction."},
+        )
+    return _REDUCED_CLASSES[base]
+
+
+def _new_reduced_model(base: type) -> nn.Module:
+    """Unpickling: an empty instance of ``reduced_class(base)`` (the state is set by ``__setstate__``)."""
+    cls = reduced_class(base)
+    return cls.__new__(cls)
+
+
+def _is_eva(model: nn.Module) -> bool:
+    from timm.models.eva import Eva
+
+    return isinstance(model, Eva)
+
+
+def unmerge(tokens: Tensor, source: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Scatter reduced tokens back onto the patch grid.
+
+    Args:
+        tokens: (B, N, C) tokens of a reduced model (prefix tokens included).
+        source: (B, N, N0) source map over the original tokens; only its patch columns, the last
+            ``grid[0] * grid[1]``, are used.
+        grid: (H, W) patch grid.
+
+    Returns (B, C, H, W): at every patch the value of the token holding it (exactly; a source column has a
+    single one), zero for a pruned patch (no token holds it).
+    """
+    batch, _, channels = tokens.shape
+    patch_source = source[:, :, source.shape[2] - grid[0] * grid[1]:]
+    holder = patch_source.argmax(dim=1)  # (B, H*W): the token holding each patch
+    held = patch_source.amax(dim=1) > 0
+    values = tokens.gather(1, holder.unsqueeze(-1).expand(-1, -1, channels))
+    values = torch.where(held.unsqueeze(-1), values, torch.zeros_like(values))
+    return values.reshape(batch, grid[0], grid[1], channels).permute(0, 3, 1, 2).contiguous()
+
+
+def _check_plain_attention(attn_mask: Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("token-reduced models take no attn_mask / is_causal: the token count changes per block")
+
+
+class TokenReducedModel:
+    """Mixin placed before a timm ViT class; see the module docstring. ``model.blocks`` is a
+    :class:`~effvision.tokens.blocks.TokenReducingBlocks`."""
+
+    def __reduce_ex__(self, protocol: int):
+        # pickle / deepcopy rebuild the class from its timm base, so no module attribute has to exist
+        return _new_reduced_model, (type(self).__bases__[1],), self.__getstate__()
+
+    def token_state(self, images: Tensor, track_source: bool | None = None) -> TokenState:
+        """Patch + position embedding of ``images`` as the :class:`TokenState` entering the first block."""
+        blocks = self.blocks
+        track_source = blocks.track_source if track_source is None else track_source
+        if _is_eva(self):
+            x, rope = self._pos_embed(self.patch_embed(images))
+            return TokenState.start(self.norm_pre(x), blocks.num_prefix, track_source, rope)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
+        return TokenState.start(x, blocks.num_prefix, track_source)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each block's attention and MLP (recomputed in backward), inside the reduction."""
+        self.grad_checkpointing = enable
+        self.blocks.grad_checkpointing = enable
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        _check_plain_attention(attn_mask, is_causal)
+        blocks = self.blocks
+        return self.norm(blocks.output(blocks.forward_state(self.token_state(x))))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        return_token_states: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates`` on the reduced model.
+
+        Args as timm's VisionTransformer. ``indices``: the last n blocks (int), all (None) or these blocks.
+        ``output_fmt="NLC"``: the reduced patch tokens (B, N_i - P, C) of each block (their count shrinks
+        with depth); ``"NCHW"``: (B, C, H, W) on the patch grid, unmerged through the source map.
+        ``return_token_states=True`` adds the :class:`TokenState` after each taken block (sizes and
+        source map: which original patches each token holds): as the last element of the returned
+        tuple, or under ``"token_states"`` with ``output_dict``.
+        """
+        from timm.models._features import feature_take_indices
+
+        _check_plain_attention(attn_mask, is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        nchw = output_fmt == "NCHW"
+        take_indices, _ = feature_take_indices(len(self.blocks), indices)
+        blocks = self.blocks
+        state = self.token_state(x, track_source=blocks.track_source or nchw)
+        final, states = blocks.forward_intermediate_states(state, take_indices, stop_early)
+
+        tokens = [self.norm(s.x) if norm else s.x for s in states]
+        prefix_tokens = [t[:, :s.num_prefix] for t, s in zip(tokens, states, strict=True)]
+        if nchw:
+            grid = tuple(self.patch_embed.grid_size)
+            intermediates = [unmerge(t, s.source, grid) for t, s in zip(tokens, states, strict=True)]
+        else:
+            intermediates = [t[:, s.num_prefix:] for t, s in zip(tokens, states, strict=True)]
+
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if return_prefix_tokens and blocks.num_prefix:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(blocks.output(final))
+            if return_token_states:
+                result["token_states"] = states
+            return result
+        if return_prefix_tokens and blocks.num_prefix:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        extra = (states,) if return_token_states else ()
+        if intermediates_only:
+            return (intermediates, *extra) if extra else intermediates
+        return (self.norm(blocks.output(final)), intermediates, *extra)
