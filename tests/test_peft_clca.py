@@ -1,4 +1,4 @@
-"""CLCA: cross-layer aggregation head and cross-layer cache on token-reduced timm ViTs."""
+"""CLCA: cross-layer aggregation head and the cross-layer cache as the released code computes them."""
 
 import pytest
 import timm
@@ -8,14 +8,98 @@ import effvision
 from effvision.peft import CrossLayerAggregationHead, CrossLayerCache, add_clca
 from effvision.peft.clca import CACHE_KEY
 from effvision.tokens import TokenState, count_macs, forward_tokens
+from tests.peft_reference import Reduction, clca_reference
 from tests.vit_factory import make_family
 
 POLICIES = [("topk", dict(keep_rate=0.7, layers=(1, 3))), ("ppt", dict(r=8, layers=(1, 3))),
             ("tome", dict(r=4))]
+# 12 blocks like ViT-B: reductions at 3, 6, 9 and the release's extra re-injection after block 10
+REFERENCE_POLICIES = [
+    ("topk", dict(keep_rate=0.7, layers=(3, 6, 9))),
+    ("tome", dict(r=3)),
+    ("ppt", dict(r=8, layers=(3, 6, 9), threshold=0.0)),  # every image prunes
+    ("ppt", dict(r=8, layers=(3, 6, 9), threshold=1.0)),  # every image pools
+]
 
 
 def images(batch=2, seed=1):
     return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_head(model, seed=4):
+    """Non-trivial BatchNorm statistics and affine parameters, as after training, and larger logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.head.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.normal_(0, 0.1, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.normal_(1, 0.1, generator=generator)
+                module.bias.normal_(0, 0.1, generator=generator)
+        model.head.pointwise.weight.mul_(20.0)  # logits of order 1, so small differences show at 1e-5
+    return model
+
+
+def sharpened_vit(seed=0):
+    """A 12-block tiny ViT whose attention is far from uniform (query/key weights scaled up), so tokens
+    injected by the cache weigh on the class token."""
+    model = make_family("vit", seed=seed, depth=12)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * model.embed_dim].mul_(4.0)
+    return model
+
+
+def reference_case(method, options, **clca):
+    model = add_clca(effvision.reduce(sharpened_vit(), method, **options), **clca)
+    return randomize_head(model).eval()
+
+
+@pytest.mark.parametrize("method,options", REFERENCE_POLICIES, ids=["topk", "tome", "ppt-prune", "ppt-pool"])
+@pytest.mark.parametrize("carriers", [0, 2], ids=["average", "carriers"])
+def test_model_equals_the_step_by_step_reference(method, options, carriers):
+    model = reference_case(method, options, carriers=carriers)
+    cache = model.clca_cache
+    head_layers = (3, 6, 9, 11) if method != "tome" else tuple(range(12))
+    assert cache.layers == (3, 6, 9, 10) if method != "tome" else tuple(range(11))
+    carrier_params = (cache.carrier_tokens, cache.carrier_pos_embed) if carriers else None
+    x = images()
+    with torch.no_grad():
+        expected, tokens = clca_reference(model, x, Reduction(method, **options), cache.layers, head_layers,
+                                          carrier_params)
+        got = model(x)
+        without_cache = add_clca(effvision.reduce(sharpened_vit(), method, **options), cache=False)
+        without_cache.head.load_state_dict(model.head.state_dict())
+        plain_head = without_cache.eval()(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - plain_head).abs().max() > 2e-4  # the cache changes the logits (20x the tolerance)
+    assert forward_tokens(model, x).num_tokens == tokens == effvision.reduction_info(model)["tokens_after"][-1]
+
+
+def test_carriers_only_cache_equals_the_reference():
+    options = dict(keep_rate=0.5, layers=(3, 6, 9))
+    model = reference_case("topk", options, carriers=3, average=False)
+    cache = model.clca_cache
+    assert cache.tokens_per_block() == 3
+    assert cache.cached_count(3) == 4 * 3 and cache.cached_count(10) == 1 * 3
+    x = images()
+    with torch.no_grad():
+        expected, tokens = clca_reference(model, x, Reduction("topk", **options), cache.layers, (3, 6, 9, 11),
+                                          (cache.carrier_tokens, cache.carrier_pos_embed), average=False)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    info = effvision.reduction_info(model)
+    assert info["tokens"][4] == info["tokens_after"][3] + 4 * 3 and info["tokens_after"][-1] == tokens
+
+
+def test_vit_base_schedule_is_the_reduction_schedule_plus_injected_tokens():
+    model = timm.create_model("clca_topk_vit_base_patch16_224")
+    info = effvision.reduction_info(model)
+    assert model.clca_cache.layers == (3, 6, 9, 10)
+    # injected after blocks 3 (blocks 0-3: 4 tokens), 6 (3), 9 (3) and 10 (1); protected from reduction
+    assert [info["tokens_after"][block] for block in (3, 6, 9)] == [140, 100 + 4, 72 + 4 + 3]
+    assert info["tokens"][4] == 144 and info["tokens"][10] == 72 + 10 and info["tokens"][11] == 72 + 11
+    carriers = effvision.reduction_info(timm.create_model("clca_topk_vit_base_patch16_224", carriers=2))
+    assert carriers["tokens"][0] == 197 + 2 and carriers["tokens"][4] == carriers["tokens_after"][3] + 4 * 3
 
 
 def test_head_parameter_count_and_shapes_match_the_formula():
@@ -39,27 +123,27 @@ def test_head_takes_cls_after_each_reduction_block_and_the_last():
     assert model(x).shape == (2, 7)
 
 
-def test_cache_averages_patch_tokens_by_size():
-    cache = CrossLayerCache(dim=3, layers=(2,))
-    x = torch.randn(1, 4, 3)
-    size = torch.tensor([[1.0, 2.0, 1.0, 1.0]])
-    state = cache.after_block(0, TokenState(x=x, size=size, num_prefix=1))
-    expected = (2 * x[:, 1] + x[:, 2] + x[:, 3]) / 4
-    torch.testing.assert_close(state.extras[CACHE_KEY][0][:, 0], expected)
+def test_cached_token_is_the_plain_mean_of_the_unprotected_tokens():
+    cache = CrossLayerCache(dim=3, layers=(2,), depth=4)
+    x = torch.randn(1, 5, 3)
+    state = TokenState(x=x, size=torch.tensor([[1.0, 1.0, 7.0, 1.0, 1.0]]), num_prefix=2, extras={CACHE_KEY: ()})
+    state = cache.before_block(1, state)
+    torch.testing.assert_close(state.extras[CACHE_KEY][0][:, 0], x[0, 2:].mean(dim=0)[None])
+    assert state.num_tokens == 5
 
 
-def test_cache_reinjects_averages_and_carriers_then_clears():
-    cls = torch.randn(1, 1, 3)
-    cache = CrossLayerCache(dim=3, layers=(2, 5), carriers=2, cls_token=cls)
+def test_cache_is_inserted_after_the_prefix_protected_and_then_cleared():
+    cache = CrossLayerCache(dim=3, layers=(2,), depth=4)
     cached = (torch.randn(2, 1, 3), torch.randn(2, 1, 3))
-    state = TokenState(x=torch.randn(2, 4, 3), size=torch.ones(2, 4), extras={CACHE_KEY: cached})
-    out = cache.after_reduction(2, state, None)
-    assert out.num_tokens == 4 + 2 + 2 and out.extras[CACHE_KEY] == ()
-    torch.testing.assert_close(out.x[:, 4:6], torch.cat(cached, dim=1))
-    torch.testing.assert_close(out.x[:, 6:], cls.expand(2, 2, 3))
-    assert torch.equal(out.size[:, 4:], torch.ones(2, 4))
-    assert cache.carrier_tokens.shape == (2, 2, 3)
-    assert cache.after_reduction(3, state, None) is state
+    x = torch.randn(2, 4, 3)
+    state = TokenState(x=x, num_prefix=1, extras={CACHE_KEY: cached})
+    out = cache.before_block(3, state)
+    assert out.num_tokens == 4 + 3 and out.num_prefix == 1 + 3 and out.extras[CACHE_KEY] == ()
+    torch.testing.assert_close(out.x[:, 1:3], torch.cat(cached, dim=1))
+    torch.testing.assert_close(out.x[:, 3], x[:, 1:].mean(dim=1))  # block 2's own average comes last
+    torch.testing.assert_close(out.x[:, 4:], x[:, 1:])
+    assert torch.equal(out.size, torch.ones(2, 7))
+    assert cache.before_block(2, state).num_tokens == 4  # block 1 is no cache layer: nothing inserted
 
 
 @pytest.mark.parametrize("method,options", POLICIES)
@@ -67,9 +151,6 @@ def test_composes_with_every_policy_and_the_schedule_counts_injected_tokens(meth
     model = add_clca(effvision.reduce(make_family("vit"), method, **options), carriers=1)
     base = effvision.reduction_info(effvision.reduce(make_family("vit"), method, **options))
     info = effvision.reduction_info(model)
-    layers = model.clca_cache.layers
-    for index, previous in zip(layers, (0, *layers[:-1]), strict=False):
-        assert model.blocks.extensions[0].injected_tokens(index) == index - previous + 1
     assert info["tokens_after"][-1] > base["tokens_after"][-1]
     x = images()
     state = forward_tokens(model, x)
@@ -81,12 +162,22 @@ def test_cache_mac_count_follows_the_longer_schedule():
     model = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), head=False)
     plain = effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3))
     assert count_macs(model)["total"] > count_macs(plain)["total"]
-    assert effvision.reduction_info(model)["tokens"] == [65, 65, 48, 48, 37, 37]  # +1 GAP at 1, +2 at 3
+    # cache layers 1, 3 and 4 (recover at last): +2 (blocks 0-1), +2 (blocks 2-3), +1 (block 4)
+    assert model.clca_cache.layers == (1, 3, 4)
+    assert effvision.reduction_info(model)["tokens"] == [65, 65, 49, 49, 39, 40]
+
+
+def test_recover_last_can_be_turned_off_and_layers_chosen():
+    reduced = effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3))
+    assert add_clca(reduced, head=False, recover_last=False).clca_cache.layers == (1, 3)
+    other = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), head=False,
+                     cache_layers=(2,))
+    assert effvision.reduction_info(other)["tokens"] == [65, 65, 47, 50, 38, 38]  # +3 after block 2
 
 
 def test_registered_clca_names_build():
     model = timm.create_model("clca_topk_vit_base_patch16_224", num_classes=10)
-    assert model.head.num_layers == 4 and model.clca_cache.layers == (3, 6, 9)
+    assert model.head.num_layers == 4 and model.clca_cache.layers == (3, 6, 9, 10)
     small = timm.create_model("clca_ppt_deit_small_patch16_224", clca_cache=False)
     assert small.head.num_layers == 4 and not hasattr(small, "clca_cache")
 
@@ -100,17 +191,14 @@ def test_bad_configurations_are_clear_errors():
         add_clca(effvision.reduce(make_family("vit"), "topk"), cache=False, carriers=1)
     with pytest.raises(ValueError, match="class token"):
         add_clca(effvision.reduce(make_family("deit_distilled"), "tome", r=4))
+    with pytest.raises(ValueError, match="last block"):
+        add_clca(effvision.reduce(make_family("vit"), "topk"), cache_layers=(5,))
+    with pytest.raises(ValueError, match="caches nothing"):
+        add_clca(effvision.reduce(make_family("vit"), "topk"), average=False)
 
 
-def test_clca_model_exports():
-    model = add_clca(effvision.reduce(make_family("vit"), "ppt", r=8, layers=(1, 3)), carriers=1).eval()
+def test_clca_model_with_carriers_exports():
+    model = add_clca(effvision.reduce(make_family("vit"), "ppt", r=8, layers=(1, 3)), carriers=2).eval()
     x = images()
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
-
-
-def test_cache_can_also_reinject_after_a_block_that_does_not_reduce():
-    model = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), head=False,
-                     cache_layers=(1, 3, 4))
-    assert effvision.reduction_info(model)["tokens_after"] == [65, 48, 48, 37, 38, 38]  # +1 GAP, +2, +1
-    assert forward_tokens(model, images()).num_tokens == 38

@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning of token-reduced ViTs: Sparse-Tuning's Dense Adapters and CLCA.
+"""Parameter-efficient fine-tuning of token-reduced ViTs: Sparse-Tuning's adapters and CLCA.
 
 Imported lazily (never from ``effvision/__init__``): the timm entry points in
 :mod:`effvision.peft.registry` import it when a ``sparse_tuning_*`` / ``clca_*`` model is built.
@@ -6,6 +6,7 @@ Imported lazily (never from ``effvision/__init__``): the timm entry points in
 
 from effvision.peft.clca import CrossLayerAggregationHead, CrossLayerCache, add_clca
 from effvision.peft.dense_adapter import DenseAdapter, DenseAdapters
+from effvision.peft.released_adapter import ReleasedAdapter, ReleasedAdapters
 from effvision.peft.sparse_tuning import (
     add_dense_adapters,
     freeze_for_peft,
@@ -18,6 +19,8 @@ __all__ = [
     "CrossLayerCache",
     "DenseAdapter",
     "DenseAdapters",
+    "ReleasedAdapter",
+    "ReleasedAdapters",
     "add_clca",
     "add_dense_adapters",
     "freeze_for_peft",

@@ -1,16 +1,16 @@
 """CLCA: Cross-Layer Cache Aggregation (Rios et al., ICASSP 2025) for token-reduced ViTs.
 
-Two parts, usable independently and with any policy of :mod:`effvision.tokens` (and Sparse-Tuning):
+Two parts, usable independently and with any policy of :mod:`effvision.tokens` (and Sparse-Tuning),
+computed as the authors' released code does (docs/methods.md):
 
 * :class:`CrossLayerAggregationHead`: the CLS token after each reduction block and after the last
   block, stacked as (B, D, L) -> BatchNorm1d(D) -> depthwise Conv1d(D -> 2D, kernel L, groups D) ->
   BatchNorm1d(2D) -> GELU -> pointwise Conv1d(2D -> classes). The model's final norm becomes identity.
-* :class:`CrossLayerCache`: after every block the global average of the patch tokens (size-weighted,
-  so a merged token counts for the patches it holds) is cached; right after each reduction the cached
-  tokens, plus optional learnable carrier tokens (initialised from the CLS token), are appended to the
-  sequence and the cache is cleared. The number of appended tokens is static (blocks since the last
-  injection + carriers), so the token schedule, :func:`effvision.reduction_info` and the MAC count
-  include them.
+* :class:`CrossLayerCache`: after every whole block the plain mean of its stream tokens (and the state
+  of optional carrier tokens) is cached; after each reduction block, and by default after the
+  second-to-last block too ("recover at last"), the cached tokens join the sequence as protected tokens
+  and the cache is cleared. Counts are static, so the token schedule,
+  :func:`effvision.reduction_info` and the MAC count include them.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from effvision.peft.token_rows import align_rows, append_tokens, insert_prefix_tokens
 from effvision.tokens.state import TokenState
 from effvision.tokens.token_map import PerImageChoice, TokenMap
 
 CACHE_KEY = "clca_cache"
+CARRIER_KEY = "clca_carriers"  # (prefix count, (B, N, K) carrier membership)
 CLS_KEY = "clca_cls"
+INIT_STD = 0.02
 
 
 class CrossLayerAggregationHead(nn.Module):
@@ -82,62 +85,103 @@ class ClsCollector:
         return torch.cat(state.extras[CLS_KEY], dim=1)
 
 
-def append_tokens(state: TokenState, tokens: Tensor) -> TokenState:
-    """Append ``tokens`` (B, K, C) to the sequence; they hold no original patch (size 1, empty source row)."""
-    batch, count = tokens.shape[:2]
-    size = torch.cat([state.sizes(), state.sizes().new_ones(batch, count)], dim=1)
-    source = state.source
-    if source is not None:
-        source = torch.cat([source, source.new_zeros(batch, count, source.shape[2])], dim=1)
-    return state.replace(x=torch.cat([state.x, tokens.to(state.x.dtype)], dim=1), size=size, source=source)
-
-
 class CrossLayerCache(nn.Module):
-    """Block extension: the cross-layer cache, re-injected right after the reduction at ``layers``.
+    """Block extension: CLCA's cross-layer cache as the released code computes it.
 
-    ``carriers`` learnable tokens per injection (parameter ``carrier_tokens``, (len(layers), K, D),
-    initialised from ``cls_token``) join the cached averages. Registered on the model as ``clca_cache``.
+    Registered on the model as ``clca_cache``. After every block, the cache takes the plain mean of the
+    block's stream tokens (every non-prefix token: patches, merged or fused tokens, carriers; tokens
+    re-injected earlier are protected prefix tokens, so they are left out) and, with carriers, each
+    carrier's state. After every block in ``layers`` the cached tokens are inserted right after the
+    prefix, protected from later reductions, and the cache is cleared. The work runs as the next block's
+    ``before_block``, so it sees the block's final output (after Sparse-Tuning's stage sums).
+
+    Carrier tokens: ``carriers`` learnable tokens with their own position embedding (parameters
+    ``carrier_tokens`` and ``carrier_pos_embed``, (1, K, D), N(0, 0.02)) appended to the stream once,
+    at the input of block 0. They are pruned, merged and fused like patches; a carrier's state is the
+    token that holds it now (itself while kept, the token it was merged or fused into, zero once pruned),
+    followed through every token map.
     """
 
-    def __init__(self, dim: int, layers: tuple[int, ...], carriers: int = 0, cls_token: Tensor | None = None):
+    def __init__(self, dim: int, layers: tuple[int, ...], depth: int, carriers: int = 0, average: bool = True):
         super().__init__()
-        self.layers = tuple(sorted(layers))
+        self.layers = tuple(sorted({int(layer) for layer in layers}))
+        if not self.layers or not all(0 <= layer < depth - 1 for layer in self.layers):
+            raise ValueError(
+                f"cache layers {layers} must be blocks in 0..{depth - 2} (tokens re-injected after the last "
+                "block would reach no block)"
+            )
         if carriers < 0:
             raise ValueError(f"carriers must be >= 0, got {carriers}")
+        if not average and not carriers:
+            raise ValueError("a cache with neither the average token nor carriers caches nothing")
         self.carriers = carriers
-        self.carrier_tokens = None
+        self.average = average
+        self.carrier_tokens = self.carrier_pos_embed = None
         if carriers:
-            init = torch.zeros(dim) if cls_token is None else cls_token.detach().reshape(dim)
-            self.carrier_tokens = nn.Parameter(init.expand(len(self.layers), carriers, dim).clone())
+            self.carrier_tokens = nn.Parameter(torch.randn(1, carriers, dim) * INIT_STD)
+            self.carrier_pos_embed = nn.Parameter(torch.randn(1, carriers, dim) * INIT_STD)
 
-    def cached_count(self, block: int) -> int:
-        """Block averages waiting in the cache when the reduction of ``block`` runs."""
-        earlier = [layer for layer in self.layers if layer < block]
-        return block - (earlier[-1] if earlier else 0)
+    def tokens_per_block(self) -> int:
+        return int(self.average) + self.carriers
+
+    def cached_count(self, layer: int) -> int:
+        """Tokens re-injected after block ``layer`` (in ``layers``): those of every block since the
+        previous injection, that block included."""
+        earlier = [previous for previous in self.layers if previous < layer]
+        return (layer - (earlier[-1] if earlier else -1)) * self.tokens_per_block()
+
+    def tokens_before_block(self, block: int) -> tuple[int, int]:
+        stream = self.carriers if block == 0 else 0
+        protected = self.cached_count(block - 1) if block - 1 in self.layers else 0
+        return stream, protected
 
     def injected_tokens(self, block: int) -> int:
-        return self.cached_count(block) + self.carriers if block in self.layers else 0
+        return 0
+
+    def _membership(self, state: TokenState) -> Tensor:
+        """(B, N, K): which token holds each carrier now."""
+        prefix, membership = state.extras[CARRIER_KEY]
+        return align_rows(membership, prefix, state.num_tokens, state.num_prefix)
+
+    def _start(self, state: TokenState) -> TokenState:
+        extras = {**state.extras, CACHE_KEY: ()}
+        if not self.carriers:
+            return state.replace(extras=extras)
+        batch, tokens = state.x.shape[:2]
+        carriers = (self.carrier_tokens + self.carrier_pos_embed).expand(batch, -1, -1)
+        state = append_tokens(state, carriers)
+        eye = torch.eye(self.carriers, device=state.x.device)
+        membership = torch.cat([eye.new_zeros(tokens, self.carriers), eye]).expand(batch, -1, -1)
+        return state.replace(extras={**extras, CARRIER_KEY: (state.num_prefix, membership)})
+
+    def before_block(self, block: int, state: TokenState) -> TokenState:
+        if block == 0:
+            return self._start(state)
+        x, prefix = state.x, state.num_prefix
+        cached = list(state.extras[CACHE_KEY])
+        if self.average:
+            cached.append(x[:, prefix:].mean(dim=1, keepdim=True))
+        if self.carriers:
+            cached.append(self._membership(state).transpose(1, 2).to(x.dtype) @ x)
+        if block - 1 not in self.layers:
+            return state.replace(extras={**state.extras, CACHE_KEY: tuple(cached)})
+        state = insert_prefix_tokens(state, torch.cat(cached, dim=1))
+        extras = {**state.extras, CACHE_KEY: ()}
+        if self.carriers:
+            extras[CARRIER_KEY] = (state.num_prefix, self._membership(state))
+        return state.replace(extras=extras)
 
     def after_reduction(self, block: int, state: TokenState, token_map: TokenMap | PerImageChoice | None):
-        if block not in self.layers:
+        if token_map is None or not self.carriers:
             return state
-        tokens = list(state.extras.get(CACHE_KEY, ()))
-        if self.carrier_tokens is not None:
-            carriers = self.carrier_tokens[self.layers.index(block)]
-            tokens.append(carriers.unsqueeze(0).expand(state.x.shape[0], -1, -1))
-        extras = {**state.extras, CACHE_KEY: ()}
-        if not tokens:
-            return state.replace(extras=extras)
-        return append_tokens(state, torch.cat(tokens, dim=1)).replace(extras=extras)
+        prefix, membership = state.extras[CARRIER_KEY]
+        return state.replace(extras={**state.extras, CARRIER_KEY: (prefix, token_map.sums(membership))})
 
     def parallel_ffn(self, block: int, state: TokenState) -> tuple[TokenState, None]:
         return state, None
 
     def after_block(self, block: int, state: TokenState) -> TokenState:
-        patches = state.x[:, state.num_prefix:]
-        weight = state.sizes()[:, state.num_prefix:, None].to(patches.dtype)
-        average = (patches * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True)
-        return state.replace(extras={**state.extras, CACHE_KEY: (*state.extras.get(CACHE_KEY, ()), average)})
+        return state
 
     def output(self, state: TokenState) -> None:
         return None
@@ -163,6 +207,8 @@ def add_clca(
     cache: bool = True,
     carriers: int = 0,
     cache_layers: tuple[int, ...] | None = None,
+    average: bool = True,
+    recover_last: bool = True,
 ) -> nn.Module:
     """Add CLCA's aggregation head and/or cross-layer cache to a token-reduced timm ViT, in place.
 
@@ -172,9 +218,11 @@ def add_clca(
             each reduction block and the last block; ``model.norm`` (and ``fc_norm``) become identity
             and the blocks return the stacked CLS tokens (B, L, D).
         cache: add :class:`CrossLayerCache` as ``model.clca_cache``.
-        carriers: learnable carrier tokens per injection (cache only).
-        cache_layers: blocks after whose reduction the cache is re-injected; default: the reduction
-            blocks. Other blocks are allowed (the paper also re-injects at block 10 of 12).
+        carriers: carrier tokens added at the input (cache only).
+        cache_layers: blocks after which the cache is re-injected; default: the reduction blocks, plus
+            the second-to-last block with ``recover_last`` (the release's defaults).
+        average: cache the average token (the release's default; ``False`` with carriers: carriers only).
+        recover_last: with the default ``cache_layers``, also re-inject after the second-to-last block.
     """
     from effvision.tokens.blocks import TokenReducingBlocks
 
@@ -189,22 +237,26 @@ def add_clca(
     layers = reduction_layers(model)
     if not layers:
         raise ValueError("CLCA aggregates around reduction blocks, but this model's policy reduces no tokens")
+    depth = len(model.blocks)
     if cache_layers is not None:
+        if not cache:
+            raise ValueError("cache_layers need the cache")
         cache_layers = tuple(int(layer) for layer in cache_layers)
-        if not cache or not cache_layers or not all(0 <= layer < len(model.blocks) for layer in cache_layers):
-            raise ValueError(f"cache_layers {cache_layers} need the cache and blocks in 0..{len(model.blocks) - 1}")
+    else:
+        cache_layers = tuple(layer for layer in layers if layer < depth - 1)
+        if recover_last and depth >= 2:
+            cache_layers = tuple(sorted({*cache_layers, depth - 2}))
     extensions = list(model.blocks.extensions)
     if cache:
-        model.clca_cache = CrossLayerCache(
-            model.embed_dim, cache_layers or layers, carriers, getattr(model, "cls_token", None)
-        )
-        extensions.append(model.clca_cache)
+        model.clca_cache = CrossLayerCache(model.embed_dim, cache_layers, depth, carriers, average)
+        # first: its before_block adds tokens that the other extensions' per-token tensors must then align to
+        extensions.insert(0, model.clca_cache)
     if head:
         if getattr(model, "cls_token", None) is None or getattr(model, "head_dist", None) is not None:
             raise ValueError("the CLCA head needs a model with one class token (no distillation token)")
         if getattr(model, "attn_pool", None) is not None:
             raise ValueError("the CLCA head replaces token pooling; this model pools by attention")
-        head_layers = tuple(sorted({*layers, len(model.blocks) - 1}))
+        head_layers = tuple(sorted({*layers, depth - 1}))
         model.head = CrossLayerAggregationHead(model.embed_dim, len(head_layers), model.num_classes)
         model.norm = nn.Identity()
         model.fc_norm = nn.Identity()

@@ -1,6 +1,8 @@
-"""Dense Adapters (Sparse-Tuning, Liu et al., arXiv 2405.14700).
+"""Dense Adapters (Sparse-Tuning, Liu et al., arXiv 2405.14700), as we read the paper's figure.
 
-The adapter of block ``N`` sees three inputs, each through its own down-projection (dim -> r):
+``sparse_tuning(..., adapter="dense")``. The authors' released code computes something else (one input
+per adapter, per-stage sums: :mod:`effvision.peft.released_adapter`, the default); this reading is kept
+as an option. The adapter of block ``N`` sees three inputs, each through its own down-projection (dim -> r):
 
 * ``x_N``: the block's tokens entering the FFN, i.e. after attention and after the token reduction.
   We feed the residual stream itself (not ``norm2(x)``), as the official Sparse-Tuning code does for
@@ -11,8 +13,8 @@ The adapter of block ``N`` sees three inputs, each through its own down-projecti
 ``a_N = W_up(ReLU(W_down1 x_N + W_down2 a_{N-1} + W_down3 a_{N-3}))`` with ``W_up`` zero-initialised,
 added to the residual in parallel to the frozen FFN. Earlier outputs are per-token tensors that pass
 through every token map applied since they were computed (``token_map.features``), so token counts and
-token identities match ``x_N``. Tokens injected after a reduction (CLCA cache) have no earlier adapter
-output: their rows are zero.
+token identities match ``x_N``. Tokens added later (CLCA's re-injected cache, carriers) have no earlier
+adapter output: their rows are zero.
 
 Only one bias is learned per adapter (on ``down_1``): the three projections are summed, so more biases
 would be redundant.
@@ -20,14 +22,14 @@ would be redundant.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effvision.peft.token_rows import align_rows
 from effvision.tokens.state import TokenState
 from effvision.tokens.token_map import PerImageChoice, TokenMap
 
-OUTPUTS_KEY = "dense_adapter_outputs"
+OUTPUTS_KEY = "dense_adapter_outputs"  # (prefix count, last three outputs, newest first)
 DENSE_OFFSETS = (1, 3)  # inputs from the adapters 1 and 3 blocks earlier
 
 
@@ -70,14 +72,6 @@ class DenseAdapter(nn.Module):
         )
 
 
-def _pad_tokens(t: Tensor, tokens: int) -> Tensor:
-    """Zero rows for tokens appended after ``t`` was computed (static shapes: ``tokens`` is a Python int)."""
-    missing = tokens - t.shape[1]
-    if missing == 0:
-        return t
-    return torch.cat([t, t.new_zeros(t.shape[0], missing, t.shape[2])], dim=1)
-
-
 class DenseAdapters(nn.Module):
     """The Dense Adapters of every block, as a :class:`~effvision.tokens.blocks.BlockExtension`.
 
@@ -96,21 +90,33 @@ class DenseAdapters(nn.Module):
     def injected_tokens(self, block: int) -> int:
         return 0
 
+    @staticmethod
+    def _outputs(state: TokenState) -> tuple[Tensor, ...]:
+        """Earlier outputs, with zero rows for tokens added since they were computed."""
+        prefix, outputs = state.extras.get(OUTPUTS_KEY, (state.num_prefix, ()))
+        return tuple(align_rows(t, prefix, state.num_tokens, state.num_prefix) for t in outputs)
+
+    @staticmethod
+    def _with_outputs(state: TokenState, outputs: tuple[Tensor, ...]) -> TokenState:
+        return state.replace(extras={**state.extras, OUTPUTS_KEY: (state.num_prefix, outputs)})
+
+    def before_block(self, block: int, state: TokenState) -> TokenState:
+        return self._with_outputs(state, self._outputs(state))
+
     def after_reduction(
         self, block: int, state: TokenState, token_map: TokenMap | PerImageChoice | None
     ) -> TokenState:
-        outputs = state.extras.get(OUTPUTS_KEY, ())
+        _, outputs = state.extras.get(OUTPUTS_KEY, (state.num_prefix, ()))
         if token_map is None or not outputs:
             return state
-        return state.replace(extras={**state.extras, OUTPUTS_KEY: tuple(token_map.features(t) for t in outputs)})
+        return self._with_outputs(state, tuple(token_map.features(t) for t in outputs))
 
     def parallel_ffn(self, block: int, state: TokenState) -> tuple[TokenState, Tensor]:
         # outputs[k] is the adapter output of block (block - 1 - k), already following every token map
-        outputs = tuple(_pad_tokens(t, state.num_tokens) for t in state.extras.get(OUTPUTS_KEY, ()))
+        outputs = self._outputs(state)
         inputs = [state.x] + [outputs[offset - 1] for offset in DENSE_OFFSETS if block >= offset]
         branch = self.adapters[block](inputs)
-        kept = (branch, *outputs)[: max(DENSE_OFFSETS)]
-        return state.replace(extras={**state.extras, OUTPUTS_KEY: kept}), branch
+        return self._with_outputs(state, (branch, *outputs)[: max(DENSE_OFFSETS)]), branch
 
     def after_block(self, block: int, state: TokenState) -> TokenState:
         return state

@@ -5,8 +5,10 @@ Keyword arguments: timm's usual ones (``pretrained``, ``num_classes``, ``pretrai
 ``img_size``...), the reduction options of :func:`effvision.reduce` (``r``, ``layers``, ``threshold``,
 ``keep_rate``, ``proportional_attention``, ``track_source``), and:
 
-* Sparse-Tuning: ``bottleneck=64``, ``reduction="topk"``, ``freeze=True``.
-* CLCA: ``clca_head=True``, ``clca_cache=True``, ``carriers=0``, ``cache_layers=None`` (reduction blocks).
+* Sparse-Tuning: ``bottleneck=64``, ``reduction="topk"``, ``freeze=True``, ``adapter="released"``
+  (or ``"dense"``), ``inner=None`` (``bottleneck // 2``), ``stage_starts=None`` (the reduction blocks).
+* CLCA: ``clca_head=True``, ``clca_cache=True``, ``carriers=0``, ``cache_layers=None`` (reduction blocks
+  and, with ``recover_last=True``, the second-to-last block), ``average=True``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from effvision.peft.sparse_tuning import freeze_for_peft, sparse_tuning
 from effvision.tokens.reduce import reduce
 from effvision.tokens.registry import METHOD_OPTIONS
 
-SPARSE_TUNING_OPTIONS = ("bottleneck", "reduction", "freeze")
-CLCA_OPTIONS = ("clca_head", "clca_cache", "carriers", "cache_layers")
+SPARSE_TUNING_OPTIONS = ("bottleneck", "reduction", "freeze", "adapter", "inner", "stage_starts")
+CLCA_OPTIONS = ("clca_head", "clca_cache", "carriers", "cache_layers", "average", "recover_last")
 
 
 def _take(kwargs: dict, keys: tuple[str, ...]) -> dict:
@@ -52,8 +54,8 @@ def create_clca_model(method: str, base_name: str, pretrained: bool = False, **k
     if method not in CLCA_METHODS:
         raise ValueError(f"unknown CLCA base method {method!r}; choose one of {', '.join(CLCA_METHODS)}")
     clca_options = _take(kwargs, CLCA_OPTIONS)
-    clca = dict(head=clca_options.get("clca_head", True), cache=clca_options.get("clca_cache", True),
-                carriers=clca_options.get("carriers", 0), cache_layers=clca_options.get("cache_layers"))
+    clca = dict(head=clca_options.pop("clca_head", True), cache=clca_options.pop("clca_cache", True),
+                **clca_options)
     if method == "sparse_tuning":
         freeze = kwargs.pop("freeze", True)
         model = create_sparse_tuning_model(base_name, pretrained, freeze=False, **kwargs)
@@ -64,4 +66,3 @@ def create_clca_model(method: str, base_name: str, pretrained: bool = False, **k
     options = _take(kwargs, METHOD_OPTIONS)
     model = reduce(_base(base_name, pretrained, kwargs), method, **options)
     return add_clca(model, **clca)
-

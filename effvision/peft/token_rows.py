@@ -1,0 +1,60 @@
+"""Keeping per-token tensors of block extensions row-aligned with the token sequence.
+
+Extensions hold per-token tensors from earlier blocks (adapter outputs, the patch-embedding stream,
+carrier membership). When tokens are added later, those tensors get zero rows for them: tokens inserted
+into the protected prefix (CLCA's re-injected cache) go right after the old prefix, tokens added to the
+stream (CLCA's carriers) go at the end. All counts are Python ints, so shapes stay static.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from effvision.tokens.state import TokenState
+
+
+def align_rows(t: Tensor, t_prefix: int, num_tokens: int, num_prefix: int) -> Tensor:
+    """Zero rows in ``t`` (B, N, C) for tokens added since it was computed: ``num_prefix - t_prefix``
+    after its prefix, then up to ``num_tokens`` at the end."""
+    inserted = num_prefix - t_prefix
+    if inserted < 0:
+        raise ValueError(f"the prefix shrank from {t_prefix} to {num_prefix} tokens")
+    if inserted:
+        zeros = t.new_zeros(t.shape[0], inserted, t.shape[2])
+        t = torch.cat([t[:, :t_prefix], zeros, t[:, t_prefix:]], dim=1)
+    missing = num_tokens - t.shape[1]
+    if missing < 0:
+        raise ValueError(f"a per-token tensor has {t.shape[1]} rows but the sequence only {num_tokens} tokens")
+    if missing:
+        t = torch.cat([t, t.new_zeros(t.shape[0], missing, t.shape[2])], dim=1)
+    return t
+
+
+def insert_prefix_tokens(state: TokenState, tokens: Tensor) -> TokenState:
+    """Insert ``tokens`` (B, K, C) right after the prefix and protect them (``num_prefix`` grows by K).
+
+    They hold no original patch: size 1, empty source row.
+    """
+    batch, count = tokens.shape[:2]
+    prefix = state.num_prefix
+
+    def insert(t: Tensor, new: Tensor) -> Tensor:
+        return torch.cat([t[:, :prefix], new, t[:, prefix:]], dim=1)
+
+    size = insert(state.sizes(), state.sizes().new_ones(batch, count))
+    source = state.source
+    if source is not None:
+        source = insert(source, source.new_zeros(batch, count, source.shape[2]))
+    x = insert(state.x, tokens.to(state.x.dtype))
+    return state.replace(x=x, size=size, source=source, num_prefix=prefix + count)
+
+
+def append_tokens(state: TokenState, tokens: Tensor) -> TokenState:
+    """Append ``tokens`` (B, K, C) to the stream: reducible like patches, size 1, empty source row."""
+    batch, count = tokens.shape[:2]
+    size = torch.cat([state.sizes(), state.sizes().new_ones(batch, count)], dim=1)
+    source = state.source
+    if source is not None:
+        source = torch.cat([source, source.new_zeros(batch, count, source.shape[2])], dim=1)
+    return state.replace(x=torch.cat([state.x, tokens.to(state.x.dtype)], dim=1), size=size, source=source)
