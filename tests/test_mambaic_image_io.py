@@ -1,4 +1,4 @@
-"""Image loading for the codecs: every mode becomes RGB in [0, 1]; bad files are clear errors."""
+"""Image loading for training and evaluation: every mode becomes RGB in [0, 1]; bad files are clear errors."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from effvision.codecs.image_io import load_image, save_png
 from effvision.codecs.metrics import ms_ssim, psnr
 from effvision.errors import UserError
+from effvision.image_io import load_image, save_image, to_uint8
 
 
 def test_non_image_file_is_a_user_error(tmp_path: Path) -> None:
@@ -56,9 +56,9 @@ def test_16_bit_grayscale_is_scaled_to_unit_range(tmp_path: Path) -> None:
     assert image[:, 0, 1].tolist() == [1.0, 1.0, 1.0]
 
 
-def test_save_png_round_trips_8_bit_values(tmp_path: Path) -> None:
+def test_saved_png_round_trips_8_bit_values(tmp_path: Path) -> None:
     image = torch.randint(0, 256, (3, 5, 6)).float() / 255
-    save_png(image, tmp_path / "out.png")
+    save_image(Image.fromarray(to_uint8(image)), tmp_path / "out.png")
     assert torch.equal(load_image(tmp_path / "out.png"), image)
 
 

@@ -20,10 +20,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from effvision.codecs.image_io import list_images, load_image
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
     from effvision.codecs.mambaic.evaluate import evaluate, markdown_table, rd_plot, results_as_dicts
     from effvision.errors import UserError
+    from effvision.image_io import list_images, load_image
     from effvision.io_utils import atomic_write_bytes
 
     if args.device != "cpu" and not torch.cuda.is_available():

@@ -22,25 +22,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/mambaic"), help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     parser.add_argument("--init", type=Path, help="start from this MambaIC safetensors checkpoint")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; default)")
     parser.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def run(args) -> int:
     import torch
 
-    from effvision.codecs.image_io import list_images, load_image
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
     from effvision.codecs.mambaic.model import CONFIGS, MambaIC
     from effvision.codecs.mambaic.train import TrainSettings, train
     from effvision.errors import UserError
+    from effvision.image_io import list_images, load_image
 
     if args.config not in CONFIGS:
         raise UserError(f"unknown config {args.config!r}; choose from {', '.join(CONFIGS)}")
@@ -57,7 +51,7 @@ def run(args) -> int:
         lmbda=args.lmbda, metric=args.metric, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
         lr=args.lr, val_every=args.val_every, save_every=args.save_every, seed=args.seed, amp=not args.no_amp,
     )
-    train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume,
-          device=args.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume, device=device)
     print(f"wrote {args.out / 'model.safetensors'}")
     return 0

@@ -18,7 +18,6 @@ from pathlib import Path
 from effvision.errors import UserError
 
 HELP = "train or fine-tune a VQGAN codec (K-means codebook clustering, index model, lost-index restorer)"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,19 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_images(directory: Path, minimum: int):
-    """uint8 (H, W, 3) arrays of every image in ``directory`` at least ``minimum`` pixels on each side."""
+    """uint8 (H, W, 3) arrays of every image in ``directory`` (and below) at least ``minimum`` pixels on each
+    side, read by :mod:`effvision.image_io` (modes normalised, alpha composited onto white)."""
     import numpy as np
-    from PIL import Image
 
-    if not directory.is_dir():
-        raise UserError(f"{directory} is not a directory")
+    from effvision.image_io import list_images, open_image, to_rgb_array
+
     images = []
-    for path in sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        try:
-            with Image.open(path) as image:
-                array = np.array(image.convert("RGB"))
-        except OSError as error:
-            raise UserError(f"cannot read image {path}: {error}") from error
+    for path in list_images(directory):
+        array = np.rint(to_rgb_array(open_image(path)) * 255).astype(np.uint8)
         if min(array.shape[:2]) >= minimum:
             images.append(array)
     if not images:

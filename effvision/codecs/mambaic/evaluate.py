@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from effvision.codecs.image_io import to_uint8
 from effvision.codecs.mambaic.model import MambaIC, bits_per_pixel
 from effvision.codecs.metrics import ms_ssim, psnr
+from effvision.image_io import to_uint8
 
 
 @dataclass

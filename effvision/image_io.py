@@ -1,0 +1,189 @@
+"""Image files in and out: the one place for suffixes, the pixel limit, mode rules and atomic saving.
+
+Every image effvision reads (``encode``, training, evaluation) goes through :func:`open_image` and
+:func:`normalize_mode`; every image it writes goes through :func:`save_image`. The rules:
+
+* **Size.** At most :data:`MAX_PIXELS` pixels (64 Mi, e.g. 8192 x 8192; a 12 MP photo is about a fifth of
+  it), checked from the file header before any pixel is decoded, and files of at most
+  :data:`MAX_FILE_BYTES`. The decoder's ``--max-pixels`` default is the same limit.
+* **Orientation.** An EXIF orientation tag is applied to the pixels: ``.evc`` keeps no metadata, and the
+  decoded image should look as the original is shown.
+* **Modes.** Everything becomes 8 bits per channel in one of RGB, L, RGBA, LA (:data:`STORED_MODES`):
+  palette images become RGB, or RGBA when they have a transparent colour; 1-bit becomes L (0 / 255);
+  high-bit-depth grayscale is *scaled*, not clipped, to 8 bits: 16-bit (``I;16*``) from 0..65535; 32-bit
+  integer and float (``I``, ``F``) from 0..65535 when any value exceeds 255, else from 0..255, except a
+  float image whose values all lie in [0, 1], taken as unit range (negative and non-finite values become
+  0); CMYK, YCbCr, LAB, HSV become RGB.
+* **Alpha.** Codecs code RGB and the container keeps alpha losslessly beside it; training and evaluation
+  (:func:`to_rgb_array`) composite alpha onto white.
+
+This module needs only Pillow and numpy (numpy and torch are imported inside the functions that use them),
+so the command line can reject a bad image, or answer ``--help``, before it imports either.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from effvision.errors import UserError
+from effvision.io_utils import STDIO, atomic_write_bytes, read_bytes
+
+#: suffixes of the image files taken from a folder or glob (lower case)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+#: largest image read or decoded, in pixels: 2**26 (8192 x 8192); as float32 RGB that is 768 MiB
+MAX_PIXELS = 1 << 26
+#: largest image file read (1 GiB)
+MAX_FILE_BYTES = 1 << 30
+#: the modes :func:`normalize_mode` returns, which the ``.evc`` container stores
+STORED_MODES = ("RGB", "L", "RGBA", "LA")
+#: output suffix -> Pillow format that :func:`save_image` writes
+OUTPUT_FORMATS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM"}
+_FORMATS_WITHOUT_ALPHA = ("BMP", "PPM")
+_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def check_pixels(height: int, width: int, limit: int = MAX_PIXELS) -> None:
+    """Raise :class:`UserError` when a ``width`` x ``height`` image exceeds ``limit`` pixels (or is empty)."""
+    if height <= 0 or width <= 0:
+        raise UserError(f"image of {width}x{height} pixels is empty")
+    if height * width > limit:
+        raise UserError(f"image of {width}x{height} pixels exceeds the {limit}-pixel limit")
+
+
+def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an image file, ``"-"`` (stdin) or its bytes; return it decoded and upright, in its own mode.
+
+    The size is checked against ``max_pixels`` from the header, before the pixels are decoded. (Pillow's own
+    decompression-bomb limit, a process-wide setting left as it is, still refuses images above twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 MP; only the first frame of an animation is read.)
+
+    Args:
+        source: a path, ``"-"`` for standard input, or the file's bytes.
+        name: what error messages call the image (default: the path; ``"image"`` for bytes).
+        max_pixels: refuse larger images.
+
+    Raises:
+        UserError: missing, larger than :data:`MAX_FILE_BYTES` or ``max_pixels``, not an image, corrupt.
+    """
+    if isinstance(source, bytes):
+        data, name = source, name or "image"
+    else:
+        name = name or str(source)
+        data = read_bytes(source, MAX_FILE_BYTES)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            image = Image.open(io.BytesIO(data))
+        try:
+            check_pixels(image.height, image.width, max_pixels)
+        except UserError as error:
+            raise UserError(f"{name}: {error}") from None
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except UnidentifiedImageError as error:
+        raise UserError(f"{name}: not an image file (or not a format Pillow can read)") from error
+    except Image.DecompressionBombError as error:
+        raise UserError(f"{name}: too large for Pillow to decode ({error})") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise UserError(f"{name}: corrupt or truncated image ({error})") from error
+
+
+def normalize_mode(image: Image.Image) -> Image.Image:
+    """The image in one of :data:`STORED_MODES`, 8 bits per channel (rules in the module docstring)."""
+    if image.mode in STORED_MODES:
+        return image
+    if image.mode in ("P", "PA"):
+        transparent = image.mode == "PA" or "transparency" in image.info
+        return image.convert("RGBA" if transparent else "RGB")
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        return Image.fromarray(_grayscale_to_8_bits(image), "L")
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode in ("La", "LA"):
+        return image.convert("LA")
+    if image.mode in ("RGBa", "RGBA"):
+        return image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _grayscale_to_8_bits(image: Image.Image):
+    import numpy as np
+
+    values = np.asarray(image)
+    floating = values.dtype.kind == "f"
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(values.max(initial=0.0))
+    if image.mode.startswith("I;16"):
+        scale = 65535.0  # the bit depth is known
+    elif floating and top <= 1.0:
+        scale = 1.0
+    else:
+        scale = 65535.0 if top > 255 else 255.0
+    return np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_rgb_array(image: Image.Image):
+    """(H, W, 3) float32 numpy array in [0, 1] for training and evaluation: :func:`normalize_mode`, grayscale
+    replicated, alpha composited onto white."""
+    import numpy as np
+
+    image = normalize_mode(image)
+    if image.mode in ("RGBA", "LA"):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + (1.0 - alpha)
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS):
+    """Read ``path`` as a (3, H, W) float32 torch tensor in [0, 1] (see :func:`to_rgb_array`)."""
+    import numpy as np
+    import torch
+
+    array = to_rgb_array(open_image(path, max_pixels=max_pixels))
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def to_uint8(image):
+    """(3, H, W) float torch tensor in [0, 1] -> (H, W, 3) uint8 array (rounded)."""
+    import torch
+
+    return image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def output_format(path: str | Path) -> str:
+    """Pillow format for an output file name (``"-"``: PNG); :class:`UserError` for other suffixes."""
+    if str(path) == STDIO:
+        return "PNG"
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise UserError(f"{path}: unsupported output format (use one of {', '.join(OUTPUT_FORMATS)})")
+    return OUTPUT_FORMATS[suffix]
+
+
+def save_image(image: Image.Image, path: str | Path, force: bool = False) -> None:
+    """Write ``image`` in the format its suffix names (:data:`OUTPUT_FORMATS`; ``"-"``: PNG on stdout),
+    atomically; alpha is dropped for formats without it. An existing file is kept unless ``force``."""
+    image_format = output_format(path)
+    if image_format in _FORMATS_WITHOUT_ALPHA and image.mode in ("RGBA", "LA"):
+        image = image.convert(image.mode[:-1])
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    atomic_write_bytes(path, buffer.getvalue(), force=force)
+
+
+def list_images(directory: str | Path) -> list[Path]:
+    """Image files (by suffix, :data:`IMAGE_SUFFIXES`) in ``directory`` and its subfolders, sorted;
+    :class:`UserError` if there is none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory")
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+    return files
+

@@ -1,0 +1,128 @@
+"""effvision.image_io: one set of rules for reading and writing images."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from effvision.errors import UserError
+from effvision.image_io import (
+    MAX_PIXELS,
+    check_pixels,
+    normalize_mode,
+    open_image,
+    save_image,
+    to_rgb_array,
+)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` and holds no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_an_image_above_the_pixel_limit_is_refused_from_its_header():
+    with pytest.raises(UserError, match=f"big.png: image of 8193x8192 pixels exceeds the {MAX_PIXELS}-pixel limit"):
+        open_image(png_header_only(8193, 8192), name="big.png")
+
+
+def test_a_smaller_limit_can_be_asked_for():
+    with pytest.raises(UserError, match="exceeds the 100-pixel limit"):
+        open_image(png_header_only(11, 10), max_pixels=100)
+
+
+def test_check_pixels_accepts_the_limit_and_refuses_one_more_and_empty_images():
+    check_pixels(8192, 8192)
+    with pytest.raises(UserError, match="exceeds"):
+        check_pixels(8192, 8193)
+    with pytest.raises(UserError, match="empty"):
+        check_pixels(0, 5)
+
+
+def test_missing_file_and_non_image_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="nowhere.png: no such file"):
+        open_image(tmp_path / "nowhere.png")
+    with pytest.raises(UserError, match="not an image"):
+        open_image(b"hello")
+
+
+def test_exif_orientation_is_applied():
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # show rotated 90 degrees clockwise
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
+    image = open_image(buffer.getvalue())
+    assert image.size == (2, 3)
+    assert np.array_equal(np.asarray(image), np.rot90(pixels, k=-1))
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [
+        ("I;16", [0, 257, 65535], [0, 1, 255]),  # 16-bit: scaled from 0..65535, whatever the maximum
+        ("I", [0, 128, 255], [0, 128, 255]),  # 32-bit holding 8-bit values
+        ("I", [0, 32896, 65535], [0, 128, 255]),  # 32-bit holding 16-bit values
+        ("F", [0.0, 0.5, 1.0], [0, 128, 255]),  # float in unit range
+        ("F", [0.0, 257.0, 65535.0], [0, 1, 255]),  # float above 255: taken as 16-bit
+        ("F", [-1.0, float("nan"), 255.0], [0, 0, 255]),
+    ],
+)
+def test_high_bit_depth_grayscale_is_scaled_to_8_bits(mode, values, expected):
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    assert image.mode == mode
+    normalized = normalize_mode(image)
+    assert normalized.mode == "L" and np.asarray(normalized)[0].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("RGB", "RGB"), ("L", "L"), ("RGBA", "RGBA"), ("LA", "LA"), ("1", "L"), ("P", "RGB"), ("CMYK", "RGB"),
+     ("YCbCr", "RGB"), ("La", "LA"), ("RGBa", "RGBA"), ("PA", "RGBA")],
+)
+def test_every_mode_becomes_one_of_the_four_stored_modes(mode, expected):
+    assert normalize_mode(Image.new(mode, (3, 2))).mode == expected
+
+
+def test_a_palette_image_with_a_transparent_colour_keeps_its_alpha():
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    image.putpixel((1, 0), 1)
+    image.info["transparency"] = 1
+    assert np.asarray(normalize_mode(image)).tolist() == [[[255, 0, 0, 255], [0, 0, 255, 0]]]
+
+
+def test_rgb_array_composites_alpha_on_white_and_replicates_gray():
+    image = Image.fromarray(np.array([[[0, 0], [100, 0]]], dtype=np.uint8), "LA")
+    array = to_rgb_array(image)
+    assert array.shape == (1, 2, 3) and array.dtype == np.float32
+    assert array.tolist() == [[[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]]
+    opaque = to_rgb_array(Image.fromarray(np.array([[[100, 255]]], dtype=np.uint8), "LA"))
+    assert opaque[0, 0].tolist() == [np.float32(100) / np.float32(255)] * 3
+
+
+@pytest.mark.parametrize(("suffix", "mode"), [(".png", "RGBA"), (".bmp", "RGB"), (".ppm", "RGB"), (".tiff", "RGBA")])
+def test_save_image_writes_the_suffix_format_dropping_alpha_where_it_has_none(tmp_path, suffix, mode):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    save_image(Image.fromarray(pixels, "RGBA"), tmp_path / f"out{suffix}")
+    saved = Image.open(tmp_path / f"out{suffix}")
+    assert saved.mode == mode and np.array_equal(np.asarray(saved), pixels[..., : len(mode)])
+    assert [p.name for p in tmp_path.iterdir()] == [f"out{suffix}"]
+
+
+def test_save_image_refuses_unknown_formats_and_keeps_existing_files(tmp_path):
+    with pytest.raises(UserError, match="unsupported output format"):
+        save_image(Image.new("RGB", (1, 1)), tmp_path / "out.jpg")
+    (tmp_path / "out.png").write_bytes(b"keep")
+    with pytest.raises(UserError, match="exists"):
+        save_image(Image.new("RGB", (1, 1)), tmp_path / "out.png")
+    assert (tmp_path / "out.png").read_bytes() == b"keep"
