@@ -1,14 +1,18 @@
 """The ``effvision`` command line.
 
-Every sub-command lives in its own module under :mod:`effvision.commands` and is imported only when
-it runs, so ``effvision --help`` stays fast and light. A command module provides:
+Every sub-command lives in its own module under :mod:`effvision.commands`. Only the module of the
+command being run is imported (``effvision --help`` imports them all, for their one-line help), and
+command modules import nothing heavy at module level, so help, usage errors and missing files answer
+without torch. A command module provides:
 
 * ``HELP``: one line for the command list,
 * ``add_arguments(parser)``: its argparse options,
 * ``run(args) -> int``: the work; raises :class:`effvision.errors.UserError` for mistakes a user can fix.
 
 Exit codes: 0 success, 1 error, 2 usage error (argparse). A ``UserError`` prints one clear line;
-``--debug`` shows the full traceback for any error.
+``--debug`` shows the full traceback for any error. Commands that take many inputs work like gzip
+(:class:`Batch`): every input is processed, each failure is one line naming the input, the exit code is 1
+if any failed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import importlib
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from effvision.errors import UserError
 
@@ -43,7 +48,8 @@ def _load(name: str):
     return importlib.import_module(f"effvision.commands.{COMMANDS[name]}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``command``, only that command's module is imported and its options added."""
     parser = argparse.ArgumentParser(
         prog="effvision",
         description="Efficient vision: token-reduced ViTs, learned image codecs, ONNX export.",
@@ -52,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
+        if command is not None and name != command:
+            sub.add_parser(name)  # never parsed in this run: the command named on the line is `command`
+            continue
         module = _load(name)
         command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command_parser)
@@ -59,8 +68,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_named(argv: Sequence[str]) -> str | None:
+    """The sub-command on the line, when it can be told before parsing (the top level takes only flags)."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def print_error(command: str, message: str) -> None:
+    """The one-line error format of every command: ``effvision COMMAND: error: MESSAGE``."""
+    print(f"effvision {command}: error: {message}", file=sys.stderr)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, UserError):
+        return str(error)
+    return f"{type(error).__name__}: {error} (run with --debug for details)"
+
+
+class Batch:
+    """gzip-like handling of many inputs: ``with batch.item(name): ...`` runs the work for one input; an
+    exception (other than ``KeyboardInterrupt``/``SystemExit``) is reported as one line naming the input
+    and the loop goes on. :attr:`exit_code` is 1 if any item failed.
+
+    Args:
+        command: the sub-command, for the error lines.
+        debug: also print the traceback of each failure.
+        write: prints one line to standard error (e.g. a progress bar's ``write``, so lines and bar do not mix).
+    """
+
+    def __init__(self, command: str, debug: bool = False, write: Callable[[str], None] | None = None) -> None:
+        self.command = command
+        self.debug = debug
+        self.write = write or (lambda line: print(line, file=sys.stderr))
+        self.failures = 0
+
+    def fail(self, message: str) -> None:
+        """Report a failure that is already a message (e.g. an input pattern that matched nothing)."""
+        self.failures += 1
+        self.write(f"effvision {self.command}: error: {message}")
+
+    @contextmanager
+    def item(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - one bad input must not stop the others
+            if self.debug:
+                traceback.print_exc()
+            message = _describe(error)
+            self.fail(message if message.startswith(f"{name}:") else f"{name}: {message}")
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_named(argv))
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
@@ -70,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"effvision {args.command}: error: {error}", file=sys.stderr)
+        print_error(args.command, str(error))
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -79,10 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            print(
-                f"effvision {args.command}: error: {type(error).__name__}: {error} (run with --debug for details)",
-                file=sys.stderr,
-            )
+            print_error(args.command, _describe(error))
         return 1
 
 

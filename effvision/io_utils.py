@@ -1,11 +1,12 @@
 """File handling shared by the CLI commands: atomic writes, ``-`` for stdin/stdout, input expansion.
 
-Atomic write: the bytes go to a temporary file in the destination's directory, are flushed and
-fsync'ed, then moved into place in one step (``os.link`` when the destination must not be clobbered,
-``os.replace`` with ``force``). A failure at any point removes the temporary file, so the destination is
-either untouched or complete. :func:`atomic_path` does the same for writers that need a file name
-(``torch.save``, safetensors, ``torch.onnx.export``). The files get the permissions a plain ``open``
-would give (0666 minus the umask), not ``mkstemp``'s owner-only 0600.
+Atomic write (:func:`atomic_path`, the one mechanism; :func:`atomic_write` and :func:`atomic_write_bytes`
+are built on it): the data goes to a temporary file in the destination's directory, is fsync'ed, then
+moved into place in one step (``os.link`` when the destination must not be clobbered, ``os.replace``
+with ``force``). A failure at any point removes the temporary file, so the destination is either
+untouched or complete, and an operating-system error becomes a :class:`UserError` that names the
+destination, never the temporary file. The files get the permissions a plain ``open`` would give
+(0666 minus the umask), not ``mkstemp``'s owner-only 0600.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from effvision.errors import UserError
 STDIO = "-"
 
 
+def _write_error(path: Path, error: OSError) -> UserError:
+    # strerror, not str(error), when there is one: str() of an OSError with errno names the temporary file.
+    return UserError(f"cannot write {path}: {error.strerror or error}")
+
+
 def _new_temp_file(directory: Path, name: str) -> str:
     """An empty temporary file beside the destination ``name``, with ordinary file permissions."""
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
@@ -35,24 +41,44 @@ def _new_temp_file(directory: Path, name: str) -> str:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[str]:
-    """Yield a temporary file name in ``path``'s folder (created if missing); when the block ends
-    normally the file replaces ``path`` in one step, on any exception it is removed."""
+def atomic_path(path: str | Path, force: bool = True) -> Iterator[str]:
+    """Yield a temporary file name in ``path``'s folder (created if missing) for the block to write;
+    when the block ends normally the file is fsync'ed and moved to ``path`` in one step, on any
+    exception it is removed.
+
+    Args:
+        path: destination.
+        force: replace an existing destination; without it an existing file (checked again at the move,
+            so a file that appears meanwhile is not clobbered) is a :class:`UserError`.
+
+    Raises:
+        UserError: the destination exists (without ``force``) or an ``OSError`` while creating, writing
+            (in the block), syncing or moving the file; the message names ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp_name = _new_temp_file(path.parent, path.name)
+    directory = path.parent if str(path.parent) else Path(".")
     try:
-        yield temp_name
-        os.replace(temp_name, path)
+        directory.mkdir(parents=True, exist_ok=True)
+        temp_name = _new_temp_file(directory, path.name)
+    except OSError as error:
+        raise _write_error(path, error) from error
+    try:
+        try:
+            yield temp_name
+            _fsync_file(temp_name)
+            _move_into_place(temp_name, path, force)
+        except OSError as error:
+            raise _write_error(path, error) from error
     finally:
         Path(temp_name).unlink(missing_ok=True)
+    _fsync_directory(directory)
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], force: bool = False) -> None:
-    """Call ``write(file)`` on a temporary file and move it to ``path`` atomically.
+    """Call ``write(file)`` on a temporary file and move it to ``path`` atomically (:func:`atomic_path`).
 
     Args:
-        path: destination, or ``"-"`` for standard output (written directly, not atomic).
+        path: destination, or ``"-"`` for standard output (written directly, not atomic); its folder must exist.
         write: fills the open binary file.
         force: replace an existing destination; without it an existing file is a :class:`UserError`.
     """
@@ -68,17 +94,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], force: boo
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UserError(f"directory {directory} does not exist")
-    temp_name = _new_temp_file(directory, path.name)
-    try:
-        with open(temp_name, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _move_into_place(temp_name, path, force)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
+    with atomic_path(path, force=force) as temp_name, open(temp_name, "wb") as handle:
+        write(handle)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, force: bool = False) -> None:
@@ -96,11 +113,20 @@ def _move_into_place(temp_name: str, path: Path, force: bool) -> None:
     except FileExistsError as error:
         raise UserError(f"{path} exists (use --force to overwrite)") from error
     except OSError:
+        # no hard links on this file system: check, then replace (a small race instead of none)
         if path.exists():
             raise UserError(f"{path} exists (use --force to overwrite)") from None
         os.replace(temp_name, path)
         return
     os.unlink(temp_name)
+
+
+def _fsync_file(name: str) -> None:
+    descriptor = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -124,19 +150,24 @@ def read_bytes(path: str | Path, max_bytes: int) -> bytes:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such file")
-        if path.stat().st_size > max_bytes:
-            raise UserError(f"{path}: larger than {max_bytes} bytes")
-        with path.open("rb") as handle:
-            data = handle.read(max_bytes + 1)
+        try:
+            if path.stat().st_size > max_bytes:
+                raise UserError(f"{path}: larger than {max_bytes} bytes")
+            with path.open("rb") as handle:
+                data = handle.read(max_bytes + 1)
+        except OSError as error:
+            raise UserError(f"{path}: cannot read ({error.strerror or error.__class__.__name__})") from error
     if len(data) > max_bytes:
         raise UserError(f"{path}: larger than {max_bytes} bytes")
     return data
 
 
-def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str]) -> list[str]:
+def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str], errors: list[str] | None = None) -> list[str]:
     """Expand files, directories (their files with one of ``suffixes``, sorted) and glob patterns.
 
-    ``"-"`` (stdin) is passed through. Raises :class:`UserError` when a pattern matches nothing.
+    ``"-"`` (stdin) is passed through; duplicates are dropped. A pattern that matches nothing is a
+    :class:`UserError`, or, when an ``errors`` list is given, its message is appended there and the other
+    patterns are still expanded (a batch reports it and goes on, as gzip does).
     """
     suffixes = tuple(s.lower() for s in suffixes)
     found: list[str] = []
@@ -147,12 +178,16 @@ def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str]) -> list[str]
         if Path(pattern).is_dir():
             files = Path(pattern).iterdir()
             matches = sorted(str(p) for p in files if p.is_file() and p.suffix.lower() in suffixes)
+            problem = f"{pattern}: no {'/'.join(suffixes)} files in this directory"
         elif Path(pattern).exists():
-            matches = [pattern]
+            matches, problem = [pattern], ""
         else:
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            problem = f"{pattern}: no such file" + (" (the pattern matches nothing)" if glob.has_magic(pattern) else "")
         if not matches:
-            raise UserError(f"{pattern}: no such file or no matching files")
+            if errors is None:
+                raise UserError(problem)
+            errors.append(problem)
         found.extend(matches)
     if found.count(STDIO) > 1:
         raise UserError("'-' (stdin) can be given only once")
@@ -163,20 +198,24 @@ def output_paths(inputs: list[str], output: str | None, suffix: str, patterns: I
     """Destination for each input.
 
     One input file: ``output`` itself (a file, ``"-"``, or an existing directory to write into). Several
-    inputs, or any directory/glob among the ``patterns`` the user gave: ``output`` is a directory
-    (created if missing). Without ``output``: beside each input.
-    Names are the input stem + ``suffix``; two inputs mapping to one name is a :class:`UserError`.
+    inputs, several ``patterns`` (the arguments the user gave, some may have matched nothing) or any
+    directory/glob among them: ``output`` is a directory (created if missing). Without ``output``: beside
+    each input. Names are the input stem + ``suffix``; two inputs mapping to one name is a :class:`UserError`.
     """
     if output == STDIO and len(inputs) > 1:
         raise UserError("'-' (stdout) takes a single input")
-    many = len(inputs) > 1 or any(Path(p).is_dir() or glob.has_magic(p) for p in patterns)
+    patterns = list(patterns)
+    many = len(inputs) > 1 or len(patterns) > 1 or any(Path(p).is_dir() or glob.has_magic(p) for p in patterns)
     if output is not None and (many or Path(output).is_dir() or output.endswith(("/", os.sep))):
         directory = Path(output)
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory} is not a directory (several inputs need an output directory)")
         if STDIO in inputs:
             raise UserError("'-' (stdin) needs an output file, not a directory")
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create directory {directory}: {error.strerror}") from error
         destinations = [str(directory / (Path(p).stem + suffix)) for p in inputs]
     elif output is not None:
         destinations = [output]
@@ -190,10 +229,8 @@ def output_paths(inputs: list[str], output: str | None, suffix: str, patterns: I
     return destinations
 
 
-def check_not_existing(paths: Iterable[str], force: bool) -> None:
-    """Fail before any work when an output exists and ``force`` is off (the write re-checks atomically)."""
-    if force:
-        return
-    for path in paths:
-        if path != STDIO and Path(path).exists():
-            raise UserError(f"{path} exists (use --force to overwrite)")
+def check_not_existing(path: str, force: bool) -> None:
+    """Fail before any work when the output ``path`` exists and ``force`` is off (the write re-checks
+    atomically)."""
+    if not force and path != STDIO and Path(path).exists():
+        raise UserError(f"{path} exists (use --force to overwrite)")

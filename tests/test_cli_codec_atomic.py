@@ -1,6 +1,7 @@
 """Atomic writes: a failure mid-write leaves no partial output and never touches an existing file."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_failing_fsync_leaves_no_output(tmp_path, monkeypatch):
         raise OSError("I/O error")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="I/O error"):
+    with pytest.raises(UserError, match=r"cannot write .*out\.evc: I/O error"):
         atomic_write_bytes(tmp_path / "out.evc", b"x" * 1000)
     assert list(tmp_path.iterdir()) == []
 
@@ -76,10 +77,26 @@ def test_failing_rename_keeps_the_existing_file(tmp_path, monkeypatch):
         raise OSError("rename failed")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(UserError, match="rename failed"):
         atomic_write_bytes(tmp_path / "out.evc", b"new", force=True)
     assert (tmp_path / "out.evc").read_bytes() == b"original"
     assert [p.name for p in tmp_path.iterdir()] == ["out.evc"]
+
+
+@pytest.mark.parametrize("write", ["atomic_write_bytes", "atomic_path"])
+def test_unwritable_folder_error_names_the_destination_not_the_temporary_file(tmp_path, monkeypatch, write):
+    def refused(prefix, suffix, dir):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}abc{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(UserError) as error:
+        if write == "atomic_write_bytes":
+            atomic_write_bytes(tmp_path / "out.evc", b"x")
+        else:
+            with atomic_path(tmp_path / "out.evc"):
+                pass
+    assert str(error.value) == f"cannot write {tmp_path / 'out.evc'}: Permission denied"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_file_without_force_is_a_user_error(tmp_path):

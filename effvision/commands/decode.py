@@ -1,80 +1,95 @@
-"""``effvision decode``: ``.evc`` files -> images."""
+"""``effvision decode``: ``.evc`` files -> images.
+
+Like gzip: every input is decoded, a failure is one line naming that input, and the exit code is 1 if
+any failed. The cheap checks (output format, output exists, missing or malformed file, image size) run
+before torch and the codec are imported, so they answer fast.
+"""
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-from pathlib import Path
-
-from tqdm import tqdm
 
 HELP = "decompress .evc files back to images"
-FORMATS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from effvision.image_io import MAX_PIXELS, OUTPUT_FORMATS
+
     parser.add_argument("inputs", nargs="+", metavar="EVC", help=".evc files, directories, globs; - = stdin")
     parser.add_argument(
         "-o",
         "--output",
         metavar="OUT|DIR",
-        help="output image (one input), directory, or - for stdout (default: beside each input, .png)",
+        help=f"output image ({', '.join(OUTPUT_FORMATS)}; one input), directory, or - for stdout "
+        "(default: beside each input, .png)",
     )
     parser.add_argument("--checkpoint", metavar="F", help="codec weights the files were encoded with")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="codec device")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        metavar="N",
+        help=f"refuse files declaring a larger image, before decoding (default {MAX_PIXELS} = 8192x8192)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
-def _format_for(destination: str) -> str:
-    from effvision.errors import UserError
+class _Codecs:
+    """The codecs of one run, loaded on first use (the first load imports torch and the codec), one per
+    (codec, config); a load that failed fails again for the next file without retrying."""
 
-    if destination == "-":
-        return "PNG"
-    suffix = Path(destination).suffix.lower()
-    if suffix not in FORMATS:
-        raise UserError(f"{destination}: unsupported output format (use one of {', '.join(FORMATS)})")
-    return FORMATS[suffix]
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.loaded: dict[tuple[str, str], object] = {}
+
+    def get(self, container):
+        from effvision.codecs.base import load_codec, resolve_device
+
+        key = (container.codec, container.config_id)
+        if key not in self.loaded:
+            try:
+                device = resolve_device(self.args.device)
+                self.loaded[key] = load_codec(
+                    container.codec, checkpoint=self.args.checkpoint, device=device, config_id=container.config_id
+                )
+            except Exception as error:  # noqa: BLE001 - remembered, re-raised for every file that needs it
+                self.loaded[key] = error
+        if isinstance(self.loaded[key], Exception):
+            raise self.loaded[key]
+        return self.loaded[key]
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvision.codecs.base import load_codec, resolve_device
-    from effvision.codecs.container import MAX_FILE_BYTES, parse
-    from effvision.codecs.imagefile import decode_image
-    from effvision.errors import UserError
-    from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths, read_bytes
+    from tqdm import tqdm
 
-    inputs = expand_inputs(args.inputs, (".evc",))
+    from effvision.cli import Batch
+    from effvision.codecs.container import MAX_FILE_BYTES, parse
+    from effvision.image_io import check_pixels, output_format, save_image
+    from effvision.io_utils import check_not_existing, expand_inputs, output_paths, read_bytes
+
+    missing: list[str] = []
+    inputs = expand_inputs(args.inputs, (".evc",), errors=missing)
     outputs = output_paths(inputs, args.output, ".png", args.inputs)
-    check_not_existing(outputs, args.force)
-    formats = [_format_for(destination) for destination in outputs]
-    device = resolve_device(args.device)
-    codecs = {}
-    progress = tqdm(
-        list(zip(inputs, outputs, formats, strict=True)),
-        desc="decode",
-        unit="img",
-        disable=len(inputs) < 2,
-        file=sys.stderr,
-    )
-    for source, destination, image_format in progress:
-        try:
+    for destination in outputs:
+        output_format(destination)  # a bad -o suffix is the user's command, not one input: stop before any work
+    progress = tqdm(list(zip(inputs, outputs, strict=True)), desc="decode", unit="img", disable=len(inputs) < 2,
+                    file=sys.stderr)
+    batch = Batch(args.command, args.debug, write=lambda line: progress.write(line, file=sys.stderr))
+    for message in missing:
+        batch.fail(message)
+    codecs = _Codecs(args)
+    for source, destination in progress:
+        with batch.item(source):
+            check_not_existing(destination, args.force)
             container = parse(read_bytes(source, MAX_FILE_BYTES))
-        except UserError as error:
-            raise UserError(f"{source}: {error}") from error
-        key = (container.codec, container.config_id)
-        if key not in codecs:
-            codecs[key] = load_codec(
-                container.codec, checkpoint=args.checkpoint, device=device, config_id=container.config_id
-            )
-        try:
-            image = decode_image(container, codecs[key])
-        except UserError as error:
-            raise UserError(f"{source}: {error}") from error
-        if image_format in ("PPM", "BMP") and image.mode in ("RGBA", "LA"):
-            image = image.convert(image.mode[:-1])  # these formats have no alpha channel
-        buffer = io.BytesIO()
-        image.save(buffer, format=image_format)
-        atomic_write_bytes(destination, buffer.getvalue(), force=args.force)
-        progress.write(f"{source} -> {destination}: {image.width}x{image.height} {image.mode}", file=sys.stderr)
-    return 0
+            check_pixels(container.height, container.width, args.max_pixels)
+            codec = codecs.get(container)
+            from effvision.codecs.imagefile import decode_image  # imports torch: only once a file needs it
+
+            image = decode_image(container, codec)
+            save_image(image, destination, force=args.force)
+            progress.write(f"{source} -> {destination}: {image.width}x{image.height} {image.mode}", file=sys.stderr)
+    return batch.exit_code
+

@@ -1,18 +1,16 @@
-"""``effvision encode``: images -> ``.evc`` files."""
+"""``effvision encode``: images -> ``.evc`` files.
+
+Like gzip: every input is encoded, a failure is one line naming that input, and the exit code is 1 if
+any failed. An input is read and checked (:func:`effvision.image_io.open_image`) before the codec, and
+with it torch, is loaded; a codec that cannot be loaded ends the run, since no input could be encoded.
+"""
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 
-from tqdm import tqdm
-
-from effvision.errors import UserError
-
 HELP = "compress images into .evc files with a learned codec"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
-MAX_INPUT_BYTES = 1 << 30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,45 +29,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
-def _open_image(path: str):
-    """Read an image file (or stdin), upright: an EXIF orientation tag is applied to the pixels, since
-    the .evc container keeps no metadata and the decoded image should look as the original is shown."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _load_codec(args: argparse.Namespace):
+    from effvision.codecs.base import load_codec, resolve_device
 
-    from effvision.io_utils import read_bytes
-
-    try:
-        image = Image.open(io.BytesIO(read_bytes(path, MAX_INPUT_BYTES)))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"{path}: cannot read image ({error})") from error
-    return image
+    return load_codec(args.codec, quality=args.quality, checkpoint=args.checkpoint, device=resolve_device(args.device))
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvision.codecs.base import load_codec, resolve_device
-    from effvision.codecs.imagefile import encode_image
+    from tqdm import tqdm
+
+    from effvision.cli import Batch
+    from effvision.image_io import IMAGE_SUFFIXES, open_image
     from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths
 
-    inputs = expand_inputs(args.inputs, IMAGE_SUFFIXES)
+    missing: list[str] = []
+    inputs = expand_inputs(args.inputs, IMAGE_SUFFIXES, errors=missing)
     outputs = output_paths(inputs, args.output, ".evc", args.inputs)
-    check_not_existing(outputs, args.force)
-    codec = load_codec(args.codec, quality=args.quality, checkpoint=args.checkpoint, device=resolve_device(args.device))
-    progress = tqdm(
-        list(zip(inputs, outputs, strict=True)),
-        desc="encode",
-        unit="img",
-        disable=len(inputs) < 2,
-        file=sys.stderr,
-    )
+    progress = tqdm(list(zip(inputs, outputs, strict=True)), desc="encode", unit="img", disable=len(inputs) < 2,
+                    file=sys.stderr)
+    batch = Batch(args.command, args.debug, write=lambda line: progress.write(line, file=sys.stderr))
+    for message in missing:
+        batch.fail(message)
+    codec = None
     for source, destination in progress:
-        image = _open_image(source)
-        data = encode_image(codec, image).to_bytes()
-        atomic_write_bytes(destination, data, force=args.force)
-        bpp = 8 * len(data) / (image.width * image.height)
-        progress.write(
-            f"{source} -> {destination}: {image.width}x{image.height} {image.mode}, {len(data)} bytes, {bpp:.4f} bpp",
-            file=sys.stderr,
-        )
-    return 0
+        image = None
+        with batch.item(source):
+            check_not_existing(destination, args.force)
+            image = open_image(source)
+        if image is None:
+            continue
+        if codec is None:
+            codec = _load_codec(args)  # a failure here ends the run: no input could be encoded
+        with batch.item(source):
+            from effvision.codecs.imagefile import encode_image  # imports torch: only once an input needs it
+
+            data = encode_image(codec, image).to_bytes()
+            atomic_write_bytes(destination, data, force=args.force)
+            bpp = 8 * len(data) / (image.width * image.height)
+            progress.write(
+                f"{source} -> {destination}: {image.width}x{image.height} {image.mode}, {len(data)} bytes, "
+                f"{bpp:.4f} bpp",
+                file=sys.stderr,
+            )
+    return batch.exit_code

@@ -51,15 +51,18 @@ def _text(path: str, facts: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from effvision.cli import Batch
     from effvision.codecs.container import MAX_FILE_BYTES, parse
-    from effvision.errors import UserError
     from effvision.io_utils import expand_inputs, read_bytes
 
-    for path in expand_inputs(args.inputs, (".evc",)):
-        data = read_bytes(path, MAX_FILE_BYTES)
-        try:
+    batch = Batch(args.command, args.debug)
+    missing: list[str] = []
+    paths = expand_inputs(args.inputs, (".evc",), errors=missing)
+    for message in missing:
+        batch.fail(message)
+    for path in paths:
+        with batch.item(path):
+            data = read_bytes(path, MAX_FILE_BYTES)
             facts = describe(parse(data), len(data))
-        except UserError as error:
-            raise UserError(f"{path}: {error}") from error
-        print(json.dumps({"file": path, **facts}) if args.json else _text(path, facts))
-    return 0
+            print(json.dumps({"file": path, **facts}) if args.json else _text(path, facts))
+    return batch.exit_code

@@ -1,0 +1,137 @@
+"""Batches work like gzip's: every input is processed, each failure is one line naming the user's path, the
+exit code is 1 if any failed, and a failed input leaves no output."""
+
+import tempfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from effvision import cli
+from effvision.codecs.base import ImageCodec, register_codec, unregister_codec
+from effvision.errors import UserError
+
+
+class ZlibCodec(ImageCodec):
+    """Lossless 8-bit RGB + zlib; refuses to encode an all-black image (a codec failure on one input)."""
+
+    name, config_id, alignment = "zlib-batch-test", "z", 1
+
+    def fingerprint(self) -> bytes:
+        return b"zlib-batch-test"
+
+    def encode(self, image: torch.Tensor) -> list[bytes]:
+        if not image.any():
+            raise RuntimeError("cannot encode black")
+        return [zlib.compress(image.mul(255).round().to(torch.uint8).numpy().tobytes())]
+
+    def decode(self, sections, height, width):
+        raw = zlib.decompress(sections[0])
+        if len(raw) != 3 * height * width:
+            raise UserError("wrong payload size")
+        return torch.from_numpy(np.frombuffer(raw, np.uint8).reshape(3, height, width).copy()).float() / 255
+
+
+@pytest.fixture(autouse=True)
+def codec(monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", {name: cli.COMMANDS[name] for name in ("encode", "decode", "info")})
+    register_codec(ZlibCodec.name, lambda **_: ZlibCodec())
+    yield
+    unregister_codec(ZlibCodec.name)
+
+
+def save_random_image(path, seed: int) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(1, 256, (6, 7, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def encode(*argv: str) -> int:
+    return cli.main(["encode", *argv, "--codec", ZlibCodec.name, "--device", "cpu"])
+
+
+def error_lines(capsys) -> list[str]:
+    """The error lines on stderr (which also carries progress and one line per written file)."""
+    return [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+
+
+def test_encode_goes_on_after_bad_inputs_and_reports_each_once(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    first = save_random_image(images / "a.png", 0)
+    (images / "b.png").write_text("not an image")
+    Image.new("RGB", (4, 4)).save(images / "c.png")  # the codec fails on this one
+    last = save_random_image(images / "d.png", 1)
+    missing = str(tmp_path / "missing.png")
+    code = encode(str(images), missing, "-o", str(tmp_path / "out"))
+    assert code == 1
+    assert error_lines(capsys) == [
+        f"effvision encode: error: {missing}: no such file",
+        f"effvision encode: error: {images / 'b.png'}: not an image file (or not a format Pillow can read)",
+        f"effvision encode: error: {images / 'c.png'}: RuntimeError: cannot encode black "
+        "(run with --debug for details)",
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.evc", "d.evc"]
+    assert cli.main(["decode", str(tmp_path / "out"), "-o", str(tmp_path / "back")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "back" / "a.png")), first)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "back" / "d.png")), last)
+
+
+def test_decode_goes_on_after_missing_corrupt_and_existing_outputs(tmp_path, capsys):
+    for index in range(3):
+        save_random_image(tmp_path / f"im{index}.png", index)
+    assert encode(str(tmp_path / "im0.png"), str(tmp_path / "im1.png"), str(tmp_path / "im2.png"),
+                  "-o", str(tmp_path / "evc")) == 0
+    evc = tmp_path / "evc"
+    data = (evc / "im1.evc").read_bytes()
+    (evc / "im1.evc").write_bytes(data[: len(data) // 2])  # truncated
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "im2.png").write_bytes(b"keep me")
+    capsys.readouterr()
+    argv = ["decode", str(evc / "im0.evc"), str(evc / "nope.evc"), str(evc / "im1.evc"), str(evc / "im2.evc")]
+    assert cli.main([*argv, "-o", str(tmp_path / "out")]) == 1
+    lines = error_lines(capsys)
+    assert [line.split(": ")[:3] for line in lines] == [
+        ["effvision decode", "error", str(evc / "nope.evc")],
+        ["effvision decode", "error", str(evc / "im1.evc")],
+        ["effvision decode", "error", str(evc / "im2.evc")],
+    ]
+    assert "--force" in lines[2]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["im0.png", "im2.png"]
+    assert (tmp_path / "out" / "im2.png").read_bytes() == b"keep me"
+
+
+def test_an_unwritable_output_folder_names_the_destination_not_a_temporary_file(tmp_path, capsys, monkeypatch):
+    save_random_image(tmp_path / "a.png", 0)
+
+    def refused(prefix, suffix, dir):  # what mkstemp does in a read-only folder (tests may run as root)
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}x1y2{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    assert encode(str(tmp_path / "a.png"), "-o", str(tmp_path / "a.evc")) == 1
+    assert error_lines(capsys) == [
+        f"effvision encode: error: {tmp_path / 'a.png'}: cannot write {tmp_path / 'a.evc'}: Permission denied"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_a_codec_that_cannot_be_loaded_ends_the_run_with_one_line(tmp_path, capsys):
+    save_random_image(tmp_path / "a.png", 0)
+    save_random_image(tmp_path / "b.png", 1)
+    argv = ["encode", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(tmp_path / "out"), "--codec", "nope"]
+    assert cli.main(argv) == 1
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "unknown codec 'nope'" in lines[0]
+
+
+def test_info_reports_each_bad_file_and_describes_the_good_ones(tmp_path, capsys):
+    save_random_image(tmp_path / "a.png", 0)
+    encode(str(tmp_path / "a.png"))
+    (tmp_path / "bad.evc").write_bytes(b"nope")
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "bad.evc"), str(tmp_path / "a.evc")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"effvision info: error: {tmp_path / 'bad.evc'}: not an .evc file (bad magic)"
+    assert "zlib-batch-test" in captured.out
