@@ -7,6 +7,7 @@ Imported lazily (never from ``effvision/__init__``): the timm entry points in
 from effvision.peft.clca import CrossLayerAggregationHead, CrossLayerCache, add_clca
 from effvision.peft.dense_adapter import DenseAdapter, DenseAdapters
 from effvision.peft.released_adapter import ReleasedAdapter, ReleasedAdapters
+from effvision.peft.released_checkpoint import load_released_checkpoint
 from effvision.peft.sparse_tuning import (
     add_dense_adapters,
     freeze_for_peft,
@@ -24,6 +25,7 @@ __all__ = [
     "add_clca",
     "add_dense_adapters",
     "freeze_for_peft",
+    "load_released_checkpoint",
     "sparse_tuning",
     "trainable_parameter_report",
 ]

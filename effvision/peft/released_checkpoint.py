@@ -1,0 +1,146 @@
+"""Load the authors' released Sparse-Tuning and CLCA checkpoints into effvision models.
+
+What we know of the released layouts is their structure (issue 14, docs/methods.md), not their module
+names: so the loader matches by structure. Tensors whose names are ours (timm's backbone and linear
+``head.*`` names, which both releases build on) load by name; every other tensor is matched by the
+module it belongs to (the key without its last part) and its shapes:
+
+* a Linear (2-D ``weight``) whose name holds an integer ``i``: one of block ``i``'s released adapter
+  layers (down1 dim->b, down2 b->m, up1 m->b, down3 b+m->b, up2 b->dim: five distinct shapes);
+* a BatchNorm (``running_mean``) or Conv1d (3-D ``weight``): the CLCA aggregation head's parts, by width;
+* a (1, K, D) tensor: CLCA's carrier tokens, or their position embedding when its name says ``pos``.
+
+Every trainable parameter of the model must be covered, every tensor of the file used, and shapes must
+agree; anything else is a :class:`ValueError` that lists the offending names. Files are read with
+``torch.load(weights_only=True)``: no code in a checkpoint runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from effvision.peft.clca import CrossLayerAggregationHead
+from effvision.peft.released_adapter import ReleasedAdapters
+
+CONTAINER_KEYS = ("model", "state_dict", "module", "model_state")
+ADAPTER_LAYERS = ("down1", "down2", "up1", "down3", "up2")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a PyTorch checkpoint file (unwrapping ``{"model": ...}``-style containers and DDP's
+    ``module.`` prefix), loaded with ``weights_only=True``."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - torch raises many types for foreign or unsafe files
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    while isinstance(loaded, dict):
+        inner = next((loaded[key] for key in CONTAINER_KEYS if isinstance(loaded.get(key), dict)), None)
+        if inner is None:
+            break
+        loaded = inner
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, Tensor) for v in loaded.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors (optionally under 'model' / 'state_dict')")
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def _targets(model: nn.Module) -> dict[tuple, str]:
+    """Structural signature -> our module name, for every released part the model has."""
+    targets: dict[tuple, str] = {}
+    adapters = getattr(model, "dense_adapters", None)
+    if adapters is not None and not isinstance(adapters, ReleasedAdapters):
+        raise ValueError("released Sparse-Tuning checkpoints hold the released adapters: build the model with "
+                         "adapter='released' (the default)")
+    if adapters is not None:
+        for index, adapter in enumerate(adapters.adapters):
+            shapes = {name: tuple(getattr(adapter, name).weight.shape) for name in ADAPTER_LAYERS}
+            if len(set(shapes.values())) < len(shapes):
+                raise ValueError(f"adapter layer shapes {shapes} are not distinct: cannot match them by shape")
+            for name, shape in shapes.items():
+                targets[("linear", index, shape)] = f"dense_adapters.adapters.{index}.{name}"
+    if isinstance(model.head, CrossLayerAggregationHead):
+        for name in ("norm_in", "norm_mid"):
+            targets[("batch_norm", getattr(model.head, name).num_features)] = f"head.{name}"
+        for name in ("depthwise", "pointwise"):
+            module = getattr(model.head, name)
+            if isinstance(module, nn.Conv1d):
+                targets[("conv", tuple(module.weight.shape))] = f"head.{name}"
+    cache = getattr(model, "clca_cache", None)
+    if cache is not None and cache.carrier_tokens is not None:
+        targets[("carriers", False)] = "clca_cache.carrier_tokens"
+        targets[("carriers", True)] = "clca_cache.carrier_pos_embed"
+    return targets
+
+
+def _signature(module_name: str, tensors: dict[str, Tensor]) -> tuple | None:
+    weight = tensors.get("weight")
+    if "running_mean" in tensors:
+        return ("batch_norm", tensors["running_mean"].shape[0])
+    if weight is not None and weight.dim() == 3:
+        return ("conv", tuple(weight.shape))
+    if weight is not None and weight.dim() == 2:
+        block = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module_name)
+        return ("linear", int(block.group(1)), tuple(weight.shape)) if block else None
+    return None
+
+
+def load_released_checkpoint(model: nn.Module, path: str | Path) -> dict:
+    """Load a released Sparse-Tuning / CLCA checkpoint into ``model`` (built with the same options).
+
+    Returns ``{"by_name": [...], "by_structure": {our name: released name}}``. Raises ValueError when a
+    trainable parameter is missing from the file, a tensor of the file has no place in the model, two
+    tensors claim the same place, or shapes disagree.
+    """
+    released = read_state_dict(path)
+    ours = model.state_dict()
+    targets = _targets(model)
+    assigned: dict[str, Tensor] = {}
+    mapping: dict[str, str] = {}
+    problems: list[str] = []
+
+    def assign(our_name: str, released_name: str) -> None:
+        value = released[released_name]
+        if our_name not in ours:
+            problems.append(f"{released_name}: no parameter {our_name} in the model")
+        elif tuple(ours[our_name].shape) != tuple(value.shape):
+            expected = tuple(ours[our_name].shape)
+            problems.append(f"{released_name}: shape {tuple(value.shape)}, model {our_name} {expected}")
+        elif our_name in assigned:
+            problems.append(f"{released_name}: {our_name} already loaded from {mapping.get(our_name, our_name)}")
+        else:
+            assigned[our_name] = value
+            if our_name != released_name:
+                mapping[our_name] = released_name
+
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key in released:
+        if key in ours:
+            assign(key, key)
+        else:
+            prefix, _, suffix = key.rpartition(".")
+            modules.setdefault(prefix, {})[suffix] = key
+    for module_name, parts in modules.items():
+        tensors = {suffix: released[key] for suffix, key in parts.items()}
+        signature = _signature(module_name, tensors)
+        if signature in targets:
+            for suffix, key in parts.items():
+                assign(f"{targets[signature]}.{suffix}", key)
+            continue
+        for key in parts.values():
+            value = released[key]
+            carrier = ("carriers", "pos" in key.lower())
+            if value.dim() == 3 and value.shape[0] == 1 and carrier in targets:
+                assign(targets[carrier], key)
+            else:
+                problems.append(f"{key}: shape {tuple(value.shape)} matches no part of this model")
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    problems += [f"missing from the file: {name}" for name in sorted(trainable - set(assigned))]
+    if problems:
+        raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(assigned, strict=False)
+    return {"by_name": sorted(set(assigned) - set(mapping)), "by_structure": mapping}

@@ -1,0 +1,115 @@
+"""Loading released Sparse-Tuning / CLCA checkpoints (structure-matched, weights_only) from local files."""
+
+import argparse
+import random
+
+import pytest
+import torch
+
+import effvision
+from effvision.peft import add_clca, sparse_tuning
+from effvision.peft.released_checkpoint import load_released_checkpoint
+from tests.vit_factory import make_family
+
+# names a release might use: ours never appear, so every adapter / head tensor is matched by structure
+ADAPTER_NAMES = {"down1": "fc_in", "down2": "fc_mid", "up1": "fc_mid_up", "down3": "fc_cat", "up2": "fc_out"}
+HEAD_NAMES = {"norm_in": "ifa_head.bn_tokens", "depthwise": "ifa_head.conv_dw", "norm_mid": "ifa_head.bn_mid",
+              "pointwise": "ifa_head.conv_pw"}
+
+
+def images(batch=2):
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def tuned(seed):
+    model = sparse_tuning(make_family("vit", seed=seed, depth=4), bottleneck=16, inner=8, keep_rate=0.7, layers=(1, 2))
+    with torch.no_grad():
+        for param in [*model.dense_adapters.parameters(), *model.head.parameters()]:
+            param.normal_(0, 0.1)
+    return model.eval()
+
+
+def released_sparse_tuning_file(model, path, shuffle_seed=0, drop=(), extra=None):
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("dense_adapters.adapters."):
+            _, _, block, layer, suffix = name.split(".")
+            name = f"blocks.{block}.adapter.{ADAPTER_NAMES[layer]}.{suffix}"
+        if name not in drop:
+            state[name] = value.clone()
+    state.update(extra or {})
+    items = list(state.items())
+    random.Random(shuffle_seed).shuffle(items)
+    torch.save({"model": dict(items), "epoch": 99}, path)
+    return path
+
+
+def test_sparse_tuning_checkpoint_loads_by_structure(tmp_path):
+    source = tuned(seed=0)
+    path = released_sparse_tuning_file(source, tmp_path / "st.pth")
+    target = tuned(seed=5)
+    report = load_released_checkpoint(target, path)
+    assert len(report["by_structure"]) == 4 * 5 * 2  # 4 adapters x 5 layers x (weight, bias)
+    assert report["by_structure"]["dense_adapters.adapters.2.down3.weight"] == "blocks.2.adapter.fc_cat.weight"
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+    with torch.no_grad():
+        torch.testing.assert_close(target(images()), source(images()), atol=0, rtol=0)
+
+
+def test_clca_checkpoint_with_carriers_loads_by_structure(tmp_path):
+    def build(seed):
+        model = add_clca(effvision.reduce(make_family("vit", seed=seed, depth=4), "topk", layers=(1, 2)), carriers=2)
+        with torch.no_grad():
+            for param in [*model.head.parameters(), *model.clca_cache.parameters()]:
+                param.normal_(0, 0.1)
+            model.head.norm_mid.running_var.uniform_(0.5, 1.5)
+        return model.eval()
+
+    source = build(0)
+    state = {}
+    for name, value in source.state_dict().items():
+        for ours, theirs in HEAD_NAMES.items():
+            name = name.replace(f"head.{ours}.", f"{theirs}.")
+        name = name.replace("clca_cache.carrier_tokens", "clc.carriers").replace("clca_cache.carrier_pos_embed",
+                                                                                  "clc.carrier_pos")
+        state[name] = value.clone()
+    torch.save(state, tmp_path / "clca.pth")
+    target = build(3)
+    report = load_released_checkpoint(target, tmp_path / "clca.pth")
+    assert report["by_structure"]["clca_cache.carrier_pos_embed"] == "clc.carrier_pos"
+    assert report["by_structure"]["head.norm_mid.running_var"] == "ifa_head.bn_mid.running_var"
+    with torch.no_grad():
+        torch.testing.assert_close(target(images()), source(images()), atol=0, rtol=0)
+
+
+def test_wrong_width_is_a_clear_error(tmp_path):
+    path = released_sparse_tuning_file(tuned(seed=0), tmp_path / "st.pth")
+    other = sparse_tuning(make_family("vit", depth=4), bottleneck=8, keep_rate=0.7, layers=(1, 2))
+    with pytest.raises(ValueError, match="does not fit this model") as error:
+        load_released_checkpoint(other, path)
+    assert "blocks.0.adapter.fc_in.weight: shape (16, 48) matches no part" in str(error.value)
+    assert "missing from the file: dense_adapters.adapters.0.down1.weight" in str(error.value)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    path = released_sparse_tuning_file(tuned(seed=0), tmp_path / "st.pth", drop=("blocks.3.adapter.fc_out.bias",),
+                                       extra={"prompt_tokens": torch.zeros(1, 5, 48)})
+    with pytest.raises(ValueError) as error:
+        load_released_checkpoint(tuned(seed=1), path)
+    message = str(error.value)
+    assert "missing from the file: dense_adapters.adapters.3.up2.bias" in message
+    assert "prompt_tokens: shape (1, 5, 48) matches no part" in message
+
+
+def test_files_that_need_code_to_load_are_refused(tmp_path):
+    torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="not a weights-only PyTorch checkpoint"):
+        load_released_checkpoint(tuned(seed=0), tmp_path / "pickled.pth")
+
+
+def test_the_dense_reading_has_no_released_layout(tmp_path):
+    path = released_sparse_tuning_file(tuned(seed=0), tmp_path / "st.pth")
+    dense = sparse_tuning(make_family("vit", depth=4), adapter="dense", keep_rate=0.7, layers=(1, 2))
+    with pytest.raises(ValueError, match="adapter='released'"):
+        load_released_checkpoint(dense, path)
