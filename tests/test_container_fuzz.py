@@ -24,11 +24,10 @@ SECTION_ENTRY = 6
 def codecs() -> dict:
     """Two real codecs with random weights: a compressai factorized prior (rANS over a latent) and
     the VQGAN codec (coded index map)."""
-    from tests.codec_factory import image_size_factorized_prior
-
     from effvision.codecs.adapters import CompressAIImageCodec
     from effvision.codecs.vqgan.config import SMALL_F16
     from effvision.codecs.vqgan.model import VQGANCodec
+    from tests.codec_factory import image_size_factorized_prior
 
     torch.manual_seed(0)
     factorized = CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")

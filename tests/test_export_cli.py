@@ -21,9 +21,8 @@ def test_timm_model_export_prints_the_check_numbers(tmp_path, capsys):
 
 
 def test_codec_transform_exports_with_dynamic_height_and_width(tmp_path, capsys):
-    from tests.codec_factory import image_size_factorized_prior
-
     from effvision.codecs.adapters import CompressAIImageCodec
+    from tests.codec_factory import image_size_factorized_prior
 
     torch.manual_seed(0)
     codec = CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")
@@ -50,9 +49,8 @@ def test_unknown_model_is_a_user_error(tmp_path, capsys):
 
 
 def test_unknown_codec_transform_lists_the_choices(tmp_path, capsys):
-    from tests.codec_factory import image_size_factorized_prior
-
     from effvision.codecs.adapters import CompressAIImageCodec
+    from tests.codec_factory import image_size_factorized_prior
 
     codec = CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")
     register_codec("factorized-test", lambda **_: codec)
