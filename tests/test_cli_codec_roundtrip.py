@@ -40,9 +40,8 @@ class LosslessCodec(ImageCodec):
 
 
 def _compressai_codec(**_):
-    from tests.codec_factory import image_size_factorized_prior
-
     from effvision.codecs.adapters import CompressAIImageCodec
+    from tests.codec_factory import image_size_factorized_prior
 
     torch.manual_seed(0)  # same weights on every load, so the fingerprint matches at decode time
     return CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16")
