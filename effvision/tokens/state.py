@@ -70,9 +70,12 @@ class TokenState:
         if self.rope is None:
             return None
         index = self.position[:, self.num_prefix:] - self.num_prefix  # (B, N - P) into the patch grid
-        if self.rope.dim() == 2:
-            return self.rope[index].unsqueeze(1)
-        return self.rope[block][:, index].transpose(0, 1)
+        table = self.rope if self.rope.dim() == 2 else self.rope[block]  # ([heads,] patches, D)
+        table = table.reshape(-1, *table.shape[-2:])  # (1 or heads, patches, D)
+        batch, tokens = index.shape
+        heads, _, dim = table.shape
+        rows = index[:, None, :, None].expand(batch, heads, tokens, dim)
+        return table.unsqueeze(0).expand(batch, -1, -1, -1).gather(2, rows)
 
     def replace(self, **changes) -> TokenState:
         return replace(self, **changes)
