@@ -175,8 +175,14 @@ def sparse_tuning_reference(model, images, reduction, stage_ends=(2, 5, 8, 11)):
 def aggregation_head(head, cls_tokens):
     """CLCA head: (B, L, D) -> BN(D) -> depthwise conv -> BN(2D) -> GELU -> pointwise conv."""
     x = cls_tokens.transpose(1, 2)
-    x = F.batch_norm(x, head.norm_in.running_mean, head.norm_in.running_var, head.norm_in.weight,
-                     head.norm_in.bias, eps=head.norm_in.eps)
+    x = F.batch_norm(
+        x,
+        head.norm_in.running_mean,
+        head.norm_in.running_var,
+        head.norm_in.weight,
+        head.norm_in.bias,
+        eps=head.norm_in.eps,
+    )
     x = torch.einsum("bdl,dkl->bdk", x, head.depthwise.weight.reshape(x.shape[1], 2, -1)).reshape(x.shape[0], -1)
     x = x + head.depthwise.bias
     x = (x - head.norm_mid.running_mean) / (head.norm_mid.running_var + head.norm_mid.eps).sqrt()

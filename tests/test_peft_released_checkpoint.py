@@ -13,8 +13,12 @@ from tests.vit_factory import make_family
 
 # names a release might use: ours never appear, so every adapter / head tensor is matched by structure
 ADAPTER_NAMES = {"down1": "fc_in", "down2": "fc_mid", "up1": "fc_mid_up", "down3": "fc_cat", "up2": "fc_out"}
-HEAD_NAMES = {"norm_in": "ifa_head.bn_tokens", "depthwise": "ifa_head.conv_dw", "norm_mid": "ifa_head.bn_mid",
-              "pointwise": "ifa_head.conv_pw"}
+HEAD_NAMES = {
+    "norm_in": "ifa_head.bn_tokens",
+    "depthwise": "ifa_head.conv_dw",
+    "norm_mid": "ifa_head.bn_mid",
+    "pointwise": "ifa_head.conv_pw",
+}
 
 
 def images(batch=2):
@@ -71,8 +75,9 @@ def test_clca_checkpoint_with_carriers_loads_by_structure(tmp_path):
     for name, value in source.state_dict().items():
         for ours, theirs in HEAD_NAMES.items():
             name = name.replace(f"head.{ours}.", f"{theirs}.")
-        name = name.replace("clca_cache.carrier_tokens", "clc.carriers").replace("clca_cache.carrier_pos_embed",
-                                                                                  "clc.carrier_pos")
+        name = name.replace("clca_cache.carrier_tokens", "clc.carriers").replace(
+            "clca_cache.carrier_pos_embed", "clc.carrier_pos"
+        )
         state[name] = value.clone()
     torch.save(state, tmp_path / "clca.pth")
     target = build(3)
@@ -93,8 +98,12 @@ def test_wrong_width_is_a_clear_error(tmp_path):
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
-    path = released_sparse_tuning_file(tuned(seed=0), tmp_path / "st.pth", drop=("blocks.3.adapter.fc_out.bias",),
-                                       extra={"prompt_tokens": torch.zeros(1, 5, 48)})
+    path = released_sparse_tuning_file(
+        tuned(seed=0),
+        tmp_path / "st.pth",
+        drop=("blocks.3.adapter.fc_out.bias",),
+        extra={"prompt_tokens": torch.zeros(1, 5, 48)},
+    )
     with pytest.raises(ValueError) as error:
         load_released_checkpoint(tuned(seed=1), path)
     message = str(error.value)

@@ -112,9 +112,7 @@ class ReleasedAdapters(nn.Module):
             return self._with_stage(state, (state.x,))
         return self._with_stage(state, self._aligned(state))
 
-    def after_reduction(
-        self, block: int, state: TokenState, token_map: TokenMap | PerImageChoice | None
-    ) -> TokenState:
+    def after_reduction(self, block: int, state: TokenState, token_map: TokenMap | PerImageChoice | None) -> TokenState:
         prefix, tensors = self._stage(state)
         if token_map is None or not tensors:
             return state

@@ -54,8 +54,10 @@ def _targets(model: nn.Module) -> dict[tuple, str]:
     targets: dict[tuple, str] = {}
     adapters = getattr(model, "dense_adapters", None)
     if adapters is not None and not isinstance(adapters, ReleasedAdapters):
-        raise ValueError("released Sparse-Tuning checkpoints hold the released adapters: build the model with "
-                         "adapter='released' (the default)")
+        raise ValueError(
+            "released Sparse-Tuning checkpoints hold the released adapters: build the model with "
+            "adapter='released' (the default)"
+        )
     if adapters is not None:
         for index, adapter in enumerate(adapters.adapters):
             shapes = {name: tuple(getattr(adapter, name).weight.shape) for name in ADAPTER_LAYERS}
