@@ -15,9 +15,12 @@ search runs on that line:
    (unreduced time / candidate time) from the same round. Settings close to the target get extra rounds.
 4. Fidelity to the unreduced model on calibration images: top-1 agreement and
    KL(unreduced || reduced) of the softmax outputs. Per method the pick is the measured setting that
-   meets the target with the highest agreement (then lowest KL). For PPT the score-variance threshold
-   changes which images are pooled or pruned but not the work done (both are computed), so the
-   thresholds are compared at the picked ``r`` on fidelity alone.
+   meets the target with the highest agreement; agreements within one binomial standard error of the
+   best (about 6 points on 32 images) are not told apart, and among those the least reduction wins (then
+   the lowest KL), so calibration noise does not trade speed-up for nothing. For PPT the score-variance
+   threshold changes which images are pooled or pruned but not the work done (both are computed), so
+   the thresholds are compared at the picked ``r`` on fidelity alone (lowest KL among equal agreements).
+   The best pick over the methods: highest agreement, then lowest KL.
 5. The picks are timed again together against the unreduced model (more rounds): that is the speed-up
    reported as re-measured.
 
@@ -116,7 +119,7 @@ class Candidate:
 
     @property
     def setting(self) -> str:
-        return ", ".join(f"{key}={_format_option(value)}" for key, value in self.options.items() if key != "layers")
+        return ", ".join(f"{key}={_format_option(value)}" for key, value in self.options.items())
 
     def _timing(self) -> Candidate:
         return self.timed_as if self.timed_as is not None else self
@@ -168,6 +171,8 @@ def _round(value: float | None, digits: int) -> float | None:
 
 
 def _format_option(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "/".join(str(item) for item in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -175,15 +180,28 @@ def _jsonable(options: dict) -> dict:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}
 
 
-def _fidelity_key(candidate: Candidate) -> tuple[float, float]:
-    return (candidate.top1_agreement, -candidate.kl)
+def agreement_margin(agreement: float, samples: int) -> float:
+    """One binomial standard error of a top-1 agreement measured on ``samples`` images (at least 1/samples):
+    agreements closer than this are not told apart."""
+    return max(math.sqrt(agreement * (1 - agreement) / samples), 1 / samples)
 
 
-def pick_setting(candidates: Sequence[Candidate], target: Target) -> Candidate | None:
-    """Of the timed candidates that meet ``target``, the one with the highest top-1 agreement (then the
-    lowest KL, then the least reduction); ``None`` when none meets it."""
+def most_faithful(candidates: Sequence[Candidate], samples: int, prefer: Callable[[Candidate], tuple]) -> Candidate:
+    """The candidate with the highest top-1 agreement, where agreements within :func:`agreement_margin` of the
+    best count as equal and ``prefer`` (largest wins) decides between them."""
+    top = max(candidate.top1_agreement for candidate in candidates)
+    near = [c for c in candidates if c.top1_agreement >= top - agreement_margin(top, samples) - 1e-12]
+    return max(near, key=prefer)
+
+
+def pick_setting(candidates: Sequence[Candidate], target: Target, samples: int) -> Candidate | None:
+    """Of the timed candidates that meet ``target``, the most faithful (:func:`most_faithful`; among
+    agreements equal up to the calibration noise: the least reduction, then the lowest KL); ``None`` when
+    none meets the target."""
     meeting = [c for c in candidates if c.times and target.met_by(c)]
-    return max(meeting, key=lambda c: (*_fidelity_key(c), c.macs_ratio), default=None)
+    if not meeting:
+        return None
+    return most_faithful(meeting, samples, prefer=lambda c: (c.macs_ratio, -c.kl))
 
 
 # ----------------------------------------------------------------------------------------------- grid
@@ -196,34 +214,42 @@ def _reduced_copy(model: nn.Module, method: str, options: dict) -> nn.Module:
 def candidate_grid(model: nn.Module, method: str) -> list[Candidate]:
     """Settings of ``method`` for ``model``, one per distinct token schedule, least reduction first.
 
-    MACs are counted on a parameter-free (meta-device) copy, so this costs no compute."""
+    ToMe: r = 0, 1, ... (every block). Top-k: keep rates 1.0 down to 0.05 at the default blocks (a quarter,
+    half and three quarters of the depth). PPT: r = 0, 1, ... at the default blocks, then, for more
+    reduction than those allow, the same blocks moved one and two blocks earlier. MACs are counted on a
+    parameter-free (meta-device) copy, so this costs no compute."""
     skeleton = copy.deepcopy(model).to("meta")
     depth = len(skeleton.blocks)
     patches = skeleton.patch_embed.num_patches
+    layers = tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
     if method == "tome":
-        settings = [{"r": r} for r in range(patches // 2 + 1)]
+        families = [[{"r": r} for r in range(patches // 2 + 1)]]
     elif method == "ppt":
-        layers = tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
-        settings = [{"r": r, "layers": layers, "threshold": PPT_THRESHOLDS[0]} for r in range(patches // 2 + 1)]
+        shifted = [tuple(sorted({max(layer - shift, 0) for layer in layers})) for shift in (0, 1, 2)]
+        families = [
+            [{"r": r, "layers": blocks, "threshold": PPT_THRESHOLDS[0]} for r in range(patches // 2 + 1)]
+            for blocks in dict.fromkeys(shifted)
+        ]
     elif method == "topk":
-        layers = tuple(sorted({depth // 4, depth // 2, 3 * depth // 4}))
-        settings = [{"keep_rate": rate, "layers": layers} for rate in TOPK_KEEP_RATES]
+        families = [[{"keep_rate": rate, "layers": layers} for rate in TOPK_KEEP_RATES]]
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     grid: list[Candidate] = []
     seen: set[tuple[int, ...]] = set()
     first_error = None
-    for options in settings:
-        try:
-            info = effvision.reduction_info(effvision.reduce(copy.deepcopy(skeleton), method, **options))
-        except ValueError as error:
-            first_error = first_error or error
-            continue  # e.g. r beyond what the schedule allows: the grid ends there
-        schedule = tuple(info["tokens"]) + tuple(info["tokens_after"])
-        if schedule in seen:
-            continue
-        seen.add(schedule)
-        grid.append(Candidate(method, options, info["macs_ratio"], info["gmacs"], info["tokens_after"][-1]))
+    for family in families:
+        least_macs = min((candidate.macs_ratio for candidate in grid), default=math.inf)
+        for options in family:
+            try:
+                info = effvision.reduction_info(effvision.reduce(copy.deepcopy(skeleton), method, **options))
+            except ValueError as error:
+                first_error = first_error or error
+                continue  # e.g. r beyond what the schedule allows: the family ends there
+            schedule = tuple(info["tokens"]) + tuple(info["tokens_after"])
+            if schedule in seen or info["macs_ratio"] >= least_macs:
+                continue
+            seen.add(schedule)
+            grid.append(Candidate(method, options, info["macs_ratio"], info["gmacs"], info["tokens_after"][-1]))
     if not grid:
         raise ValueError(f"{method} does not apply to this model: {first_error}")
     grid.sort(key=lambda candidate: -candidate.macs_ratio)
@@ -324,7 +350,8 @@ def fit_fixed_share(points: Sequence[tuple[float, float]]) -> float:
     denominator = sum((1 - macs) ** 2 for macs, _ in points)
     if denominator < 1e-9:
         return 0.0
-    return min(max(numerator / denominator, -0.5), 0.9)
+    # a noisy point must not make the model absurd (a > 0.6 would send the next proposal to the grid's end)
+    return min(max(numerator / denominator, -0.3), 0.6)
 
 
 class MethodSearch:
@@ -369,6 +396,9 @@ class MethodSearch:
         """The next setting to time: where the time model puts the target, kept inside the bracket."""
         aim = required_speedup * (1 + self.close / 2)
         macs_needed = (1 / aim - fixed_share) / (1 - fixed_share)
+        if self.failing >= 0 and self.passing == len(self.grid):
+            # nothing meets the target yet: step towards more reduction by at most 30% of the MACs at a time
+            macs_needed = max(macs_needed, 0.7 * self.grid[self.failing].macs_ratio)
         index = next((i for i, c in enumerate(self.grid) if c.macs_ratio <= macs_needed), len(self.grid) - 1)
         if not self.failing < index < self.passing:
             index = min(max(index, self.failing + 1), self.passing - 1)
@@ -467,7 +497,7 @@ class TuneResult:
 
     def table(self) -> str:
         """A text table: one row per method (its pick, or why there is none)."""
-        header = (f"{'method':<6} {'setting':<28} {'GMACs':>6} {'MACs':>6} {'tokens':>6} {'speed-up':>9} "
+        header = (f"{'method':<6} {'setting':<36} {'GMACs':>6} {'MACs':>6} {'tokens':>6} {'speed-up':>9} "
                   f"{'re-measured':>11} {'ms/batch':>9} {'top-1 agree':>11} {'KL':>8}")
         lines = [header, "-" * len(header)]
         for method, pick in self.picks.items():
@@ -485,7 +515,7 @@ class TuneResult:
             milliseconds = (pick.final_seconds or pick.seconds) * 1000
             marker = " *" if pick is self.best else ""
             lines.append(
-                f"{method:<6} {pick.setting:<28} {pick.gmacs:>6.2f} {pick.macs_ratio:>5.2f}x {pick.final_tokens:>6d} "
+                f"{method:<6} {pick.setting:<36} {pick.gmacs:>6.2f} {pick.macs_ratio:>5.2f}x {pick.final_tokens:>6d} "
                 f"{pick.speedup:>8.2f}x {final:>11} {milliseconds:>9.1f} {pick.top1_agreement:>10.1%} "
                 f"{pick.kl:>8.4f}{marker}"
             )
@@ -621,11 +651,12 @@ def tune(
             base_times += timed_rounds(base_run, near, extra_repeats)
         for candidate in proposals:
             searches[candidate.method].update(candidate, target)
-            log(f"  {candidate.method:<5} {candidate.setting:<28} MACs {candidate.macs_ratio:.2f}x -> "
+            log(f"  {candidate.method:<5} {candidate.setting:<36} MACs {candidate.macs_ratio:.2f}x -> "
                 f"{candidate.speedup:.2f}x ({len(candidate.times)} rounds, {candidate.seconds * 1000:.0f} ms)"
                 f"{'  meets target' if target.met_by(candidate) else ''}")
         del proposals
 
+    samples = images.shape[0]
     base_logits = model_logits(model, images, batch_size, device, dtype)
     timed = [c for grid in grids.values() for c in grid if c.times]
     for candidate in timed:
@@ -635,17 +666,18 @@ def tune(
     picks: dict[str, Candidate | None] = {}
     extra: list[Candidate] = []
     for method in methods:
-        pick = pick_setting(grids[method], target)
+        pick = pick_setting(grids[method], target, samples)
         if pick is not None and method == "ppt":
+            variants = [pick]
             for threshold in PPT_THRESHOLDS[1:]:
                 variant = Candidate(method, {**pick.options, "threshold": threshold}, pick.macs_ratio, pick.gmacs,
                                     pick.final_tokens, timed_as=pick)
                 reduced = _reduced_copy(model, method, variant.options)
                 variant.top1_agreement, variant.kl = fidelity(base_logits, model_logits(reduced, images, batch_size,
                                                                                           device, dtype))
-                extra.append(variant)
-                if _fidelity_key(variant) > _fidelity_key(pick):
-                    pick = variant
+                variants.append(variant)
+            extra += variants[1:]
+            pick = most_faithful(variants, samples, prefer=lambda c, first=pick: (-c.kl, c is first))
         picks[method] = pick
 
     chosen = [pick for pick in picks.values() if pick is not None]
@@ -655,7 +687,7 @@ def tune(
         runs = {pick: timer.prepare(_reduced_copy(model, pick.method, pick.options)) for pick in chosen}
         timed_rounds(base_run, runs, final_repeats, final=True)
         final_base_seconds = statistics.median(chosen[0].final_base_times)
-    best = max(chosen, key=lambda c: (*_fidelity_key(c), c.final_speedup or c.speedup), default=None)
+    best = most_faithful(chosen, samples, prefer=lambda c: (-c.kl, c.final_speedup or c.speedup)) if chosen else None
     candidates = sorted(timed + extra, key=lambda c: (methods.index(c.method), -c.macs_ratio))
     return TuneResult(
         target=target,
