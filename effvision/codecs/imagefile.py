@@ -2,7 +2,8 @@
 
 Codecs see RGB only. Grayscale images are replicated to RGB and converted back after decoding; an
 alpha channel is stored losslessly (zlib) in its own section; other PIL modes are converted to the
-nearest of RGB, L, RGBA, LA first. The image is edge-padded to the codec's alignment and the padding
+nearest of RGB, L, RGBA, LA first (:func:`effvision.image_io.normalize_mode`, the one set of mode
+rules). The image is edge-padded to the codec's alignment and the padding
 is recorded, so the decoder crops back to the original size.
 
 Tiling: the padded image is cut into ``tile_size`` x ``tile_size`` tiles (the last row and column cut to
@@ -38,32 +39,15 @@ from effvision.codecs.container import (
     tile_grid,
 )
 from effvision.errors import UserError
+from effvision.image_io import MAX_PIXELS, check_pixels, normalize_mode
 
-# Largest padded image a codec is asked to process (the default of ``--max-pixels``).
-MAX_PIXELS = 1 << 26
+__all__ = ["MAX_PIXELS", "ResourceError", "decode_image", "encode_image", "plan_decode"]
 
-_STORED_MODE = {"RGB": "RGB", "L": "L", "RGBA": "RGBA", "LA": "LA", "1": "L", "I": "L", "I;16": "L", "F": "L"}
 _ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "not enough memory", "failed to allocate")
 
 
 class ResourceError(UserError):
     """The work needs more memory than this process can have (not a corrupt file)."""
-
-
-def _normalize_mode(image: Image.Image) -> Image.Image:
-    if image.mode == "P":
-        return image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("I", "I;16", "F"):
-        # 16/32-bit grayscale: scale to 8 bits instead of clipping (PIL's convert("L") clips).
-        array = np.asarray(image, dtype=np.float64)
-        high = array.max() if array.size and array.max() > 255 else 255
-        return Image.fromarray(np.clip(array / high * 255 + 0.5, 0, 255).astype(np.uint8), "L")
-    return image.convert(_STORED_MODE.get(image.mode, "RGB"))
-
-
-def _check_pixels(height: int, width: int, limit: int = MAX_PIXELS) -> None:
-    if height * width > limit:
-        raise UserError(f"image of {width}x{height} pixels exceeds the {limit}-pixel limit (--max-pixels)")
 
 
 def available_memory_bytes() -> int | None:
@@ -114,7 +98,7 @@ def encode_image(
         tile_size: side of the square tiles (default ``codec.tile_size``; a multiple of its alignment).
         progress: show a progress bar over the tiles on stderr (for images of several tiles).
     """
-    image = _normalize_mode(image)
+    image = normalize_mode(image)
     width, height = image.size
     if codec.alignment > MAX_PADDING + 1:
         raise ValueError(f"codec alignment {codec.alignment} exceeds {MAX_PADDING + 1}")
@@ -123,7 +107,7 @@ def encode_image(
         raise UserError(f"tile size must be positive, got {tile}")
     _check_tile_size(codec, tile, tile)
     pad_right, pad_bottom = -width % codec.alignment, -height % codec.alignment
-    _check_pixels(height + pad_bottom, width + pad_right)
+    check_pixels(height + pad_bottom, width + pad_right)
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     if pad_right or pad_bottom:
         rgb = np.pad(rgb, ((0, pad_bottom), (0, pad_right), (0, 0)), mode="edge")
@@ -195,7 +179,10 @@ def plan_decode(container: Container, codec: ImageCodec, max_pixels: int = MAX_P
     padded_h, padded_w = container.padded_size
     if padded_h % codec.alignment or padded_w % codec.alignment:
         raise ContainerError(f"padded size {padded_w}x{padded_h} is not a multiple of {codec.alignment}")
-    _check_pixels(padded_h, padded_w, max_pixels)
+    try:
+        check_pixels(padded_h, padded_w, max_pixels)
+    except UserError as error:
+        raise UserError(f"{error} (--max-pixels)") from error
     if container.version == 1:
         tile = container.tiles[0]
         sections = codec.strip_version1_sections(list(tile.sections), padded_h, padded_w)
