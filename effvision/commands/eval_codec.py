@@ -1,42 +1,108 @@
-"""``effvision eval-codec``: real-bitstream rate/quality of MambaIC checkpoints vs JPEG and WebP."""
+"""``effvision eval-codec``: a learned codec's quality ladder vs JPEG, WebP, AVIF, JPEG XL on real files.
+
+The work is :mod:`effvision.codecs.evaluation`; this command picks the ladder and the classical codecs,
+reads the images and writes the report (markdown on stdout, ``--json``, ``--markdown``, ``--plot``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
-HELP = "evaluate MambaIC checkpoints on a folder of images (real bpp, PSNR, MS-SSIM, times) vs JPEG/WebP"
+HELP = "rate-distortion of a learned codec's qualities vs JPEG/WebP/AVIF/JPEG XL: matched bytes, BD-rate, RD plot"
+
+DEFAULT_CLASSICAL = ("jpeg", "webp", "avif", "jxl")
+EXTREME_CLASSICAL = ("avif-down", "webp-down")  # added by default for the extreme-rate codec
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="folder of images")
-    parser.add_argument("--checkpoint", required=True, nargs="+", type=Path, help="one or more .safetensors")
-    parser.add_argument("--config", help="refuse checkpoints of another config (lite, paper)")
-    parser.add_argument("--json", type=Path, help="write all rows as JSON here")
-    parser.add_argument("--plot", type=Path, help="RD plot PNG (default OUT.png next to --json when >1 checkpoint)")
-    parser.add_argument("--device", default="cpu")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="folder of images (e.g. 768x512 test photos)")
+    parser.add_argument("--codec", nargs="+", default=["mambaic"], metavar="NAME",
+                        help="learned codec(s): mambaic, vqgan (default mambaic)")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--quality", nargs="+", type=int, metavar="Q",
+                      help="shipped qualities to evaluate (default: every shipped quality)")
+    rate.add_argument("--checkpoint", nargs="+", type=Path, default=[], metavar="F",
+                      help="weights files, one ladder point each (one --codec)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="also evaluate the official release (downloaded and converted once, cached)")
+    parser.add_argument("--classical", nargs="+", metavar="NAME",
+                        help="classical codecs: jpeg webp avif jxl avif-down webp-down (default: jpeg webp avif "
+                             "jxl, plus avif-down webp-down with vqgan)")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
+    parser.add_argument("--json", type=Path, metavar="F", help="write the full evaluation (every row) as JSON")
+    parser.add_argument("--markdown", type=Path, metavar="F", help="write the tables as markdown")
+    parser.add_argument("--plot", type=Path, metavar="F.png", help="RD plot (PSNR and MS-SSIM vs bpp)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="learned codec device")
 
 
-def run(args) -> int:
-    import torch
+def _classical_names(args: argparse.Namespace) -> list[str]:
+    if args.classical:
+        return list(args.classical)
+    extra = EXTREME_CLASSICAL if "vqgan" in args.codec else ()
+    return [*DEFAULT_CLASSICAL, *extra]
 
-    from effvision.codecs.mambaic.checkpoint import load_checkpoint
-    from effvision.codecs.mambaic.evaluate import evaluate, markdown_table, rd_plot, results_as_dicts
+
+def run(args: argparse.Namespace) -> int:
     from effvision.errors import UserError
-    from effvision.image_io import list_images, load_image
+
+    if (args.quality or args.checkpoint) and len(args.codec) > 1:
+        raise UserError("--quality/--checkpoint apply to one codec; pass a single --codec")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    for path in (args.json, args.markdown, args.plot):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{path}: folder {path.parent} does not exist")
+
+    from effvision.image_io import list_images, open_image
+
+    paths = list_images(args.data)[: args.limit]
+    images = [(path.name, open_image(path)) for path in paths]
+
+    from effvision.codecs import evaluation
+    from effvision.codecs.base import available_codecs, load_codec, resolve_device
     from effvision.io_utils import atomic_write_bytes
 
-    if args.device != "cpu" and not torch.cuda.is_available():
-        raise UserError(f"device {args.device!r} requested but CUDA is not available")
-    images = [(path.name, load_image(path)) for path in list_images(args.data)]
-    models = {path.stem: load_checkpoint(path, expected_config=args.config, device=args.device)
-              for path in args.checkpoint}
-    results = evaluate(models, images)
-    print(markdown_table(results))
+    unknown = [name for name in args.codec if name not in available_codecs()]
+    if unknown:
+        raise UserError(f"unknown codec {', '.join(unknown)}; available: {', '.join(available_codecs())}")
+    notes: list[str] = []
+
+    def note(line: str) -> None:
+        notes.append(line)
+        print(line, file=sys.stderr)
+
+    classical = evaluation.classical_codecs(_classical_names(args), note)
+    device = resolve_device(args.device)
+    ladders = []
+    for name in args.codec:
+        ladders += evaluation.learned_ladder(name, args.quality, args.checkpoint, device, note)
+        if args.pretrained:
+            from effvision.codecs.pretrained import default_pretrained, fetch_pretrained
+
+            entry = default_pretrained(name)
+            fetch_pretrained(entry)
+            codec = load_codec(name, config_id=entry.config_id, device=device)
+            ladders.append(evaluation.LearnedCodec(f"{name}-official", entry.config_id, codec))
+    print(f"{len(images)} images; learned: {', '.join(f'{p.name}:{p.label}' for p in ladders)}; "
+          f"classical: {', '.join(c.name for c in classical)}", file=sys.stderr)
+
+    result = evaluation.evaluate(ladders, images, classical)
+    result.notes = notes
+    report = evaluation.markdown_report(result)
+    print(report)
     if args.json:
-        atomic_write_bytes(args.json, json.dumps(results_as_dicts(results), indent=2).encode(), force=True)
-    plot = args.plot or (args.json.with_suffix(".png") if args.json and len(models) > 1 else None)
-    if plot:
-        rd_plot(results, plot)
-        print(f"wrote {plot}")
+        document = {"command": shlex.join(["effvision", *sys.argv[1:]]), "machine": evaluation.machine_description(),
+                    **result.as_dict()}
+        atomic_write_bytes(args.json, (json.dumps(document, indent=1) + "\n").encode(), force=True)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.markdown:
+        atomic_write_bytes(args.markdown, report.encode(), force=True)
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.plot:
+        evaluation.rd_plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0

@@ -1,0 +1,546 @@
+"""Rate-distortion evaluation of the learned codecs against classical ones, on real files.
+
+Learned codecs run through the real file path (:func:`~effvision.codecs.imagefile.encode_image` ->
+``.evc`` bytes -> parse -> :func:`~effvision.codecs.imagefile.decode_image`), so a rate is the size of the
+file a user would store, container header included; classical rates are whole Pillow files too. Quality is
+measured on the 8-bit RGB images each decoder returns: PSNR and MS-SSIM (:mod:`effvision.codecs.metrics`).
+
+Three views of the same images:
+
+* **curves**: every classical codec over a fixed grid of its quality settings (the RD curves);
+* **matched bytes**: for every learned file, each classical codec's setting whose file size is closest
+  (the actual sizes are reported; where no setting gets within 25% the row says so);
+* **BD-rate** (:func:`bd_rate`) of each learned quality ladder against each classical curve.
+
+Classical codecs (Pillow): ``jpeg``, ``webp``, ``avif``, ``jxl`` (needs ``pillow-jxl-plugin``; skipped with a
+note when missing) and, for extreme rates, ``avif-down`` / ``webp-down``: the image downscaled 2x, 3x or 4x
+(Lanczos), coded, decoded and upscaled back (bicubic); at a matched size the factor with the best PSNR among
+those within 25% of the target size is taken (else the closest size).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from effvision.codecs.metrics import ms_ssim, psnr
+from effvision.errors import UserError
+
+MATCH_TOLERANCE = 0.25
+DOWNSCALE_FACTORS = (2, 3, 4)
+
+
+# --------------------------------------------------------------------------------------------- BD-rate
+
+
+def _pareto(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (rate, quality) points no other point beats in both, sorted by rate, quality strictly rising."""
+    front: list[tuple[float, float]] = []
+    for rate, quality in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or quality > front[-1][1]:
+            front.append((rate, quality))
+    return front
+
+
+def bd_rate(
+    anchor: Sequence[tuple[float, float]], test: Sequence[tuple[float, float]], method: str = "pchip"
+) -> float | None:
+    """Bjøntegaard delta rate of ``test`` against ``anchor``: the mean rate difference at equal quality.
+
+    Each curve is a list of (rate, quality) points (e.g. bpp, PSNR dB). Log-rate is interpolated as a
+    function of quality, by a piecewise cubic Hermite (PCHIP, monotone: the Bjøntegaard variant of VCEG-AL22)
+    or by one least-squares cubic (``method="cubic"``, the original VCEG-M33 fit; needs 4 points a curve), and
+    the difference is averaged over the qualities both curves cover:
+    ``exp(mean(log R_test - log R_anchor)) - 1`` (-0.2 = test needs 20% fewer bits).
+
+    A one-point ``test`` curve gives the rate difference at its quality (the range is a single point);
+    dominated points (more rate, no more quality) are dropped first. Returns None when the curves share no
+    quality range.
+    """
+    from scipy.interpolate import PchipInterpolator
+
+    anchor, test = _pareto(anchor), _pareto(test)
+    if len(anchor) < 2 or not test:
+        raise ValueError("bd_rate needs at least two anchor points and one test point")
+    if method not in ("pchip", "cubic"):
+        raise ValueError(f"method must be 'pchip' or 'cubic', got {method!r}")
+
+    def log_rate(curve: list[tuple[float, float]]) -> tuple[Callable, Callable]:
+        """(log-rate at a quality, integral of log-rate between two qualities) of one curve."""
+        quality = np.array([q for _, q in curve], dtype=np.float64)
+        log_r = np.log(np.array([r for r, _ in curve], dtype=np.float64))
+        if method == "cubic":
+            if len(curve) < 4:
+                raise ValueError("the cubic Bjøntegaard fit needs at least 4 points a curve")
+            coefficients = np.polyfit(quality, log_r, 3)
+            primitive = np.polyint(coefficients)
+            return (lambda q: np.polyval(coefficients, q)), (lambda a, b: np.polyval(primitive, b) -
+                                                             np.polyval(primitive, a))
+        spline = PchipInterpolator(quality, log_r)
+        return spline, spline.integrate
+
+    if len(test) == 1:
+        rate, quality = test[0]
+        if not anchor[0][1] <= quality <= anchor[-1][1]:
+            return None
+        return math.exp(math.log(rate) - float(log_rate(anchor)[0](quality))) - 1.0
+    low = max(anchor[0][1], test[0][1])
+    high = min(anchor[-1][1], test[-1][1])
+    if high <= low:
+        return None
+    mean_difference = (float(log_rate(test)[1](low, high)) - float(log_rate(anchor)[1](low, high))) / (high - low)
+    return math.exp(mean_difference) - 1.0
+
+
+# ------------------------------------------------------------------------------------------ classical codecs
+
+
+def jxl_available() -> bool:
+    """Whether Pillow can write JPEG XL (``pillow-jxl-plugin`` installed)."""
+    try:
+        import pillow_jxl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ClassicalCodec:
+    """A Pillow format with its quality range and the grid the RD curve samples."""
+
+    name: str
+    pillow_format: str
+    quality_range: tuple[int, int]
+    grid: tuple[int, ...]
+    downscale: tuple[int, ...] = (1,)
+
+    def encode(self, pixels: np.ndarray, quality: int, factor: int = 1) -> tuple[bytes, float]:
+        """(file bytes, seconds) of an (H, W, 3) uint8 image, downscaled by ``factor`` first."""
+        started = time.perf_counter()
+        image = Image.fromarray(pixels)
+        if factor > 1:
+            size = (max(1, round(image.width / factor)), max(1, round(image.height / factor)))
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        if self.pillow_format == "JXL":
+            import pillow_jxl  # noqa: F401  (registers the format with Pillow)
+        buffer = io.BytesIO()
+        image.save(buffer, format=self.pillow_format, quality=quality)
+        return buffer.getvalue(), time.perf_counter() - started
+
+    def decode(self, data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, float]:
+        """(H, W, 3) uint8 pixels at ``size`` (W, H), bicubic-upscaled when stored smaller, and seconds."""
+        started = time.perf_counter()
+        if self.pillow_format == "JXL":
+            import pillow_jxl  # noqa: F401
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            if image.size != size:
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            pixels = np.asarray(image)
+        return pixels, time.perf_counter() - started
+
+
+_QUALITY_GRID = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+_DOWNSCALED_GRID = (5, 20, 40, 60, 80)
+
+CLASSICAL: dict[str, ClassicalCodec] = {
+    "jpeg": ClassicalCodec("jpeg", "JPEG", (1, 95), _QUALITY_GRID),
+    "webp": ClassicalCodec("webp", "WEBP", (0, 100), _QUALITY_GRID),
+    "avif": ClassicalCodec("avif", "AVIF", (0, 100), _QUALITY_GRID),
+    "jxl": ClassicalCodec("jxl", "JXL", (1, 100), _QUALITY_GRID),
+    "avif-down": ClassicalCodec("avif-down", "AVIF", (0, 100), _DOWNSCALED_GRID, DOWNSCALE_FACTORS),
+    "webp-down": ClassicalCodec("webp-down", "WEBP", (0, 100), _DOWNSCALED_GRID, DOWNSCALE_FACTORS),
+}
+
+
+def classical_codecs(names: Sequence[str], note: Callable[[str], None] = print) -> list[ClassicalCodec]:
+    """The named classical codecs; ``jxl`` is left out, with a note, when its plugin is missing."""
+    unknown = [n for n in names if n not in CLASSICAL]
+    if unknown:
+        raise UserError(f"unknown classical codec(s) {', '.join(unknown)}; available: {', '.join(CLASSICAL)}")
+    if "jxl" in names and not jxl_available():
+        note("note: JPEG XL rows skipped: pillow-jxl-plugin is not installed (pip install pillow-jxl-plugin)")
+        names = [n for n in names if n != "jxl"]
+    return [CLASSICAL[n] for n in dict.fromkeys(names)]
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    """One coded image.
+
+    ``setting`` is the quality label (``q3``, a checkpoint name, ``75``, ``3x q40``); matched rows name the
+    learned file they match in ``target`` (``<learned label>``) with its size in ``target_bytes``.
+    """
+
+    image: str
+    codec: str
+    setting: str
+    bytes: int
+    bpp: float
+    psnr: float
+    ms_ssim: float
+    encode_s: float
+    decode_s: float
+    target: str | None = None
+    target_bytes: int | None = None
+
+
+def _as_tensor(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
+
+
+def _measure(image: str, codec: str, setting: str, reference: torch.Tensor, decoded: np.ndarray, size: int,
+             encode_s: float, decode_s: float, with_ms_ssim: bool = True) -> Row:
+    pixels = reference.shape[-2] * reference.shape[-1]
+    distorted = _as_tensor(decoded)
+    quality = ms_ssim(reference, distorted) if with_ms_ssim else math.nan
+    return Row(image, codec, setting, size, 8 * size / pixels, psnr(reference, distorted), quality, encode_s, decode_s)
+
+
+class _ClassicalRuns:
+    """Encodes of one image, cached by (codec, factor, quality): searches revisit settings."""
+
+    def __init__(self, name: str, pixels: np.ndarray) -> None:
+        self.name, self.pixels = name, pixels
+        self.reference = _as_tensor(pixels)
+        self._encoded: dict[tuple[str, int, int], tuple[bytes, float]] = {}
+
+    def encoded(self, codec: ClassicalCodec, quality: int, factor: int) -> tuple[bytes, float]:
+        key = (codec.name, factor, quality)
+        if key not in self._encoded:
+            self._encoded[key] = codec.encode(self.pixels, quality, factor)
+        return self._encoded[key]
+
+    def row(self, codec: ClassicalCodec, quality: int, factor: int, with_ms_ssim: bool = True) -> Row:
+        data, encode_s = self.encoded(codec, quality, factor)
+        decoded, decode_s = codec.decode(data, (self.pixels.shape[1], self.pixels.shape[0]))
+        setting = f"{factor}x q{quality}" if factor > 1 else str(quality)
+        return _measure(self.name, codec.name, setting, self.reference, decoded, len(data), encode_s, decode_s,
+                        with_ms_ssim)
+
+    def closest_quality(self, codec: ClassicalCodec, factor: int, target_bytes: int) -> int:
+        """The quality whose file size is closest to ``target_bytes`` (sizes rise with quality: bisection,
+        then the two neighbours of the crossing are compared)."""
+        low, high = codec.quality_range
+        while low < high:
+            middle = (low + high) // 2
+            if len(self.encoded(codec, middle, factor)[0]) < target_bytes:
+                low = middle + 1
+            else:
+                high = middle
+        candidates = {max(codec.quality_range[0], low - 1), low}
+        return min(candidates, key=lambda q: (abs(len(self.encoded(codec, q, factor)[0]) - target_bytes), q))
+
+    def matched(self, codec: ClassicalCodec, target_bytes: int) -> Row:
+        settings = [(self.closest_quality(codec, f, target_bytes), f) for f in codec.downscale]
+        if len(settings) == 1:
+            return self.row(codec, *settings[0])
+        rows = {s: self.row(codec, *s, with_ms_ssim=False) for s in settings}  # MS-SSIM only for the one kept
+        within = [s for s, r in rows.items() if abs(r.bytes - target_bytes) <= MATCH_TOLERANCE * target_bytes]
+        if within:
+            return self.row(codec, *max(within, key=lambda s: rows[s].psnr))
+        return self.row(codec, *min(rows, key=lambda s: abs(rows[s].bytes - target_bytes)))
+
+
+# --------------------------------------------------------------------------------------------- learned
+
+
+@dataclass
+class LearnedCodec:
+    """A learned codec at one rate: ``label`` names the point of its ladder (``q2``, a checkpoint stem)."""
+
+    name: str
+    label: str
+    codec: object  # effvision.codecs.base.ImageCodec
+
+
+def learned_ladder(
+    name: str,
+    qualities: Sequence[int] | None = None,
+    checkpoints: Sequence[str | Path] | None = None,
+    device: str = "cpu",
+    note: Callable[[str], None] = print,
+) -> list[LearnedCodec]:
+    """Load a codec's quality ladder through the codec registry.
+
+    ``checkpoints``: one point per file; ``qualities``: those shipped qualities; neither: every shipped
+    quality 1, 2, ... until one is missing (the codec's default weights when it ships no quality 1).
+    """
+    from effvision.codecs.base import load_codec
+
+    if checkpoints:
+        return [LearnedCodec(name, Path(p).stem, load_codec(name, checkpoint=p, device=device)) for p in checkpoints]
+    if qualities:
+        return [LearnedCodec(name, f"q{q}", load_codec(name, quality=q, device=device)) for q in qualities]
+    ladder: list[LearnedCodec] = []
+    quality = 1
+    while True:
+        try:
+            codec = load_codec(name, quality=quality, device=device)
+        except UserError as error:
+            if not ladder:
+                codec = load_codec(name, device=device)
+                note(f"note: {name} ships no quality ladder ({error}); evaluating its default weights "
+                     f"{codec.config_id!r}")
+                return [LearnedCodec(name, codec.config_id, codec)]
+            note(f"note: {name} ladder ends at quality {quality - 1} ({error})")
+            return ladder
+        ladder.append(LearnedCodec(name, f"q{quality}", codec))
+        quality += 1
+
+
+def run_learned(point: LearnedCodec, name: str, image: Image.Image, reference: torch.Tensor) -> Row:
+    """One image through the real ``.evc`` file path: encode to bytes, parse, decode, measure."""
+    from effvision.codecs.container import parse
+    from effvision.codecs.imagefile import decode_image, encode_image
+
+    started = time.perf_counter()
+    data = encode_image(point.codec, image).to_bytes()
+    encode_s = time.perf_counter() - started
+    started = time.perf_counter()
+    decoded = decode_image(parse(data), point.codec)
+    decode_s = time.perf_counter() - started
+    return _measure(name, point.name, point.label, reference, np.asarray(decoded.convert("RGB")), len(data),
+                    encode_s, decode_s)
+
+
+def _warm_up(point: LearnedCodec) -> None:
+    from effvision.codecs.imagefile import encode_image
+
+    encode_image(point.codec, Image.new("RGB", (64, 64), (128, 100, 90)))
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    """Everything one run measured (see the module docstring)."""
+
+    images: list[str]
+    learned: list[Row]
+    curves: list[Row]
+    matched: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+    def mean_curve(self, rows: Sequence[Row], codec: str) -> list[dict]:
+        """Per setting: mean bytes, bpp, PSNR, MS-SSIM over images, and MP/s (sum of pixels / sum of times)."""
+        settings: dict[str, list[Row]] = {}
+        for row in rows:
+            if row.codec == codec:
+                settings.setdefault(row.setting, []).append(row)
+        points = []
+        for setting, group in settings.items():
+            megapixels = sum(8 * r.bytes / r.bpp for r in group) / 1e6
+            points.append({
+                "setting": setting, "images": len(group), "bytes": float(np.mean([r.bytes for r in group])),
+                "bpp": float(np.mean([r.bpp for r in group])), "psnr": float(np.mean([r.psnr for r in group])),
+                "ms_ssim": float(np.mean([r.ms_ssim for r in group])),
+                "encode_mp_s": megapixels / max(1e-9, sum(r.encode_s for r in group)),
+                "decode_mp_s": megapixels / max(1e-9, sum(r.decode_s for r in group)),
+            })
+        return sorted(points, key=lambda p: p["bpp"])
+
+    def learned_names(self) -> list[str]:
+        return list(dict.fromkeys(r.codec for r in self.learned))
+
+    def classical_names(self) -> list[str]:
+        return list(dict.fromkeys(r.codec for r in self.curves))
+
+    def bd_rates(self) -> dict[str, dict[str, float | None]]:
+        """BD-rate (PSNR, PCHIP) of each learned ladder vs each classical curve; None: no common PSNR range."""
+        table: dict[str, dict[str, float | None]] = {}
+        for learned in self.learned_names():
+            test = [(p["bpp"], p["psnr"]) for p in self.mean_curve(self.learned, learned)]
+            table[learned] = {
+                classical: bd_rate([(p["bpp"], p["psnr"]) for p in self.mean_curve(self.curves, classical)], test)
+                for classical in self.classical_names()
+            }
+        return table
+
+    def matched_summary(self) -> list[dict]:
+        """Per learned point and classical codec: mean sizes and mean quality differences (learned - classical)."""
+        learned = {(r.image, r.codec, r.setting): r for r in self.learned}
+        groups: dict[tuple[str, str, str], list[tuple[Row, Row]]] = {}
+        for row in self.matched:
+            codec, _, setting = row.target.partition(":")
+            groups.setdefault((codec, setting, row.codec), []).append((learned[(row.image, codec, setting)], row))
+        summary = []
+        for (codec, setting, classical), pairs in groups.items():
+            summary.append({
+                "learned": f"{codec}:{setting}", "classical": classical, "images": len(pairs),
+                "learned_bytes": float(np.mean([a.bytes for a, _ in pairs])),
+                "classical_bytes": float(np.mean([b.bytes for _, b in pairs])),
+                "learned_bpp": float(np.mean([a.bpp for a, _ in pairs])),
+                "classical_bpp": float(np.mean([b.bpp for _, b in pairs])),
+                "learned_psnr": float(np.mean([a.psnr for a, _ in pairs])),
+                "classical_psnr": float(np.mean([b.psnr for _, b in pairs])),
+                "psnr_difference": float(np.mean([a.psnr - b.psnr for a, b in pairs])),
+                "ms_ssim_difference": float(np.mean([a.ms_ssim - b.ms_ssim for a, b in pairs])),
+                "unmatched": sum(abs(b.bytes - a.bytes) > MATCH_TOLERANCE * a.bytes for a, b in pairs),
+            })
+        return summary
+
+    def as_dict(self) -> dict:
+        learned = {n: self.mean_curve(self.learned, n) for n in self.learned_names()}
+        classical = {n: self.mean_curve(self.curves, n) for n in self.classical_names()}
+        return {
+            "images": self.images, "notes": self.notes, "learned_mean": learned, "classical_mean": classical,
+            "bd_rate_psnr_pchip": self.bd_rates(), "matched_summary": self.matched_summary(),
+            "rows": {"learned": [asdict(r) for r in self.learned], "curves": [asdict(r) for r in self.curves],
+                     "matched": [asdict(r) for r in self.matched]},
+        }
+
+
+def evaluate(
+    ladders: Sequence[LearnedCodec],
+    images: Sequence[tuple[str, Image.Image]],
+    classical: Sequence[ClassicalCodec],
+    progress: bool = True,
+) -> Evaluation:
+    """Every learned point on every image through real files, each classical codec's RD curve on every image,
+    and each classical codec at the size of every learned file."""
+    from tqdm import tqdm
+
+    learned, curves, matched = [], [], []
+    for point in ladders:
+        _warm_up(point)
+    for name, image in tqdm(images, desc="eval-codec", unit="img", disable=not progress):
+        image = image.convert("RGB")
+        pixels = np.asarray(image)
+        runs = _ClassicalRuns(name, pixels)
+        for point in ladders:
+            row = run_learned(point, name, image, runs.reference)
+            learned.append(row)
+            for codec in classical:
+                match = runs.matched(codec, row.bytes)
+                match.target, match.target_bytes = f"{point.name}:{point.label}", row.bytes
+                matched.append(match)
+        for codec in classical:
+            for factor in codec.downscale:
+                for quality in codec.grid:
+                    curves.append(runs.row(codec, quality, factor))
+    return Evaluation([name for name, _ in images], learned, curves, matched)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def machine_description() -> dict:
+    """What ran the evaluation: CPU, threads, library versions."""
+    import os
+
+    import PIL
+
+    from effvision.codecs.imagefile import available_memory_bytes
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    memory = available_memory_bytes()
+    description = {
+        "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "available_memory_gb": round(memory / 2**30, 1) if memory else None,
+        "python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
+    }
+    if jxl_available():
+        from importlib.metadata import version
+
+        description["pillow_jxl_plugin"] = version("pillow-jxl-plugin")
+    return description
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (no common PSNR range)" if value is None else f"{100 * value:+.1f}%"
+
+
+def markdown_report(evaluation: Evaluation) -> str:
+    """Tables: learned points, classical curves, matched bytes, BD-rate."""
+    lines = [f"Images: {len(evaluation.images)} ({', '.join(evaluation.images)})", ""]
+    lines += [
+        "### Learned codecs (real `.evc` files, means over images)", "",
+        "| codec | setting | bytes | bpp | PSNR (dB) | MS-SSIM | encode MP/s | decode MP/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in evaluation.learned_names():
+        for p in evaluation.mean_curve(evaluation.learned, name):
+            lines.append(f"| {name} | {p['setting']} | {p['bytes']:.0f} | {p['bpp']:.4f} | {p['psnr']:.2f} "
+                         f"| {p['ms_ssim']:.4f} | {p['encode_mp_s']:.3f} | {p['decode_mp_s']:.3f} |")
+    lines += [
+        "", "### Matched bytes (each classical codec at the setting whose file size is closest; means)", "",
+        "| learned | classical | learned bytes | classical bytes | learned PSNR | classical PSNR "
+        "| PSNR diff (dB) | MS-SSIM diff | no setting within 25% |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in evaluation.matched_summary():
+        lines.append(
+            f"| {s['learned']} | {s['classical']} | {s['learned_bytes']:.0f} | {s['classical_bytes']:.0f} "
+            f"| {s['learned_psnr']:.2f} | {s['classical_psnr']:.2f} | {s['psnr_difference']:+.2f} "
+            f"| {s['ms_ssim_difference']:+.4f} | {s['unmatched']}/{s['images']} |"
+        )
+    bd = evaluation.bd_rates()
+    classical = evaluation.classical_names()
+    lines += [
+        "", "### BD-rate vs each classical codec (PSNR, piecewise cubic in log-rate; negative = learned saves bits)",
+        "", "| learned | " + " | ".join(classical) + " |", "|---|" + "---:|" * len(classical),
+    ]
+    for learned, row in bd.items():
+        lines.append(f"| {learned} | " + " | ".join(_percent(row[c]) for c in classical) + " |")
+    lines += [
+        "", "### Classical RD curves (means over images)", "",
+        "| codec | setting | bpp | PSNR (dB) | MS-SSIM | encode MP/s | decode MP/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in classical:
+        for p in evaluation.mean_curve(evaluation.curves, name):
+            lines.append(f"| {name} | {p['setting']} | {p['bpp']:.4f} | {p['psnr']:.2f} | {p['ms_ssim']:.4f} "
+                         f"| {p['encode_mp_s']:.2f} | {p['decode_mp_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rd_plot(evaluation: Evaluation, path: str | Path) -> None:
+    """PSNR and MS-SSIM vs bpp (log axis): classical curves (Pareto fronts of the means) and learned ladders."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for metric, axis in zip(("psnr", "ms_ssim"), axes, strict=True):
+        for name in evaluation.classical_names():
+            points = _pareto((p["bpp"], p[metric]) for p in evaluation.mean_curve(evaluation.curves, name))
+            axis.plot(*zip(*points, strict=True), marker=".", linewidth=1, label=name)
+        for name in evaluation.learned_names():
+            points = evaluation.mean_curve(evaluation.learned, name)
+            axis.plot([p["bpp"] for p in points], [p[metric] for p in points], marker="o", markersize=8,
+                      linewidth=2, color="black" if name == "mambaic" else "crimson", label=name)
+            for p in points:
+                axis.annotate(p["setting"], (p["bpp"], p[metric]), textcoords="offset points", xytext=(5, -10),
+                              fontsize=8)
+        axis.set_xscale("log")
+        axis.set_xlabel("bpp (file bytes)")
+        axis.set_ylabel("PSNR (dB)" if metric == "psnr" else "MS-SSIM")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"mean over {len(evaluation.images)} images")
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temp, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    temp.replace(path)

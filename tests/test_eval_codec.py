@@ -1,0 +1,149 @@
+"""``effvision eval-codec`` and :mod:`effvision.codecs.evaluation`: real files, matched bytes, ladders, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from effvision.cli import main
+from effvision.codecs import evaluation
+from effvision.codecs.adapters import CompressAIImageCodec
+from effvision.codecs.base import register_codec, unregister_codec
+from effvision.errors import UserError
+from tests.codec_factory import image_size_factorized_prior
+
+torch.set_num_threads(1)
+
+CODEC = "evaltest"
+
+
+def _photo_like(rng: np.random.Generator, height: int = 48, width: int = 64) -> np.ndarray:
+    """Smooth colour gradients plus mild noise: compressible like a photo, not a flat fill."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    base = np.stack([x, y, 0.5 * (x + y)], axis=-1) * 200 + 30
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_photo_like(rng)).save(folder / name)
+    return folder
+
+
+@pytest.fixture
+def two_quality_codec():
+    """A registered codec shipping qualities 1 and 2 (random-weight factorized priors of different widths)."""
+
+    def loader(quality=None, checkpoint=None, device="cpu", config_id=None):
+        quality = quality or 1
+        if quality not in (1, 2):
+            raise UserError(f"no shipped {CODEC} weights for quality {quality}")
+        torch.manual_seed(quality)
+        model = image_size_factorized_prior(channels=8, latent_channels=8 * quality)
+        return CompressAIImageCodec(model, CODEC, f"q{quality}", device=device)
+
+    register_codec(CODEC, loader)
+    yield CODEC
+    unregister_codec(CODEC)
+
+
+def test_closest_quality_is_the_setting_with_the_nearest_file_size() -> None:
+    pixels = _photo_like(np.random.default_rng(1), 64, 96)
+    runs = evaluation._ClassicalRuns("x", pixels)
+    jpeg = evaluation.CLASSICAL["jpeg"]
+    sizes = {q: len(jpeg.encode(pixels, q)[0]) for q in range(1, 96)}
+    for target in (sizes[3] - 1, sizes[40] + 7, sizes[90], 10, 10**6):
+        chosen = runs.closest_quality(jpeg, 1, target)
+        assert abs(sizes[chosen] - target) == min(abs(s - target) for s in sizes.values())
+
+
+def test_downscaled_codec_decodes_to_the_original_size() -> None:
+    pixels = _photo_like(np.random.default_rng(2), 50, 70)
+    codec = evaluation.CLASSICAL["webp-down"]
+    full = len(codec.encode(pixels, 50, 1)[0])
+    data, _ = codec.encode(pixels, 50, 3)
+    decoded, _ = codec.decode(data, (70, 50))
+    assert decoded.shape == (50, 70, 3) and len(data) < full
+
+
+def test_matched_rows_of_a_downscaled_codec_name_the_factor() -> None:
+    runs = evaluation._ClassicalRuns("x", _photo_like(np.random.default_rng(3), 96, 128))
+    row = runs.matched(evaluation.CLASSICAL["avif-down"], 300)
+    assert row.setting.split("x")[0] in {"2", "3", "4"} and row.bytes > 0 and 0 < row.ms_ssim <= 1
+
+
+def test_shipped_ladder_is_every_quality_until_one_is_missing(two_quality_codec) -> None:
+    notes = []
+    ladder = evaluation.learned_ladder(two_quality_codec, note=notes.append)
+    assert [p.label for p in ladder] == ["q1", "q2"]
+    assert "ladder ends at quality 2" in notes[0]
+
+
+def test_eval_codec_writes_json_markdown_and_plot(image_dir: Path, two_quality_codec, tmp_path: Path) -> None:
+    out = tmp_path / "rd"
+    assert main(["eval-codec", "--data", str(image_dir), "--codec", two_quality_codec, "--classical", "jpeg",
+                 "webp", "--json", f"{out}.json", "--markdown", f"{out}.md", "--plot", f"{out}.png"]) == 0
+    document = json.loads(Path(f"{out}.json").read_text())
+    rows = document["rows"]
+    assert [(r["image"], r["setting"]) for r in rows["learned"]] == [
+        ("a.png", "q1"), ("a.png", "q2"), ("b.png", "q1"), ("b.png", "q2")]
+    assert len(rows["matched"]) == 2 * 2 * 2  # images x ladder points x classical codecs
+    assert {r["codec"] for r in rows["curves"]} == {"jpeg", "webp"}
+    for row in rows["learned"]:
+        assert row["bytes"] > 0 and row["bpp"] == pytest.approx(8 * row["bytes"] / (48 * 64))
+    for row in rows["matched"]:
+        assert row["target"].startswith(f"{two_quality_codec}:") and row["target_bytes"] > 0
+    assert set(document["bd_rate_psnr_pchip"][two_quality_codec]) == {"jpeg", "webp"}
+    assert "BD-rate" in Path(f"{out}.md").read_text()
+    assert Path(f"{out}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert document["machine"]["cpus"] >= 1
+
+
+def test_learned_rows_come_from_real_evc_files(image_dir: Path, two_quality_codec) -> None:
+    from effvision.codecs.base import load_codec
+    from effvision.codecs.imagefile import encode_image
+
+    point = evaluation.learned_ladder(two_quality_codec, qualities=[2])[0]
+    image = Image.open(image_dir / "a.png")
+    row = evaluation.run_learned(point, "a.png", image, evaluation._as_tensor(np.asarray(image)))
+    assert row.bytes == len(encode_image(load_codec(two_quality_codec, quality=2), image).to_bytes())
+
+
+def test_missing_jpeg_xl_plugin_skips_its_rows_with_a_note(monkeypatch) -> None:
+    monkeypatch.setattr(evaluation, "jxl_available", lambda: False)
+    notes = []
+    codecs = evaluation.classical_codecs(["jpeg", "jxl"], notes.append)
+    assert [c.name for c in codecs] == ["jpeg"]
+    assert "pillow-jxl-plugin" in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--classical", "png"], "unknown classical codec(s) png"),
+        (["--codec", "nosuchcodec"], "unknown codec nosuchcodec"),
+        (["--codec", "mambaic", "vqgan", "--quality", "1"], "apply to one codec"),
+        (["--quality", "9"], "quality 9"),
+        (["--json", "/nonexistent-folder/x.json"], "does not exist"),
+    ],
+)
+def test_bad_arguments_fail_with_one_clear_line(image_dir: Path, two_quality_codec, capsys, arguments,
+                                                message) -> None:
+    if arguments[:1] == ["--quality"]:
+        arguments = ["--codec", two_quality_codec, *arguments]
+    assert main(["eval-codec", "--data", str(image_dir), *arguments]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_folder_without_images_fails_cleanly(tmp_path: Path, capsys) -> None:
+    assert main(["eval-codec", "--data", str(tmp_path)]) == 1
+    assert "no image files" in capsys.readouterr().err
