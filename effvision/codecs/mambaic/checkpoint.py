@@ -7,7 +7,8 @@
   state dict of the official MambaIC repository (``models/MambaIC.py``), whose context modules are
   flat per-kind lists (``atten_mean.{i}.0``, ``cc_mean_transforms.{i}``, ``context_vss_{i+1}`` ...)
   while ours group them per slice (``slices.{i}.mean_support_attention`` ...).
-  :func:`load_official_checkpoint` reads a ``.pth``/``.pth.tar`` release with ``weights_only=True``.
+  :func:`load_official_checkpoint` reads a ``.pth``/``.pth.tar`` release without running code from it
+  (:func:`effvision.codecs.torch_checkpoint.load_torch_checkpoint`).
 """
 
 from __future__ import annotations
@@ -136,12 +137,9 @@ def from_official_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]
 
 def load_official_checkpoint(path: str | Path, config: MambaICConfig | str = "paper") -> MambaIC:
     """Load an official MambaIC release (``torch.save`` of a dict with ``state_dict``) into our model."""
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise UserError(f"checkpoint not found: {path}") from error
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad pickle
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+    from effvision.codecs.torch_checkpoint import load_torch_checkpoint
+
+    payload = load_torch_checkpoint(path)
     state_dict = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state_dict, dict):
         raise UserError(f"{path} holds no state dict")

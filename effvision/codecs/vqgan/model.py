@@ -343,10 +343,9 @@ class VQGANCodec(CompressionModel):
     # -------------------------------------------------------------------------------------- persistence
     def load_taming_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a taming-transformers VQModel ``.ckpt`` (loss/discriminator keys are ignored)."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise _user_error(f"cannot read taming checkpoint {path}: {error}") from error
+        from effvision.codecs.torch_checkpoint import load_torch_checkpoint
+
+        checkpoint = load_torch_checkpoint(path)  # Lightning .ckpt: allow-listed stand-ins, never plain pickle
         if not isinstance(checkpoint, dict):
             raise _user_error(f"{path} is not a taming checkpoint (expected a dict with a state_dict)")
         state = taming_state_dict(checkpoint)

@@ -1,0 +1,156 @@
+"""Reading PyTorch checkpoints written by other projects (official releases), without running their code.
+
+A checkpoint is a pickle, and unpickling can call any importable function. :func:`load_torch_checkpoint`
+therefore never uses plain ``pickle``:
+
+1. ``torch.load(weights_only=True)``: PyTorch's own restricted unpickler (tensors, containers,
+   ``OrderedDict``, ``Counter``...). Official MambaIC releases (a dict of state dicts) load here.
+2. If that refuses the file, :class:`AllowListUnpickler`, a ``pickle.Unpickler`` whose ``find_class``
+   hands out only the globals in :data:`ALLOWED_GLOBALS` (tensor rebuild functions, ``OrderedDict``,
+   ``Counter``, torch dtypes, numpy scalars) and inert stand-ins: ``argparse.Namespace`` becomes a
+   ``types.SimpleNamespace``, and any class of a training framework (:data:`STAND_IN_PACKAGES`: PyTorch
+   Lightning callbacks, ``AttributeDict`` hyper-parameters, OmegaConf configs) becomes an empty
+   :class:`InertObject` subclass of the same name that only stores what it was given. Lightning
+   checkpoints (e.g. taming-transformers' ``last.ckpt``, whose ``callbacks`` are keyed by the callback
+   class) load here. Every other global is refused with :class:`RefusedGlobal`, before it is imported.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effvision.errors import UserError
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle asked for a global that is not on the allow list."""
+
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+        self.qualified_name = f"{module}.{name}"
+
+
+class InertObject(dict):
+    """Stand-in for a class of a training framework: keeps its constructor arguments and pickled state
+    as plain data and runs none of the original code. A dict, so pickled dict subclasses
+    (``AttributeDict``) fill it like the original; its class is hashable, so dicts keyed by the
+    original class (Lightning 1.x ``callbacks``) load too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.__dict__["arguments"] = (args, kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+
+#: top-level packages whose classes are replaced by :class:`InertObject` subclasses (never imported).
+STAND_IN_PACKAGES = frozenset({"pytorch_lightning", "lightning", "lightning_fabric", "omegaconf"})
+
+_stand_ins: dict[str, type] = {}
+
+
+def _stand_in(module: str, name: str) -> type:
+    key = f"{module}.{name}"
+    if key not in _stand_ins:
+        _stand_ins[key] = type(name, (InertObject,), {"__module__": f"effvision.inert.{module}"})
+    return _stand_ins[key]
+
+
+def _numpy_global(name: str) -> Any:
+    import numpy
+
+    if name == "dtype":
+        return numpy.dtype
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
+def _allowed_globals() -> dict[str, Any]:
+    return {
+        "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
+        "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+        "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+        "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
+        "torch.Size": torch.Size,
+        "torch.device": torch.device,
+        "collections.OrderedDict": collections.OrderedDict,
+        "collections.Counter": collections.Counter,
+        "builtins.set": set,
+        "builtins.frozenset": frozenset,
+        "_codecs.encode": __import__("_codecs").encode,  # how protocol-2 pickles store bytes
+        "argparse.Namespace": types.SimpleNamespace,
+    }
+
+
+#: qualified name -> object handed to the unpickler (numpy and torch dtypes are added in ``find_class``).
+ALLOWED_GLOBALS: dict[str, Any] = _allowed_globals()
+_NUMPY_GLOBALS = {
+    "numpy.dtype",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+}
+
+
+class AllowListUnpickler(pickle.Unpickler):
+    """A ``pickle.Unpickler`` that resolves only allow-listed globals (see the module docstring)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified in ALLOWED_GLOBALS:
+            return ALLOWED_GLOBALS[qualified]
+        if qualified in _NUMPY_GLOBALS:
+            return _numpy_global(name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] in STAND_IN_PACKAGES:
+            return _stand_in(module, name)
+        raise RefusedGlobal(module, name)
+
+
+def _load_with_allow_list(file, **kwargs: Any) -> Any:
+    return AllowListUnpickler(file, **kwargs).load()
+
+
+# torch.load(pickle_module=...) needs a module-like object with ``Unpickler`` and ``load``; torch's own
+# subclass of ``Unpickler`` maps storages first and defers every other global to our ``find_class``.
+ALLOW_LIST_PICKLE = types.ModuleType("effvision_allow_list_pickle")
+ALLOW_LIST_PICKLE.Unpickler = AllowListUnpickler
+ALLOW_LIST_PICKLE.load = _load_with_allow_list
+
+
+def load_torch_checkpoint(path: str | Path) -> Any:
+    """The object in a ``torch.save`` file, loaded on the CPU without running code from the file.
+
+    Raises:
+        UserError: the file is missing, is not a PyTorch checkpoint, or needs a global outside the allow
+            list (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # a global outside torch's list: try effvision's allow list (stand-ins for framework classes)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is no checkpoint
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=ALLOW_LIST_PICKLE)
+    except RefusedGlobal as error:
+        raise UserError(
+            f"refusing to load {path}: it needs {error.qualified_name}, which effvision's checkpoint allow list "
+            "does not contain (tensors, OrderedDict, Counter, numpy scalars, Lightning/argparse stand-ins); "
+            "it may run code when unpickled"
+        ) from error
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
