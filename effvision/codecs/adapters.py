@@ -116,14 +116,24 @@ def shipped_weights(codec: str) -> dict[str, Path]:
 
 
 def select_weights(
-    codec: str, quality: int | None, checkpoint: str | Path | None, config_id: str | None
+    codec: str, quality: int | None, checkpoint: str | Path | None, config_id: str | None, pretrained: bool = False
 ) -> tuple[Path, str]:
     """The weights file and config id for a loader.
 
     ``checkpoint`` wins (its config id is the file's own when decoding, ``file-<stem>`` when encoding;
     the fingerprint then proves it is the right file). Otherwise the shipped weights named by
     ``config_id`` (decoding), by ``quality`` (``...-q<quality>``), or the only/first shipped one.
+    Official releases (``pretrained``, or a config id of :data:`effvision.codecs.pretrained.PRETRAINED`)
+    come from :func:`effvision.codecs.pretrained.select_pretrained`.
     """
+    if pretrained and checkpoint is not None:
+        raise UserError("pass either pretrained weights (--pretrained) or a checkpoint (--checkpoint), not both")
+    if checkpoint is None:
+        from effvision.codecs.pretrained import select_pretrained
+
+        official = select_pretrained(codec, config_id, pretrained)
+        if official is not None:
+            return official
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
@@ -153,11 +163,12 @@ def load_mambaic(
     checkpoint: str | Path | None = None,
     device: str = "cpu",
     config_id: str | None = None,
+    pretrained: bool = False,
 ) -> CompressAIImageCodec:
     """Loader registered as ``"mambaic"`` (MambaIC pads internally; ``shape`` is the image size)."""
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
 
-    path, config_id = select_weights("mambaic", quality, checkpoint, config_id)
+    path, config_id = select_weights("mambaic", quality, checkpoint, config_id, pretrained)
     model = load_checkpoint(path, device=device)
     return CompressAIImageCodec(model, "mambaic", config_id, device=device, tile_size=1024)
 
@@ -167,9 +178,12 @@ def load_vqgan(
     checkpoint: str | Path | None = None,
     device: str = "cpu",
     config_id: str | None = None,
+    pretrained: bool = False,
 ) -> CompressAIImageCodec:
     """Loader registered as ``"vqgan"`` (VQGAN pads internally; ``shape`` is the image size)."""
     from effvision.codecs.vqgan.model import VQGANCodec
 
-    path, config_id = select_weights("vqgan", quality, checkpoint, config_id)
-    return CompressAIImageCodec(VQGANCodec.load(path), "vqgan", config_id, device=device, tile_size=1024)
+    path, config_id = select_weights("vqgan", quality, checkpoint, config_id, pretrained)
+    model = VQGANCodec.load(path)
+    coder = {} if model.index_model is not None else {"coder": "fixed"}  # official weights: no fitted index model
+    return CompressAIImageCodec(model, "vqgan", config_id, device=device, compress_kwargs=coder, tile_size=1024)
