@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: beside each input, .png)",
     )
     parser.add_argument("--checkpoint", metavar="F", help="codec weights the files were encoded with")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="download the official weights of files encoded with --pretrained if not cached")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="codec device")
     parser.add_argument(
         "--max-pixels",
@@ -51,6 +53,10 @@ class _Codecs:
         if key not in self.loaded:
             try:
                 device = resolve_device(self.args.device)
+                if self.args.pretrained and self.args.checkpoint is None:
+                    from effvision.codecs.pretrained import prefetch_pretrained
+
+                    prefetch_pretrained(container.codec, container.config_id)
                 self.loaded[key] = load_codec(
                     container.codec, checkpoint=self.args.checkpoint, device=device, config_id=container.config_id
                 )

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rate = parser.add_mutually_exclusive_group()
     rate.add_argument("--quality", type=int, metavar="Q", help="shipped quality preset of the codec")
     rate.add_argument("--checkpoint", metavar="F", help="codec weights (.safetensors or official checkpoint)")
+    rate.add_argument("--pretrained", action="store_true",
+                      help="the codec's official weights, downloaded (huggingface_hub) and converted once, cached")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="codec device")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
@@ -32,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_codec(args: argparse.Namespace):
     from effvision.codecs.base import load_codec, resolve_device
 
+    if args.pretrained:  # fetched here (may download); the loader then finds the weights by their config id
+        from effvision.codecs.pretrained import default_pretrained, fetch_pretrained
+
+        entry = default_pretrained(args.codec)
+        fetch_pretrained(entry)
+        return load_codec(args.codec, config_id=entry.config_id, device=resolve_device(args.device))
     return load_codec(args.codec, quality=args.quality, checkpoint=args.checkpoint, device=resolve_device(args.device))
 
 
