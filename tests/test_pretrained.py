@@ -338,3 +338,15 @@ def test_cli_decode_downloads_only_with_pretrained(hub, tmp_path, codec_commands
     assert cli.main(["decode", str(evc), "-o", str(tmp_path / "a.png"), "--device", "cpu"]) == 1
     assert "--pretrained" in capsys.readouterr().err
     assert cli.main(["decode", str(evc), "-o", str(tmp_path / "b.png"), "--pretrained", "--device", "cpu"]) == 0
+
+
+def test_eval_codec_pretrained_evaluates_the_official_weights(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", {"eval-codec": cli.COMMANDS["eval-codec"]})
+    hub.publish("authors/tiny-mambaic", "checkpoint0.025.pth.tar", mambaic_release())
+    (tmp_path / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photos/a.png")
+    arguments = ["eval-codec", "--data", str(tmp_path / "photos"), "--pretrained", "--classical", "jpeg",
+                 "--json", str(tmp_path / "rd.json")]
+    assert cli.main(arguments) == 0
+    assert "test-official-mambaic" in (tmp_path / "rd.json").read_text()
