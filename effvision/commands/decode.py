@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=MAX_PIXELS,
         metavar="N",
-        help=f"refuse files declaring a larger image, before decoding (default {MAX_PIXELS} = 8192x8192)",
+        help=f"refuse files declaring a larger (padded) image, before any work (default {MAX_PIXELS} = 8192x8192)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
@@ -90,11 +90,13 @@ def run(args: argparse.Namespace) -> int:
         with batch.item(source):
             check_not_existing(destination, args.force)
             container = parse(read_bytes(source, MAX_FILE_BYTES))
-            check_pixels(container.height, container.width, args.max_pixels)
+            # the limit applies to the padded image the codec decodes, as in decode_image
+            check_pixels(container.height + container.pad_bottom, container.width + container.pad_right,
+                         args.max_pixels)
             codec = codecs.get(container)
             from effvision.codecs.imagefile import decode_image  # imports torch: only once a file needs it
 
-            image = decode_image(container, codec)
+            image = decode_image(container, codec, max_pixels=args.max_pixels, progress=len(inputs) < 2)
             save_image(image, destination, force=args.force)
             progress.write(f"{source} -> {destination}: {image.width}x{image.height} {image.mode}", file=sys.stderr)
     return batch.exit_code

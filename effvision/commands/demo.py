@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per timed batch (default 8)")
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per model, median reported")
     parser.add_argument("--output", "-o", type=Path, default=Path("effvision-demo.png"),
-                        help="side-by-side comparison PNG to write (default effvision-demo.png)")
+                        help="side-by-side comparison image to write (.png, .webp, ...; default effvision-demo.png)")
     parser.add_argument("--skip-codecs", action="store_true", help="only run the token-reduction part")
     parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
 
@@ -98,8 +98,9 @@ def run_codecs(output: Path, force: bool) -> None:
 
     from effvision.codecs.base import load_codec
     from effvision.errors import UserError
+    from effvision.image_io import open_image, save_image, to_uint8
 
-    photo = Image.open(demo_image_path()).convert("RGB")
+    photo = open_image(demo_image_path()).convert("RGB")
     x = torch.from_numpy(np.array(photo)).permute(2, 0, 1).float() / 255.0
     pixels = x.shape[1] * x.shape[2]
     print(f"\n== Codecs on the built-in photo ({x.shape[2]}x{x.shape[1]}) ==")
@@ -124,21 +125,17 @@ def run_codecs(output: Path, force: bool) -> None:
         print(f"{name:8s} {8 * num_bytes / pixels:.4f} bpp  PSNR {_psnr(decoded, x):.2f} dB  "
               f"encode {encode_s:.2f}s decode {decode_s:.2f}s  | JPEG {8 * jpeg_bytes / pixels:.4f} bpp "
               f"PSNR {_psnr(jpeg_x, x):.2f} dB")
-        image = Image.fromarray((decoded.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        image = Image.fromarray(to_uint8(decoded))
         panels += [(name, image), (f"JPEG@{name}", jpeg)]
     if len(panels) == 1:
         return
-    from effvision.io_utils import atomic_write_bytes
-
     width = sum(p.width for _, p in panels)
     sheet = Image.new("RGB", (width, photo.height), "white")
     left = 0
     for _, panel in panels:
         sheet.paste(panel, (left, 0))
         left += panel.width
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    atomic_write_bytes(output, buffer.getvalue(), force=force)
+    save_image(sheet, output, force=force)
     print(f"side-by-side ({' / '.join(label for label, _ in panels)}) written to {output}")
 
 
@@ -147,6 +144,12 @@ def run(args) -> int:
 
     if args.batch < 1 or args.repeats < 1:
         raise UserError("--batch and --repeats must be >= 1")
+    if not args.skip_codecs:  # fail before minutes of work, not after
+        from effvision.image_io import output_format
+        from effvision.io_utils import check_not_existing
+
+        output_format(args.output)
+        check_not_existing(str(args.output), args.force)
     run_token_reduction(args.batch, args.repeats)
     if not args.skip_codecs:
         run_codecs(args.output, args.force)

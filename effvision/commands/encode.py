@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         with batch.item(source):
             from effvision.codecs.imagefile import encode_image  # imports torch: only once an input needs it
 
-            data = encode_image(codec, image).to_bytes()
+            data = encode_image(codec, image, progress=len(inputs) < 2).to_bytes()
             atomic_write_bytes(destination, data, force=args.force)
             bpp = 8 * len(data) / (image.width * image.height)
             progress.write(
