@@ -33,7 +33,7 @@ _LAZY_ATTRIBUTES = {
 }
 
 # subpackages reachable as attributes after a plain ``import effvision`` (``effvision.tokens.forward_tokens``)
-_LAZY_SUBMODULES = ("codecs", "export", "finetune", "kernels", "peft", "timm_models", "tokens")
+_LAZY_SUBMODULES = ("codecs", "export", "finetune", "image_io", "kernels", "peft", "timm_models", "tokens", "tune")
 
 
 def __getattr__(name: str):
