@@ -400,6 +400,10 @@ class MethodSearch:
             # nothing meets the target yet: step towards more reduction by at most 30% of the MACs at a time
             macs_needed = max(macs_needed, 0.7 * self.grid[self.failing].macs_ratio)
         index = next((i for i, c in enumerate(self.grid) if c.macs_ratio <= macs_needed), len(self.grid) - 1)
+        if self.passing < len(self.grid):
+            # bracketed: stay out of the outer quarters, so that every step shrinks the bracket by a quarter
+            quarter = -(-(self.passing - self.failing) // 4)
+            index = min(max(index, self.failing + quarter), self.passing - quarter)
         if not self.failing < index < self.passing:
             index = min(max(index, self.failing + 1), self.passing - 1)
         if self.grid[index].times:

@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
     weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the network or "
                          "the Hugging Face cache); default: random weights (speed does not depend on them)")
     weights.add_argument("--checkpoint", type=Path, help="weights file for the model (timm's pretrained_cfg_overlay)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch / ONNX Runtime (default: "
+                        "PyTorch's, one per core); on a busy shared machine 1 avoids oversubscription")
     parser.add_argument("--onnx", action="store_true", help="time with ONNX Runtime (CPU) instead of PyTorch")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per search step (3 CPU, 10 CUDA)")
     parser.add_argument("--final-repeats", type=int, default=None, help="rounds when re-measuring the picks "
@@ -67,6 +69,20 @@ def _create_model(args):
     return model, kwargs
 
 
+def _warn_if_busy(device_type: str, threads: int) -> None:
+    """Timing on a CPU that other processes keep busy is noisy, and with as many threads as cores each
+    parallel region waits for a descheduled thread: small-op-heavy reduced models then look slower."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if device_type != "cpu" or not hasattr(os, "getloadavg"):
+        return
+    load = os.getloadavg()[0]
+    if load > cores:
+        print(f"warning: load average {load:.1f} on {cores} cores: other processes compete for the CPU, timings "
+              f"will be noisy" + (" (--threads 1 avoids oversubscription)" if threads > 1 else ""), file=sys.stderr)
+
+
 def run(args) -> int:
     import timm
     import torch
@@ -95,6 +111,11 @@ def run(args) -> int:
     if output.exists() and not args.force:
         raise UserError(f"{output} exists (use --force to overwrite)")
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    _warn_if_busy(device.type, torch.get_num_threads())
     torch.manual_seed(args.seed)
     model, model_kwargs = _create_model(args)
     model = model.eval().to(device)
@@ -122,7 +143,7 @@ def run(args) -> int:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="effvision-tune-") as workdir:
-            result = search(tune.OnnxTimer(data_config["input_size"], batch_size, workdir))
+            result = search(tune.OnnxTimer(data_config["input_size"], batch_size, workdir, threads=args.threads))
     else:
         result = search(tune.TorchTimer(data_config["input_size"], batch_size, str(device), dtype))
 
