@@ -100,3 +100,12 @@ def test_non_checkpoint_file_is_a_user_error(tmp_path: Path) -> None:
     path.write_bytes(b"definitely not safetensors")
     with pytest.raises(UserError, match="not a safetensors checkpoint"):
         load_checkpoint(path)
+
+
+def test_load_checkpoint_reads_an_official_release_file_by_its_suffix(tmp_path: Path) -> None:
+    source = _model(6)
+    path = tmp_path / "checkpoint0.025.pth.tar"
+    torch.save({"epoch": 1, "state_dict": to_official_state_dict(source)}, path)
+    loaded = load_checkpoint(path, expected_config=TINY)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert not loaded.training and loaded.compress(x)["strings"] == source.compress(x)["strings"]

@@ -158,13 +158,16 @@ def load_codec(
     checkpoint: str | Path | None = None,
     device: str = "cpu",
     config_id: str | None = None,
+    pretrained: bool = False,
 ) -> ImageCodec:
     """Build the registered codec ``name`` on ``device``.
 
-    For encoding pass ``quality`` or ``checkpoint``; for decoding pass the file's ``config_id`` (and the
-    ``checkpoint`` it was written with, when it was not a shipped one).
+    For encoding pass ``quality`` or ``checkpoint`` (or ``pretrained=True``: the official release's weights,
+    fetched through huggingface_hub and cached; see docs/pretrained.md); for decoding pass the file's
+    ``config_id`` (and the ``checkpoint`` it was written with, when it was not a shipped one).
     """
-    codec = _resolve(name)(quality=quality, checkpoint=checkpoint, device=device, config_id=config_id)
+    options = {"pretrained": True} if pretrained else {}  # loaders without official weights need not take it
+    codec = _resolve(name)(quality=quality, checkpoint=checkpoint, device=device, config_id=config_id, **options)
     if codec.name != name:
         raise ValueError(f"loader for {name!r} returned a codec named {codec.name!r}")
     if config_id is not None and codec.config_id != config_id:

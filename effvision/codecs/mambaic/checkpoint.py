@@ -206,7 +206,8 @@ def config_mismatch(found: MambaICConfig, expected: MambaICConfig) -> list[str]:
 def load_checkpoint(
     path: str | Path, expected_config: MambaICConfig | str | None = None, device: str = "cpu"
 ) -> MambaIC:
-    """Load a checkpoint written by :func:`save_checkpoint`, in eval mode with CDFs ready.
+    """Load a checkpoint written by :func:`save_checkpoint` (``.safetensors``) or an official release file
+    (any other suffix, the ``paper`` config: :func:`load_official_checkpoint`), in eval mode with CDFs ready.
 
     Args:
         expected_config: when given (config or name), a checkpoint of another config is a
@@ -214,6 +215,10 @@ def load_checkpoint(
     """
     from safetensors.torch import load_file
 
+    if Path(path).suffix.lower() != ".safetensors":
+        model = load_official_checkpoint(path, expected_config or "paper")
+        model.update()
+        return model.to(device).eval()
     config, _ = read_checkpoint_config(path)
     if expected_config is not None:
         expected = CONFIGS[expected_config] if isinstance(expected_config, str) else expected_config
