@@ -225,7 +225,8 @@ def test_calibration_images_from_a_folder(tmp_path):
 
 def test_cli_writes_a_config_that_timm_create_model_accepts(tmp_path, capsys):
     output = tmp_path / "tune.json"
-    argv = ["tune", "deit_tiny_patch16_224", "--target", "1.3x", "--batch-size", "2", "--calibration-count", "2",
+    # a latency every setting meets: the test must not depend on how busy the machine is
+    argv = ["tune", "deit_tiny_patch16_224", "--target", "100s", "--batch-size", "2", "--calibration-count", "2",
             "--methods", "tome", "topk", "--repeats", "1", "--final-repeats", "1", "--max-steps", "2",
             "-o", str(output)]
     assert main(argv) == 0
