@@ -29,7 +29,6 @@ _LAZY_ATTRIBUTES = {
     "reduce": "effvision.tokens.reduce",
     "reduction_info": "effvision.tokens.reduce",
     "create_reduced_model": "effvision.tokens.registry",
-    "REGISTERED_MODELS": "effvision.tokens.registry",
 }
 
 # subpackages reachable as attributes after a plain ``import effvision`` (``effvision.tokens.forward_tokens``)
@@ -39,6 +38,11 @@ _LAZY_SUBMODULES = ("codecs", "export", "finetune", "image_io", "kernels", "peft
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "REGISTERED_MODELS":  # every registered name: token reduction and PEFT
+        from effvision.timm_models import register
+
+        globals()[name] = value = tuple(register())
+        return value
     if name not in _LAZY_ATTRIBUTES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name)
@@ -47,7 +51,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_ATTRIBUTES, *_LAZY_SUBMODULES})
+    return sorted({*globals(), *_LAZY_ATTRIBUTES, *_LAZY_SUBMODULES, "REGISTERED_MODELS"})
 
 
 def _register_with_timm() -> None:
