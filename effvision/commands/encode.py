@@ -28,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rate.add_argument("--pretrained", action="store_true",
                       help="the codec's official weights, downloaded (huggingface_hub) and converted once, cached")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="codec device")
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        metavar="N",
+        help="code the image in N x N tiles, each on its own (default: the codec's, 1024 for the shipped ones; "
+        "memory is that of one tile)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         with batch.item(source):
             from effvision.codecs.imagefile import encode_image  # imports torch: only once an input needs it
 
-            data = encode_image(codec, image, progress=len(inputs) < 2).to_bytes()
+            data = encode_image(codec, image, tile_size=args.tile_size, progress=len(inputs) < 2).to_bytes()
             atomic_write_bytes(destination, data, force=args.force)
             bpp = 8 * len(data) / (image.width * image.height)
             progress.write(

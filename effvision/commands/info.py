@@ -25,11 +25,13 @@ def describe(container, file_bytes: int) -> dict:
         "height": container.height,
         "mode": container.mode.name,
         "padding": [container.pad_right, container.pad_bottom],
+        "tile": [container.tile_width, container.tile_height] if container.version >= 2 else None,
+        "tiles": len(container.tiles),
         "bytes": file_bytes,
         "bpp": 8 * file_bytes / pixels,
         "payload_bpp": 8 * sum(len(s.data) for s in container.sections) / pixels,
         "sections": [
-            {"index": i, "kind": s.kind.name.lower(), "bytes": len(s.data), "lost": s.lost}
+            {"index": i, "kind": s.kind.name.lower(), "bytes": len(s.data), "lost": s.lost, "tile_start": s.tile_start}
             for i, s in enumerate(container.sections)
         ],
     }
@@ -41,12 +43,15 @@ def _text(path: str, facts: dict) -> str:
         f"{path}:",
         f"  codec    {facts['codec']} ({facts['config_id'] or '-'}), fingerprint {facts['fingerprint'][:16]}",
         f"  image    {facts['width']}x{facts['height']} {facts['mode']}, pad {pad_right} x {pad_bottom}",
+        f"  format   version {facts['version']}, {facts['tiles']} tile(s)"
+        + (f" of {facts['tile'][0]}x{facts['tile'][1]}" if facts["tile"] else ""),
         f"  size     {facts['bytes']} bytes, {facts['bpp']:.4f} bpp ({facts['payload_bpp']:.4f} payload)",
         f"  sections {len(facts['sections'])}",
     ]
     for section in facts["sections"]:
         state = "lost" if section["lost"] else f"{section['bytes']} bytes"
-        lines.append(f"    [{section['index']}] {section['kind']:<6} {state}")
+        start = "  (tile start)" if section["tile_start"] else ""
+        lines.append(f"    [{section['index']}] {section['kind']:<6} {state}{start}")
     return "\n".join(lines)
 
 
