@@ -53,3 +53,21 @@ def test_codebook_fine_tuning_with_gan_changes_only_codebook_and_quant_convs(ima
     assert not torch.equal(before["quant_conv.weight"], after["quant_conv.weight"])
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "decoder.")))
     assert "discriminator" in torch.load(tmp_path / "tuned.train.pt", weights_only=True)
+
+
+def test_quality_ladder_clusters_the_shipped_codebook_and_decodes_by_config_id():
+    import numpy as np
+    from PIL import Image
+
+    from effvision.codecs.base import load_codec
+    from effvision.codecs.container import parse
+    from effvision.codecs.imagefile import decode_image, encode_image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    encoder = load_codec("vqgan", quality=1)
+    assert encoder.config_id.endswith("-k16") and encoder.model.codebook_size == 16
+    container = parse(encode_image(encoder, image).to_bytes())
+    decoder = load_codec("vqgan", config_id=container.config_id)
+    assert decoder.fingerprint() == encoder.fingerprint()
+    assert decode_image(container, decoder).tobytes() == decode_image(container, encoder).tobytes()
+    assert load_codec("vqgan", quality=4).model.codebook_size == 1024

@@ -14,6 +14,7 @@ decoding work) and ``decode_memory_bytes(shape)`` (a peak-memory estimate).
 from __future__ import annotations
 
 import inspect
+import re
 import struct
 from pathlib import Path
 
@@ -180,10 +181,29 @@ def load_vqgan(
     config_id: str | None = None,
     pretrained: bool = False,
 ) -> CompressAIImageCodec:
-    """Loader registered as ``"vqgan"`` (VQGAN pads internally; ``shape`` is the image size)."""
-    from effvision.codecs.vqgan.model import VQGANCodec
+    """Loader registered as ``"vqgan"`` (VQGAN pads internally; ``shape`` is the image size).
 
+    Qualities are codebook sizes (:data:`effvision.codecs.vqgan.model.QUALITY_TO_K`, 1 = smallest files): the
+    shipped codec's codebook K-means-clustered (seed 0, deterministic) to K entries, config id ``<base>-k<K>``,
+    which decoding rebuilds the same way (the fingerprint then proves it is the same codebook).
+    """
+    from effvision.codecs.vqgan.model import QUALITY_TO_K, VQGANCodec
+
+    clustered_k = None
+    if checkpoint is None and not pretrained:
+        if config_id is not None and re.fullmatch(r".+-k\d+", config_id) and config_id not in shipped_weights("vqgan"):
+            config_id, _, k = config_id.rpartition("-k")
+            clustered_k = int(k)
+        elif config_id is None and quality is not None:
+            if quality not in QUALITY_TO_K:
+                raise UserError(f"VQGAN quality must be one of {sorted(QUALITY_TO_K)} (codebook sizes), got {quality}")
+            clustered_k, quality = QUALITY_TO_K[quality], None
     path, config_id = select_weights("vqgan", quality, checkpoint, config_id, pretrained)
     model = VQGANCodec.load(path)
+    if clustered_k is not None and clustered_k != model.codebook_size:
+        if not 1 <= clustered_k < model.codebook_size:
+            raise UserError(f"cannot cluster the {model.codebook_size}-entry codebook of {config_id} to {clustered_k}")
+        model = model.cluster(clustered_k, seed=0)
+        config_id = f"{config_id}-k{clustered_k}"
     coder = {} if model.index_model is not None else {"coder": "fixed"}  # official weights: no fitted index model
     return CompressAIImageCodec(model, "vqgan", config_id, device=device, compress_kwargs=coder, tile_size=1024)
