@@ -274,3 +274,31 @@ def test_tune_on_cuda_in_bf16(tiny_vit, images):
                        methods=("tome",), repeats=5, final_repeats=5)
     assert result.table()
     assert result.candidates and all(c.top1_agreement is not None for c in result.candidates)
+
+
+def test_pooled_speedup_takes_search_and_remeasured_rounds_together():
+    candidate = _timed(0.5, 2.0, 1.0, 0.0)
+    candidate.final_base_times, candidate.final_times = [1.0, 1.0], [1 / 1.5, 1 / 1.6]
+    assert candidate.pooled_speedup == pytest.approx(1.6)
+    assert tune.Target.parse("1.8x").met_by(candidate) and not tune.Target.parse("1.8x").met_by(candidate, pooled=True)
+
+
+def test_a_pick_that_falls_short_when_remeasured_is_not_the_best(tiny_vit, images):
+    class SlowerPPTWhenRemeasured(MacsTimer):
+        remeasuring = False
+
+        def prepare(self, model):
+            run = super().prepare(model)
+            if self.remeasuring and effvision.reduction_info(model)["method"] == "ppt":
+                return lambda: 3 * run()
+            return run
+
+    timer = SlowerPPTWhenRemeasured()
+
+    def log(message):
+        timer.remeasuring = timer.remeasuring or message.startswith("re-measuring")
+
+    result = tune.tune(tiny_vit, "1.5x", images, timer, methods=("ppt", "tome"), batch_size=6, log=log)
+    assert result.picks["ppt"] is not None and not result.target.met_by(result.picks["ppt"], pooled=True)
+    assert result.best is result.picks["tome"]
+    assert "ppt fell short of the target" in result.table()
