@@ -302,3 +302,12 @@ def test_a_pick_that_falls_short_when_remeasured_is_not_the_best(tiny_vit, image
     assert result.picks["ppt"] is not None and not result.target.met_by(result.picks["ppt"], pooled=True)
     assert result.best is result.picks["tome"]
     assert "ppt fell short of the target" in result.table()
+
+
+def test_onnx_timer_times_an_exported_reduced_model(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = effvision.reduce(make_family("vit"), "tome", r=4)
+    timer = tune.OnnxTimer((3, 64, 64), batch_size=3, workdir=tmp_path, threads=1)
+    run_once = timer.prepare(model)
+    assert run_once() > 0
+    assert list(tmp_path.glob("candidate-*.onnx"))
