@@ -178,3 +178,11 @@ def test_windowed_restoration_bounds_attention_and_keeps_known_indices():
         restorer.restore(small, lost[:, :20, :20], codebook, window=32),
         restorer._restore_window(small, lost[:, :20, :20], codebook, 4, "mmse"),
     )
+
+
+def test_small_tiles_are_coded_on_one_thread_unless_asked_otherwise():
+    from effvision.codecs.imagefile import SINGLE_THREAD_PIXELS, codec_threads
+
+    assert codec_threads(32 * 32, 0, 8) == 1
+    assert codec_threads(SINGLE_THREAD_PIXELS, 0, 8) == 8
+    assert codec_threads(32 * 32, 3, 8) == 3

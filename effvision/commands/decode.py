@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"refuse files declaring a larger (padded) image, before any work (default {MAX_PIXELS} = 8192x8192)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=0, metavar="N",
+        help="torch threads (default: 1 for images within 512x512, where more only cost, else torch's default)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
@@ -86,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     for message in missing:
         batch.fail(message)
     codecs = _Codecs(args)
+    default_threads = None
     for source, destination in progress:
         with batch.item(source):
             check_not_existing(destination, args.force)
@@ -94,8 +99,13 @@ def run(args: argparse.Namespace) -> int:
             check_pixels(container.height + container.pad_bottom, container.width + container.pad_right,
                          args.max_pixels)
             codec = codecs.get(container)
-            from effvision.codecs.imagefile import decode_image  # imports torch: only once a file needs it
+            import torch
 
+            from effvision.codecs.imagefile import codec_threads, decode_image  # imports torch: only when needed
+
+            default_threads = default_threads or torch.get_num_threads()
+            largest_tile = max(tile.height * tile.width for tile in container.tiles)
+            torch.set_num_threads(codec_threads(largest_tile, args.threads, default_threads))
             image = decode_image(container, codec, max_pixels=args.max_pixels, progress=len(inputs) < 2)
             save_image(image, destination, force=args.force)
             progress.write(f"{source} -> {destination}: {image.width}x{image.height} {image.mode}", file=sys.stderr)

@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="code the image in N x N tiles, each on its own (default: the codec's, 1024 for the shipped ones; "
         "memory is that of one tile)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=0, metavar="N",
+        help="torch threads (default: 1 for images within 512x512, where more only cost, else torch's default)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     for message in missing:
         batch.fail(message)
     codec = None
+    default_threads = None
     for source, destination in progress:
         image = None
         with batch.item(source):
@@ -76,8 +81,14 @@ def run(args: argparse.Namespace) -> int:
         if codec is None:
             codec = _load_codec(args)  # a failure here ends the run: no input could be encoded
         with batch.item(source):
-            from effvision.codecs.imagefile import encode_image  # imports torch: only once an input needs it
+            import torch
 
+            from effvision.codecs.imagefile import codec_threads, encode_image  # imports torch: only when needed
+
+            default_threads = default_threads or torch.get_num_threads()
+            tile = args.tile_size or codec.tile_size
+            largest_tile = min(tile, image.width) * min(tile, image.height)
+            torch.set_num_threads(codec_threads(largest_tile, args.threads, default_threads))
             data = encode_image(codec, image, tile_size=args.tile_size, progress=len(inputs) < 2).to_bytes()
             atomic_write_bytes(destination, data, force=args.force)
             bpp = 8 * len(data) / (image.width * image.height)
