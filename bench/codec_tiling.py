@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["tiled", "untiled"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "codec-tiling-cpu"))
+    parser.add_argument(
+        "--update", action="store_true", help="keep the rows of --out.json for (codec, mode) pairs not measured now"
+    )
     parser.add_argument("--run", nargs=5, metavar=("OP", "CODEC", "TILE", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
@@ -112,7 +115,13 @@ def main() -> None:
                 tile = "0" if mode == "tiled" else str(max(args.width, args.height))
                 coded, decoded = Path(work) / f"{codec}-{mode}.evc", Path(work) / f"{codec}-{mode}.png"
                 encode = timed([*script, "encode", codec, tile, str(source), str(coded)], env)
-                row = {"codec": codec, "mode": mode, "encode": encode}
+                row = {
+                    "codec": codec,
+                    "mode": mode,
+                    "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "load_average_before": round(os.getloadavg()[0], 1),
+                    "encode": encode,
+                }
                 if encode["status"] == 0:
                     row["bytes"] = coded.stat().st_size
                     row["decode"] = timed([*script, "decode", codec, tile, str(coded), str(decoded)], env)
@@ -122,6 +131,14 @@ def main() -> None:
                         row["psnr_db"] = round(10 * np.log10(255**2 / np.mean((a - b) ** 2)), 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    if args.update and Path(args.out + ".json").exists():
+        measured = {(row["codec"], row["mode"]) for row in rows}
+        kept = [
+            r
+            for r in json.loads(Path(args.out + ".json").read_text())["rows"]
+            if (r["codec"], r["mode"]) not in measured
+        ]
+        rows = sorted(kept + rows, key=lambda r: (r["codec"], r["mode"]))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs), no GPU"
     report = {
         "machine": machine,
@@ -138,8 +155,11 @@ def main() -> None:
         "Peak RSS and wall time from `/usr/bin/time -v`, one process per operation (start-up and model load included).",
         "Tiled: the shipped codecs' 1024 x 1024 tiles (container version 2); untiled: one tile the size of the image.",
         "",
-        "| codec | mode | bytes | bpp | PSNR dB | encode s | encode peak MB | decode s | decode peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Other jobs shared the CPU during some runs: column load is the 1-minute load average before the row",
+        "started (2 = both cores busy with other work); wall times of loaded runs are inflated, peak memory is not.",
+        "",
+        "| codec | mode | bytes | bpp | PSNR dB | encode s | encode peak MB | decode s | decode peak MB | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         enc, dec = row["encode"], row.get("decode", {})
@@ -147,7 +167,8 @@ def main() -> None:
         lines.append(
             f"| {row['codec']} | {row['mode']} | {row.get('bytes', '-')} | {bpp} | {row.get('psnr_db', '-')} | "
             f"{enc['wall_s'] if enc['status'] == 0 else 'failed'} | {enc['peak_rss_mb']} | "
-            f"{dec.get('wall_s', '-') if dec.get('status', 1) == 0 else 'failed'} | {dec.get('peak_rss_mb', '-')} |"
+            f"{dec.get('wall_s', '-') if dec.get('status', 1) == 0 else 'failed'} | {dec.get('peak_rss_mb', '-')} | "
+            f"{row.get('load_average_before', '-')} |"
         )
     failures = [
         (r["codec"], r["mode"], op, r[op]["error"])
