@@ -79,11 +79,12 @@ def timed(command: list[str], env: dict) -> dict:
     result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    own_output = result.stderr.split("\tCommand being timed")[0].strip().splitlines()
     return {
         "status": result.returncode,
         "wall_s": round(wall, 1),
         "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
-        "error": result.stderr.strip().splitlines()[-1] if result.returncode else "",
+        "error": (own_output[-1] if own_output else f"exit status {result.returncode}") if result.returncode else "",
     }
 
 
