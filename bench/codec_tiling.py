@@ -73,13 +73,28 @@ def run_one(operation: str, codec_name: str, tile: int, source: str, target: str
         decode_image(container, codec, max_pixels=1 << 30).save(target)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def timed(command: list[str], env: dict) -> dict:
     """Run under /usr/bin/time -v; returns wall seconds, peak RSS (MB) and the exit status."""
     started = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
-    own_output = result.stderr.split("\tCommand being timed")[0].strip().splitlines()
+    own_output = [
+        line
+        for line in result.stderr.split("\tCommand being timed")[0].strip().splitlines()
+        if not line.startswith("Command exited with non-zero status")
+    ]
     return {
         "status": result.returncode,
         "wall_s": round(wall, 1),
@@ -99,6 +114,7 @@ def main() -> None:
     parser.add_argument(
         "--update", action="store_true", help="keep the rows of --out.json for (codec, mode) pairs not measured now"
     )
+    parser.add_argument("--report-only", action="store_true", help="rewrite --out.md from --out.json, measure nothing")
     parser.add_argument("--run", nargs=5, metavar=("OP", "CODEC", "TILE", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
@@ -108,9 +124,12 @@ def main() -> None:
     script = [sys.executable, "-W", "ignore", __file__, "--run"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     rows = []
+    if args.report_only:
+        args.update, args.codecs = True, []
     with tempfile.TemporaryDirectory() as work:
         source = Path(work) / "photo.png"
-        mosaic(args.width, args.height).save(source)
+        if args.codecs:
+            mosaic(args.width, args.height).save(source)
         for codec in args.codecs:
             for mode in args.modes:
                 tile = "0" if mode == "tiled" else str(max(args.width, args.height))
@@ -140,7 +159,7 @@ def main() -> None:
             if (r["codec"], r["mode"]) not in measured
         ]
         rows = sorted(kept + rows, key=lambda r: (r["codec"], r["mode"]))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs), no GPU"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores (shared with other jobs), no GPU"
     report = {
         "machine": machine,
         "image": f"{args.width}x{args.height} mosaic of scikit-image photos",
@@ -152,7 +171,8 @@ def main() -> None:
     lines = [
         f"# Tiled vs untiled coding of a {args.width}x{args.height} photo (CPU)",
         "",
-        f"Machine: {machine}. Torch threads: {args.threads}. Command: `python {' '.join(sys.argv)}`.",
+        f"Machine: {machine}. Torch threads: {args.threads}. Reproduce: `python bench/codec_tiling.py` (all rows;",
+        "rows can be re-measured alone with `--update --codecs C --modes M`, as after the first, loaded run).",
         "Peak RSS and wall time from `/usr/bin/time -v`, one process per operation (start-up and model load included).",
         "Tiled: the shipped codecs' 1024 x 1024 tiles (container version 2); untiled: one tile the size of the image.",
         "",
