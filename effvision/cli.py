@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 import warnings
@@ -115,6 +116,8 @@ class Batch:
     def item(self, name: str) -> Iterator[None]:
         try:
             yield
+        except BrokenPipeError:
+            raise  # the reader went away (e.g. `| head`): nothing more can be written, for any input
         except Exception as error:  # noqa: BLE001 - one bad input must not stop the others
             if self.debug:
                 traceback.print_exc()
@@ -143,6 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # like other Unix tools when the reader closes the pipe: stop quietly (and keep Python's exit-time
+        # flush of stdout from raising again)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:  # stdout without a file descriptor (e.g. captured): nothing left to flush there
+            pass
+        return 141
     except Exception as error:  # noqa: BLE001 - last line of defence for the CLI
         if args.debug:
             traceback.print_exc()

@@ -135,3 +135,22 @@ def test_info_reports_each_bad_file_and_describes_the_good_ones(tmp_path, capsys
     captured = capsys.readouterr()
     assert captured.err.strip() == f"effvision info: error: {tmp_path / 'bad.evc'}: not an .evc file (bad magic)"
     assert "zlib-batch-test" in captured.out
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_batch_quietly(tmp_path, monkeypatch, capsys):
+    from effvision.codecs.container import Container, Mode, Section
+    from effvision.commands import info
+
+    container = Container(codec="c", config_id="", fingerprint=b"", width=8, height=8, mode=Mode.RGB,
+                          sections=(Section(b"x", tile_start=True),), tile_width=8, tile_height=8)
+    (tmp_path / "a.evc").write_bytes(container.to_bytes())
+    (tmp_path / "b.evc").write_bytes(container.to_bytes())
+    written = []
+
+    def closed_pipe(path, facts):  # what print() raises once `| head` has exited
+        written.append(path)
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(info, "_text", closed_pipe)
+    assert cli.main(["info", str(tmp_path / "a.evc"), str(tmp_path / "b.evc")]) == 141
+    assert len(written) == 1 and "error" not in capsys.readouterr().err
