@@ -51,7 +51,6 @@ class CompressAIImageCodec(ImageCodec):
         self.model = model.to(device).eval()
         self.name = name
         self.config_id = config_id
-        self.alignment = 1
         self.tile_size = tile_size
         self.device = device
         self.compress_kwargs = dict(compress_kwargs or {})

@@ -47,10 +47,11 @@ CODERS = ("learned", "fixed")
 #: a file may mark at most this share of a tile's indices lost: restoration costs no bytes, so this keeps
 #: the decoder's work proportional to the bytes the file holds (Mao et al. restore up to ~20-40%).
 MAX_LOST_FRACTION = 0.5
-#: peak decode memory: bytes per pixel of the convolutional decoder (float32) plus the non-local block's
-#: (cells x cells) attention matrix; the small config decoding one 1024 x 1024 tile on CPU peaked about
-#: 0.9 GB above the loaded model (estimate: 892 MB).
-DECODE_BYTES_PER_PIXEL = 700
+#: peak decode memory: bytes per pixel and per full-resolution decoder channel (float32), plus the non-local
+#: block's (cells x cells) attention matrix; the small config (32 channels at full resolution) decoding one
+#: 1024 x 1024 tile on CPU peaked about 0.9 GB above the loaded model (estimate: 0.8 GB). Scaling by the
+#: channels makes the estimate follow larger configs (the ImageNet model has 128).
+DECODE_BYTES_PER_PIXEL_CHANNEL = 22
 
 
 class VQGANInputError(UserError, ValueError):
@@ -264,7 +265,8 @@ class VQGANCodec(CompressionModel):
     def decode_memory_bytes(self, shape: tuple[int, int]) -> int:
         """Estimated peak memory of :meth:`decompress` for one (H, W) image (float32, batch 1)."""
         h, w = self.index_grid(shape)
-        return h * w * CELL * CELL * DECODE_BYTES_PER_PIXEL + 2 * 4 * (h * w) ** 2 + 64 * 2**20
+        channels = self.config.ch * self.config.ch_mult[0]
+        return h * w * CELL * CELL * DECODE_BYTES_PER_PIXEL_CHANNEL * channels + 2 * 4 * (h * w) ** 2 + 64 * 2**20
 
     @torch.no_grad()
     def decompress_indices(self, strings: list, shape: tuple[int, int], lost=None) -> Tensor:
