@@ -79,11 +79,17 @@ def test_a_version_1_file_decodes_like_the_same_streams_in_version_2(codec, phot
 
 def test_tiles_beyond_the_codec_limit_are_refused_at_encode_and_decode(codec, photo):
     with pytest.raises(UserError, match="limit"):
-        encode_image(codec, photo, tile_size=4096)
+        encode_image(codec, Image.new("RGB", (2100, 2100)), tile_size=4096)  # 2100 x 2100 > 2048 x 2048
     container = encode_image(codec, photo.crop((0, 0, 30, 30)))
     huge = dataclasses.replace(container, width=4096, height=4096, tile_width=4096, tile_height=4096)
     with pytest.raises(UserError, match="limit"):
         plan_decode(parse(huge.to_bytes()), codec)
+
+
+def test_a_tile_larger_than_the_image_is_declared_as_the_image(codec, photo):
+    container = encode_image(codec, photo, tile_size=4096)
+    assert (container.tile_width, container.tile_height) == photo.size and len(container.tiles) == 1
+    assert list(container.tiles[0].sections) == codec.encode(as_tensor(photo))
 
 
 class CountingCodec(CompressAIImageCodec):

@@ -119,24 +119,27 @@ def encode_image(
     tile = codec.tile_size if tile_size is None else tile_size
     if tile < 1:
         raise UserError(f"tile size must be positive, got {tile}")
-    _check_tile_size(codec, tile, tile)
     pad_right, pad_bottom = -width % codec.alignment, -height % codec.alignment
-    check_pixels(height + pad_bottom, width + pad_right)
+    padded_h, padded_w = height + pad_bottom, width + pad_right
+    check_pixels(padded_h, padded_w)
+    # A tile larger than the image is declared as the image's size: the same tiles, within the limit.
+    tile_height, tile_width = min(tile, padded_h), min(tile, padded_w)
+    _check_tile_size(codec, tile_height, tile_width)
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     if pad_right or pad_bottom:
         rgb = np.pad(rgb, ((0, pad_bottom), (0, pad_right), (0, 0)), mode="edge")
     sections: list[Section] = []
-    places = tile_grid(*rgb.shape[:2], tile, tile)
+    places = tile_grid(padded_h, padded_w, tile_height, tile_width)
     with _tiles_progress(len(places), "encode", progress) as bar:
-        for top, left, tile_height, tile_width in places:
-            crop = torch.from_numpy(rgb[top : top + tile_height, left : left + tile_width].copy())
+        for top, left, crop_height, crop_width in places:
+            crop = torch.from_numpy(rgb[top : top + crop_height, left : left + crop_width].copy())
             try:
                 streams = codec.encode(crop.permute(2, 0, 1).float().div_(255))
             except Exception as error:
                 if _is_allocation_failure(error):
                     raise ResourceError(
-                        f"encoding a {tile_width}x{tile_height} tile needs about "
-                        f"{_gigabytes(codec.decode_memory_bytes(tile_height, tile_width))} and the allocation "
+                        f"encoding a {crop_width}x{crop_height} tile needs about "
+                        f"{_gigabytes(codec.decode_memory_bytes(crop_height, crop_width))} and the allocation "
                         "failed; use a smaller --tile-size"
                     ) from error
                 raise
@@ -157,8 +160,8 @@ def encode_image(
         sections=tuple(sections),
         pad_right=pad_right,
         pad_bottom=pad_bottom,
-        tile_width=tile,
-        tile_height=tile,
+        tile_width=tile_width,
+        tile_height=tile_height,
     )
 
 
