@@ -97,3 +97,47 @@ def test_real_bpp_is_within_5_percent_of_the_estimate_on_the_shipped_checkpoint(
     coded = model.compress(image)
     real = bits_per_pixel(coded["strings"], *image.shape[-2:])
     assert abs(real - estimate) / estimate < 0.05
+
+
+def _relaxed_rd_loss(model: MambaIC, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, lmbda: float) -> float:
+    """The refinement objective, written out: lambda * 255^2 * MSE + bits per pixel (noise relaxation)."""
+    torch.manual_seed(3)  # the same noise draw for both latents compared
+    with torch.no_grad():
+        out = model._forward_from_latents(y, z, x.shape[-2:], relaxed=True)
+    bits = sum(float(-torch.log2(p.clamp_min(1e-9)).sum()) for p in out["likelihoods"].values())
+    return lmbda * 255**2 * float(((out["x_hat"] - x) ** 2).mean()) + bits / (x.shape[-2] * x.shape[-1])
+
+
+def test_effort_zero_is_plain_compression(tiny_model: MambaIC) -> None:
+    x = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(4))
+    assert tiny_model.compress(x, effort=0)["strings"] == tiny_model.compress(x)["strings"]
+
+
+def test_refined_latents_lower_the_rd_objective_and_decode_with_the_same_decoder(tiny_model: MambaIC) -> None:
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = tiny_model.g_a(tiny_model.pad(x))
+        z = tiny_model.h_a(y)
+    refined_y, refined_z = tiny_model.refine_latents(x, y, z, lmbda=0.01, steps=8)
+    assert not torch.equal(refined_y, y)
+    assert _relaxed_rd_loss(tiny_model, x, refined_y, refined_z, 0.01) < _relaxed_rd_loss(tiny_model, x, y, z, 0.01)
+    out = tiny_model.compress(x, effort=4, lmbda=0.01)
+    assert out["strings"] != tiny_model.compress(x)["strings"]
+    assert tiny_model.decompress(out["strings"], out["shape"])["x_hat"].shape == x.shape
+
+
+def test_effort_needs_the_training_lambda(tiny_model: MambaIC) -> None:
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="lambda"):
+        tiny_model.compress(x, effort=2)
+
+
+def test_the_shipped_weights_know_their_lambda_and_only_mambaic_takes_effort() -> None:
+    from effvision.codecs.base import load_codec
+    from effvision.errors import UserError
+
+    codec = load_codec("mambaic")
+    assert codec.model.rd_lambda == pytest.approx(0.013)
+    assert codec.with_effort(3).compress_kwargs == {"effort": 3} and codec.compress_kwargs == {}
+    with pytest.raises(UserError, match="no encoder-side refinement"):
+        load_codec("vqgan").with_effort(3)

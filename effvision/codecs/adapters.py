@@ -13,6 +13,7 @@ decoding work) and ``decode_memory_bytes(shape)`` (a peak-memory estimate).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import struct
@@ -61,6 +62,19 @@ class CompressAIImageCodec(ImageCodec):
 
     def fingerprint(self) -> bytes:
         return self._fingerprint
+
+    def with_effort(self, effort: int) -> CompressAIImageCodec:
+        """This codec (same model, same files' decoder) encoding with ``effort`` steps of encoder-side latent
+        refinement (e.g. :meth:`effvision.codecs.mambaic.MambaIC.refine_latents`); 0 = plain encoding."""
+        if effort < 0:
+            raise UserError(f"effort must be 0 or more, got {effort}")
+        if effort and "effort" not in inspect.signature(self.model.compress).parameters:
+            raise UserError(f"codec {self.name!r} has no encoder-side refinement (--effort)")
+        codec = copy.copy(self)
+        codec.compress_kwargs = {key: value for key, value in self.compress_kwargs.items() if key != "effort"}
+        if effort:
+            codec.compress_kwargs["effort"] = effort
+        return codec
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> list[bytes]:

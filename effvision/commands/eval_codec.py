@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classical", nargs="+", metavar="NAME",
                         help="classical codecs: jpeg webp avif jxl avif-down webp-down (default: jpeg webp avif "
                              "jxl, plus avif-down webp-down with vqgan)")
+    parser.add_argument("--effort", nargs="+", type=int, default=[0], metavar="N",
+                        help="encoder-side refinement steps to evaluate (MambaIC; each N > 0 is its own curve "
+                        "NAME-effortN; default 0)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
     parser.add_argument("--json", type=Path, metavar="F", help="write the full evaluation (every row) as JSON")
     parser.add_argument("--markdown", type=Path, metavar="F", help="write the tables as markdown")
@@ -87,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
             fetch_pretrained(entry)
             codec = load_codec(name, config_id=entry.config_id, device=device)
             ladders.append(evaluation.LearnedCodec(f"{name}-official", entry.config_id, codec))
+    ladders = [
+        point if effort == 0 else evaluation.LearnedCodec(f"{point.name}-effort{effort}", point.label,
+                                                           point.codec.with_effort(effort))
+        for effort in args.effort
+        for point in ladders
+    ]
     print(f"{len(images)} images; learned: {', '.join(f'{p.name}:{p.label}' for p in ladders)}; "
           f"classical: {', '.join(c.name for c in classical)}", file=sys.stderr)
 

@@ -219,7 +219,7 @@ def load_checkpoint(
         model = load_official_checkpoint(path, expected_config or "paper")
         model.update()
         return model.to(device).eval()
-    config, _ = read_checkpoint_config(path)
+    config, metadata = read_checkpoint_config(path)
     if expected_config is not None:
         expected = CONFIGS[expected_config] if isinstance(expected_config, str) else expected_config
         differences = config_mismatch(config, expected)
@@ -230,6 +230,8 @@ def load_checkpoint(
             )
     model = MambaIC(config)
     _load_into(model, load_file(str(path)), str(path))
+    if "lambda" in metadata:
+        model.rd_lambda = float(metadata["lambda"])  # the training λ, for encoder-side refinement
     model.update()
     return model.to(device).eval()
 

@@ -45,6 +45,8 @@ SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 #: config decoding one 1024 x 1024 tile on CPU peaked 517 MB above the loaded model (estimate: 640 MB).
 #: Used to refuse up front what cannot fit.
 DECODE_BYTES_PER_PIXEL_CHANNEL = 12
+#: Adam step size of encoder-side latent refinement (latents are in quantisation-bin units).
+REFINE_LR = 0.05
 
 
 @dataclass(frozen=True)
@@ -234,12 +236,16 @@ class MambaIC(CompressionModel):
         Training: additive noise for the likelihoods, straight-through rounding around the predicted
         means for the decoder input (as the paper). Eval: hard rounding, exactly what the coder does.
         """
-        height, width = x.shape[-2:]
         y = self.g_a(self.pad(x))
-        z = self.h_a(y)
-        _, z_likelihoods = self.entropy_bottleneck(z)
+        return self._forward_from_latents(y, self.h_a(y), x.shape[-2:], relaxed=self.training)
+
+    def _forward_from_latents(self, y: Tensor, z: Tensor, size, relaxed: bool) -> dict:
+        """The rest of :meth:`forward` from the latents ``y`` (B, M, H/16, W/16) and ``z`` (B, Z, H/64, W/64);
+        ``relaxed``: noise for the likelihoods and straight-through rounding (differentiable in y and z)."""
+        height, width = size
+        _, z_likelihoods = self.entropy_bottleneck(z, training=relaxed)
         z_offset = self.entropy_bottleneck._get_medians()
-        if self.training:
+        if relaxed:
             z_hat = ste_round(z - z_offset) + z_offset
         else:
             z_hat = self.entropy_bottleneck.quantize(z, "dequantize", z_offset)
@@ -251,12 +257,12 @@ class MambaIC(CompressionModel):
             previous = y_hat_slices[: self.config.max_support_slices]
             mean_support, support = context.channel_context(latent_means, latent_scales, previous)
             means_anchor, scales_anchor = context.anchor_params(support)
-            anchors_hat = torch.where(anchors, self._round(y_slice, means_anchor), 0.0)
+            anchors_hat = torch.where(anchors, self._round(y_slice, means_anchor, relaxed), 0.0)
             means_other, scales_other = context.non_anchor_params(anchors_hat, support)
             means = torch.where(anchors, means_anchor, means_other)
             scales = torch.where(anchors, scales_anchor, scales_other)
-            _, slice_likelihoods = self.gaussian_conditional(y_slice, scales, means=means)
-            y_hat_slice = self._round(y_slice, means)
+            _, slice_likelihoods = self.gaussian_conditional(y_slice, scales, means=means, training=relaxed)
+            y_hat_slice = self._round(y_slice, means, relaxed)
             y_hat_slices.append(y_hat_slice + context.residual(mean_support, y_hat_slice))
             likelihoods.append(slice_likelihoods)
         y_hat = torch.cat(y_hat_slices, dim=1)
@@ -267,18 +273,48 @@ class MambaIC(CompressionModel):
             "y_hat": y_hat,
         }
 
-    def _round(self, y: Tensor, means: Tensor) -> Tensor:
-        if self.training:
+    def refine_latents(self, x: Tensor, y: Tensor, z: Tensor, lmbda: float, steps: int) -> tuple[Tensor, Tensor]:
+        """Encoder-side refinement: ``steps`` Adam steps on ``y`` and ``z`` for this image's rate-distortion
+        loss ``lmbda * 255^2 * MSE + bpp`` (the training loss), every weight fixed, so the decoder and the
+        bitstream format are unchanged (only which latents are coded). Rates use the training relaxation
+        (noise for the likelihoods, straight-through rounding for the decoder input)."""
+        pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
+        y, z = y.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([y, z], lr=REFINE_LR)
+        best = (float("inf"), y.detach().clone(), z.detach().clone())
+        with torch.enable_grad():
+            for _ in range(steps):
+                out = self._forward_from_latents(y, z, x.shape[-2:], relaxed=True)
+                bits = sum(-torch.log2(p.clamp_min(1e-9)).sum() for p in out["likelihoods"].values())
+                loss = lmbda * 255**2 * F.mse_loss(out["x_hat"], x) + bits / pixels
+                if loss.item() < best[0]:
+                    best = (loss.item(), y.detach().clone(), z.detach().clone())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return best[1], best[2]
+
+    def _round(self, y: Tensor, means: Tensor, relaxed: bool) -> Tensor:
+        if relaxed:
             return ste_round(y - means) + means
         return self.gaussian_conditional.quantize(y, "dequantize", means)
 
     # ---- bitstreams -------------------------------------------------------------------------------
     @torch.no_grad()
-    def compress(self, x: Tensor) -> dict:
-        """x: (B, 3, H, W) in [0, 1] -> {"strings": [[bytes] * B] * (2 * slices + 1), "shape": (H, W)}."""
+    def compress(self, x: Tensor, effort: int = 0, lmbda: float | None = None) -> dict:
+        """x: (B, 3, H, W) in [0, 1] -> {"strings": [[bytes] * B] * (2 * slices + 1), "shape": (H, W)}.
+
+        ``effort`` > 0 refines the latents for this image first (:meth:`refine_latents`, that many steps) under
+        ``lmbda`` (default: the λ the weights were trained for, ``self.rd_lambda``); decoding is unchanged.
+        """
         height, width = x.shape[-2:]
         y = self.g_a(self.pad(x))
         z = self.h_a(y)
+        if effort > 0:
+            lmbda = lmbda if lmbda is not None else getattr(self, "rd_lambda", None)
+            if lmbda is None:
+                raise ValueError("encoder-side refinement needs the lambda the weights were trained for (lmbda=)")
+            y, z = self.refine_latents(x, y, z, lmbda, effort)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         strings: list[list[bytes]] = []
