@@ -16,10 +16,10 @@ this decoder; :func:`use_checked_decoder` installs it on every compressai entrop
 from __future__ import annotations
 
 import math
-import sys
-from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
+
+import numpy as np
 
 from effvision.errors import UserError
 
@@ -52,11 +52,7 @@ class RansStreamDecoder:
             raise CorruptStreamError(
                 f"rANS stream of {len(stream)} bytes (needs a multiple of 4, at least {MIN_STREAM_BYTES})"
             )
-        words = array("I", bytes(stream))
-        if words.itemsize != 4:  # pragma: no cover - every platform CPython supports has 32-bit "I"
-            words = array("L", bytes(stream))
-        if sys.byteorder == "big":  # pragma: no cover
-            words.byteswap()
+        words = np.frombuffer(bytes(stream), dtype="<u4").tolist()  # little-endian 32-bit words, as written
         self._words = words
         self._state = words[0] | (words[1] << 32)
         self._position = 2
