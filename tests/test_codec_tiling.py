@@ -192,3 +192,17 @@ def test_small_tiles_are_coded_on_one_thread_unless_asked_otherwise():
     assert codec_threads(32 * 32, 0, 8) == 1
     assert codec_threads(SINGLE_THREAD_PIXELS, 0, 8) == 8
     assert codec_threads(32 * 32, 3, 8) == 3
+
+
+def test_set_codec_threads_goes_back_to_the_default_after_a_small_file(monkeypatch):
+    import effvision.codecs.imagefile as imagefile
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(imagefile, "_torch_default_threads", lambda: 2)
+    try:
+        imagefile.set_codec_threads(32 * 32)
+        assert torch.get_num_threads() == 1
+        imagefile.set_codec_threads(2048 * 2048)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

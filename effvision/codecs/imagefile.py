@@ -20,6 +20,7 @@ against the codec's limit, every tile's sections against what the codec can have
 
 from __future__ import annotations
 
+import functools
 import sys
 import zlib
 
@@ -41,7 +42,15 @@ from effvision.codecs.container import (
 from effvision.errors import UserError
 from effvision.image_io import MAX_PIXELS, check_pixels, normalize_mode
 
-__all__ = ["MAX_PIXELS", "ResourceError", "codec_threads", "decode_image", "encode_image", "plan_decode"]
+__all__ = [
+    "MAX_PIXELS",
+    "ResourceError",
+    "codec_threads",
+    "decode_image",
+    "encode_image",
+    "plan_decode",
+    "set_codec_threads",
+]
 
 _ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "not enough memory", "failed to allocate")
 
@@ -74,6 +83,17 @@ def codec_threads(tile_pixels: int, requested: int, default: int) -> int:
     if requested > 0:
         return requested
     return 1 if tile_pixels < SINGLE_THREAD_PIXELS else default
+
+
+@functools.cache
+def _torch_default_threads() -> int:
+    return torch.get_num_threads()  # read once, before any set_codec_threads call changes it
+
+
+def set_codec_threads(tile_pixels: int, requested: int = 0) -> None:
+    """Set torch's thread count for coding tiles of ``tile_pixels`` (:func:`codec_threads`); the CLI calls
+    this per file, so a small file after a large one (or the reverse) gets its own setting."""
+    torch.set_num_threads(codec_threads(tile_pixels, requested, _torch_default_threads()))
 
 
 def _gigabytes(count: int) -> str:

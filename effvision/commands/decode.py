@@ -90,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
     for message in missing:
         batch.fail(message)
     codecs = _Codecs(args)
-    default_threads = None
     for source, destination in progress:
         with batch.item(source):
             check_not_existing(destination, args.force)
@@ -99,13 +98,9 @@ def run(args: argparse.Namespace) -> int:
             check_pixels(container.height + container.pad_bottom, container.width + container.pad_right,
                          args.max_pixels)
             codec = codecs.get(container)
-            import torch
+            from effvision.codecs.imagefile import decode_image, set_codec_threads  # imports torch: only when needed
 
-            from effvision.codecs.imagefile import codec_threads, decode_image  # imports torch: only when needed
-
-            default_threads = default_threads or torch.get_num_threads()
-            largest_tile = max(tile.height * tile.width for tile in container.tiles)
-            torch.set_num_threads(codec_threads(largest_tile, args.threads, default_threads))
+            set_codec_threads(max(tile.height * tile.width for tile in container.tiles), args.threads)
             image = decode_image(container, codec, max_pixels=args.max_pixels, progress=len(inputs) < 2)
             save_image(image, destination, force=args.force)
             progress.write(f"{source} -> {destination}: {image.width}x{image.height} {image.mode}", file=sys.stderr)

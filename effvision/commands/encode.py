@@ -78,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
     for message in missing:
         batch.fail(message)
     codec = None
-    default_threads = None
     for source, destination in progress:
         image = None
         with batch.item(source):
@@ -91,14 +90,10 @@ def run(args: argparse.Namespace) -> int:
             if args.effort:
                 codec = codec.with_effort(args.effort)
         with batch.item(source):
-            import torch
+            from effvision.codecs.imagefile import encode_image, set_codec_threads  # imports torch: only when needed
 
-            from effvision.codecs.imagefile import codec_threads, encode_image  # imports torch: only when needed
-
-            default_threads = default_threads or torch.get_num_threads()
             tile = args.tile_size or codec.tile_size
-            largest_tile = min(tile, image.width) * min(tile, image.height)
-            torch.set_num_threads(codec_threads(largest_tile, args.threads, default_threads))
+            set_codec_threads(min(tile, image.width) * min(tile, image.height), args.threads)
             data = encode_image(codec, image, tile_size=args.tile_size, progress=len(inputs) < 2).to_bytes()
             atomic_write_bytes(destination, data, force=args.force)
             bpp = 8 * len(data) / (image.width * image.height)
