@@ -55,6 +55,53 @@ def _grouped(bc: Tensor) -> Tensor:
     return bc.unsqueeze(1) if bc.dim() == 3 else bc
 
 
+class _LinearRecurrence(torch.autograd.Function):
+    """``h_t = a_t * h_{t-1} + b_t`` over the leading (time) dimension, with a hand-written backward.
+
+    Autograd on the plain loop records two nodes per step; here forward and backward are one fused
+    ``addcmul`` per step each, which is what makes the CPU reference usable for training.
+    """
+
+    @staticmethod
+    def forward(ctx, decay: Tensor, drive: Tensor, h0: Tensor) -> Tensor:
+        states = torch.empty_like(drive)
+        h = h0
+        for t in range(decay.shape[0]):
+            h = torch.addcmul(drive[t], decay[t], h, out=states[t])
+        ctx.save_for_backward(decay, h0, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        decay, h0, states = ctx.saved_tensors
+        grad_drive = torch.empty_like(grad_states)  # dL/dh_t = grad_states[t] + a_{t+1} * dL/dh_{t+1}
+        last = decay.shape[0] - 1
+        carry = grad_drive[last].copy_(grad_states[last])
+        for t in range(last - 1, -1, -1):
+            carry = torch.addcmul(grad_states[t], decay[t + 1], carry, out=grad_drive[t])
+        previous = torch.cat([h0.unsqueeze(0), states[:-1]])
+        grad_decay = grad_drive * previous
+        grad_h0 = decay[0] * grad_drive[0]
+        return grad_decay, grad_drive, grad_h0
+
+
+def linear_recurrence(decay: Tensor, drive: Tensor, h0: Tensor) -> Tensor:
+    """States of ``h_t = decay[t] * h_{t-1} + drive[t]`` (``h_{-1} = h0``); (T, ...) in, (T, ...) out.
+
+    Differentiable in all three inputs. Shapes: ``decay`` and ``drive`` (T, *S), ``h0`` (*S).
+    """
+    if decay.shape[0] == 0:
+        return drive.new_zeros(drive.shape)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        # graph capture: the out= writes of the fused loop do not trace; record the plain loop instead
+        states, h = [], h0
+        for decay_t, drive_t in zip(decay.unbind(0), drive.unbind(0), strict=True):
+            h = decay_t * h + drive_t
+            states.append(h)
+        return torch.stack(states)
+    return _LinearRecurrence.apply(decay.contiguous(), drive.contiguous(), h0.contiguous())
+
+
 def selective_scan_ref(
     u: Tensor,
     delta: Tensor,
@@ -97,18 +144,16 @@ def selective_scan_ref(
     ys = []
     for start in range(0, length, chunk_size):
         stop = min(start + chunk_size, length)
-        dt_c = dt_g[..., start:stop].permute(3, 0, 1, 2).unsqueeze(-1)  # (T, b, g, p, 1)
+        # the small per-step factors are made contiguous first, so the (T, b, g, p, n) products come out
+        # contiguous and the recurrence needs no copies
+        dt_c = dt_g[..., start:stop].permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, g, p, 1)
         decay = torch.exp(dt_c * A_g)  # (T, b, g, p, n)
-        B_c = Bg[..., start:stop].float().permute(3, 0, 1, 2).unsqueeze(3)  # (T, b, g, 1, n)
-        C_c = Cg[..., start:stop].float().permute(3, 0, 1, 2).unsqueeze(3)
-        drive = dtu_g[..., start:stop].permute(3, 0, 1, 2).unsqueeze(-1) * B_c  # (T, b, g, p, n)
-        # unbind once: indexing decay[t] per step would make autograd allocate a chunk-sized
-        # gradient for every step (backward quadratic in the chunk length)
-        states = []
-        for decay_t, drive_t in zip(decay.unbind(0), drive.unbind(0), strict=True):
-            h = decay_t * h + drive_t
-            states.append(h)
-        y_c = (torch.stack(states) * C_c).sum(-1)  # (T, b, g, p)
+        B_c = Bg[..., start:stop].float().permute(3, 0, 1, 2).contiguous().unsqueeze(3)  # (T, b, g, 1, n)
+        C_c = Cg[..., start:stop].float().permute(3, 0, 1, 2).contiguous()  # (T, b, g, n)
+        drive = dtu_g[..., start:stop].permute(3, 0, 1, 2).contiguous().unsqueeze(-1) * B_c  # (T, b, g, p, n)
+        states = linear_recurrence(decay, drive, h)  # (T, b, g, p, n)
+        h = states[-1]
+        y_c = torch.einsum("tbgpn,tbgn->tbgp", states, C_c)  # (T, b, g, p)
         ys.append(y_c.permute(1, 2, 3, 0).reshape(batch, dim, stop - start))
     out = torch.cat(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
     if D is not None:
