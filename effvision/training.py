@@ -1,0 +1,205 @@
+"""What every effvision training loop shares: processes, a time limit, resumable state, progress, schedule.
+
+* :class:`Distributed`: one process, or one of several launched by ``torchrun`` (``RANK`` /
+  ``WORLD_SIZE`` / ``LOCAL_RANK``; gloo on CPU, NCCL on CUDA, one GPU per local rank). Collectives that keep
+  the ranks in step: :meth:`Distributed.any_rank` (stop together), :meth:`Distributed.sum` (metrics).
+* :class:`TimeLimit`: a wall-clock budget; ``distributed.any_rank(limit.expired())`` stops every rank at
+  the same step (DistributedDataParallel hangs when one rank leaves early).
+* :func:`save_training_state` / :func:`load_training_state`: a ``torch.save`` dict written atomically (temp
+  file in the destination's folder, then ``os.replace``: a reader or a resume sees the old file or the
+  new one, never half of one) and read with ``weights_only=True`` (tensors and plain Python values only).
+  :func:`state_dicts` / :func:`restore` / :func:`resume_training_state` map named parts (model,
+  optimizers, schedulers) to and from such a dict.
+* :func:`progress_bar`: tqdm, shown on rank 0 only.
+* :func:`cosine_factor` / :func:`cosine_lr`: linear warmup then half-cosine decay.
+
+Nothing here imports the CLI; the codec and fine-tuning loops import this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from effvision.io_utils import atomic_path
+
+
+class Stateful(Protocol):
+    """Anything with ``state_dict`` / ``load_state_dict``: modules, optimizers, schedulers, grad scalers."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict, /) -> Any: ...
+
+
+@dataclass
+class Distributed:
+    """This process's place among the training processes (a single process by default).
+
+    Attributes:
+        rank: global rank, 0 on the process that writes files and shows progress.
+        world_size: number of processes.
+        local_rank: rank on this machine (picks the GPU).
+        device: where this process trains; collectives put their tensors there.
+        owns_group: :meth:`from_environment` started the process group, so :meth:`close` ends it.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+
+    @classmethod
+    def from_environment(cls, device: str | torch.device = "cpu") -> Distributed:
+        """Join the process group ``torchrun`` describes in the environment (or use one already started).
+
+        With several processes a plain ``cuda`` device becomes ``cuda:LOCAL_RANK`` (and the current device);
+        the backend is NCCL for CUDA, gloo otherwise. Without ``WORLD_SIZE`` > 1 nothing is started.
+        """
+        device = torch.device(device)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda" and device.index is None and world_size > 1:
+            device = torch.device("cuda", local_rank)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        owns_group = False
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            owns_group = True
+        if dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group)
+        return cls(device=device)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        """True on the process that writes checkpoints and shows progress."""
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module, **ddp_options) -> nn.Module:
+        """``model`` in DistributedDataParallel when there are several processes, else ``model`` itself."""
+        if not self.enabled:
+            return model
+        return nn.parallel.DistributedDataParallel(model, **ddp_options)
+
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` OR-ed over every process: the same answer on all ranks (e.g. to stop at the same step)."""
+        if not self.enabled:
+            return bool(flag)
+        total = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(total)
+        return bool(total.item() > 0)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over every process (float64)."""
+        if not self.enabled:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def close(self) -> None:
+        """End the process group if :meth:`from_environment` started it."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+class TimeLimit:
+    """A wall-clock budget that starts now; ``seconds=None`` never expires.
+
+    Args:
+        seconds: the budget.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self.started = clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def expired(self) -> bool:
+        return self.seconds is not None and self.elapsed() > self.seconds
+
+
+def save_training_state(path: str | os.PathLike, state: dict) -> None:
+    """``torch.save(state)`` to ``path`` atomically: a temp file beside it, fsync'ed, then ``os.replace``.
+
+    If writing fails the temp file is removed and an existing ``path`` is left as it was. The folder is
+    created when missing.
+    """
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
+
+
+def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A dict written by :func:`save_training_state`, loaded with ``weights_only=True``."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def state_dicts(parts: Mapping[str, Stateful], **values) -> dict:
+    """``{name: part.state_dict()}`` for every part, plus plain ``values`` (e.g. ``step=...``)."""
+    return {**{name: part.state_dict() for name, part in parts.items()}, **values}
+
+
+def restore(state: Mapping, parts: Mapping[str, Stateful], optional: Iterable[str] = ()) -> None:
+    """Load ``state[name]`` into every part; a name in ``optional`` that ``state`` lacks is skipped (the
+    part keeps its fresh state), any other missing name is a ``KeyError``."""
+    optional = set(optional)
+    for name, part in parts.items():
+        if name in state or name not in optional:
+            part.load_state_dict(state[name])
+
+
+def resume_training_state(
+    path: str | os.PathLike | None,
+    parts: Mapping[str, Stateful],
+    map_location: str | torch.device = "cpu",
+    optional: Iterable[str] = (),
+) -> dict | None:
+    """Load the state at ``path`` into ``parts`` (see :func:`restore`) and return it (for its step and other
+    values); None, with the parts untouched, when ``path`` is None or no such file exists."""
+    if path is None or not Path(path).is_file():
+        return None
+    state = load_training_state(path, map_location)
+    restore(state, parts, optional)
+    return state
+
+
+def progress_bar(iterable: Iterable | None = None, show: bool = True, **tqdm_options):
+    """A tqdm bar over ``iterable``, shown only when ``show`` and this is rank 0 (or the only process)."""
+    from tqdm import tqdm
+
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    return tqdm(iterable, disable=not show or rank != 0, **tqdm_options)
+
+
+def cosine_factor(step: int, total: int, warmup: int = 0) -> float:
+    """Learning-rate multiplier at ``step`` (from 0) of ``total``: ``(step + 1) / warmup`` for the first
+    ``warmup`` steps, then a half cosine from 1 (step ``warmup``) to 0 (step ``total`` and later)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_lr(step: int, total: int, start: float, end: float) -> float:
+    """Learning rate at ``step`` of ``total`` on a half cosine from ``start`` (step 0) down to ``end``."""
+    return end + (start - end) * cosine_factor(step, total)
