@@ -58,6 +58,34 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     assert (tmp_path / "model.safetensors").is_file()
 
 
+def test_time_limit_stops_after_the_current_step_and_saves_it(tmp_path: Path) -> None:
+    settings = TrainSettings(steps=50, batch_size=1, crop=64, progress=False, save_every=100, max_seconds=0.0)
+    history = train(MambaIC(TINY), _images(1), settings, out_dir=tmp_path)
+    assert [record["step"] for record in history] == [1]
+    assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 1
+
+
+def test_resume_reads_a_state_file_with_the_original_keys(tmp_path: Path) -> None:
+    model = MambaIC(TINY)
+    settings = TrainSettings(steps=2, batch_size=1, crop=64, progress=False)
+    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": torch.optim.Adam(main, lr=settings.lr).state_dict(),
+            "aux_optimizer": torch.optim.Adam(aux, lr=settings.aux_lr).state_dict(),
+            "step": 1,
+        },
+        tmp_path / "train_state.pt",
+    )
+    history = train(MambaIC(TINY), _images(1), settings, out_dir=tmp_path, resume=True)
+    assert [record["step"] for record in history] == [2]
+    assert set(torch.load(tmp_path / "train_state.pt", weights_only=True)) == {
+        "model", "optimizer", "aux_optimizer", "step"
+    }
+
+
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)

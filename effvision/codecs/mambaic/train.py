@@ -1,27 +1,35 @@
 """Training loop for MambaIC: random crops, rate-distortion loss, aux loss, AMP, DDP, resume.
 
-Loss (MambaIC / compressai convention): ``lambda * 255^2 * MSE + bpp`` or, with ``metric="ms-ssim"``,
-``lambda * (1 - MS-SSIM) + bpp``, where bpp is the likelihood estimate. The EntropyBottleneck
-quantiles get their own optimizer and ``aux_loss``. Runs on one process or under ``torchrun``
-(DistributedDataParallel; gloo on CPU, nccl on CUDA): each rank draws its own crops.
+Loss (MambaIC / compressai convention, :class:`compressai.losses.RateDistortionLoss`):
+``lambda * 255^2 * MSE + bpp`` or, with ``metric="ms-ssim"``, ``lambda * (1 - MS-SSIM) + bpp``, where bpp is
+the likelihood estimate. The EntropyBottleneck quantiles get their own optimizer and ``aux_loss``. Runs on
+one process or under ``torchrun`` (:class:`effvision.training.Distributed`): each rank draws its own crops.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from compressai.losses import RateDistortionLoss
 from torch import Tensor
 
 from effvision.codecs.mambaic.checkpoint import save_checkpoint
 from effvision.codecs.mambaic.model import MambaIC
 from effvision.codecs.metrics import ms_ssim_loss, psnr
+from effvision.training import (
+    Distributed,
+    TimeLimit,
+    cosine_lr,
+    progress_bar,
+    resume_training_state,
+    save_training_state,
+    state_dicts,
+)
 
 
 @dataclass
@@ -34,6 +42,8 @@ class TrainSettings:
     batch_size: int = 8
     crop: int = 256
     lr: float = 1e-4
+    #: cosine decay of the learning rate from ``lr`` (step 0) to ``final_lr`` (step ``steps``); None: constant.
+    final_lr: float | None = None
     aux_lr: float = 1e-3
     clip_grad: float = 1.0
     val_every: int = 200
@@ -46,18 +56,20 @@ class TrainSettings:
 
 def rate_distortion_loss(output: dict, target: Tensor, lmbda: float, metric: str = "mse") -> dict[str, Tensor]:
     """{"loss", "bpp", "mse"}: bpp = sum(-log2 likelihoods) / pixels; distortion per ``metric``."""
-    batch, _, height, width = target.shape
-    pixels = batch * height * width
-    bpp = sum(torch.log(lik.float()).sum() for lik in output["likelihoods"].values()) / (-math.log(2) * pixels)
-    x_hat = output["x_hat"].float()
-    mse = F.mse_loss(x_hat, target)
-    if metric == "mse":
-        distortion = lmbda * 255**2 * mse
-    elif metric == "ms-ssim":
-        distortion = lmbda * ms_ssim_loss(target, x_hat.clamp(0, 1))
-    else:
+    if metric not in ("mse", "ms-ssim"):
         raise ValueError(f"unknown metric {metric!r}; use 'mse' or 'ms-ssim'")
-    return {"loss": distortion + bpp, "bpp": bpp, "mse": mse}
+    # float32: under bf16 autocast the log of small likelihoods would lose most of its precision
+    output = {
+        "x_hat": output["x_hat"].float(),
+        "likelihoods": {name: likelihoods.float() for name, likelihoods in output["likelihoods"].items()},
+    }
+    losses = RateDistortionLoss(lmbda=lmbda, metric="mse")(output, target)
+    if metric == "mse":
+        return {"loss": losses["loss"], "bpp": losses["bpp_loss"], "mse": losses["mse_loss"]}
+    # compressai's ms-ssim branch is pytorch_msssim with a fixed 11-tap window over 5 scales, which rejects
+    # crops of 160 px or less (the demo trains on 64 px); ms_ssim_loss narrows the window to fit.
+    distortion = lmbda * ms_ssim_loss(target, output["x_hat"].clamp(0, 1))
+    return {"loss": distortion + losses["bpp_loss"], "bpp": losses["bpp_loss"], "mse": losses["mse_loss"]}
 
 
 def random_crops(images: Sequence[Tensor], count: int, crop: int, generator: torch.Generator) -> Tensor:
@@ -79,7 +91,9 @@ def random_crops(images: Sequence[Tensor], count: int, crop: int, generator: tor
 
 
 @torch.no_grad()
-def validate(model: MambaIC, images: Sequence[Tensor], lmbda: float, metric: str, device: str) -> dict[str, float]:
+def validate(
+    model: MambaIC, images: Sequence[Tensor], lmbda: float, metric: str, device: str | torch.device
+) -> dict[str, float]:
     """Mean loss / estimated bpp / PSNR over whole validation images (eval mode)."""
     was_training = model.training
     model.eval()
@@ -93,16 +107,6 @@ def validate(model: MambaIC, images: Sequence[Tensor], lmbda: float, metric: str
         totals["psnr"] += psnr(x, out["x_hat"].clamp(0, 1))
     model.train(was_training)
     return {k: v / max(1, len(images)) for k, v in totals.items()}
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _optimizers(model: MambaIC, settings: TrainSettings):
@@ -122,32 +126,26 @@ def train(
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns the per-step history ({"step", "loss", "bpp", "psnr"}).
 
-    With ``out_dir``: writes ``train_state.pt`` (weights + optimizers + step, for ``resume``) every
-    ``save_every`` steps and ``model.safetensors`` (CDFs built) at the end; rank 0 only.
+    With ``out_dir``: writes ``train_state.pt`` ("model", "optimizer", "aux_optimizer", "step"; for
+    ``resume``) every ``save_every`` steps and ``model.safetensors`` (CDFs built) at the end; rank 0 only.
+    Under ``torchrun`` the process group is left running for the caller.
     """
-    import time
-
-    from tqdm import tqdm
-
-    started = time.monotonic()
-    rank, world = _distributed()
+    time_limit = TimeLimit(settings.max_seconds)
+    distributed = Distributed.from_environment(device)
+    device = distributed.device
     model.to(device).train()
     optimizer, aux_optimizer = _optimizers(model, settings)
-    start = 0
+    parts = {"model": model, "optimizer": optimizer, "aux_optimizer": aux_optimizer}
     state_path = Path(out_dir) / "train_state.pt" if out_dir is not None else None
-    if resume and state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        aux_optimizer.load_state_dict(state["aux_optimizer"])
-        start = int(state["step"])
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    generator = torch.Generator().manual_seed(settings.seed * 1000 + rank + 7919 * start)
-    use_amp = settings.amp and device.startswith("cuda")
+    state = resume_training_state(state_path, parts, map_location=device) if resume else None
+    start = int(state["step"]) if state is not None else 0
+    net = distributed.wrap(model, find_unused_parameters=True)
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + distributed.rank + 7919 * start)
+    use_amp = settings.amp and device.type == "cuda"
     history: list[dict[str, float]] = []
-    bar = tqdm(range(start, settings.steps), disable=not settings.progress or rank != 0, desc="train-codec")
+    bar = progress_bar(
+        range(start, settings.steps), show=settings.progress, initial=start, total=settings.steps, desc="train-codec"
+    )
     for step in bar:
         x = random_crops(train_images, settings.batch_size, settings.crop, generator).to(device)
         optimizer.zero_grad(set_to_none=True)
@@ -157,6 +155,9 @@ def train(
         losses["loss"].backward()
         if settings.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+        if settings.final_lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, settings.steps, settings.lr, settings.final_lr)
         optimizer.step()
         aux_optimizer.zero_grad(set_to_none=True)
         aux_loss = model.aux_loss()
@@ -170,38 +171,17 @@ def train(
         }
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", bpp=f"{record['bpp']:.3f}", psnr=f"{record['psnr']:.2f}")
-        out_of_time = settings.max_seconds is not None and time.monotonic() - started > settings.max_seconds
-        if world > 1:
-            # every rank must stop at the same step (DDP collectives)
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.all_reduce(flag)
-            out_of_time = bool(flag.item() > 0)
-        last = step + 1 == settings.steps or out_of_time
-        if rank == 0 and val_images and (last or (step + 1) % settings.val_every == 0):
+        last = step + 1 == settings.steps or distributed.any_rank(time_limit.expired())
+        if distributed.main and val_images and (last or (step + 1) % settings.val_every == 0):
             metrics = validate(model, val_images, settings.lmbda, settings.metric, device)
             bar.write(
                 f"step {step + 1}: val loss {metrics['loss']:.4f} bpp {metrics['bpp']:.4f} psnr {metrics['psnr']:.2f}"
             )
-        if rank == 0 and state_path is not None and (last or (step + 1) % settings.save_every == 0):
-            _save_state(state_path, model, optimizer, aux_optimizer, step + 1)
+        if distributed.main and state_path is not None and (last or (step + 1) % settings.save_every == 0):
+            save_training_state(state_path, state_dicts(parts, step=step + 1))
         if last:
             break
-    if rank == 0 and out_dir is not None:
+    if distributed.main and out_dir is not None:
         model.update(force=True)
         save_checkpoint(model, Path(out_dir) / "model.safetensors", extra={"lambda": str(settings.lmbda)})
     return history
-
-
-def _save_state(path: Path, model: MambaIC, optimizer, aux_optimizer, step: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "aux_optimizer": aux_optimizer.state_dict(),
-            "step": step,
-        },
-        temp,
-    )
-    os.replace(temp, path)
