@@ -1,5 +1,6 @@
 """Training loops for the VQGAN codec: the autoencoder (from scratch or codebook fine-tuning) and the
-lost-index restorer. Progress bars (tqdm), periodic checkpoints and resume.
+lost-index restorer. Progress bars, periodic checkpoints, resume and the time limit come from
+:mod:`effvision.training`.
 
 Mao et al. (DCC 2024) fine-tune the clustered codebook and the quant convs with the encoder/decoder
 frozen (``mode="codebook"``) under taming's VQGAN loss. Here: L1 + codebook/commitment loss, plus an optional
@@ -15,17 +16,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from effvision.codecs.vqgan.restoration import IndexRestorer, random_mask
 from effvision.codecs.vqgan.taming import VQModel
-from effvision.io_utils import atomic_path
+from effvision.training import TimeLimit, progress_bar, resume_training_state, save_training_state, state_dicts
 
 
 class RandomCrops:
@@ -56,10 +55,7 @@ class RandomCrops:
         return torch.stack(crops).float() / 127.5 - 1.0
 
 
-def save_checkpoint_atomic(state: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same directory, then os.replace (never a half-written file)."""
-    with atomic_path(path) as temp:
-        torch.save(state, temp)
+GAN_PARTS = ("discriminator", "discriminator_optimizer")
 
 
 @dataclass
@@ -130,28 +126,22 @@ def train_autoencoder(
     resume: bool = False,
 ) -> dict:
     """Train ``model`` on random crops; returns {"step", "l1", "codebook_loss", "codes_used"} of the end."""
-    import time
-
+    time_limit = TimeLimit(None if settings.max_minutes is None else 60 * settings.max_minutes)
     parameters = _trainable_parameters(model, settings.mode)
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=(0.5, 0.9))
+    parts = {"model": model, "optimizer": optimizer}
     discriminator = PatchDiscriminator() if settings.gan_weight > 0 else None
     if discriminator is not None:
         discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=settings.lr, betas=(0.5, 0.9))
-    start = 0
-    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if discriminator is not None and "discriminator" in state:
-            discriminator.load_state_dict(state["discriminator"])
-            discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
-        start = int(state["step"])
+        parts.update(discriminator=discriminator, discriminator_optimizer=discriminator_optimizer)
+    # a run that adds the GAN term to a checkpoint trained without it starts a fresh discriminator
+    state = resume_training_state(checkpoint_path, parts, optional=GAN_PARTS) if resume else None
+    start = int(state["step"]) if state is not None else 0
     generator = torch.Generator().manual_seed(1234 + start)
     usage = torch.zeros(model.config.n_embed, dtype=torch.long)
-    began = time.monotonic()
     stats = {"step": start, "l1": float("nan"), "codebook_loss": float("nan"), "codes_used": 0}
     model.train()
-    progress = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="train-vqgan")
+    progress = progress_bar(range(start, settings.steps), initial=start, total=settings.steps, desc="train-vqgan")
     for step in progress:
         x = crops.sample(settings.batch_size)
         latents = model.encode_latent(x)
@@ -180,15 +170,10 @@ def train_autoencoder(
                 reseed_dead_codes(model, usage, latents.detach(), generator)
             usage.zero_()
         progress.set_postfix(l1=f"{stats['l1']:.4f}", vq=f"{stats['codebook_loss']:.4f}", used=stats["codes_used"])
-        timed_out = settings.max_minutes is not None and time.monotonic() - began > 60 * settings.max_minutes
-        last = step + 1 == settings.steps or timed_out
+        last = step + 1 == settings.steps or time_limit.expired()
         if checkpoint_path is not None and ((step + 1) % settings.checkpoint_every == 0 or last):
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
-            if discriminator is not None:
-                state["discriminator"] = discriminator.state_dict()
-                state["discriminator_optimizer"] = discriminator_optimizer.state_dict()
-            save_checkpoint_atomic(state, checkpoint_path)
-        if timed_out:
+            save_training_state(checkpoint_path, state_dicts(parts, step=step + 1))
+        if last:
             break
     model.eval()
     return stats
@@ -209,17 +194,14 @@ def train_restorer(
     """MaskGIT-style training: mask a random fraction (cosine schedule) of each (h, w) index map of
     ``index_maps`` (N, h, w) and minimise cross-entropy on the masked positions."""
     optimizer = torch.optim.AdamW(restorer.parameters(), lr=lr, weight_decay=0.01)
-    start = 0
-    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        restorer.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
+    parts = {"model": restorer, "optimizer": optimizer}
+    state = resume_training_state(checkpoint_path, parts) if resume else None
+    start = int(state["step"]) if state is not None else 0
     generator = torch.Generator().manual_seed(seed + start)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
     restorer.train()
     stats = {"step": start, "loss": float("nan"), "accuracy": float("nan")}
-    progress = tqdm(range(start, steps), initial=start, total=steps, desc="train-restorer")
+    progress = progress_bar(range(start, steps), initial=start, total=steps, desc="train-restorer")
     for step in progress:
         picks = torch.randint(index_maps.shape[0], (batch_size,), generator=generator)
         maps = index_maps[picks]
@@ -242,8 +224,6 @@ def train_restorer(
         stats = {"step": step + 1, "loss": loss.item(), "accuracy": accuracy}
         progress.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{accuracy:.3f}")
         if checkpoint_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            save_checkpoint_atomic(
-                {"model": restorer.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, checkpoint_path
-            )
+            save_training_state(checkpoint_path, state_dicts(parts, step=step + 1))
     restorer.eval()
     return stats
