@@ -6,8 +6,8 @@ Run folder layout:
   a resume with a different one is refused).
 * ``trainable.safetensors``: the parameters that train (``requires_grad``) and the buffers of the
   modules holding them (e.g. BatchNorm statistics of the CLCA head), after the last finished epoch.
-* ``training_state.pt``: optimizer, schedule, finished epochs and metrics, for resuming (tensors and
-  plain Python values only: loaded with ``weights_only=True``).
+* ``training_state.pt``: optimizer, schedule, grad scaler, finished epochs and metrics, for resuming
+  (:func:`effvision.training.save_training_state`: tensors and plain Python values only).
 * ``metrics.json``: per-epoch train loss/accuracy and val top-1.
 
 Every file is written atomically (temp file + ``os.replace``), weights and state before the metrics,
@@ -17,10 +17,8 @@ so an interrupted run never leaves a half-written epoch behind.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from effvision.io_utils import atomic_path
@@ -31,14 +29,9 @@ STATE = "training_state.pt"
 METRICS = "metrics.json"
 
 
-def atomic_save(path: Path, write: Callable[[str], None]) -> None:
-    """``write(temp_path)`` in ``path``'s folder, then move the file into place."""
-    with atomic_path(path) as temp:
-        write(temp)
-
-
 def save_json(path: Path, data) -> None:
-    atomic_save(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    with atomic_path(path) as temp:
+        Path(temp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -60,7 +53,8 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_weights(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    atomic_save(path, lambda temp: save_file(trainable_state_dict(model), temp))
+    with atomic_path(path) as temp:
+        save_file(trainable_state_dict(model), temp)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -78,11 +72,3 @@ def load_weights(model: nn.Module, path: Path) -> None:
     if bad:
         raise UserError(f"{path} does not fit this model: shape mismatch for {bad[:5]}")
     model.load_state_dict(saved, strict=False)
-
-
-def save_training_state(path: Path, state: dict) -> None:
-    atomic_save(path, lambda temp: torch.save(state, temp))
-
-
-def load_training_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)

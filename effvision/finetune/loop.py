@@ -2,25 +2,32 @@
 
 One process: ``run_finetune(config, output)``. Several (GPUs or nodes): launch the same command with
 ``torchrun``; each process trains on its shard (``DistributedSampler``) through
-``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU) and rank 0 writes the run folder.
+``DistributedDataParallel`` (:class:`effvision.training.Distributed`: NCCL on CUDA, gloo on CPU) and rank 0
+writes the run folder.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from effvision.errors import UserError
 from effvision.finetune import checkpoint
 from effvision.finetune.data import build_transforms, check_splits, image_folder
+from effvision.training import (
+    Distributed,
+    cosine_factor,
+    load_training_state,
+    progress_bar,
+    restore,
+    save_training_state,
+    state_dicts,
+)
 
 # config fields that may differ when a run is resumed (they do not change what is trained)
 RESUMABLE_CHANGES = ("workers", "device")
@@ -81,46 +88,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cosine_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 over the remaining steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-class Distributed:
-    """torchrun's environment (RANK / WORLD_SIZE / LOCAL_RANK), or a single process."""
-
-    def __init__(self, world_size: int | None = None, rank: int | None = None) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def start(self, device: torch.device) -> None:
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-    def stop(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
 def autocast(device: torch.device):
     if device.type != "cuda":
         return torch.autocast("cpu", enabled=False)
@@ -129,30 +96,26 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, ddp: Distributed, show: bool = False) -> float:
+def evaluate(model: nn.Module, loader, device: torch.device, distributed: Distributed, show: bool = False) -> float:
     """Top-1 accuracy (%) over the loader's images, summed over all processes."""
-    from tqdm import tqdm
-
     model.eval()
     correct = count = 0
-    for images, labels in tqdm(loader, desc="val", disable=not show, leave=False):
+    for images, labels in progress_bar(loader, show=show, desc="val", leave=False):
         images, labels = images.to(device), labels.to(device)
         with autocast(device):
             logits = model(images)
         correct += (logits.argmax(dim=-1) == labels).sum().item()
         count += labels.numel()
-    correct, count = ddp.sum([correct, count], device)
+    correct, count = distributed.sum([correct, count])
     return 100.0 * correct / max(count, 1)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: int, show: bool) -> dict:
     """One pass over ``loader``; returns this process's mean loss, accuracy (%) and images/s."""
-    from tqdm import tqdm
-
     model.train()
     loss_sum = correct = seen = 0.0
     start = time.perf_counter()
-    progress = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not show, leave=False)
+    progress = progress_bar(loader, show=show, desc=f"epoch {epoch + 1}", leave=False)
     for images, labels in progress:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device):
@@ -190,7 +153,7 @@ def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict |
         details = ", ".join(f"{key}: run {saved.get(key)!r}, now {current[key]!r}" for key in differences)
         raise UserError(f"cannot resume {output} with a different config ({details})")
     state_path = output / checkpoint.STATE
-    return checkpoint.load_training_state(state_path) if state_path.exists() else None
+    return load_training_state(state_path) if state_path.exists() else None
 
 
 def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = False, show: bool = True) -> dict:
@@ -207,13 +170,9 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
         raise UserError("epochs and batch size must be >= 1 and the learning rate > 0")
     output = Path(output)
     config.classes = check_splits(config.data)
-    ddp = Distributed()
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", ddp.local_rank)
-        torch.cuda.set_device(device)
     resumed = prepare_output(config, output, resume)
-    ddp.start(device)
+    distributed = Distributed.from_environment(resolve_device(config.device))
+    device = distributed.device
     try:
         model = create_model(config).to(device)
         if resumed is not None:
@@ -228,57 +187,52 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
         val_set = image_folder(data / "val", build_transforms(model, train=False), config.classes)
         if len(train_set) == 0 or len(val_set) == 0:
             raise UserError(f"{data} has an empty train or val split")
-        sampler = DistributedSampler(train_set, seed=config.seed) if ddp.enabled else None
+        sampler = DistributedSampler(train_set, seed=config.seed) if distributed.enabled else None
         generator = torch.Generator().manual_seed(config.seed)
         shard_size = len(sampler) if sampler is not None else len(train_set)  # keep >= 1 step per epoch
         train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
                                   num_workers=config.workers, drop_last=shard_size > config.batch_size,
                                   generator=generator, pin_memory=device.type == "cuda")
-        val_shard = Subset(val_set, range(ddp.rank, len(val_set), ddp.world_size))  # exact: no padding
+        val_shard = Subset(val_set, range(distributed.rank, len(val_set), distributed.world_size))  # no padding
         val_loader = DataLoader(val_shard, batch_size=config.batch_size, num_workers=config.workers)
 
-        trained = nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
+        trained = distributed.wrap(model)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = len(train_loader)
         total, warmup = config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total, warmup))
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
         history, first_epoch = [], 0
         if resumed is not None:
-            optimizer.load_state_dict(resumed["optimizer"])
-            scheduler.load_state_dict(resumed["scheduler"])
-            scaler.load_state_dict(resumed["scaler"])
+            restore(resumed, parts)
             history, first_epoch = list(resumed["history"]), int(resumed["epochs_done"])
-        if ddp.main:
+        if distributed.main:
             checkpoint.save_json(output / checkpoint.CONFIG, asdict(config))
 
         for epoch in range(first_epoch, config.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
             generator.manual_seed(config.seed + epoch)  # same order whether or not the run was resumed
-            stats = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device, epoch,
-                                    show and ddp.main)
-            loss_sum, correct, seen = ddp.sum([stats["loss_sum"], stats["correct"], stats["seen"]], device)
-            top1 = evaluate(model, val_loader, device, ddp, show and ddp.main)
+            stats = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device, epoch, show)
+            loss_sum, correct, seen = distributed.sum([stats["loss_sum"], stats["correct"], stats["seen"]])
+            top1 = evaluate(model, val_loader, device, distributed, show)
             record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                       "val_top1": top1, "img_per_s": seen / max(stats["seconds"], 1e-9)}
             history.append(record)
-            if ddp.main:
+            if distributed.main:
                 checkpoint.save_weights(model, output / checkpoint.WEIGHTS)
-                checkpoint.save_training_state(output / checkpoint.STATE, {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epochs_done": epoch + 1, "history": history,
-                })
+                save_training_state(output / checkpoint.STATE,
+                                    state_dicts(parts, epochs_done=epoch + 1, history=history))
                 checkpoint.save_json(output / checkpoint.METRICS, history)
                 if show:
                     print(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} "
                           f"train acc {record['train_acc']:.1f}% val top-1 {top1:.2f}% "
                           f"({record['img_per_s']:.1f} img/s)", flush=True)
-        final = history[-1]["val_top1"] if history else evaluate(model, val_loader, device, ddp)
+        final = history[-1]["val_top1"] if history else evaluate(model, val_loader, device, distributed)
         return {"val_top1": final, "history": history, "trainable": report["trainable"], "total": report["total"]}
     finally:
-        ddp.stop()
+        distributed.close()
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int | None = None,
@@ -301,4 +255,4 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int |
     model.to(target)
     val_set = image_folder(data / "val", build_transforms(model, train=False), config.classes)
     loader = DataLoader(val_set, batch_size=batch_size or config.batch_size, num_workers=config.workers)
-    return evaluate(model, loader, target, Distributed(world_size=1, rank=0), show)
+    return evaluate(model, loader, target, Distributed(device=target), show)
