@@ -147,3 +147,29 @@ def test_bad_arguments_fail_with_one_clear_line(image_dir: Path, two_quality_cod
 def test_folder_without_images_fails_cleanly(tmp_path: Path, capsys) -> None:
     assert main(["eval-codec", "--data", str(tmp_path)]) == 1
     assert "no image files" in capsys.readouterr().err
+
+
+def test_ladder_panels_pair_each_real_file_with_the_jpeg_of_the_closest_size(two_quality_codec) -> None:
+    image = Image.fromarray(_photo_like(np.random.default_rng(3), 64, 96))
+    ladder = evaluation.learned_ladder(two_quality_codec, note=lambda line: None)
+    panels = evaluation.ladder_panels(image, ladder, name="x")
+    assert [p.label for p in panels] == ["q1", "q2"]
+    runs = evaluation._ClassicalRuns("x", np.asarray(image))
+    jpeg = evaluation.CLASSICAL["jpeg"]
+    for panel in panels:
+        assert panel.learned_image.size == panel.jpeg_image.size == image.size
+        assert panel.learned.bytes > 0 and np.isfinite(panel.learned.psnr)
+        sizes = {q: len(runs.encoded(jpeg, q, 1)[0]) for q in range(1, 96)}
+        best = min(abs(size - panel.learned.bytes) for size in sizes.values())
+        assert abs(panel.jpeg.bytes - panel.learned.bytes) == best
+        reference = evaluation._as_tensor(np.asarray(image))
+        assert panel.jpeg.psnr == pytest.approx(evaluation.psnr(reference, evaluation._as_tensor(
+            np.asarray(panel.jpeg_image))))
+    sheet = evaluation.ladder_picture(image, panels, title="t")
+    assert sheet.size == (3 * 96, 14 + 2 * (64 + 14))
+    # the original sits in the first column, the learned decodes above their JPEGs
+    top = 14 + 14
+    assert np.array_equal(np.asarray(sheet)[top : top + 64, :96], np.asarray(image))
+    assert np.array_equal(np.asarray(sheet)[top : top + 64, 96:192], np.asarray(panels[0].learned_image))
+    bottom = top + 64 + 14
+    assert np.array_equal(np.asarray(sheet)[bottom : bottom + 64, 192:288], np.asarray(panels[1].jpeg_image))

@@ -544,3 +544,73 @@ def rd_plot(evaluation: Evaluation, path: str | Path) -> None:
     figure.savefig(temp, dpi=110, bbox_inches="tight")
     plt.close(figure)
     temp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ ladder picture
+
+
+@dataclass
+class LadderPanel:
+    """One learned file of a ladder picture and the JPEG of (about) the same size beside it."""
+
+    label: str
+    learned: Row
+    jpeg: Row
+    learned_image: Image.Image
+    jpeg_image: Image.Image
+
+
+def ladder_panels(image: Image.Image, ladder: Sequence[LearnedCodec], name: str = "image") -> list[LadderPanel]:
+    """Every point of ``ladder`` on ``image`` through a real ``.evc`` file, and the JPEG whose size is
+    closest to that file (Pillow, quality 1-95): what the ladder picture shows."""
+    from effvision.codecs.container import parse
+    from effvision.codecs.imagefile import decode_image, encode_image
+
+    image = image.convert("RGB")
+    runs = _ClassicalRuns(name, np.asarray(image))
+    jpeg = CLASSICAL["jpeg"]
+    panels = []
+    for point in ladder:
+        started = time.perf_counter()
+        data = encode_image(point.codec, image).to_bytes()
+        encode_s = time.perf_counter() - started
+        started = time.perf_counter()
+        decoded = decode_image(parse(data), point.codec).convert("RGB")
+        decode_s = time.perf_counter() - started
+        learned = _measure(name, point.name, point.label, runs.reference, np.asarray(decoded), len(data),
+                           encode_s, decode_s)
+        quality = runs.closest_quality(jpeg, 1, len(data))
+        jpeg_row = runs.row(jpeg, quality, 1)
+        jpeg_pixels, _ = jpeg.decode(runs.encoded(jpeg, quality, 1)[0], image.size)
+        panels.append(LadderPanel(point.label, learned, jpeg_row, decoded, Image.fromarray(jpeg_pixels)))
+    return panels
+
+
+def ladder_picture(original: Image.Image, panels: Sequence[LadderPanel], title: str = "") -> Image.Image:
+    """A sheet: the original at the left; for each ladder point a column with the learned decode above and
+    JPEG at (about) the same file size below, each captioned with its size (bpp) and PSNR."""
+    from PIL import ImageDraw
+
+    width, height = original.size
+    caption = 14
+    top = caption if title else 0
+    sheet = Image.new("RGB", ((1 + len(panels)) * width, top + 2 * (height + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 1), title, fill="black")
+
+    def place(picture: Image.Image, column: int, row: int, text: str) -> None:
+        left, y = column * width, top + row * (height + caption)
+        sheet.paste(picture, (left, y + caption))
+        draw.text((left + 3, y + 1), text, fill="black")
+
+    place(original, 0, 0, f"original {width}x{height}")
+    draw.text((3, top + height + caption + 1), "JPEG at the same size ->", fill="black")
+    for column, panel in enumerate(panels, start=1):
+        learned, jpeg = panel.learned, panel.jpeg
+        text = f"{learned.codec} {panel.label}: {learned.bpp:.3f} bpp {learned.psnr:.1f} dB"
+        place(panel.learned_image, column, 0, text)
+        larger = jpeg.bytes > (1 + MATCH_TOLERANCE) * learned.bytes  # JPEG cannot get that small
+        text = f"{'smallest ' if larger else ''}JPEG q{jpeg.setting}: {jpeg.bpp:.3f} bpp {jpeg.psnr:.1f} dB"
+        place(panel.jpeg_image, column, 1, text)
+    return sheet

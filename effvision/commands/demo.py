@@ -1,13 +1,13 @@
 """``effvision demo``: the engine on built-in defaults, no downloads.
 
 1. Token reduction: PPT-DeiT-S vs DeiT-S (random weights): tokens per block, GMACs, measured img/s.
-2. Codecs: the shipped photo through each codec with a shipped checkpoint (bpp from real bytes, PSNR,
-   times) and JPEG at about the same size; a side-by-side PNG (original / codecs / JPEG).
+2. Codecs: the shipped photo through every shipped quality of each codec (bpp from real ``.evc`` bytes,
+   PSNR, times) and JPEG at about the same size; the ladder picture (original; each quality above, JPEG at
+   the same size below).
 """
 
 from __future__ import annotations
 
-import io
 import statistics
 import time
 from importlib import resources
@@ -70,73 +70,32 @@ def run_token_reduction(batch: int, repeats: int) -> None:
     print(f"top-1 agreement with the unreduced model on these inputs: {agreement:.0%}")
 
 
-def _psnr(a, b) -> float:
-    import math
-
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def _jpeg_at_bytes(image, target_bytes: int):
-    """Pillow JPEG whose size is closest to ``target_bytes``: (decoded image, bytes)."""
-    from PIL import Image
-
-    best = None
-    for quality in range(1, 96):
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality)
-        size = buffer.tell()
-        if best is None or abs(size - target_bytes) < abs(best[1] - target_bytes):
-            best = (Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), size)
-    return best
-
-
 def run_codecs(output: Path, force: bool) -> None:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from effvision.codecs.base import load_codec
+    from effvision.codecs.evaluation import ladder_panels, ladder_picture, learned_ladder
     from effvision.errors import UserError
-    from effvision.image_io import open_image, save_image, to_uint8
+    from effvision.image_io import open_image, save_image
 
     photo = open_image(demo_image_path()).convert("RGB")
-    x = torch.from_numpy(np.array(photo)).permute(2, 0, 1).float() / 255.0
-    pixels = x.shape[1] * x.shape[2]
-    print(f"\n== Codecs on the built-in photo ({x.shape[2]}x{x.shape[1]}) ==")
-    panels = [("original", photo)]
+    print(f"\n== Codecs on the built-in photo ({photo.width}x{photo.height}; scikit-image's astronaut, which the "
+          "shipped MambaIC qualities saw in training) ==")
+    print("each shipped quality through a real .evc file, beside the JPEG of the closest file size")
+    panels = []
     for name in ("mambaic", "vqgan"):
         try:
-            codec = load_codec(name, device="cpu")
+            ladder = learned_ladder(name, note=lambda line: None)
         except UserError as error:
             print(f"{name}: no shipped checkpoint available ({error})")
             continue
-        start = time.perf_counter()
-        with torch.no_grad():
-            sections = codec.encode(x)
-        encode_s = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            decoded = codec.decode(sections, x.shape[1], x.shape[2]).clamp(0, 1)
-        decode_s = time.perf_counter() - start
-        num_bytes = sum(len(section) for section in sections)
-        jpeg, jpeg_bytes = _jpeg_at_bytes(photo, num_bytes)
-        jpeg_x = torch.from_numpy(np.array(jpeg)).permute(2, 0, 1).float() / 255.0
-        print(f"{name:8s} {8 * num_bytes / pixels:.4f} bpp  PSNR {_psnr(decoded, x):.2f} dB  "
-              f"encode {encode_s:.2f}s decode {decode_s:.2f}s  | JPEG {8 * jpeg_bytes / pixels:.4f} bpp "
-              f"PSNR {_psnr(jpeg_x, x):.2f} dB")
-        image = Image.fromarray(to_uint8(decoded))
-        panels += [(name, image), (f"JPEG@{name}", jpeg)]
-    if len(panels) == 1:
+        for panel in ladder_panels(photo, ladder, name="astronaut"):
+            learned, jpeg = panel.learned, panel.jpeg
+            print(f"{name:8s} {panel.label:3s} {learned.bpp:.3f} bpp  PSNR {learned.psnr:5.2f} dB  "
+                  f"encode {learned.encode_s:.2f}s decode {learned.decode_s:.2f}s  | JPEG q{jpeg.setting:<2s} "
+                  f"{jpeg.bpp:.3f} bpp  PSNR {jpeg.psnr:5.2f} dB  ({learned.psnr - jpeg.psnr:+.2f} dB)")
+            panels.append(panel)
+    if not panels:
         return
-    width = sum(p.width for _, p in panels)
-    sheet = Image.new("RGB", (width, photo.height), "white")
-    left = 0
-    for _, panel in panels:
-        sheet.paste(panel, (left, 0))
-        left += panel.width
-    save_image(sheet, output, force=force)
-    print(f"side-by-side ({' / '.join(label for label, _ in panels)}) written to {output}")
+    save_image(ladder_picture(photo, panels), output, force=force)
+    print(f"ladder picture (original; each quality above, JPEG at the same size below) written to {output}")
 
 
 def run(args) -> int:
