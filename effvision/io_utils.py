@@ -30,13 +30,18 @@ def _write_error(path: Path, error: OSError) -> UserError:
     return UserError(f"cannot write {path}: {error.strerror or error}")
 
 
+def _ordinary_mode() -> int:
+    """The permissions ``open`` gives a new file: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _new_temp_file(directory: Path, name: str) -> str:
     """An empty temporary file beside the destination ``name``, with ordinary file permissions."""
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     os.close(descriptor)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp_name, 0o666 & ~umask)
+    os.chmod(temp_name, _ordinary_mode())
     return temp_name
 
 
@@ -65,6 +70,8 @@ def atomic_path(path: str | Path, force: bool = True) -> Iterator[str]:
     try:
         try:
             yield temp_name
+            # writers that replace the file (safetensors does) would otherwise leave mkstemp's 0600
+            os.chmod(temp_name, _ordinary_mode())
             _fsync_file(temp_name)
             _move_into_place(temp_name, path, force)
         except OSError as error:

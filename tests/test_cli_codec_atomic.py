@@ -54,9 +54,17 @@ def test_written_files_get_ordinary_permissions_not_owner_only(tmp_path, umask):
         atomic_write_bytes(tmp_path / "a.evc", b"x")
         with atomic_path(tmp_path / "b.safetensors") as temp:
             Path(temp).write_bytes(b"y")
+        with atomic_path(tmp_path / "c.safetensors") as temp:  # a writer that replaces the file, 0600
+            Path(temp).unlink()
+            os.close(os.open(temp, os.O_CREAT | os.O_WRONLY, 0o600))
+        import torch
+        from safetensors.torch import save_file
+
+        with atomic_path(tmp_path / "d.safetensors") as temp:
+            save_file({"w": torch.zeros(2)}, temp)
     finally:
         os.umask(previous)
-    for name in ("a.evc", "b.safetensors"):
+    for name in ("a.evc", "b.safetensors", "c.safetensors", "d.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
