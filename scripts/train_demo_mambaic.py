@@ -1,11 +1,11 @@
-"""Reproduce the shipped MambaIC demo checkpoint (effvision/assets/mambaic-lite-*.safetensors).
+"""Train the MambaIC base model that the shipped quality ladder is fine-tuned from (scripts/train_mambaic_ladder.py).
 
 Trains the ``lite`` config on random crops of scikit-image's bundled photos (CPU, one thread), holding
 out ``chelsea`` and ``coffee`` for evaluation, then writes the weights with their CDF tables.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/train_demo_mambaic.py
 
-The shipped q1 weights are 3843 steps of the defaults: 409 steps in a 30-minute budget on a loaded 2-core CPU,
+The base (the first shipped q1) is 3843 steps of the defaults: 409 steps in a 30-minute budget on a loaded 2-core CPU,
 then ``--resume --threads 2 --minutes 13`` (769 more steps), then ``--resume --threads 1 --minutes 55`` (2665
 more). ``--steps 3843 --minutes 1000`` replays that many steps in one run wherever the machine is faster or
 slower (each resume changes the crop order, so the weights will differ a little).

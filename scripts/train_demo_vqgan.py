@@ -1,4 +1,4 @@
-"""Reproduce the shipped VQGAN demo weights (effvision/assets/vqgan-small-f16-1024.safetensors).
+"""Train the first VQGAN demo weights, the starting point of the shipped ones (scripts/train_vqgan_photos.py).
 
 Three stages, each resumable from its checkpoint under --work-dir:
 1. ``autoencoder``: the SMALL_F16 VQGAN trained from scratch on random 64x64 crops of scikit-image's bundled

@@ -350,3 +350,17 @@ def test_eval_codec_pretrained_evaluates_the_official_weights(hub, tmp_path, mon
                  "--json", str(tmp_path / "rd.json")]
     assert cli.main(arguments) == 0
     assert "test-official-mambaic" in (tmp_path / "rd.json").read_text()
+
+
+def test_zoo_style_load_returns_the_official_model_ready_to_code(hub):
+    from effvision.codecs import mambaic
+
+    release = mambaic_release()
+    hub.publish("authors/tiny-mambaic", "checkpoint0.025.pth.tar", release)
+    model = mambaic.load(pretrained=True)
+    official = from_official_state_dict(release["state_dict"])
+    assert isinstance(model, mambaic.MambaIC) and not model.training
+    assert torch.equal(model.state_dict()["g_a.0.weight"], official["g_a.0.weight"])
+    x = torch.rand(1, 3, 64, 64)
+    coded = model.compress(x)
+    assert model.decompress(coded["strings"], coded["shape"])["x_hat"].shape == x.shape

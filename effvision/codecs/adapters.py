@@ -121,6 +121,8 @@ class CompressAIImageCodec(ImageCodec):
 
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+#: the shipped MambaIC quality used when none is asked for (compressai's middle: lambda = 0.013).
+MAMBAIC_DEFAULT_QUALITY = 3
 
 
 def shipped_weights(codec: str) -> dict[str, Path]:
@@ -179,9 +181,15 @@ def load_mambaic(
     config_id: str | None = None,
     pretrained: bool = False,
 ) -> CompressAIImageCodec:
-    """Loader registered as ``"mambaic"`` (MambaIC pads internally; ``shape`` is the image size)."""
+    """Loader registered as ``"mambaic"`` (MambaIC pads internally; ``shape`` is the image size).
+
+    Without quality, checkpoint or config id: quality :data:`MAMBAIC_DEFAULT_QUALITY` of the shipped ladder.
+    """
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
 
+    if quality is None and checkpoint is None and config_id is None and not pretrained:
+        if any(name.endswith(f"q{MAMBAIC_DEFAULT_QUALITY}") for name in shipped_weights("mambaic")):
+            quality = MAMBAIC_DEFAULT_QUALITY
     path, config_id = select_weights("mambaic", quality, checkpoint, config_id, pretrained)
     model = load_checkpoint(path, device=device)
     return CompressAIImageCodec(model, "mambaic", config_id, device=device, tile_size=1024)
