@@ -1,0 +1,116 @@
+"""Train the shipped MambaIC quality ladder (effvision/assets/mambaic-lite-q<N>.safetensors) on the photo corpus.
+
+Each quality is fine-tuned from the one before it in its chain (compressai's usual recipe: one model, then a
+short fine-tune per lambda), so two chains can run side by side on two cores. The chains start from the base
+model of ``scripts/train_demo_mambaic.py`` (3843 steps on scikit-image photos, the first shipped q1):
+
+    python scripts/make_photo_corpus.py --out /work/photo-corpus --work /work/photo-corpus-packages
+    python scripts/train_demo_mambaic.py --steps 3843 --minutes 1000 --asset runs/mambaic-lite-base.safetensors
+    OMP_NUM_THREADS=1 python scripts/train_mambaic_ladder.py --chain 2:0.0067:900 1:0.0035:700 &
+    OMP_NUM_THREADS=1 python scripts/train_mambaic_ladder.py --chain 3:0.013:900 4:0.025:700
+
+``--chain Q:LAMBDA:STEPS ...``: quality Q is trained for STEPS steps at LAMBDA (Adam, cosine from ``--lr`` to
+``--final-lr`` over STEPS), starting from the previous entry's result (the first entry from ``--init``).
+Training data: the corpus's 256x256 training crops (``train.npy``, random 128 px crops with flips) plus
+scikit-image's ``astronaut`` and ``rocket``; validation: ``chelsea`` and ``coffee`` (never the corpus's test
+photos). Each written asset records its lambda, its own and its ancestry's steps, and CPU hours.
+Every stage is resumable (``--resume``: each stage's state lives in ``--work-dir/q<N>/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "effvision" / "assets"
+EXTRA_TRAIN = ("astronaut", "rocket")
+VALIDATION = ("chelsea", "coffee")
+
+
+def skimage_photo(name: str) -> torch.Tensor:
+    import skimage.data
+
+    array = np.asarray(getattr(skimage.data, name)())[..., :3]
+    return torch.from_numpy(array.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def corpus_crops(path: Path) -> list[torch.Tensor]:
+    crops = np.load(path)  # (N, H, W, 3) uint8
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
+        raise SystemExit(f"{path}: expected (N, H, W, 3) uint8 crops, got {crops.shape} {crops.dtype}")
+    tensor = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
+    return list(tensor.unbind(0))
+
+
+def parse_stage(text: str) -> tuple[int, float, int]:
+    try:
+        quality, lmbda, steps = text.split(":")
+        return int(quality), float(lmbda), int(steps)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected QUALITY:LAMBDA:STEPS, got {text!r}") from error
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chain", nargs="+", type=parse_stage, required=True, metavar="Q:LAMBDA:STEPS")
+    parser.add_argument("--corpus", type=Path, default=Path("/work/photo-corpus/train.npy"))
+    parser.add_argument("--init", type=Path, default=ROOT / "runs" / "mambaic-lite-base.safetensors")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/mambaic-ladder"))
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="where the finished qualities are written")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--final-lr", type=float, default=3e-5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stage-minutes", type=float, default=None,
+                        help="wall-time cap per stage (the cosine schedule still spans STEPS)")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+
+    from effvision.codecs.mambaic.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+    from effvision.codecs.mambaic.train import TrainSettings, train
+
+    torch.set_num_threads(args.threads)
+    train_images = corpus_crops(args.corpus) + [skimage_photo(name) for name in EXTRA_TRAIN]
+    val_images = [skimage_photo(name) for name in VALIDATION]
+    source = args.init
+    _, metadata = read_checkpoint_config(source)
+    ancestry_steps = int(metadata.get("total_steps", metadata.get("steps", "0")))
+    ancestry_hours = float(metadata.get("cpu_hours", "0"))
+    for quality, lmbda, steps in args.chain:
+        work = args.work_dir / f"q{quality}"
+        model = load_checkpoint(source, expected_config="lite")
+        settings = TrainSettings(
+            lmbda=lmbda, steps=steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+            final_lr=args.final_lr, val_every=100, save_every=50, progress=True, seed=quality,
+            max_seconds=None if args.stage_minutes is None else args.stage_minutes * 60,
+        )
+        started = time.time()
+        train(model, train_images, settings, out_dir=work, val_images=val_images, resume=args.resume)
+        hours = (time.time() - started) / 3600
+        steps = int(torch.load(work / "train_state.pt", weights_only=True)["step"])
+        ancestry_steps += steps
+        ancestry_hours += hours
+        asset = args.assets / f"mambaic-lite-q{quality}.safetensors"
+        save_checkpoint(model, asset, extra={
+            "lambda": str(lmbda),
+            "steps": str(steps),
+            "total_steps": str(ancestry_steps),
+            "cpu_hours": f"{ancestry_hours:.2f}",
+            "fine_tuned_from": source.name,
+            "trained_on": f"photo corpus {args.corpus.name} + skimage {','.join(EXTRA_TRAIN)}",
+            "recipe": json.dumps({"crop": args.crop, "batch": args.batch_size, "lr": args.lr,
+                                  "final_lr": args.final_lr}),
+        })
+        print(f"q{quality}: lambda {lmbda}, {steps} steps in {hours * 60:.1f} min -> {asset}", flush=True)
+        source = asset
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The shipped MambaIC quality ladder: a compressai-zoo-like loader, one lambda per quality, rates in order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from effvision.codecs import mambaic
+from effvision.codecs.adapters import MAMBAIC_DEFAULT_QUALITY, shipped_weights
+from effvision.codecs.base import load_codec
+from effvision.codecs.mambaic.checkpoint import read_checkpoint_config
+from effvision.errors import UserError
+
+torch.set_num_threads(1)
+
+
+def test_at_least_four_qualities_ship_numbered_from_one_with_rising_lambda() -> None:
+    qualities = mambaic.qualities()
+    assert len(qualities) >= 4 and qualities == list(range(1, len(qualities) + 1))
+    weights = shipped_weights("mambaic")
+    lambdas = [float(read_checkpoint_config(weights[f"lite-q{q}"])[1]["lambda"]) for q in qualities]
+    assert all(a < b for a, b in zip(lambdas, lambdas[1:], strict=False)), lambdas
+
+
+def test_load_returns_a_ready_compression_model_and_defaults_to_the_middle_quality() -> None:
+    model = mambaic.load(1)
+    assert isinstance(model, mambaic.MambaIC) and not model.training
+    assert model.gaussian_conditional.quantized_cdf.numel() > 0  # CDF tables are built
+    assert load_codec("mambaic").config_id == f"lite-q{MAMBAIC_DEFAULT_QUALITY}"
+    assert load_codec("mambaic", quality=2).config_id == "lite-q2"
+    with pytest.raises(UserError, match="quality 99"):
+        load_codec("mambaic", quality=99)
+    with pytest.raises(ValueError, match="either"):
+        mambaic.load(2, pretrained=True)
+
+
+def test_higher_qualities_spend_more_bytes_for_less_distortion() -> None:
+    import skimage.data
+
+    image = np.asarray(skimage.data.coffee())[100:228, 200:392]  # a photo none of the qualities trained on
+    x = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    sizes, errors = [], []
+    for quality in mambaic.qualities():
+        model = mambaic.load(quality)
+        with torch.no_grad():
+            coded = model.compress(x)
+            x_hat = model.decompress(coded["strings"], coded["shape"])["x_hat"].clamp(0, 1)
+        sizes.append(sum(len(s) for strings in coded["strings"] for s in strings))
+        errors.append(float(((x_hat - x) ** 2).mean()))
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes), sizes
+    assert errors == sorted(errors, reverse=True), errors
