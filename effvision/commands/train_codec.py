@@ -17,6 +17,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=256, help="square crop side in pixels")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--final-lr", type=float, help="cosine decay of the learning rate to this at --steps "
+                        "(default: constant)")
     parser.add_argument("--val-every", type=int, default=500)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("runs/mambaic"), help="output folder")
@@ -43,13 +45,16 @@ def run(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.lmbda <= 0:
         raise UserError("--lambda must be positive")
+    if args.final_lr is not None and not 0 <= args.final_lr <= args.lr:
+        raise UserError("--final-lr must be between 0 and --lr")
     train_images = [load_image(path) for path in list_images(args.data)]
     val_images = [load_image(path) for path in list_images(args.val_data)] if args.val_data else []
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.init, expected_config=args.config) if args.init else MambaIC(args.config)
     settings = TrainSettings(
         lmbda=args.lmbda, metric=args.metric, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
-        lr=args.lr, val_every=args.val_every, save_every=args.save_every, seed=args.seed, amp=not args.no_amp,
+        lr=args.lr, final_lr=args.final_lr, val_every=args.val_every, save_every=args.save_every, seed=args.seed,
+        amp=not args.no_amp,
     )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume, device=device)
