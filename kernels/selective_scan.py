@@ -58,8 +58,9 @@ def _grouped(bc: Tensor) -> Tensor:
 class _LinearRecurrence(torch.autograd.Function):
     """``h_t = a_t * h_{t-1} + b_t`` over the leading (time) dimension, with a hand-written backward.
 
-    Autograd on the plain loop records two nodes per step; here forward and backward are one fused
-    ``addcmul`` per step each, which is what makes the CPU reference usable for training.
+    Autograd on the plain loop records two nodes per step; here the forward is two in-place ops per step
+    and the backward one fused ``addcmul`` per step, with no graph, which is what makes the CPU reference
+    usable for training.
     """
 
     @staticmethod
@@ -67,7 +68,9 @@ class _LinearRecurrence(torch.autograd.Function):
         states = torch.empty_like(drive)
         h = h0
         for t in range(decay.shape[0]):
-            h = torch.addcmul(drive[t], decay[t], h, out=states[t])
+            # multiply, then add (not a fused addcmul): bit for bit the rounding of ``decay * h + drive``,
+            # so latents, and hence bitstreams, match the plain loop of earlier versions
+            h = torch.mul(decay[t], h, out=states[t]).add_(drive[t])
         ctx.save_for_backward(decay, h0, states)
         return states
 
@@ -149,11 +152,14 @@ def selective_scan_ref(
         dt_c = dt_g[..., start:stop].permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, g, p, 1)
         decay = torch.exp(dt_c * A_g)  # (T, b, g, p, n)
         B_c = Bg[..., start:stop].float().permute(3, 0, 1, 2).contiguous().unsqueeze(3)  # (T, b, g, 1, n)
-        C_c = Cg[..., start:stop].float().permute(3, 0, 1, 2).contiguous()  # (T, b, g, n)
+        C_c = Cg[..., start:stop].float().permute(3, 0, 1, 2).contiguous().unsqueeze(3)  # (T, b, g, 1, n)
         drive = dtu_g[..., start:stop].permute(3, 0, 1, 2).contiguous().unsqueeze(-1) * B_c  # (T, b, g, p, n)
         states = linear_recurrence(decay, drive, h)  # (T, b, g, p, n)
         h = states[-1]
-        y_c = torch.einsum("tbgpn,tbgn->tbgp", states, C_c)  # (T, b, g, p)
+        if states.requires_grad:  # training: a batched matmul, far cheaper to differentiate than mul + sum
+            y_c = torch.einsum("tbgpn,tbgn->tbgp", states, C_c.squeeze(3))  # (T, b, g, p)
+        else:  # inference (encode/decode): the rounding of earlier versions, so their files decode the same
+            y_c = (states * C_c).sum(-1)
         ys.append(y_c.permute(1, 2, 3, 0).reshape(batch, dim, stop - start))
     out = torch.cat(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
     if D is not None:
