@@ -223,12 +223,18 @@ class _ClassicalRuns:
             self._encoded[key] = codec.encode(self.pixels, quality, factor)
         return self._encoded[key]
 
-    def row(self, codec: ClassicalCodec, quality: int, factor: int, with_ms_ssim: bool = True) -> Row:
+    def coded(self, codec: ClassicalCodec, quality: int, factor: int, with_ms_ssim: bool = True
+              ) -> tuple[Row, np.ndarray]:
+        """The measured row of one setting and its decoded (H, W, 3) uint8 pixels."""
         data, encode_s = self.encoded(codec, quality, factor)
         decoded, decode_s = codec.decode(data, (self.pixels.shape[1], self.pixels.shape[0]))
         setting = f"{factor}x q{quality}" if factor > 1 else str(quality)
-        return _measure(self.name, codec.name, setting, self.reference, decoded, len(data), encode_s, decode_s,
-                        with_ms_ssim)
+        row = _measure(self.name, codec.name, setting, self.reference, decoded, len(data), encode_s, decode_s,
+                       with_ms_ssim)
+        return row, decoded
+
+    def row(self, codec: ClassicalCodec, quality: int, factor: int, with_ms_ssim: bool = True) -> Row:
+        return self.coded(codec, quality, factor, with_ms_ssim)[0]
 
     def closest_quality(self, codec: ClassicalCodec, factor: int, target_bytes: int) -> int:
         """The quality whose file size is closest to ``target_bytes`` (sizes rise with quality: bisection,
@@ -301,8 +307,10 @@ def learned_ladder(
         quality += 1
 
 
-def run_learned(point: LearnedCodec, name: str, image: Image.Image, reference: torch.Tensor) -> Row:
-    """One image through the real ``.evc`` file path: encode to bytes, parse, decode, measure."""
+def coded_learned(point: LearnedCodec, name: str, image: Image.Image, reference: torch.Tensor
+                  ) -> tuple[Row, Image.Image]:
+    """One image through the real ``.evc`` file path (encode to bytes, parse, decode): the measured row and
+    the decoded RGB image."""
     from effvision.codecs.container import parse
     from effvision.codecs.imagefile import decode_image, encode_image
 
@@ -310,10 +318,15 @@ def run_learned(point: LearnedCodec, name: str, image: Image.Image, reference: t
     data = encode_image(point.codec, image).to_bytes()
     encode_s = time.perf_counter() - started
     started = time.perf_counter()
-    decoded = decode_image(parse(data), point.codec)
+    decoded = decode_image(parse(data), point.codec).convert("RGB")
     decode_s = time.perf_counter() - started
-    return _measure(name, point.name, point.label, reference, np.asarray(decoded.convert("RGB")), len(data),
-                    encode_s, decode_s)
+    row = _measure(name, point.name, point.label, reference, np.asarray(decoded), len(data), encode_s, decode_s)
+    return row, decoded
+
+
+def run_learned(point: LearnedCodec, name: str, image: Image.Image, reference: torch.Tensor) -> Row:
+    """One image through the real ``.evc`` file path: encode to bytes, parse, decode, measure."""
+    return coded_learned(point, name, image, reference)[0]
 
 
 def _warm_up(point: LearnedCodec) -> None:
@@ -563,25 +576,13 @@ class LadderPanel:
 def ladder_panels(image: Image.Image, ladder: Sequence[LearnedCodec], name: str = "image") -> list[LadderPanel]:
     """Every point of ``ladder`` on ``image`` through a real ``.evc`` file, and the JPEG whose size is
     closest to that file (Pillow, quality 1-95): what the ladder picture shows."""
-    from effvision.codecs.container import parse
-    from effvision.codecs.imagefile import decode_image, encode_image
-
     image = image.convert("RGB")
     runs = _ClassicalRuns(name, np.asarray(image))
     jpeg = CLASSICAL["jpeg"]
     panels = []
     for point in ladder:
-        started = time.perf_counter()
-        data = encode_image(point.codec, image).to_bytes()
-        encode_s = time.perf_counter() - started
-        started = time.perf_counter()
-        decoded = decode_image(parse(data), point.codec).convert("RGB")
-        decode_s = time.perf_counter() - started
-        learned = _measure(name, point.name, point.label, runs.reference, np.asarray(decoded), len(data),
-                           encode_s, decode_s)
-        quality = runs.closest_quality(jpeg, 1, len(data))
-        jpeg_row = runs.row(jpeg, quality, 1)
-        jpeg_pixels, _ = jpeg.decode(runs.encoded(jpeg, quality, 1)[0], image.size)
+        learned, decoded = coded_learned(point, name, image, runs.reference)
+        jpeg_row, jpeg_pixels = runs.coded(jpeg, runs.closest_quality(jpeg, 1, learned.bytes), 1)
         panels.append(LadderPanel(point.label, learned, jpeg_row, decoded, Image.fromarray(jpeg_pixels)))
     return panels
 
