@@ -38,10 +38,9 @@ def _ordinary_mode() -> int:
 
 
 def _new_temp_file(directory: Path, name: str) -> str:
-    """An empty temporary file beside the destination ``name``, with ordinary file permissions."""
+    """An empty temporary file beside the destination ``name`` (mkstemp's 0600 until it is moved into place)."""
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     os.close(descriptor)
-    os.chmod(temp_name, _ordinary_mode())
     return temp_name
 
 
@@ -70,7 +69,7 @@ def atomic_path(path: str | Path, force: bool = True) -> Iterator[str]:
     try:
         try:
             yield temp_name
-            # writers that replace the file (safetensors does) would otherwise leave mkstemp's 0600
+            # set after the writes: writers that replace the file (safetensors does) would drop an earlier chmod
             os.chmod(temp_name, _ordinary_mode())
             _fsync_file(temp_name)
             _move_into_place(temp_name, path, force)
