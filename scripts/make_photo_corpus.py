@@ -321,6 +321,14 @@ def choose_test(photos: list[Candidate], can_test: dict[str, bool], count: int, 
     return {eligible[i] for i in order[:count]}
 
 
+def load_train_crops(path: Path) -> np.ndarray:
+    """``train.npy`` as written by ``--npy``: (N, crop, crop, 3) uint8, checked (the training scripts read it)."""
+    crops = np.load(path)
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
+        raise SystemExit(f"{path}: expected (N, H, W, 3) uint8 crops, got {crops.shape} {crops.dtype}")
+    return crops
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="corpus folder (train/, test/, manifest.json)")

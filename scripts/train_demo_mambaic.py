@@ -17,7 +17,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 TRAIN_PHOTOS = (
@@ -29,12 +28,9 @@ HELD_OUT_PHOTOS = ("chelsea", "coffee")
 
 def photo(name: str) -> torch.Tensor:
     """A scikit-image sample as a (3, H, W) float tensor in [0, 1] (grayscale replicated)."""
-    import skimage.data
+    from effvision.codecs.vqgan.demo_data import load_photo
 
-    array = np.asarray(getattr(skimage.data, name)())
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    return torch.from_numpy(array[..., :3].astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(load_photo(name)).permute(2, 0, 1).float().div_(255.0)
 
 
 def main() -> None:

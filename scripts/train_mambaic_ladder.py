@@ -24,7 +24,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +33,16 @@ VALIDATION = ("chelsea", "coffee")
 
 
 def skimage_photo(name: str) -> torch.Tensor:
-    import skimage.data
+    """(3, H, W) float in [0, 1] (grayscale photos repeated to three channels)."""
+    from effvision.codecs.vqgan.demo_data import load_photo
 
-    array = np.asarray(getattr(skimage.data, name)())[..., :3]
-    return torch.from_numpy(array.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(load_photo(name)).permute(2, 0, 1).float().div_(255.0)
 
 
 def corpus_crops(path: Path) -> list[torch.Tensor]:
-    crops = np.load(path)  # (N, H, W, 3) uint8
-    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
-        raise SystemExit(f"{path}: expected (N, H, W, 3) uint8 crops, got {crops.shape} {crops.dtype}")
-    tensor = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
+    from make_photo_corpus import load_train_crops
+
+    tensor = torch.from_numpy(load_train_crops(path)).permute(0, 3, 1, 2).float().div_(255.0)
     return list(tensor.unbind(0))
 
 

@@ -38,10 +38,9 @@ RESTORER = {"dim": 96, "depth": 3, "heads": 4}
 
 
 def corpus_photos(path: Path) -> list[np.ndarray]:
-    crops = np.load(path)
-    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
-        raise SystemExit(f"{path}: expected (N, H, W, 3) uint8 crops, got {crops.shape} {crops.dtype}")
-    return list(crops)
+    from make_photo_corpus import load_train_crops
+
+    return list(load_train_crops(path))
 
 
 def main() -> None:

@@ -187,9 +187,9 @@ def load_mambaic(
     """
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
 
-    if quality is None and checkpoint is None and config_id is None and not pretrained:
-        if any(name.endswith(f"q{MAMBAIC_DEFAULT_QUALITY}") for name in shipped_weights("mambaic")):
-            quality = MAMBAIC_DEFAULT_QUALITY
+    nothing_asked = quality is None and checkpoint is None and config_id is None and not pretrained
+    if nothing_asked and f"lite-q{MAMBAIC_DEFAULT_QUALITY}" in shipped_weights("mambaic"):
+        quality = MAMBAIC_DEFAULT_QUALITY
     path, config_id = select_weights("mambaic", quality, checkpoint, config_id, pretrained)
     model = load_checkpoint(path, device=device)
     return CompressAIImageCodec(model, "mambaic", config_id, device=device, tile_size=1024)
