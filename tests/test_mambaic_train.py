@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -106,3 +108,20 @@ def test_ddp_with_two_gloo_processes_keeps_replicas_identical(tmp_path: Path) ->
     initial = MambaIC(TINY).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["g_a.0.weight"], initial["g_a.0.weight"])
+
+
+def test_final_lr_decays_the_learning_rate_on_a_half_cosine(monkeypatch) -> None:
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        if len(self.param_groups[0]["params"]) > 1:  # the main optimizer, not the quantiles' aux one
+            seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    torch.manual_seed(0)
+    settings = TrainSettings(steps=5, batch_size=2, crop=64, lr=1e-3, final_lr=1e-5, progress=False)
+    train(MambaIC(TINY), _images(), settings)
+    expected = [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * s / 5)) for s in range(5)]
+    assert seen == pytest.approx(expected, rel=1e-12)
