@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--minutes", type=float, default=70.0, help="wall-clock cap of the autoencoder stage")
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--msssim-weight", type=float, default=0.0, help="weight of the 1 - MS-SSIM loss term")
     parser.add_argument("--restorer-steps", type=int, default=400)
     parser.add_argument("--stage", choices=["autoencoder", "restorer", "export", "all"], default="all")
     args = parser.parse_args()
@@ -66,7 +67,8 @@ def main() -> None:
         torch.manual_seed(0)
         crops = RandomCrops(photos, crop=args.crop, seed=0)
         settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=50,
-                                 restart_dead_every=100, max_minutes=args.minutes)
+                                 restart_dead_every=100, max_minutes=args.minutes,
+                                 msssim_weight=args.msssim_weight)
         print(train_autoencoder(codec.vq, crops, settings, autoencoder_path, resume=True), flush=True)
     codec.vq.load_state_dict(torch.load(autoencoder_path, map_location="cpu", weights_only=True)["model"])
     codec.vq.eval()
@@ -75,7 +77,7 @@ def main() -> None:
     references = args.work_dir / "reference_maps.pt"
     restorer_path = args.work_dir / "restorer.pt"
     if args.stage in ("restorer", "all"):
-        codec.fit_index_model(tensors, crop=128)
+        codec.fit_index_model(tensors, crop=args.crop)
         torch.save(codec.reference_maps, references)
         torch.manual_seed(0)
         restorer = IndexRestorer(SMALL_F16.embed_dim, **RESTORER)
@@ -85,7 +87,8 @@ def main() -> None:
         restorer = IndexRestorer(SMALL_F16.embed_dim, **RESTORER)
         restorer.load_state_dict(torch.load(restorer_path, map_location="cpu", weights_only=True)["model"])
         references_maps = torch.load(references, weights_only=True)
-        out = VQGANCodec(SMALL_F16, vqmodel=codec.vq, restorer=restorer.eval(), reference_maps=references_maps)
+        out = VQGANCodec(SMALL_F16, vqmodel=codec.vq, restorer=restorer.eval(), reference_maps=references_maps,
+                         tile_size=args.crop)
         out.save(args.out)
         print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 

@@ -133,3 +133,51 @@ def test_a_lost_chunk_without_a_restorer_is_a_clear_error():
     out = plain.compress(torch.rand(1, 3, 32, 32), coder="fixed", chunks=2)
     with pytest.raises(UserError, match="no restoration model"):
         plain.decompress([out["strings"][0], [b""]], out["shape"], lost=[False, True])
+
+
+def test_coding_tile_size_survives_save_load_and_clustering(codec, tmp_path):
+    tiled = VQGANCodec(TINY, vqmodel=codec.vq, reference_maps=codec.reference_maps, tile_size=32)
+    tiled.save(tmp_path / "tiled.safetensors", dtype=torch.float32)
+    loaded = VQGANCodec.load(tmp_path / "tiled.safetensors")
+    assert loaded.tile_size == 32
+    assert loaded.cluster(16).tile_size == 32
+    codec.save(tmp_path / "whole.safetensors", dtype=torch.float32)
+    assert VQGANCodec.load(tmp_path / "whole.safetensors").tile_size is None
+
+
+@pytest.mark.parametrize("tile_size", [0, 24, 4096, 32.0])
+def test_a_tile_size_that_is_not_a_multiple_of_the_cell_is_refused(codec, tile_size):
+    with pytest.raises(UserError, match="tile size must be a multiple of 16"):
+        VQGANCodec(TINY, vqmodel=codec.vq, tile_size=tile_size)
+
+
+def test_non_integer_tile_size_metadata_is_a_clear_error(codec, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "codec.safetensors"
+    VQGANCodec(TINY, vqmodel=codec.vq, tile_size=32).save(path, dtype=torch.float32)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    save_file(load_file(path), path, metadata={**metadata, "tile_size": "1e9"})
+    with pytest.raises(UserError, match="tile_size metadata must be an integer"):
+        VQGANCodec.load(path)
+
+
+def test_the_loader_codes_in_the_weights_tile_size(codec, tmp_path):
+    """A weights file trained at 32 px codes a 64x48 image as four independent 32 px tiles, and decodes it."""
+    from PIL import Image
+
+    from effvision.codecs.adapters import load_vqgan
+    from effvision.codecs.container import Container
+    from effvision.codecs.imagefile import decode_image, encode_image
+
+    path = tmp_path / "tiled.safetensors"
+    VQGANCodec(TINY, vqmodel=codec.vq, reference_maps=codec.reference_maps, tile_size=32).save(path)
+    loaded = load_vqgan(checkpoint=path)
+    assert loaded.tile_size == 32
+    image = Image.fromarray((torch.rand(48, 64, 3) * 255).byte().numpy())
+    container = encode_image(loaded, image)
+    assert (container.tile_width, container.tile_height) == (32, 32)
+    assert sum(section.tile_start for section in container.sections) == 4
+    assert decode_image(Container.from_bytes(container.to_bytes()), loaded).size == (64, 48)

@@ -227,4 +227,5 @@ def load_vqgan(
         model = model.cluster(clustered_k, seed=0)
         config_id = f"{config_id}-k{clustered_k}"
     coder = {} if model.index_model is not None else {"coder": "fixed"}  # official weights: no fitted index model
-    return CompressAIImageCodec(model, "vqgan", config_id, device=device, compress_kwargs=coder, tile_size=1024)
+    tile_size = model.tile_size or 1024  # the scale the weights were trained at (official: whole images)
+    return CompressAIImageCodec(model, "vqgan", config_id, device=device, compress_kwargs=coder, tile_size=tile_size)

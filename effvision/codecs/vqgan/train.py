@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effvision.codecs.metrics import ms_ssim_loss
 from effvision.codecs.vqgan.restoration import IndexRestorer, random_mask
 from effvision.codecs.vqgan.taming import VQModel
 from effvision.training import TimeLimit, progress_bar, resume_training_state, save_training_state, state_dicts
@@ -69,6 +70,7 @@ class TrainSettings:
     max_minutes: float | None = None
     gan_weight: float = 0.0  # > 0 adds the hinge PatchGAN term
     gan_start: int = 0  # step at which the adversarial term starts
+    msssim_weight: float = 0.0  # > 0 adds weight * (1 - MS-SSIM) to the L1 term (crops over 160 px)
 
 
 class PatchDiscriminator(nn.Module):
@@ -149,6 +151,8 @@ def train_autoencoder(
         x_hat = model.decode_latent(quantized)
         l1 = F.l1_loss(x_hat, x)
         loss = l1 + codebook_loss
+        if settings.msssim_weight > 0:
+            loss = loss + settings.msssim_weight * ms_ssim_loss((x + 1) / 2, ((x_hat + 1) / 2).clamp(0, 1))
         adversarial = discriminator is not None and step >= settings.gan_start
         if adversarial:
             discriminator.requires_grad_(False)
