@@ -89,6 +89,39 @@ def test_safetensors_round_trip_keeps_bitstreams(tmp_path: Path) -> None:
     assert loaded.compress(x)["strings"] == model.compress(x)["strings"]
 
 
+def test_half_parameter_checkpoint_is_smaller_and_round_trips_its_own_bitstreams(tmp_path: Path) -> None:
+    """Parameters stored in float16 come back as float32 equal to the rounded weights; a file encoded with the
+    loaded model decodes with another load of it, to the same image."""
+    from safetensors import safe_open
+
+    model = _model(6)
+    save_checkpoint(model, tmp_path / "full.safetensors")
+    save_checkpoint(model, tmp_path / "half.safetensors", half_parameters=True)
+    saved = (tmp_path / "full.safetensors").stat().st_size - (tmp_path / "half.safetensors").stat().st_size
+    assert saved > 0.99 * 2 * sum(p.numel() for p in model.parameters())  # 2 bytes per parameter
+    with safe_open(str(tmp_path / "half.safetensors"), framework="pt") as handle:
+        dtypes = {key: handle.get_tensor(key).dtype for key in handle.keys()}
+    parameters = dict(model.named_parameters())
+    assert all(dtypes[key] == torch.float16 for key in parameters)
+    assert any(dtype == torch.int32 for dtype in dtypes.values())  # CDF tables untouched
+    first, second = load_checkpoint(tmp_path / "half.safetensors"), load_checkpoint(tmp_path / "half.safetensors")
+    for name, parameter in first.named_parameters():
+        assert parameter.dtype == torch.float32 and torch.equal(parameter, parameters[name].detach().half().float())
+    rounded = _model(6)
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.copy_(parameter.half().float())
+    rounded.update(force=True)  # the file's CDF tables are those of the rounded weights
+    for name, buffer in rounded.named_buffers():
+        assert torch.equal(dict(first.named_buffers())[name], buffer), name
+    assert torch.equal(next(model.parameters()), next(_model(6).parameters()))  # the saved model is unchanged
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        coded = first.compress(x)
+        assert torch.equal(second.decompress(coded["strings"], coded["shape"])["x_hat"],
+                           first.decompress(coded["strings"], coded["shape"])["x_hat"])
+
+
 def test_checkpoint_of_wrong_config_is_a_user_error_naming_fields(tmp_path: Path) -> None:
     save_checkpoint(_model(5), tmp_path / "m.safetensors")
     with pytest.raises(UserError, match=r"not 'lite'.*transform_channels: 16 != 48"):

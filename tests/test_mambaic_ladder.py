@@ -23,6 +23,15 @@ def test_at_least_four_qualities_ship_numbered_from_one_with_rising_lambda() -> 
     assert all(a < b for a, b in zip(lambdas, lambdas[1:], strict=False)), lambdas
 
 
+def test_qualities_are_numbered_as_compressai_zoo_lambdas() -> None:
+    """q1..q6 are lambda 0.0018 ... 0.0483 in compressai's zoo (MSE); the default is its middle, 0.013."""
+    zoo = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.013, 5: 0.025, 6: 0.0483}
+    weights = shipped_weights("mambaic")
+    for quality in mambaic.qualities():
+        assert float(read_checkpoint_config(weights[f"lite-q{quality}"])[1]["lambda"]) == zoo[quality]
+    assert zoo[MAMBAIC_DEFAULT_QUALITY] == 0.013
+
+
 def test_load_returns_a_ready_compression_model_and_defaults_to_the_middle_quality() -> None:
     model = mambaic.load(1)
     assert isinstance(model, mambaic.MambaIC) and not model.training

@@ -32,7 +32,7 @@ class CompressAIImageCodec(ImageCodec):
     Args:
         model: the compression model; ``update()`` is called once if it has one (builds the CDF tables).
         name: codec id written into files.
-        config_id: configuration id written into files (e.g. ``"lite-q3"``).
+        config_id: configuration id written into files (e.g. ``"lite-q4"``).
         device: where the transforms run; entropy coding runs on the CPU inside compressai.
         compress_kwargs: extra ``compress()`` options, e.g. ``{"chunks": 4}`` for VQGAN's independently
             decodable row bands (one section each; a section the container marks lost is passed to
@@ -121,8 +121,10 @@ class CompressAIImageCodec(ImageCodec):
 
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-#: the shipped MambaIC quality used when none is asked for (compressai's middle: lambda = 0.013).
-MAMBAIC_DEFAULT_QUALITY = 3
+#: the shipped MambaIC quality used when none is asked for (lambda = 0.013, compressai's middle quality).
+#: The ladder numbers qualities as compressai's zoo does: q1..q6 are lambda 0.0018, 0.0035, 0.0067, 0.013,
+#: 0.025, 0.0483 (MSE).
+MAMBAIC_DEFAULT_QUALITY = 4
 
 
 def shipped_weights(codec: str) -> dict[str, Path]:

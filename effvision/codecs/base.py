@@ -35,7 +35,7 @@ class ImageCodec(ABC):
 
     Attributes:
         name: short id stored in every file (ASCII, at most 32 bytes), e.g. ``"mambaic"``.
-        config_id: configuration id stored in every file (ASCII, at most 64 bytes), e.g. ``"lite-q3"``.
+        config_id: configuration id stored in every file (ASCII, at most 64 bytes), e.g. ``"lite-q4"``.
         alignment: the image height and width the codec accepts must be multiples of this; the container
             pads (edge replication) and records the padding.
         tile_size: side of the square tiles an image is cut into for encoding (a multiple of

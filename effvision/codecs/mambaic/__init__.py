@@ -20,8 +20,9 @@ def qualities() -> list[int]:
 def load(quality: int | None = None, device: str = "cpu", pretrained: bool = False) -> MambaIC:
     """A ready :class:`MambaIC` (CDF tables built, eval mode), like ``compressai.zoo``'s model functions.
 
-    ``quality``: a shipped quality (:func:`qualities`; default 3). ``pretrained=True``: the official release
-    (lambda = 0.025, fetched once through huggingface_hub; see docs/pretrained.md) instead of a shipped quality.
+    ``quality``: a shipped quality (:func:`qualities`, numbered as compressai's zoo; default 4, lambda = 0.013).
+    ``pretrained=True``: the official release (lambda = 0.025, fetched once through huggingface_hub; see
+    docs/pretrained.md) instead of a shipped quality.
     """
     from effvision.codecs.adapters import load_mambaic
 
