@@ -173,3 +173,20 @@ def test_ladder_panels_pair_each_real_file_with_the_jpeg_of_the_closest_size(two
     assert np.array_equal(np.asarray(sheet)[top : top + 64, 96:192], np.asarray(panels[0].learned_image))
     bottom = top + 64 + 14
     assert np.array_equal(np.asarray(sheet)[bottom : bottom + 64, 192:288], np.asarray(panels[1].jpeg_image))
+
+
+def test_interpolated_summary_compares_at_exactly_the_learned_size_and_leaves_out_photos_outside_the_curve():
+    def row(image, codec, setting, size, psnr):
+        return evaluation.Row(image, codec, setting, size, 8 * size / 100, psnr, 0.9, 0.1, 0.1)
+
+    curves = [row("a", "jpeg", "10", 100, 20.0), row("a", "jpeg", "50", 400, 30.0), row("a", "jpeg", "60", 500, 29.0),
+              row("b", "jpeg", "10", 100, 25.0), row("b", "jpeg", "50", 400, 35.0)]
+    learned = [row("a", "m", "q1", 200, 26.0), row("b", "m", "q1", 50, 40.0)]  # b: smaller than any JPEG
+    result = evaluation.Evaluation(["a", "b"], learned, curves, [])
+    (summary,) = result.interpolated_summary()
+    # log-midpoint of 100 and 400 bytes is 200: JPEG's PSNR there is 25 dB; the 500-byte point is dominated
+    assert summary["inside"] == 1 and summary["outside"] == 1 and summary["wins"] == 1
+    assert summary["psnr_difference"] == pytest.approx(1.0)
+    again = evaluation.Evaluation.from_dict(json.loads(json.dumps(result.as_dict())))
+    assert again.interpolated_summary() == result.interpolated_summary()
+    assert "| m:q1 | jpeg | 1/2 | +1.00 | 1/1 |" in evaluation.markdown_report(result)
