@@ -17,6 +17,9 @@ the learning rate is constant, so ``--steps 450`` nearly replays it: only the re
 stops at 80% of ``--steps``, differs), then ``--stage restorer --restorer-steps 1500``
 and ``--stage export``. On the corpus's 10 test photos it raised the
 1024-entry codec from 13.6 dB / MS-SSIM 0.71 to 17.8 dB / 0.77 at 0.036 bpp (bench/results/codec-rd-vqgan-cpu.md).
+A further run from the shipped file on whole 256 px crops with ``--msssim-weight 1.0`` (983 steps) did not help
+on the test photos, and coding in tiles (``--tile-size``) makes a patchwork of colour casts; both are described
+in that file and neither is shipped.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=70.0, help="wall-clock cap of the autoencoder stage")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--msssim-weight", type=float, default=0.0, help="weight of the 1 - MS-SSIM loss term")
+    parser.add_argument("--tile-size", type=int, default=None,
+                        help="tile size the written weights code images in (default: whole images)")
     parser.add_argument("--restorer-steps", type=int, default=400)
     parser.add_argument("--stage", choices=["autoencoder", "restorer", "export", "all"], default="all")
     args = parser.parse_args()
@@ -88,7 +93,7 @@ def main() -> None:
         restorer.load_state_dict(torch.load(restorer_path, map_location="cpu", weights_only=True)["model"])
         references_maps = torch.load(references, weights_only=True)
         out = VQGANCodec(SMALL_F16, vqmodel=codec.vq, restorer=restorer.eval(), reference_maps=references_maps,
-                         tile_size=args.crop)
+                         tile_size=args.tile_size)
         out.save(args.out)
         print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 

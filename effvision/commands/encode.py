@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile-size",
         type=int,
         metavar="N",
-        help="code the image in N x N tiles, each on its own (default: the codec's: 1024 for MambaIC, the crop "
-        "size the VQGAN weights were trained at for the shipped VQGAN, 256; memory is that of one tile)",
+        help="code the image in N x N tiles, each on its own (default: the codec's, 1024 for the shipped ones; "
+        "memory is that of one tile)",
     )
     parser.add_argument(
         "--effort",

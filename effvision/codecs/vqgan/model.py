@@ -73,11 +73,12 @@ class VQGANCodec(CompressionModel):
         restorer: optional :class:`IndexRestorer` for ``decompress(..., lost=...)``.
         reference_maps: (N, h, w) index maps of reference images, used to fit the index model (and remapped
             when the codebook is clustered).
-        tile_size: side (pixels, a multiple of 16) of the square tiles this model codes images in: the crop
-            size it was trained at. Its GroupNorm and attention statistics then cover the same area in
-            coding as in training; a small model trained on 256 px crops and run on a whole 768x512 photo
-            loses its colours (17.8 dB against 19.6 dB in 256 px tiles, bench/results/codec-rd-vqgan-cpu.md).
-            ``None``: whole images, up to the container's default tile.
+        tile_size: side (pixels, a multiple of 16) of the square tiles this model codes images in, stored in
+            its weights file; ``None`` (the shipped and official weights): whole images, up to the container's
+            default tile. Coding in the crop size a model was trained at makes its GroupNorm and attention
+            statistics cover the same area as in training, but every tile then gets its own colour cast: on
+            the shipped small model 128 px tiles raise PSNR by 3 dB and give a patchwork picture
+            (bench/results/codec-rd-vqgan-cpu.md), so it does not set one.
     """
 
     def __init__(
