@@ -13,8 +13,8 @@ model of ``scripts/train_demo_mambaic.py`` (3843 steps on scikit-image photos):
 The shipped files were trained in that order, in two sessions: the first two stages of each chain, then the
 third from the shipped file with ``--init``. q1-q5 were trained under an earlier numbering, one less, and each
 stage's seed is its Q, so to replay them bit for bit pass Q-1 and rename the files. q6 was trained (1000 steps)
-but is not shipped: on the corpus's test photos it loses to JPEG at the same size on 8 of 10 photos
-(bench/results/codec-rd-cpu.md).
+but is not shipped: on the corpus's test photos it loses to JPEG at the same size by 1.28 dB, on 8 of the 9
+photos where JPEG can make a file that size (bench/results/codec-rd-cpu.md).
 
 ``--chain Q:LAMBDA:STEPS ...``: quality Q is trained for STEPS steps at LAMBDA (Adam, cosine from ``--lr`` to
 ``--final-lr`` over STEPS), starting from the previous entry's result (the first entry from ``--init``).

@@ -159,9 +159,10 @@ def test_non_integer_tile_size_metadata_is_a_clear_error(codec, tmp_path):
     VQGANCodec(TINY, vqmodel=codec.vq, tile_size=32).save(path, dtype=torch.float32)
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata())
-    save_file(load_file(path), path, metadata={**metadata, "tile_size": "1e9"})
-    with pytest.raises(UserError, match="tile_size metadata must be an integer"):
-        VQGANCodec.load(path)
+    for bad in ("1e9", "9" * 5000, "\u0663\u0662"):  # a float, a 5000-digit number, Arabic-Indic digits
+        save_file(load_file(path), path, metadata={**metadata, "tile_size": bad})
+        with pytest.raises(UserError, match="tile_size metadata must be an integer"):
+            VQGANCodec.load(path)
 
 
 def test_the_loader_codes_in_the_weights_tile_size(codec, tmp_path):

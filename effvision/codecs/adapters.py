@@ -122,8 +122,8 @@ class CompressAIImageCodec(ImageCodec):
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 #: the shipped MambaIC quality used when none is asked for (lambda = 0.013, compressai's middle quality).
-#: The ladder numbers qualities as compressai's zoo does: q1..q6 are lambda 0.0018, 0.0035, 0.0067, 0.013,
-#: 0.025, 0.0483 (MSE).
+#: The ladder numbers qualities as compressai's zoo does (MSE): q1..q5 are lambda 0.0018, 0.0035, 0.0067,
+#: 0.013 and 0.025 (compressai's q6, 0.0483, was trained but loses to JPEG and is not shipped).
 MAMBAIC_DEFAULT_QUALITY = 4
 
 

@@ -410,7 +410,7 @@ class VQGANCodec(CompressionModel):
         config = VQGANConfig.from_dict(json.loads(metadata["vqgan_config"]))
         tile_size = metadata.get("tile_size")
         if tile_size is not None:
-            if not tile_size.isdigit():
+            if not (tile_size.isascii() and tile_size.isdigit() and len(tile_size) <= 5):
                 raise _user_error(f"{path}: tile_size metadata must be an integer, got {tile_size!r}")
             tile_size = int(tile_size)
         vqmodel = VQModel(config)
