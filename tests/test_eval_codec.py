@@ -190,3 +190,14 @@ def test_interpolated_summary_compares_at_exactly_the_learned_size_and_leaves_ou
     again = evaluation.Evaluation.from_dict(json.loads(json.dumps(result.as_dict())))
     assert again.interpolated_summary() == result.interpolated_summary()
     assert "| m:q1 | jpeg | 1/2 | +1.00 | 1/1 |" in evaluation.markdown_report(result)
+
+
+def test_a_ladder_panel_knows_when_jpeg_cannot_make_a_file_that_small():
+    def row(codec, size):
+        return evaluation.Row("a", codec, "q1", size, 8 * size / 100, 30.0, 0.9, 0.1, 0.1)
+
+    image = Image.new("RGB", (4, 4))
+    tolerance = evaluation.MATCH_TOLERANCE
+    close = evaluation.LadderPanel("q1", row("m", 1000), row("jpeg", int(1000 * (1 + tolerance))), image, image)
+    larger = evaluation.LadderPanel("q1", row("m", 1000), row("jpeg", int(1000 * (1 + tolerance)) + 1), image, image)
+    assert not close.jpeg_is_smallest and larger.jpeg_is_smallest

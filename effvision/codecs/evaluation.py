@@ -417,24 +417,25 @@ class Evaluation:
         for row in self.curves:
             curves.setdefault((row.image, row.codec), []).append((math.log(row.bytes), row.psnr))
         fronts = {key: _pareto(points) for key, points in curves.items()}
+        points: dict[tuple[str, str], list[Row]] = {}
+        for row in self.learned:
+            points.setdefault((row.codec, row.setting), []).append(row)
         summary = []
-        for name in self.learned_names():
-            for setting in dict.fromkeys(r.setting for r in self.learned if r.codec == name):
-                points = [r for r in self.learned if r.codec == name and r.setting == setting]
-                for classical in self.classical_names():
-                    differences = []
-                    for row in points:
-                        front = fronts.get((row.image, classical), [])
-                        size = math.log(row.bytes)
-                        if len(front) >= 2 and front[0][0] <= size <= front[-1][0]:
-                            sizes, qualities = zip(*front, strict=True)
-                            differences.append(row.psnr - float(np.interp(size, sizes, qualities)))
-                    summary.append({
-                        "learned": f"{name}:{setting}", "classical": classical, "images": len(points),
-                        "inside": len(differences), "outside": len(points) - len(differences),
-                        "psnr_difference": float(np.mean(differences)) if differences else None,
-                        "wins": sum(d > 0 for d in differences),
-                    })
+        for (name, setting), rows in points.items():
+            for classical in self.classical_names():
+                differences = []
+                for row in rows:
+                    front = fronts.get((row.image, classical), [])
+                    size = math.log(row.bytes)
+                    if len(front) >= 2 and front[0][0] <= size <= front[-1][0]:
+                        sizes, qualities = zip(*front, strict=True)
+                        differences.append(row.psnr - float(np.interp(size, sizes, qualities)))
+                summary.append({
+                    "learned": f"{name}:{setting}", "classical": classical, "images": len(rows),
+                    "inside": len(differences), "outside": len(rows) - len(differences),
+                    "psnr_difference": float(np.mean(differences)) if differences else None,
+                    "wins": sum(d > 0 for d in differences),
+                })
         return summary
 
     @classmethod
@@ -621,6 +622,11 @@ class LadderPanel:
     learned_image: Image.Image
     jpeg_image: Image.Image
 
+    @property
+    def jpeg_is_smallest(self) -> bool:
+        """JPEG cannot make a file that small: its closest file is over the matching tolerance larger."""
+        return self.jpeg.bytes > (1 + MATCH_TOLERANCE) * self.learned.bytes
+
 
 def ladder_panels(image: Image.Image, ladder: Sequence[LearnedCodec], name: str = "image") -> list[LadderPanel]:
     """Every point of ``ladder`` on ``image`` through a real ``.evc`` file, and the JPEG whose size is
@@ -660,7 +666,7 @@ def ladder_picture(original: Image.Image, panels: Sequence[LadderPanel], title: 
         learned, jpeg = panel.learned, panel.jpeg
         text = f"{learned.codec} {panel.label}: {learned.bpp:.3f} bpp {learned.psnr:.1f} dB"
         place(panel.learned_image, column, 0, text)
-        larger = jpeg.bytes > (1 + MATCH_TOLERANCE) * learned.bytes  # JPEG cannot get that small
-        text = f"{'smallest ' if larger else ''}JPEG q{jpeg.setting}: {jpeg.bpp:.3f} bpp {jpeg.psnr:.1f} dB"
+        smallest = "smallest " if panel.jpeg_is_smallest else ""
+        text = f"{smallest}JPEG q{jpeg.setting}: {jpeg.bpp:.3f} bpp {jpeg.psnr:.1f} dB"
         place(panel.jpeg_image, column, 1, text)
     return sheet

@@ -71,7 +71,7 @@ def run_token_reduction(batch: int, repeats: int) -> None:
 
 
 def run_codecs(output: Path, force: bool) -> None:
-    from effvision.codecs.evaluation import MATCH_TOLERANCE, ladder_panels, ladder_picture, learned_ladder
+    from effvision.codecs.evaluation import ladder_panels, ladder_picture, learned_ladder
     from effvision.errors import UserError
     from effvision.image_io import open_image, save_image
 
@@ -88,7 +88,7 @@ def run_codecs(output: Path, force: bool) -> None:
             continue
         for panel in ladder_panels(photo, ladder, name="astronaut"):
             learned, jpeg = panel.learned, panel.jpeg
-            smallest = " (JPEG's smallest file)" if jpeg.bytes > (1 + MATCH_TOLERANCE) * learned.bytes else ""
+            smallest = " (JPEG's smallest file)" if panel.jpeg_is_smallest else ""
             print(f"{name:8s} {panel.label:3s} {learned.bpp:.3f} bpp  PSNR {learned.psnr:5.2f} dB  "
                   f"encode {learned.encode_s:.2f}s decode {learned.decode_s:.2f}s  | JPEG q{jpeg.setting:<2s} "
                   f"{jpeg.bpp:.3f} bpp  PSNR {jpeg.psnr:5.2f} dB  ({learned.psnr - jpeg.psnr:+.2f} dB){smallest}")
