@@ -52,7 +52,8 @@ def build_codecs() -> dict:
     restorer = IndexRestorer(code_dim=SMALL_F16.embed_dim, dim=32, depth=1, heads=2)
     references = torch.randint(0, SMALL_F16.n_embed, (2, 4, 4))
     model = VQGANCodec(SMALL_F16, restorer=restorer, reference_maps=references).eval()
-    vqgan = CompressAIImageCodec(model, "vqgan", "fuzz", compress_kwargs={"chunks": 2}, tile_size=32)
+    vqgan = CompressAIImageCodec(model, "vqgan", "fuzz", compress_kwargs={"chunks": 2, "colour": True},
+                                tile_size=32)
     return {codec.name: codec for codec in (mambaic, vqgan)}
 
 

@@ -92,6 +92,17 @@ def hostile_variants(mambaic: Container, vqgan_chunked: Container, rgba: Contain
     files["vqgan-lost-v1-2048x2048"] = version1(lost, width=2048, height=2048)
     files["vqgan-lost-v1-8192x8192"] = version1(lost, width=8192, height=8192)
     files["vqgan-all-lost"] = with_codec_section(lost, 0, Section(lost=True))
+    if len(vqgan_chunked.codec_sections) == 3:  # two index bands, then the colour band
+        band = vqgan_chunked.codec_sections[2]
+        files["vqgan-colour-lost"] = with_codec_section(vqgan_chunked, 2, Section(lost=True))
+        files["vqgan-colour-flip3"] = with_codec_section(vqgan_chunked, 2, Section(flip_bits(band, rng, 3)))
+        files["vqgan-colour-cut4"] = with_codec_section(vqgan_chunked, 2, Section(band[:-4]))
+        files["vqgan-colour-header-only"] = with_codec_section(vqgan_chunked, 2, Section(band[:6]))
+        files["vqgan-colour-v2-2048x2048"] = retiled(vqgan_chunked, 2048, 2048, 1024)
+        unflagged = vqgan_chunked.codec_sections[1]
+        files["vqgan-colour-flags-disagree"] = with_codec_section(
+            vqgan_chunked, 1, Section(bytes([unflagged[0] & 0x7F]) + unflagged[1:])
+        )
     alpha = next(s for s in rgba.sections if s.kind == SectionKind.ALPHA)
     others = tuple(s for s in rgba.sections if s.kind != SectionKind.ALPHA)
     files["alpha-trailing-bytes"] = dataclasses.replace(

@@ -50,7 +50,7 @@ def hostile_dir(tmp_path_factory) -> Path:
     rgba = Image.fromarray(np.dstack([photo[:24, :20], np.arange(480, dtype=np.uint8).reshape(24, 20)]), "RGBA")
     mambaic = load_codec("mambaic", device="cpu")
     vqgan = load_codec("vqgan", device="cpu")
-    vqgan.compress_kwargs = {"chunks": 2}
+    vqgan.compress_kwargs = {**vqgan.compress_kwargs, "chunks": 2}  # two index bands, then the colour band
     directory = tmp_path_factory.mktemp("hostile")
     files = hostile_variants(encode_image(mambaic, rgb), encode_image(vqgan, rgb), encode_image(mambaic, rgba))
     for name, container in files.items():

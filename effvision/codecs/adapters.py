@@ -208,7 +208,8 @@ def load_vqgan(
 
     Qualities are codebook sizes (:data:`effvision.codecs.vqgan.model.QUALITY_TO_K`, 1 = smallest files): the
     shipped codec's codebook K-means-clustered (seed 0, deterministic) to K entries, config id ``<base>-k<K>``,
-    which decoding rebuilds the same way (the fingerprint then proves it is the same codebook).
+    which decoding rebuilds the same way (the fingerprint then proves it is the same codebook). Files carry a
+    colour band (:mod:`effvision.codecs.vqgan.colour_band`); files without one still decode.
     """
     from effvision.codecs.vqgan.model import QUALITY_TO_K, VQGANCodec
 
@@ -228,6 +229,8 @@ def load_vqgan(
             raise UserError(f"cannot cluster the {model.codebook_size}-entry codebook of {config_id} to {clustered_k}")
         model = model.cluster(clustered_k, seed=0)
         config_id = f"{config_id}-k{clustered_k}"
-    coder = {} if model.index_model is not None else {"coder": "fixed"}  # official weights: no fitted index model
+    options = {"colour": True}  # our colour band (effvision.codecs.vqgan.colour_band): a few hundred bytes
+    if model.index_model is None:  # official weights: no fitted index model
+        options["coder"] = "fixed"
     tile_size = model.tile_size or 1024  # the scale the weights were trained at (official: whole images)
-    return CompressAIImageCodec(model, "vqgan", config_id, device=device, compress_kwargs=coder, tile_size=tile_size)
+    return CompressAIImageCodec(model, "vqgan", config_id, device=device, compress_kwargs=options, tile_size=tile_size)

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rate = parser.add_mutually_exclusive_group()
     rate.add_argument("--quality", type=int, metavar="Q",
                       help="shipped quality, 1 = smallest files (MambaIC 1-5, one model per lambda, numbered as "
-                      "compressai's zoo, default 4; VQGAN 1-4 = codebook of 16/64/256/1024 entries, default 1024)")
+                      "compressai's zoo, default 4; VQGAN 1-4 = codebook of 16/64/256/1024 entries, default 1024, "
+                      "plus a colour band of a few hundred bytes)")
     rate.add_argument("--checkpoint", metavar="F", help="codec weights (.safetensors or official checkpoint)")
     rate.add_argument("--pretrained", action="store_true",
                       help="the codec's official weights, downloaded (huggingface_hub) and converted once, cached")

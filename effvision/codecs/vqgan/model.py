@@ -8,6 +8,11 @@ one. ``decompress(..., lost=mask)`` fills lost indices with the MaskGIT-style re
 ``compress(x) -> {"strings": [[bytes per image] per chunk], "shape": (H, W)}``,
 ``decompress(strings, shape, lost=None) -> {"x_hat": (B, 3, H, W)}``: the compressai contract. ``shape``
 is the image size, so a wrapper's latent stride is 1; one chunk (section) by default.
+
+``compress(x, colour=True)`` (our extension, on in effvision's image codec, off by default here so that
+the compressai-level codec is Mao et al.'s) appends a colour band (:mod:`.colour_band`) as one more
+string and sets :data:`COLOUR_FLAG` in the first byte of every index band, so a decoder knows the last string
+is the colour band even when that string is lost.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from compressai.models import CompressionModel
 from torch import Tensor
 
 from effvision.codecs.rans import SYMBOL_SLACK_BITS, min_stream_bytes
+from effvision.codecs.vqgan.colour_band import check_colour_band, decode_colour_band, encode_colour_band
 from effvision.codecs.vqgan.config import VQGANConfig
 from effvision.codecs.vqgan.index_coding import (
     FIXED_LENGTH,
@@ -54,6 +60,8 @@ MAX_TILE_SIZE = 2048
 #: 1024 x 1024 tile on CPU peaked about 0.9 GB above the loaded model (estimate: 0.8 GB). Scaling by the
 #: channels makes the estimate follow larger configs (the ImageNet model has 128).
 DECODE_BYTES_PER_PIXEL_CHANNEL = 22
+#: set in the first byte of every index band of a file that ends with a colour band
+COLOUR_FLAG = 0x80
 
 
 class VQGANInputError(UserError, ValueError):
@@ -192,12 +200,13 @@ class VQGANCodec(CompressionModel):
         return self.index_model
 
     @torch.no_grad()
-    def compress(self, x: Tensor, coder: str = "learned", chunks: int = 1) -> dict:
+    def compress(self, x: Tensor, coder: str = "learned", chunks: int = 1, colour: bool = False) -> dict:
         """x (B, 3, H, W) in [0, 1] -> {"strings": [[bytes per image] per chunk], "shape": (H, W)}.
 
         ``chunks`` > 1 splits the index rows into that many independently decodable bands (see
         :func:`chunk_rows`), so a transport or container can lose one band and ``decompress(..., lost=...)``
-        restores it; each band costs a 3-byte header.
+        restores it; each band costs a 3-byte header. ``colour`` appends a colour band (the encoder then
+        also decodes, to see the colour error it corrects).
         """
         model = self._coder_model(coder)
         indices = self.encode_indices(x)
@@ -208,7 +217,12 @@ class VQGANCodec(CompressionModel):
             [encode_index_map(index_map[top:bottom], self.codebook_size, model) for index_map in indices]
             for top, bottom in bands
         ]
-        return {"strings": strings, "shape": (int(x.shape[-2]), int(x.shape[-1]))}
+        shape = (int(x.shape[-2]), int(x.shape[-1]))
+        if colour:
+            x_hat = self.decode_indices(indices, shape)
+            strings = [[bytes([stream[0] | COLOUR_FLAG]) + stream[1:] for stream in chunk] for chunk in strings]
+            strings.append([encode_colour_band(image, decoded) for image, decoded in zip(x, x_hat, strict=True)])
+        return {"strings": strings, "shape": shape}
 
     def index_grid(self, shape: tuple[int, int]) -> tuple[int, int]:
         """Image (H, W) -> index map (h, w)."""
@@ -244,7 +258,11 @@ class VQGANCodec(CompressionModel):
     def check_strings(self, strings: list[bytes | None], shape: tuple[int, int]) -> None:
         """Cheap checks before decoding one image's streams (one ``bytes`` or ``None`` = lost per row band):
         band count, stream lengths the index map implies (exact for the fixed-length code, a lower bound from
-        the index model's CDFs for rANS), and at most :data:`MAX_LOST_FRACTION` of the indices lost."""
+        the index model's CDFs for rANS), at most :data:`MAX_LOST_FRACTION` of the indices lost, and a valid
+        colour-band header when the file has one."""
+        strings, colour_band = split_colour_band(strings)
+        if colour_band:
+            check_colour_band(colour_band, int(shape[0]), int(shape[1]))
         h, w = self.index_grid(shape)
         if not strings or len(strings) > h:
             raise CorruptStreamError(f"{len(strings)} index bands for an index map of {h} rows")
@@ -323,8 +341,25 @@ class VQGANCodec(CompressionModel):
         ``lost``: indices to restore instead of trusting the stream, as a bool mask (h, w) or (B, h, w) of the
         index map, or one bool per chunk (a missing chunk's bytes may be ``b""``).
         """
-        indices = self.decompress_indices(strings, shape, lost)
-        return {"x_hat": self.decode_indices(indices, shape)}
+        if not strings or not all(isinstance(chunk, list | tuple) for chunk in strings):
+            raise _user_error("expected strings as [[bytes per image] per chunk] (compressai layout)")
+        per_image = [split_colour_band(list(streams)) for streams in zip(*strings, strict=True)]
+        if len({len(index_bands) for index_bands, _ in per_image}) > 1:
+            raise CorruptStreamError("the images of a batch have different numbers of index bands")
+        colour_bands = [colour_band for _, colour_band in per_image]
+        if colour_bands[0] is not None and isinstance(lost, list | tuple) and len(lost) == len(strings):
+            lost = lost[:-1]  # per-section flags: the last section was the colour band
+        index_strings = [list(chunk) for chunk in zip(*(bands for bands, _ in per_image), strict=True)]
+        indices = self.decompress_indices(index_strings, shape, lost)
+        # the colour bands are decoded (and a corrupt one refused) before the expensive VQGAN decoder runs;
+        # b"" or None: the file has none, or it was lost (the picture then keeps its colour cast)
+        corrections = [decode_colour_band(band, int(shape[0]), int(shape[1])) if band else None
+                       for band in colour_bands]
+        x_hat = self.decode_indices(indices, shape)
+        for image, correction in enumerate(corrections):
+            if correction is not None:
+                x_hat[image] = (x_hat[image] + correction).clamp(0, 1)
+        return {"x_hat": x_hat}
 
     # --------------------------------------------------------------------------------------- clustering
     @torch.no_grad()
@@ -421,6 +456,23 @@ class VQGANCodec(CompressionModel):
             restorer.load_state_dict({k[9:]: v.float() for k, v in tensors.items() if k.startswith("restorer.")})
         return cls(config, vqmodel.eval(), restorer.eval() if restorer else None, tensors.get("reference_maps"),
                    tile_size=tile_size).eval()
+
+
+def split_colour_band(streams: list) -> tuple[list, bytes | None]:
+    """One image's streams (index bands, then maybe a colour band; ``None``/``b""`` = lost) -> (index bands
+    with :data:`COLOUR_FLAG` cleared, the colour band or ``None``). The first present stream says whether the
+    file has a colour band; every other present index band must agree."""
+    first = next((stream for stream in streams if stream), None)
+    if first is None or not first[0] & COLOUR_FLAG:
+        return streams, None
+    if len(streams) < 2:
+        raise CorruptStreamError("index band announces a colour band, but the file has no other section")
+    index_bands = []
+    for stream in streams[:-1]:
+        if stream and not stream[0] & COLOUR_FLAG:
+            raise CorruptStreamError("index bands disagree on whether the file has a colour band")
+        index_bands.append(bytes([stream[0] & ~COLOUR_FLAG]) + bytes(stream[1:]) if stream else stream)
+    return index_bands, (bytes(streams[-1]) if streams[-1] else b"")
 
 
 def chunk_rows(rows: int, chunks: int) -> list[tuple[int, int]]:
