@@ -190,3 +190,15 @@ def test_shipped_codec_files_carry_a_colour_band_and_old_files_still_decode():
     old = codec.model.compress(x[None], coder="learned")["strings"]  # a file written before colour bands
     plain = codec.decode([chunk[0] for chunk in old], 192, 256)
     assert psnr(x, coloured) > psnr(x, plain) + 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_colour_band_round_trips_with_the_codec_on_a_gpu(codec):
+    gpu = VQGANCodec(TINY, vqmodel=codec.vq, reference_maps=codec.reference_maps).cuda().eval()
+    x = smooth_image(64, 96, seed=6)[None].cuda()
+    out = gpu.compress(x, colour=True)
+    x_hat = gpu.decompress(out["strings"], out["shape"])["x_hat"]
+    cpu_out = codec.compress(x.cpu(), colour=True)
+    assert x_hat.device.type == "cuda"
+    torch.testing.assert_close(x_hat.cpu(), codec.decompress(cpu_out["strings"], cpu_out["shape"])["x_hat"],
+                               atol=2e-2, rtol=0)

@@ -117,7 +117,7 @@ def _best_scale(residuals: np.ndarray) -> int:
 def encode_colour_band(
     x: Tensor, x_hat: Tensor, factor: int = DEFAULT_FACTOR, step_code: int = DEFAULT_STEP_CODE
 ) -> bytes:
-    """Code the low band of ``x - x_hat`` (both (3, H, W) in [0, 1]) as a colour-band stream."""
+    """Code the low band of ``x - x_hat`` (both (3, H, W) in [0, 1], any device) as a colour-band stream."""
     from compressai.ans import RansEncoder
 
     factor_log2 = int(math.log2(factor)) if factor > 0 else 0
@@ -125,7 +125,7 @@ def encode_colour_band(
         raise ValueError(f"colour band factor must be 8, 16, 32 or 64, got {factor}")
     if not 1 <= step_code <= 255:
         raise ValueError(f"colour band step code must be 1..255 (units of 1/1024), got {step_code}")
-    difference = _to_ycbcr(x.float()) - _to_ycbcr(x_hat.float())
+    difference = _to_ycbcr(x.detach().float().cpu()) - _to_ycbcr(x_hat.detach().float().cpu())
     levels = torch.round(_block_means(difference, factor) / (step_code * STEP_UNIT))
     levels = levels.clamp(-MAX_LEVEL, MAX_LEVEL).to(torch.int64).numpy()
     residuals = [channel - _predictions(channel) for channel in levels]
@@ -171,7 +171,7 @@ def check_colour_band(stream: bytes, height: int, width: int) -> None:
 
 
 def decode_colour_band(stream: bytes, height: int, width: int) -> Tensor:
-    """The (3, H, W) RGB correction a colour-band stream codes (add it to ``x_hat``, then clamp)."""
+    """The (3, H, W) RGB correction (CPU float32) a colour-band stream codes (add it to ``x_hat``, then clamp)."""
     check_colour_band(stream, height, width)
     factor, step, scales = parse_header(stream)
     rows, columns = grid_shape(height, width, factor)

@@ -358,7 +358,7 @@ class VQGANCodec(CompressionModel):
         x_hat = self.decode_indices(indices, shape)
         for image, correction in enumerate(corrections):
             if correction is not None:
-                x_hat[image] = (x_hat[image] + correction).clamp(0, 1)
+                x_hat[image] = (x_hat[image] + correction.to(x_hat.device)).clamp(0, 1)
         return {"x_hat": x_hat}
 
     # --------------------------------------------------------------------------------------- clustering
