@@ -1,5 +1,6 @@
 """The VQGAN's colour band: exact levels through rANS, a real correction, hostile streams refused cleanly."""
 
+import copy
 import random
 
 import pytest
@@ -194,7 +195,7 @@ def test_shipped_codec_files_carry_a_colour_band_and_old_files_still_decode():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_colour_band_round_trips_with_the_codec_on_a_gpu(codec):
-    gpu = VQGANCodec(TINY, vqmodel=codec.vq, reference_maps=codec.reference_maps).cuda().eval()
+    gpu = VQGANCodec(TINY, vqmodel=copy.deepcopy(codec.vq), reference_maps=codec.reference_maps).cuda().eval()
     x = smooth_image(64, 96, seed=6)[None].cuda()
     out = gpu.compress(x, colour=True)
     x_hat = gpu.decompress(out["strings"], out["shape"])["x_hat"]
