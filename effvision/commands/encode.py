@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="MambaIC: refine the latents for each image with N optimisation steps before coding (smaller files "
-        "at the same or better quality; encode time grows with N, decoding is unchanged; default 0)",
+        help="refine what is coded for each image with N optimisation steps (MambaIC: the latents, for smaller "
+        "files at the same or better quality; VQGAN: the indices, for a closer picture at about the same size); "
+        "encode time grows with N, decoding and the format are unchanged; default 0",
     )
     parser.add_argument(
         "--threads", type=int, default=0, metavar="N",

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classical codecs: jpeg webp avif jxl avif-down webp-down (default: jpeg webp avif "
                              "jxl, plus avif-down webp-down with vqgan)")
     parser.add_argument("--effort", nargs="+", type=int, default=[0], metavar="N",
-                        help="encoder-side refinement steps to evaluate (MambaIC; each N > 0 is its own curve "
-                        "NAME-effortN; default 0)")
+                        help="encoder-side refinement steps to evaluate (MambaIC latents, VQGAN indices; each "
+                        "N > 0 is its own curve NAME-effortN; default 0)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
     parser.add_argument("--json", type=Path, metavar="F", help="write the full evaluation (every row) as JSON")
     parser.add_argument("--markdown", type=Path, metavar="F", help="write the tables as markdown")

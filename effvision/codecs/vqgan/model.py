@@ -168,6 +168,13 @@ class VQGANCodec(CompressionModel):
         self._check_image(x)
         return self.vq.encode_indices(self._pad(x) * 2 - 1)
 
+    def refine_indices(self, x: Tensor, steps: int, colour: bool = False) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, h, w) indices refined for the decoded image (see :mod:`.refine`)."""
+        from effvision.codecs.vqgan.refine import refine_indices
+
+        self._check_image(x)
+        return refine_indices(self.vq, x, self._pad(x) * 2 - 1, steps, colour=colour)
+
     @torch.no_grad()
     def decode_indices(self, indices: Tensor, shape: tuple[int, int]) -> Tensor:
         """(B, h, w) indices -> (B, 3, H, W) in [0, 1], cropped to ``shape`` = (H, W)."""
@@ -200,16 +207,21 @@ class VQGANCodec(CompressionModel):
         return self.index_model
 
     @torch.no_grad()
-    def compress(self, x: Tensor, coder: str = "learned", chunks: int = 1, colour: bool = False) -> dict:
+    def compress(
+        self, x: Tensor, coder: str = "learned", chunks: int = 1, colour: bool = False, effort: int = 0
+    ) -> dict:
         """x (B, 3, H, W) in [0, 1] -> {"strings": [[bytes per image] per chunk], "shape": (H, W)}.
 
         ``chunks`` > 1 splits the index rows into that many independently decodable bands (see
         :func:`chunk_rows`), so a transport or container can lose one band and ``decompress(..., lost=...)``
         restores it; each band costs a 3-byte header. ``colour`` appends a colour band (the encoder then
-        also decodes, to see the colour error it corrects).
+        also decodes, to see the colour error it corrects). ``effort`` > 0 refines the indices for this image
+        with that many gradient steps (:mod:`.refine`; same decoder, same format, slower encoding).
         """
         model = self._coder_model(coder)
-        indices = self.encode_indices(x)
+        if not isinstance(effort, int) or effort < 0:
+            raise _user_error(f"effort must be a non-negative integer, got {effort!r}")
+        indices = self.encode_indices(x) if not effort else self.refine_indices(x, effort, colour)
         if not isinstance(chunks, int) or chunks < 1:
             raise _user_error(f"chunks must be a positive integer, got {chunks!r}")
         bands = chunk_rows(indices.shape[1], chunks)
