@@ -132,12 +132,22 @@ def test_effort_needs_the_training_lambda(tiny_model: MambaIC) -> None:
         tiny_model.compress(x, effort=2)
 
 
-def test_the_shipped_weights_know_their_lambda_and_only_mambaic_takes_effort() -> None:
+def test_the_shipped_weights_know_their_lambda_and_effort_needs_a_codec_that_refines() -> None:
+    from effvision.codecs.adapters import CompressAIImageCodec
     from effvision.codecs.base import load_codec
     from effvision.errors import UserError
 
     codec = load_codec("mambaic")
     assert codec.model.rd_lambda == pytest.approx(0.013)
     assert codec.with_effort(3).compress_kwargs == {"effort": 3} and codec.compress_kwargs == {}
+    assert load_codec("vqgan").with_effort(3).compress_kwargs["effort"] == 3  # VQGAN refines its indices
+
+    class NoRefinement(torch.nn.Module):
+        def compress(self, x):
+            return {"strings": [[b""]], "shape": tuple(x.shape[-2:])}
+
+        def decompress(self, strings, shape):
+            return {"x_hat": torch.zeros(1, 3, *shape)}
+
     with pytest.raises(UserError, match="no encoder-side refinement"):
-        load_codec("vqgan").with_effort(3)
+        CompressAIImageCodec(NoRefinement(), "plain", "t").with_effort(3)
