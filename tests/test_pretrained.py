@@ -297,6 +297,7 @@ def test_taming_release_converts_and_codes_with_the_fixed_length_index_code(hub,
     image = torch.rand(3, 32, 48)
     sections = codec.encode(image)
     assert codec.config_id == "test-taming" and sections[0][0] == FIXED_LENGTH  # no fitted index model
+    assert len(sections) == 1  # no colour band: the official release codes as Mao et al. do
     expected = VQModel(TINY_VQGAN)
     expected.load_state_dict({k: v for k, v in taming_release(lightning_module)["state_dict"].items()
                               if not k.startswith("loss.")})

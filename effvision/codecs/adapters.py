@@ -208,8 +208,9 @@ def load_vqgan(
 
     Qualities are codebook sizes (:data:`effvision.codecs.vqgan.model.QUALITY_TO_K`, 1 = smallest files): the
     shipped codec's codebook K-means-clustered (seed 0, deterministic) to K entries, config id ``<base>-k<K>``,
-    which decoding rebuilds the same way (the fingerprint then proves it is the same codebook). Files carry a
-    colour band (:mod:`effvision.codecs.vqgan.colour_band`); files without one still decode.
+    which decoding rebuilds the same way (the fingerprint then proves it is the same codebook). Files of the
+    shipped or a given checkpoint's weights carry a colour band (:mod:`effvision.codecs.vqgan.colour_band`), files
+    of the official release (``pretrained``) do not; every decoder reads both.
     """
     from effvision.codecs.vqgan.model import QUALITY_TO_K, VQGANCodec
 
@@ -229,7 +230,9 @@ def load_vqgan(
             raise UserError(f"cannot cluster the {model.codebook_size}-entry codebook of {config_id} to {clustered_k}")
         model = model.cluster(clustered_k, seed=0)
         config_id = f"{config_id}-k{clustered_k}"
-    options = {"colour": True}  # our colour band (effvision.codecs.vqgan.colour_band): a few hundred bytes
+    # our colour band (effvision.codecs.vqgan.colour_band, a few hundred bytes) fixes the colour cast of small
+    # models; the official release codes as Mao et al. do, so its decodes stay those of the official code
+    options = {} if pretrained else {"colour": True}
     if model.index_model is None:  # official weights: no fitted index model
         options["coder"] = "fixed"
     tile_size = model.tile_size or 1024  # the scale the weights were trained at (official: whole images)

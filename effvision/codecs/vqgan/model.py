@@ -9,10 +9,11 @@ one. ``decompress(..., lost=mask)`` fills lost indices with the MaskGIT-style re
 ``decompress(strings, shape, lost=None) -> {"x_hat": (B, 3, H, W)}``: the compressai contract. ``shape``
 is the image size, so a wrapper's latent stride is 1; one chunk (section) by default.
 
-``compress(x, colour=True)`` (our extension, on in effvision's image codec, off by default here so that
-the compressai-level codec is Mao et al.'s) appends a colour band (:mod:`.colour_band`) as one more
-string and sets :data:`COLOUR_FLAG` in the first byte of every index band, so a decoder knows the last string
-is the colour band even when that string is lost.
+``compress(x, colour=True)`` appends a colour band (:mod:`.colour_band`, our extension) as one more string
+and sets :data:`COLOUR_FLAG` in the first byte of every index band, so a decoder knows the last string is
+the colour band even when that string is lost. effvision's image codec turns it on for the shipped and
+user-trained weights; it is off for the official release and by default here, so that the compressai-level
+codec is Mao et al.'s.
 """
 
 from __future__ import annotations
