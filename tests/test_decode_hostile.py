@@ -85,3 +85,14 @@ def test_large_declared_sizes_are_refused_before_any_decoding(hostile_dir, tmp_p
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == len(names), result.stderr
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_colour_band_damage_is_refused_and_a_lost_band_still_decodes(hostile_dir, tmp_path):
+    refused = ["vqgan-colour-cut4", "vqgan-colour-header-only", "vqgan-colour-v2-2048x2048",
+               "vqgan-colour-flags-disagree"]
+    names = ["vqgan-colour-lost", *refused]
+    result = run_decode([hostile_dir / f"{name}.evc" for name in names], tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.png")) == ["vqgan-colour-lost"], result.stderr
+    for name in refused:
+        assert any(name in line and "error" in line for line in result.stderr.splitlines()), (name, result.stderr)
