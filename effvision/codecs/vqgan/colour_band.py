@@ -18,6 +18,7 @@ Shapes: ``x``, ``x_hat``: (3, H, W) in [0, 1]; the grid: (3, ceil(H / factor), c
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -57,11 +58,16 @@ def _to_ycbcr(x: Tensor) -> Tensor:
     return torch.einsum("ij,jhw->ihw", _RGB_TO_YCBCR.to(x.dtype), x)
 
 
-def _block_means(x: Tensor, factor: int) -> Tensor:
-    """(C, H, W) -> (C, ceil(H/f), ceil(W/f)) block averages (edge-replicated padding)."""
+def block_means(x: Tensor, factor: int) -> Tensor:
+    """(C, H, W) or (B, C, H, W) -> (..., ceil(H/f), ceil(W/f)) block averages (edge-replicated padding)."""
     height, width = x.shape[-2:]
-    padded = F.pad(x[None], (0, -width % factor, 0, -height % factor), mode="replicate")
-    return F.avg_pool2d(padded, factor)[0]
+    return F.avg_pool2d(F.pad(x, (0, -width % factor, 0, -height % factor), mode="replicate"), factor)
+
+
+def upsample_blocks(grid: Tensor, factor: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`block_means` for a smooth field: (B, C, rows, columns) -> (B, C, H, W), bicubic."""
+    upsampled = F.interpolate(grid, scale_factor=factor, mode="bicubic", align_corners=False)
+    return upsampled[..., :height, :width]
 
 
 def _predictions(levels: np.ndarray) -> np.ndarray:
@@ -88,16 +94,12 @@ def _laplace_pmf(scale: float) -> list[float]:
     return (pmf / pmf.sum() * (1 - escape)).tolist() + [escape]
 
 
-_CDFS: list[list[int]] | None = None
-
-
+@functools.cache
 def _cdfs() -> list[list[int]]:
-    global _CDFS
-    if _CDFS is None:
-        from compressai._CXX import pmf_to_quantized_cdf
+    """The quantised CDF of every scale in :data:`SCALES` (built once, on first use)."""
+    from compressai._CXX import pmf_to_quantized_cdf
 
-        _CDFS = [pmf_to_quantized_cdf(_laplace_pmf(scale), CDF_PRECISION) for scale in SCALES]
-    return _CDFS
+    return [pmf_to_quantized_cdf(_laplace_pmf(scale), CDF_PRECISION) for scale in SCALES]
 
 
 def _best_scale(residuals: np.ndarray) -> int:
@@ -126,7 +128,7 @@ def encode_colour_band(
     if not 1 <= step_code <= 255:
         raise ValueError(f"colour band step code must be 1..255 (units of 1/1024), got {step_code}")
     difference = _to_ycbcr(x.detach().float().cpu()) - _to_ycbcr(x_hat.detach().float().cpu())
-    levels = torch.round(_block_means(difference, factor) / (step_code * STEP_UNIT))
+    levels = torch.round(block_means(difference, factor) / (step_code * STEP_UNIT))
     levels = levels.clamp(-MAX_LEVEL, MAX_LEVEL).to(torch.int64).numpy()
     residuals = [channel - _predictions(channel) for channel in levels]
     scales = [_best_scale(residual) for residual in residuals]
@@ -153,10 +155,11 @@ def parse_header(stream: bytes) -> tuple[int, float, list[int]]:
     return 2**factor_log2, step_code * STEP_UNIT, scales
 
 
-def check_colour_band(stream: bytes, height: int, width: int) -> None:
+def check_colour_band(stream: bytes, height: int, width: int) -> tuple[int, float, list[int]]:
     """Cheap checks before decoding: a valid header, and a payload long enough for the residuals the image
-    size implies under the chosen scales (each symbol costs at least -log2 of its CDF's largest step)."""
-    factor, _, scales = parse_header(stream)
+    size implies under the chosen scales (each symbol costs at least -log2 of its CDF's largest step).
+    Returns the header, as :func:`parse_header`."""
+    factor, step, scales = parse_header(stream)
     rows, columns = grid_shape(height, width, factor)
     payload = len(stream) - HEADER.size
     least_bits = 0.0
@@ -168,12 +171,12 @@ def check_colour_band(stream: bytes, height: int, width: int) -> None:
     if payload < needed or payload % 4:
         raise CorruptStreamError(f"colour band has {payload} payload bytes; {3 * rows * columns} residuals need at "
                                  f"least {needed}, in 4-byte words")
+    return factor, step, scales
 
 
 def decode_colour_band(stream: bytes, height: int, width: int) -> Tensor:
     """The (3, H, W) RGB correction (CPU float32) a colour-band stream codes (add it to ``x_hat``, then clamp)."""
-    check_colour_band(stream, height, width)
-    factor, step, scales = parse_header(stream)
+    factor, step, scales = check_colour_band(stream, height, width)
     rows, columns = grid_shape(height, width, factor)
     decoder = RansStreamDecoder(bytes(stream[HEADER.size :]))
     cdfs = [_cdfs()[scale] for scale in scales]
@@ -202,7 +205,5 @@ def decode_colour_band(stream: bytes, height: int, width: int) -> Tensor:
                 if abs(value) > MAX_LEVEL:
                     raise CorruptStreamError("colour band decodes to a level outside the range an image can have")
                 grid[row, column] = value
-    correction = torch.from_numpy(levels).float()[None] * step
-    correction = F.interpolate(correction, size=(rows * factor, columns * factor), mode="bicubic",
-                               align_corners=False)[0, :, :height, :width]
+    correction = upsample_blocks(torch.from_numpy(levels).float()[None] * step, factor, height, width)[0]
     return torch.einsum("ij,jhw->ihw", _YCBCR_TO_RGB, correction)

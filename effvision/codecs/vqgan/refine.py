@@ -19,11 +19,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effvision.codecs.metrics import ms_ssim_loss
-from effvision.codecs.vqgan.colour_band import DEFAULT_FACTOR
+from effvision.codecs.vqgan.colour_band import DEFAULT_FACTOR, block_means, upsample_blocks
 
 LEARNING_RATE = 0.05
 L1_WEIGHT = 0.2
@@ -45,20 +44,9 @@ def frozen(module: nn.Module):
             parameter.requires_grad_(flag)
 
 
-def _nearest(latent: Tensor, codebook: Tensor) -> Tensor:
-    """(B, D, h, w) latent -> (B, h, w) indices of the nearest codebook rows (K, D)."""
-    batch, dim, height, width = latent.shape
-    flat = latent.permute(0, 2, 3, 1).reshape(-1, dim)
-    return torch.cdist(flat, codebook).argmin(1).reshape(batch, height, width)
-
-
 def _low_band_corrected(decoded: Tensor, x: Tensor, factor: int) -> Tensor:
     """``decoded`` with its ``factor``-block means moved onto those of ``x`` (the colour band, unquantised)."""
-    height, width = x.shape[-2:]
-    padding = (0, -width % factor, 0, -height % factor)
-    error = F.avg_pool2d(F.pad(x - decoded, padding, mode="replicate"), factor)
-    upsampled = F.interpolate(error, scale_factor=factor, mode="bicubic", align_corners=False)
-    return decoded + upsampled[..., :height, :width]
+    return decoded + upsample_blocks(block_means(x - decoded, factor), factor, *x.shape[-2:])
 
 
 def refine_indices(vq: nn.Module, x: Tensor, padded: Tensor, steps: int, colour: bool = False) -> Tensor:
@@ -72,10 +60,10 @@ def refine_indices(vq: nn.Module, x: Tensor, padded: Tensor, steps: int, colour:
         colour: take the loss after the colour band's correction.
     """
     height, width = x.shape[-2:]
-    codebook = vq.quantize.embedding.weight.detach()
+    quantizer = vq.quantize
     with torch.no_grad():
-        start = vq.quant_conv(vq.encoder(padded))
-    best_indices = _nearest(start, codebook)
+        start = vq.encode_latent(padded)
+    best_indices = quantizer.nearest_indices(start)  # exactly the encoder's own indices
     if steps <= 0:
         return best_indices
     best_loss = torch.full((x.shape[0],), float("inf"), device=x.device)
@@ -83,9 +71,9 @@ def refine_indices(vq: nn.Module, x: Tensor, padded: Tensor, steps: int, colour:
     optimizer = torch.optim.Adam([latent], lr=LEARNING_RATE)
     with frozen(vq), torch.enable_grad():
         for step in range(steps + 1):  # the last pass only scores the final step
-            indices = _nearest(latent.detach(), codebook)
-            quantised = codebook[indices].permute(0, 3, 1, 2)
-            decoded = (vq.decoder(vq.post_quant_conv(latent + (quantised - latent).detach())) + 1) / 2
+            indices = quantizer.nearest_indices(latent.detach())
+            quantised = quantizer.lookup(indices)
+            decoded = (vq.decode_latent(latent + (quantised - latent).detach()) + 1) / 2
             decoded = decoded[..., :height, :width]
             if colour:
                 decoded = _low_band_corrected(decoded, x, DEFAULT_FACTOR)
