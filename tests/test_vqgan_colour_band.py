@@ -207,3 +207,12 @@ def test_colour_band_round_trips_with_the_codec_on_a_gpu(codec):
     torch.testing.assert_close(x_hat.cpu(), codec.decompress(cpu_out["strings"], cpu_out["shape"])["x_hat"],
                                atol=2e-2, rtol=0)
 
+
+def test_index_decoding_skips_the_colour_band_and_a_mixed_batch_is_refused(codec):
+    x = torch.rand(2, 3, 64, 80)
+    out = codec.compress(x, chunks=2, colour=True)
+    assert torch.equal(codec.decompress_indices(out["strings"], out["shape"]), codec.encode_indices(x))
+    plain = codec.compress(x[:1], chunks=2)["strings"]
+    mixed = [[plain[0][0], out["strings"][0][1]], [plain[1][0], out["strings"][1][1]], [b"", out["strings"][2][1]]]
+    with pytest.raises(CorruptStreamError, match="disagree"):
+        codec.decompress(mixed, out["shape"])

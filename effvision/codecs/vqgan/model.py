@@ -312,16 +312,38 @@ class VQGANCodec(CompressionModel):
         channels = self.config.ch * self.config.ch_mult[0]
         return h * w * CELL * CELL * DECODE_BYTES_PER_PIXEL_CHANNEL * channels + 2 * 4 * (h * w) ** 2 + 64 * 2**20
 
-    @torch.no_grad()
-    def decompress_indices(self, strings: list, shape: tuple[int, int], lost=None) -> Tensor:
-        """Strings -> (B, h, w) indices; positions marked in ``lost`` are restored (see :meth:`decompress`)."""
-        if len(shape) != 2 or min(shape) < 1:
-            raise _user_error(f"invalid VQGAN image shape {tuple(shape)}; each side must be at least 1")
+    def _split_strings(self, strings: list, lost) -> tuple[list, list, object]:
+        """compressai strings -> (index strings with :data:`COLOUR_FLAG` cleared, each image's colour band or
+        ``None``, ``lost`` for the index strings only)."""
         if not strings or not all(isinstance(chunk, list | tuple) for chunk in strings):
             raise _user_error("expected strings as [[bytes per image] per chunk] (compressai layout)")
         batch = len(strings[0])
         if any(len(chunk) != batch for chunk in strings):
             raise _user_error("every chunk must hold one stream per image")
+        per_image = [split_colour_band(list(streams)) for streams in zip(*strings, strict=True)]
+        colour_bands = [colour_band for _, colour_band in per_image]
+        has_colour = {colour_band is not None for colour_band in colour_bands}
+        if len(has_colour) > 1:
+            raise CorruptStreamError("the images of a batch disagree on whether they have a colour band")
+        if True in has_colour:
+            if isinstance(lost, list | tuple) and len(lost) == len(strings):
+                lost = lost[:-1]  # per-section flags: the last section was the colour band
+            index_strings = [[bands[chunk] for bands, _ in per_image] for chunk in range(len(strings) - 1)]
+        else:
+            index_strings = strings
+        return index_strings, colour_bands, lost
+
+    @torch.no_grad()
+    def decompress_indices(self, strings: list, shape: tuple[int, int], lost=None) -> Tensor:
+        """Strings -> (B, h, w) indices; positions marked in ``lost`` are restored (see :meth:`decompress`).
+        A colour band, when the file has one, is skipped."""
+        index_strings, _, lost = self._split_strings(strings, lost)
+        return self._decode_index_strings(index_strings, shape, lost)
+
+    def _decode_index_strings(self, strings: list, shape: tuple[int, int], lost) -> Tensor:
+        if len(shape) != 2 or min(shape) < 1:
+            raise _user_error(f"invalid VQGAN image shape {tuple(shape)}; each side must be at least 1")
+        batch = len(strings[0])
         h, w = self.index_grid(shape)
         if len(strings) > h:
             raise _user_error(f"{len(strings)} chunks for an index map of only {h} rows")
@@ -354,16 +376,8 @@ class VQGANCodec(CompressionModel):
         ``lost``: indices to restore instead of trusting the stream, as a bool mask (h, w) or (B, h, w) of the
         index map, or one bool per chunk (a missing chunk's bytes may be ``b""``).
         """
-        if not strings or not all(isinstance(chunk, list | tuple) for chunk in strings):
-            raise _user_error("expected strings as [[bytes per image] per chunk] (compressai layout)")
-        per_image = [split_colour_band(list(streams)) for streams in zip(*strings, strict=True)]
-        if len({len(index_bands) for index_bands, _ in per_image}) > 1:
-            raise CorruptStreamError("the images of a batch have different numbers of index bands")
-        colour_bands = [colour_band for _, colour_band in per_image]
-        if colour_bands[0] is not None and isinstance(lost, list | tuple) and len(lost) == len(strings):
-            lost = lost[:-1]  # per-section flags: the last section was the colour band
-        index_strings = [list(chunk) for chunk in zip(*(bands for bands, _ in per_image), strict=True)]
-        indices = self.decompress_indices(index_strings, shape, lost)
+        index_strings, colour_bands, lost = self._split_strings(strings, lost)
+        indices = self._decode_index_strings(index_strings, shape, lost)
         # the colour bands are decoded (and a corrupt one refused) before the expensive VQGAN decoder runs;
         # b"" or None: the file has none, or it was lost (the picture then keeps its colour cast)
         corrections = [decode_colour_band(band, int(shape[0]), int(shape[1])) if band else None
