@@ -12,6 +12,10 @@ With ``colour=True`` the loss is taken after the colour band's correction (unqua
 :mod:`.colour_band`), so the steps go into structure rather than into colour the band corrects anyway.
 
 Shapes: ``x`` (B, 3, H, W) in [0, 1]; returns indices (B, ceil(H/16), ceil(W/16)).
+
+Cost: each step is a decode plus its backward pass. On this project's 2-core CPU, a 768x512 photo takes about
+6 s a step, and a 1024 x 1024 tile (the shipped codec's) peaked at 5.5 GB of memory with ``steps=1``, against
+about 1 GB for plain encoding. Tiles are refined one at a time, so a smaller ``--tile-size`` bounds it.
 """
 
 from __future__ import annotations
