@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from effvision.codecs.evaluation import bd_rate
+from effvision.codecs.evaluation import bd_psnr, bd_rate
 
 PSNR = np.linspace(28.0, 40.0, 5)
 
@@ -82,3 +82,37 @@ def test_bad_arguments_are_refused() -> None:
         bd_rate(_curve(lambda q: q / 10, [30, 35, 40]), _curve(lambda q: q / 10), "cubic")
     with pytest.raises(ValueError, match="method"):
         bd_rate(_curve(lambda q: q / 10), _curve(lambda q: q / 10), "linear")
+
+
+# ------------------------------------------------------------------------------------------------- BD-PSNR
+
+
+@pytest.mark.parametrize("method", ["pchip", "cubic"])
+def test_bd_psnr_of_identical_curves_is_zero(method: str) -> None:
+    curve = _curve(lambda q: 0.2 * q - 7)
+    assert bd_psnr(curve, curve, method) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pchip", "cubic"])
+def test_bd_psnr_of_a_curve_one_db_higher_at_every_rate_is_one(method: str) -> None:
+    anchor = _curve(lambda q: 0.2 * q - 7)
+    test = [(rate, quality + 1.0) for rate, quality in anchor]
+    assert bd_psnr(anchor, test, method) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bd_psnr_answers_where_the_quality_ranges_do_not_overlap() -> None:
+    # the anchor is 10 dB better at every rate: its worst point beats the test's best, so BD-rate has no
+    # common quality range, but the rates overlap ([e^3.3, e^4.0]) and BD-PSNR is exactly -10 dB there
+    anchor = _curve(lambda q: q / 10 - 1, np.linspace(43, 50, 8))
+    test = _curve(lambda q: q / 10, np.linspace(28, 40, 7))
+    assert bd_rate(anchor, test) is None
+    assert bd_psnr(anchor, test) == pytest.approx(-10.0, abs=1e-9)
+
+
+def test_bd_psnr_one_point_and_disjoint_rates() -> None:
+    anchor = _curve(lambda q: q / 10)  # log-rate 2.8 .. 4.0
+    assert bd_psnr(anchor, [(math.exp(3.5), 36.0)]) == pytest.approx(1.0, abs=1e-9)
+    assert bd_psnr(anchor, [(math.exp(5.0), 60.0)]) is None
+    assert bd_psnr(anchor, _curve(lambda q: q / 10 + 3)) is None
+    with pytest.raises(ValueError):
+        bd_psnr(anchor[:1], anchor)

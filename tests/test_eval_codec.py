@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,11 @@ def test_eval_codec_writes_json_markdown_and_plot(image_dir: Path, two_quality_c
     for row in rows["matched"]:
         assert row["target"].startswith(f"{two_quality_codec}:") and row["target_bytes"] > 0
     assert set(document["bd_rate_psnr_pchip"][two_quality_codec]) == {"jpeg", "webp"}
-    assert "BD-rate" in Path(f"{out}.md").read_text()
+    bd_psnr = document["bd_psnr_db_pchip"][two_quality_codec]
+    assert set(bd_psnr) == {"jpeg", "webp"}
+    assert all(value is None or math.isfinite(value) for value in bd_psnr.values())
+    report = Path(f"{out}.md").read_text()
+    assert "BD-rate" in report and "BD-PSNR" in report
     assert Path(f"{out}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert document["machine"]["cpus"] >= 1
 

@@ -10,7 +10,8 @@ Three views of the same images:
 * **curves**: every classical codec over a fixed grid of its quality settings (the RD curves);
 * **matched bytes**: for every learned file, each classical codec's setting whose file size is closest
   (the actual sizes are reported; where no setting gets within 25% the row says so);
-* **BD-rate** (:func:`bd_rate`) of each learned quality ladder against each classical curve.
+* **BD-rate** (:func:`bd_rate`) and **BD-PSNR** (:func:`bd_psnr`) of each learned quality ladder against each
+  classical curve.
 
 Classical codecs (Pillow): ``jpeg``, ``webp``, ``avif``, ``jxl`` (needs ``pillow-jxl-plugin``; skipped with a
 note when missing) and, for extreme rates, ``avif-down`` / ``webp-down``: the image downscaled 2x, 3x or 4x
@@ -51,6 +52,43 @@ def _pareto(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+def _fit(curve: Sequence[tuple[float, float]], method: str) -> tuple[Callable, Callable]:
+    """(value at x, integral between two x) of the curve y(x) through ``curve``'s (x, y) points, x rising.
+
+    PCHIP (piecewise cubic Hermite, monotone: the Bjøntegaard variant of VCEG-AL22) or one least-squares cubic
+    (``method="cubic"``, the original VCEG-M33 fit; needs 4 points)."""
+    from scipy.interpolate import PchipInterpolator
+
+    x = np.array([a for a, _ in curve], dtype=np.float64)
+    y = np.array([b for _, b in curve], dtype=np.float64)
+    if method == "cubic":
+        if len(curve) < 4:
+            raise ValueError("the cubic Bjøntegaard fit needs at least 4 points a curve")
+        coefficients = np.polyfit(x, y, 3)
+        primitive = np.polyint(coefficients)
+        return (lambda v: np.polyval(coefficients, v)), (lambda a, b: np.polyval(primitive, b) -
+                                                         np.polyval(primitive, a))
+    spline = PchipInterpolator(x, y)
+    return spline, spline.integrate
+
+
+def _bd_mean_difference(anchor: list[tuple[float, float]], test: list[tuple[float, float]],
+                        method: str) -> float | None:
+    """Mean of ``y_test(x) - y_anchor(x)`` over the x range both (x, y) curves cover (x rising); a one-point
+    ``test`` gives the difference at its x. None when they share no range."""
+    if method not in ("pchip", "cubic"):
+        raise ValueError(f"method must be 'pchip' or 'cubic', got {method!r}")
+    if len(test) == 1:
+        x, y = test[0]
+        if not anchor[0][0] <= x <= anchor[-1][0]:
+            return None
+        return y - float(_fit(anchor, method)[0](x))
+    low, high = max(anchor[0][0], test[0][0]), min(anchor[-1][0], test[-1][0])
+    if high <= low:
+        return None
+    return (float(_fit(test, method)[1](low, high)) - float(_fit(anchor, method)[1](low, high))) / (high - low)
+
+
 def bd_rate(
     anchor: Sequence[tuple[float, float]], test: Sequence[tuple[float, float]], method: str = "pchip"
 ) -> float | None:
@@ -66,39 +104,30 @@ def bd_rate(
     dominated points (more rate, no more quality) are dropped first. Returns None when the curves share no
     quality range.
     """
-    from scipy.interpolate import PchipInterpolator
-
     anchor, test = _pareto(anchor), _pareto(test)
     if len(anchor) < 2 or not test:
         raise ValueError("bd_rate needs at least two anchor points and one test point")
-    if method not in ("pchip", "cubic"):
-        raise ValueError(f"method must be 'pchip' or 'cubic', got {method!r}")
+    swapped = [[(quality, math.log(rate)) for rate, quality in curve] for curve in (anchor, test)]
+    difference = _bd_mean_difference(*swapped, method)
+    return None if difference is None else math.exp(difference) - 1.0
 
-    def log_rate(curve: list[tuple[float, float]]) -> tuple[Callable, Callable]:
-        """(log-rate at a quality, integral of log-rate between two qualities) of one curve."""
-        quality = np.array([q for _, q in curve], dtype=np.float64)
-        log_r = np.log(np.array([r for r, _ in curve], dtype=np.float64))
-        if method == "cubic":
-            if len(curve) < 4:
-                raise ValueError("the cubic Bjøntegaard fit needs at least 4 points a curve")
-            coefficients = np.polyfit(quality, log_r, 3)
-            primitive = np.polyint(coefficients)
-            return (lambda q: np.polyval(coefficients, q)), (lambda a, b: np.polyval(primitive, b) -
-                                                             np.polyval(primitive, a))
-        spline = PchipInterpolator(quality, log_r)
-        return spline, spline.integrate
 
-    if len(test) == 1:
-        rate, quality = test[0]
-        if not anchor[0][1] <= quality <= anchor[-1][1]:
-            return None
-        return math.exp(math.log(rate) - float(log_rate(anchor)[0](quality))) - 1.0
-    low = max(anchor[0][1], test[0][1])
-    high = min(anchor[-1][1], test[-1][1])
-    if high <= low:
-        return None
-    mean_difference = (float(log_rate(test)[1](low, high)) - float(log_rate(anchor)[1](low, high))) / (high - low)
-    return math.exp(mean_difference) - 1.0
+def bd_psnr(
+    anchor: Sequence[tuple[float, float]], test: Sequence[tuple[float, float]], method: str = "pchip"
+) -> float | None:
+    """Bjøntegaard delta quality of ``test`` against ``anchor``: the mean quality difference at equal rate.
+
+    The companion of :func:`bd_rate` (VCEG-M33's "BD-PSNR"): quality is interpolated as a function of
+    log-rate on each curve's Pareto front and the difference ``Q_test - Q_anchor`` is averaged over the
+    log-rates both curves cover (+1.0 = test is 1 dB better at the same size). It exists whenever the rate
+    ranges overlap, also where the quality ranges do not (when :func:`bd_rate` has no answer). A one-point
+    ``test`` gives the difference at its rate. Returns None when the curves share no rate range.
+    """
+    anchor, test = _pareto(anchor), _pareto(test)
+    if len(anchor) < 2 or not test:
+        raise ValueError("bd_psnr needs at least two anchor points and one test point")
+    logged = [[(math.log(rate), quality) for rate, quality in curve] for curve in (anchor, test)]
+    return _bd_mean_difference(*logged, method)
 
 
 # ------------------------------------------------------------------------------------------ classical codecs
@@ -383,6 +412,18 @@ class Evaluation:
             }
         return table
 
+    def bd_psnrs(self) -> dict[str, dict[str, float | None]]:
+        """BD-PSNR in dB (PCHIP in log-rate) of each learned ladder vs each classical curve; None: no common
+        rate range."""
+        table: dict[str, dict[str, float | None]] = {}
+        for learned in self.learned_names():
+            test = [(p["bpp"], p["psnr"]) for p in self.mean_curve(self.learned, learned)]
+            table[learned] = {
+                classical: bd_psnr([(p["bpp"], p["psnr"]) for p in self.mean_curve(self.curves, classical)], test)
+                for classical in self.classical_names()
+            }
+        return table
+
     def matched_summary(self) -> list[dict]:
         """Per learned point and classical codec: mean sizes and mean quality differences (learned - classical)."""
         learned = {(r.image, r.codec, r.setting): r for r in self.learned}
@@ -450,7 +491,8 @@ class Evaluation:
         classical = {n: self.mean_curve(self.curves, n) for n in self.classical_names()}
         return {
             "images": self.images, "notes": self.notes, "learned_mean": learned, "classical_mean": classical,
-            "bd_rate_psnr_pchip": self.bd_rates(), "matched_summary": self.matched_summary(),
+            "bd_rate_psnr_pchip": self.bd_rates(),
+            "bd_psnr_db_pchip": self.bd_psnrs(), "matched_summary": self.matched_summary(),
             "interpolated_summary": self.interpolated_summary(),
             "rows": {"learned": [asdict(r) for r in self.learned], "curves": [asdict(r) for r in self.curves],
                      "matched": [asdict(r) for r in self.matched]},
@@ -523,8 +565,12 @@ def _percent(value: float | None) -> str:
     return "n/a (no common PSNR range)" if value is None else f"{100 * value:+.1f}%"
 
 
+def _decibels(value: float | None) -> str:
+    return "n/a (no common rate range)" if value is None else f"{value:+.2f} dB"
+
+
 def markdown_report(evaluation: Evaluation) -> str:
-    """Tables: learned points, classical curves, matched bytes, BD-rate."""
+    """Tables: learned points, classical curves, matched bytes, BD-rate, BD-PSNR."""
     lines = [f"Images: {len(evaluation.images)} ({', '.join(evaluation.images)})", ""]
     lines += [
         "### Learned codecs (real `.evc` files, means over images)", "",
@@ -565,6 +611,13 @@ def markdown_report(evaluation: Evaluation) -> str:
     ]
     for learned, row in bd.items():
         lines.append(f"| {learned} | " + " | ".join(_percent(row[c]) for c in classical) + " |")
+    lines += [
+        "", "### BD-PSNR vs each classical codec (dB at the same rate, piecewise cubic in log-rate; positive = "
+        "learned is better; defined wherever the rate ranges overlap)",
+        "", "| learned | " + " | ".join(classical) + " |", "|---|" + "---:|" * len(classical),
+    ]
+    for learned, row in evaluation.bd_psnrs().items():
+        lines.append(f"| {learned} | " + " | ".join(_decibels(row[c]) for c in classical) + " |")
     lines += [
         "", "### Classical RD curves (means over images)", "",
         "| codec | setting | bpp | PSNR (dB) | MS-SSIM | encode MP/s | decode MP/s |",
