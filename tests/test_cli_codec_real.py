@@ -85,3 +85,18 @@ def test_decoding_without_the_checkpoint_names_the_fix(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["decode", str(tmp_path / "in.evc"), "-o", str(tmp_path / "out.png")]) == 1
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_encode_with_effort_shows_the_refinement_steps_and_decodes(tmp_path, capsys):
+    path = tmp_path / "vqgan-random.safetensors"
+    save_vqgan(path)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    argv = ["encode", str(tmp_path / "in.png"), "--codec", "vqgan", "--checkpoint", str(path)]
+    assert cli.main([*argv, "--effort", "2"]) == 0
+    assert "refine indices" in capsys.readouterr().err  # minutes a photo on a CPU: the user sees the steps
+    assert cli.main(["decode", str(tmp_path / "in.evc"), "-o", str(tmp_path / "out.png"), "--checkpoint",
+                     str(path)]) == 0
+    assert Image.open(tmp_path / "out.png").size == (64, 48)
+    assert cli.main([*argv, "--force"]) == 0
+    assert "refine" not in capsys.readouterr().err  # no effort, no bar

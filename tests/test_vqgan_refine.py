@@ -92,3 +92,18 @@ def test_the_image_codec_offers_effort_for_vqgan():
     assert refined.compress_kwargs == {"colour": True, "effort": 2}
     sections = refined.encode(photo_like(6)[0])
     assert refined.decode(sections, 96, 128).shape == (3, 96, 128)
+
+
+def test_refinement_shows_a_step_bar_only_when_asked(codec, capsys):
+    from effvision.codecs.progress import show_refinement_progress
+
+    x = photo_like(5)
+    codec.refine_indices(x, steps=3)
+    assert capsys.readouterr().err == ""  # library calls stay silent
+    with show_refinement_progress():
+        refined = codec.refine_indices(x, steps=3)
+    bar = capsys.readouterr().err
+    assert "refine indices" in bar and "3/3" in bar
+    with show_refinement_progress(False):
+        assert torch.equal(codec.refine_indices(x, steps=3), refined)  # the bar changes nothing else
+    assert capsys.readouterr().err == ""

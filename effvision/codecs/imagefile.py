@@ -21,7 +21,6 @@ against the codec's limit, every tile's sections against what the codec can have
 from __future__ import annotations
 
 import functools
-import sys
 import zlib
 
 import numpy as np
@@ -39,6 +38,7 @@ from effvision.codecs.container import (
     Tile,
     tile_grid,
 )
+from effvision.codecs.progress import tiles_bar
 from effvision.errors import UserError
 from effvision.image_io import MAX_PIXELS, check_pixels, normalize_mode
 
@@ -106,12 +106,6 @@ def _is_allocation_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _ALLOCATION_FAILURES)
 
 
-def _tiles_progress(total: int, what: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=what, unit="tile", leave=False, disable=not progress or total < 2, file=sys.stderr)
-
-
 def _check_tile_size(codec: ImageCodec, tile_height: int, tile_width: int) -> None:
     if tile_height % codec.alignment or tile_width % codec.alignment:
         raise ContainerError(f"tile size {tile_width}x{tile_height} is not a multiple of {codec.alignment}")
@@ -150,7 +144,7 @@ def encode_image(
         rgb = np.pad(rgb, ((0, pad_bottom), (0, pad_right), (0, 0)), mode="edge")
     sections: list[Section] = []
     places = tile_grid(padded_h, padded_w, tile_height, tile_width)
-    with _tiles_progress(len(places), "encode", progress) as bar:
+    with tiles_bar(len(places), "encode", progress) as bar:
         for top, left, crop_height, crop_width in places:
             crop = torch.from_numpy(rgb[top : top + crop_height, left : left + crop_width].copy())
             try:
@@ -262,7 +256,7 @@ def decode_image(
             raise ContainerError(f"mode {container.mode.name} but no alpha section")
         alpha = _decode_alpha(container.alpha, container.height, container.width)
     pixels = np.empty((container.height, container.width, 3), dtype=np.uint8)
-    with _tiles_progress(len(tiles), "decode", progress) as bar:
+    with tiles_bar(len(tiles), "decode", progress) as bar:
         for tile in tiles:
             try:
                 tensor = codec.decode(list(tile.sections), tile.height, tile.width)

@@ -95,10 +95,12 @@ def run(args: argparse.Namespace) -> int:
                 codec = codec.with_effort(args.effort)
         with batch.item(source):
             from effvision.codecs.imagefile import encode_image, set_codec_threads  # imports torch: only when needed
+            from effvision.codecs.progress import show_refinement_progress
 
             tile = args.tile_size or codec.tile_size
             set_codec_threads(min(tile, image.width) * min(tile, image.height), args.threads)
-            data = encode_image(codec, image, tile_size=args.tile_size, progress=len(inputs) < 2).to_bytes()
+            with show_refinement_progress(args.effort > 0):  # refinement takes minutes a photo on a CPU
+                data = encode_image(codec, image, tile_size=args.tile_size, progress=len(inputs) < 2).to_bytes()
             atomic_write_bytes(destination, data, force=args.force)
             bpp = 8 * len(data) / (image.width * image.height)
             progress.write(

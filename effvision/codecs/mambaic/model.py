@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from effvision.codecs.mambaic.context import SliceContext, anchor_mask
 from effvision.codecs.mambaic.vss import VSSBlock
+from effvision.codecs.progress import refinement_steps
 from effvision.codecs.rans import (
     MIN_STREAM_BYTES,
     SYMBOL_SLACK_BITS,
@@ -283,7 +284,7 @@ class MambaIC(CompressionModel):
         optimizer = torch.optim.Adam([y, z], lr=REFINE_LR)
         best = (float("inf"), y.detach().clone(), z.detach().clone())
         with torch.enable_grad():
-            for _ in range(steps):
+            for _ in refinement_steps(steps, "refine latents"):
                 out = self._forward_from_latents(y, z, x.shape[-2:], relaxed=True)
                 bits = sum(-torch.log2(p.clamp_min(1e-9)).sum() for p in out["likelihoods"].values())
                 loss = lmbda * 255**2 * F.mse_loss(out["x_hat"], x) + bits / pixels
