@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from effvision.peft.placement import placed_like
 from effvision.peft.token_rows import align_rows, append_tokens, insert_prefix_tokens
 from effvision.tokens.state import TokenState
 from effvision.tokens.token_map import PerImageChoice, TokenMap
@@ -45,14 +46,30 @@ class CrossLayerAggregationHead(nn.Module):
         self.act = nn.GELU()
         self.pointwise = nn.Conv1d(2 * dim, num_classes, kernel_size=1) if num_classes > 0 else nn.Identity()
 
-    def forward(self, cls_tokens: Tensor) -> Tensor:
+    #: the model's ``forward_head`` hands this head the unpooled (B, L, D) tokens (see effvision.tokens.model)
+    pools_tokens = True
+
+    def forward(self, cls_tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, L, D) CLS tokens -> (B, num_classes) logits, or the (B, 2D) features before the classifier
+        with ``pre_logits`` (timm's ``forward_head(x, pre_logits=True)``)."""
         if cls_tokens.dim() != 3 or cls_tokens.shape[1] != self.num_layers:
             raise ValueError(
                 f"the aggregation head takes (B, {self.num_layers}, D) CLS tokens, got {tuple(cls_tokens.shape)}"
             )
         x = self.norm_in(cls_tokens.transpose(1, 2))  # (B, D, L)
         x = self.act(self.norm_mid(self.depthwise(x)))  # (B, 2D, 1)
-        return self.pointwise(x).flatten(1)
+        return x.flatten(1) if pre_logits else self.pointwise(x).flatten(1)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new (untrained) classifier for ``num_classes`` (0: none, the head returns its (B, 2D) features),
+        on the device and dtype of the aggregation weights, which stay as they are."""
+        weight = self.depthwise.weight
+        self.num_classes = num_classes
+        self.pointwise = (
+            nn.Conv1d(weight.shape[0], num_classes, kernel_size=1, device=weight.device, dtype=weight.dtype)
+            if num_classes > 0 else nn.Identity()
+        )
+        self.pointwise.train(self.training)
 
     def macs(self) -> int:
         out = self.depthwise.out_channels
@@ -224,6 +241,8 @@ def add_clca(
         average: cache the average token (the release's default; ``False`` with carriers: carriers only).
         recover_last: with the default ``cache_layers``, also re-inject after the second-to-last block.
     """
+    from timm.layers import register_notrace_module
+
     from effvision.tokens.blocks import TokenReducingBlocks
 
     if not isinstance(model.blocks, TokenReducingBlocks):
@@ -248,7 +267,7 @@ def add_clca(
             cache_layers = tuple(sorted({*cache_layers, depth - 2}))
     extensions = list(model.blocks.extensions)
     if cache:
-        model.clca_cache = CrossLayerCache(model.embed_dim, cache_layers, depth, carriers, average)
+        model.clca_cache = placed_like(CrossLayerCache(model.embed_dim, cache_layers, depth, carriers, average), model)
         # first: its before_block adds tokens that the other extensions' per-token tensors must then align to
         extensions.insert(0, model.clca_cache)
     if head:
@@ -257,7 +276,9 @@ def add_clca(
         if getattr(model, "attn_pool", None) is not None:
             raise ValueError("the CLCA head replaces token pooling; this model pools by attention")
         head_layers = tuple(sorted({*layers, depth - 1}))
-        model.head = CrossLayerAggregationHead(model.embed_dim, len(head_layers), model.num_classes)
+        model.head = placed_like(CrossLayerAggregationHead(model.embed_dim, len(head_layers), model.num_classes), model)
+        register_notrace_module(CrossLayerAggregationHead)  # torch.fx keeps the head (and its checks) one call
+        model.head_hidden_size = 2 * model.embed_dim  # what forward_head(x, pre_logits=True) returns
         model.norm = nn.Identity()
         model.fc_norm = nn.Identity()
         model.global_pool = ""  # the head receives the stacked CLS tokens unpooled

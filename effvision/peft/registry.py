@@ -14,11 +14,13 @@ from torch import nn
 from effvision.tokens.registry import REDUCTION_METHODS, VIT_BASE_MODELS
 
 PEFT_BASE_MODELS = VIT_BASE_MODELS
+#: CLCA's aggregation head reads one class token, so distilled DeiTs (class + distillation token) are left out
+CLCA_BASE_MODELS = tuple(base for base in PEFT_BASE_MODELS if "distilled" not in base)
 CLCA_METHODS = (*REDUCTION_METHODS, "sparse_tuning")
 
 REGISTERED_MODELS = tuple(
     [f"sparse_tuning_{base}" for base in PEFT_BASE_MODELS]
-    + [f"clca_{method}_{base}" for method in CLCA_METHODS for base in PEFT_BASE_MODELS]
+    + [f"clca_{method}_{base}" for method in CLCA_METHODS for base in CLCA_BASE_MODELS]
 )
 
 
@@ -54,7 +56,7 @@ def register_peft_models() -> list[str]:
 
     module = sys.modules[__name__]
     entrypoints = [_sparse_tuning_entrypoint(base) for base in PEFT_BASE_MODELS] + [
-        _clca_entrypoint(method, base) for method in CLCA_METHODS for base in PEFT_BASE_MODELS
+        _clca_entrypoint(method, base) for method in CLCA_METHODS for base in CLCA_BASE_MODELS
     ]
     for entrypoint in entrypoints:
         if not hasattr(module, entrypoint.__name__):

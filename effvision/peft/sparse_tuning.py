@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from effvision.peft.dense_adapter import DenseAdapters
+from effvision.peft.placement import placed_like
 from effvision.peft.released_adapter import ReleasedAdapters
 from effvision.tokens.blocks import TokenReducingBlocks
 from effvision.tokens.reduce import default_layers, reduce
@@ -53,11 +54,12 @@ def add_dense_adapters(
             layers = [layer for layer in getattr(model.blocks.policy, "layers", ()) if layer > 0]
             stage_starts = tuple(layers or default_layers(depth))
         inner = max(bottleneck // 2, 1) if inner is None else inner
-        model.dense_adapters = ReleasedAdapters(model.embed_dim, depth, stage_starts, bottleneck, inner)
+        model.dense_adapters = placed_like(ReleasedAdapters(model.embed_dim, depth, stage_starts, bottleneck, inner),
+                                           model)
     elif adapter == "dense":
         if inner is not None or stage_starts is not None:
             raise ValueError("inner and stage_starts belong to the released adapter, not adapter='dense'")
-        model.dense_adapters = DenseAdapters(model.embed_dim, depth, bottleneck)
+        model.dense_adapters = placed_like(DenseAdapters(model.embed_dim, depth, bottleneck), model)
     else:
         raise ValueError(f"unknown adapter {adapter!r}; choose one of {', '.join(ADAPTERS)}")
     # first: extensions added later (CLCA) see the stream with the adapters' contributions

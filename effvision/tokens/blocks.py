@@ -205,8 +205,9 @@ class TokenReducingBlocks(nn.Sequential):
         blocks.extensions = self.extensions
         return blocks
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.output(self.forward_state(TokenState.start(x, self.num_prefix, self.track_source)))
+    def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
+        """(B, N, C) tokens (Eva: with its (N - prefix, D) RoPE table) -> what :meth:`output` gives."""
+        return self.output(self.forward_state(TokenState.start(x, self.num_prefix, self.track_source, rope)))
 
     def output(self, state: TokenState) -> Tensor:
         """What ``forward`` returns for the final ``state``: the tokens, or an extension's output."""

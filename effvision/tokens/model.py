@@ -9,10 +9,12 @@ first in the MRO. It overrides only what timm's own code cannot do on reduced to
 * ``forward_intermediates`` (and with it ``features_only=True``) runs the reduced model. ``NLC`` returns
   the reduced tokens; ``NCHW`` scatters them back onto the patch grid through the source map
   ("unmerge": every patch takes the value of the token holding it; pruned patches are zero);
-* ``set_grad_checkpointing`` checkpoints the attention and MLP of each block inside the reduction.
+* ``set_grad_checkpointing`` checkpoints the attention and MLP of each block inside the reduction;
+* ``forward_head`` / ``reset_classifier`` give a head that pools the tokens itself (``head.pools_tokens``:
+  CLCA's aggregation head) the unpooled tokens, its pre-logits, and a new classifier that keeps its pooling.
 
-Everything else (``forward_head``, ``reset_classifier``, ``prune_intermediate_layers``, ``pretrained_cfg``,
-state-dict names) is timm's. The class is a plain class attribute, not a closure over the instance, so
+Everything else (``prune_intermediate_layers``, ``pretrained_cfg``, state-dict names, the blocks' leaf
+registration for torch.fx) is timm's. The class is a plain class attribute, not a closure over the instance, so
 models pickle (``torch.save(model)``) and ``copy.deepcopy`` gives an independent model.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from effvision.tokens.state import TokenState
@@ -75,6 +78,8 @@ def unmerge(tokens: Tensor, source: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 def _check_plain_attention(attn_mask: Tensor | None, is_causal: bool) -> None:
+    if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
+        return  # torch.fx symbolic tracing hands every argument over as a Proxy, defaults included
     if attn_mask is not None or is_causal:
         raise ValueError("token-reduced models take no attn_mask / is_causal: the token count changes per block")
 
@@ -87,15 +92,20 @@ class TokenReducedModel:
         # pickle / deepcopy rebuild the class from its timm base, so no module attribute has to exist
         return _new_reduced_model, (type(self).__bases__[1],), self.__getstate__()
 
+    def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Patch + position embedding, as timm's ``forward_features`` does before the blocks: the (B, N, C)
+        tokens and, for Eva, its RoPE table (else None)."""
+        if _is_eva(self):
+            x, rope = self._pos_embed(self.patch_embed(images))
+            return self.norm_pre(x), rope
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images)))), None
+
     def token_state(self, images: Tensor, track_source: bool | None = None) -> TokenState:
         """Patch + position embedding of ``images`` as the :class:`TokenState` entering the first block."""
         blocks = self.blocks
-        track_source = blocks.track_source if track_source is None else track_source
-        if _is_eva(self):
-            x, rope = self._pos_embed(self.patch_embed(images))
-            return TokenState.start(self.norm_pre(x), blocks.num_prefix, track_source, rope)
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
-        return TokenState.start(x, blocks.num_prefix, track_source)
+        x, rope = self._embed(images)
+        return TokenState.start(x, blocks.num_prefix, blocks.track_source if track_source is None else track_source,
+                                rope)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint each block's attention and MLP (recomputed in backward), inside the reduction."""
@@ -104,8 +114,28 @@ class TokenReducedModel:
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         _check_plain_attention(attn_mask, is_causal)
-        blocks = self.blocks
-        return self.norm(blocks.output(blocks.forward_state(self.token_state(x))))
+        tokens, rope = self._embed(x)
+        # through the blocks' __call__, as timm does: their hooks fire, and torch.fx sees one leaf module
+        return self.norm(self.blocks(tokens) if rope is None else self.blocks(tokens, rope))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's ``forward_head``; a head that pools the tokens itself (``head.pools_tokens``: CLCA's
+        aggregation head over the stacked CLS tokens) gets them unpooled and gives the pre-logits too."""
+        if getattr(self.head, "pools_tokens", False):
+            return self.head(self.head_drop(x), pre_logits=pre_logits)
+        return super().forward_head(x, pre_logits=pre_logits)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's ``reset_classifier``; a head that pools the tokens itself keeps its pooling and gets a new
+        classifier (``num_classes=0``: none, the model then returns the pre-logits)."""
+        if not getattr(self.head, "pools_tokens", False):
+            super().reset_classifier(num_classes, global_pool)
+            return
+        if global_pool not in (None, ""):
+            raise ValueError(f"this model's head aggregates the tokens itself; global_pool={global_pool!r} "
+                             "cannot replace it (leave it None)")
+        self.num_classes = num_classes
+        self.head.reset_classifier(num_classes)
 
     def forward_intermediates(
         self,

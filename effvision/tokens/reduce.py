@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.fx
 from torch import Tensor, nn
 
 from effvision.tokens.attention import check_attention_module
@@ -36,6 +37,8 @@ def _check_vit(model: nn.Module) -> None:
 def _check_size_hook(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook on ``patch_embed``: a clear ValueError for wrong input shapes."""
     x = args[0]
+    if isinstance(x, torch.fx.Proxy):
+        return  # torch.fx symbolic tracing: no shapes to check
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(getattr(x, 'shape', ()))}")
     channels = getattr(getattr(module, "proj", None), "in_channels", x.shape[1])
@@ -81,7 +84,10 @@ def reduce(model: nn.Module, method: str, *, track_source: bool = False, **optio
     """
     if not isinstance(method, str):
         raise ValueError(f"method must be a string, got {type(method).__name__}")
+    from timm.layers import register_notrace_module  # (timm imports effvision's registry: not at module level)
+
     _check_vit(model)
+    register_notrace_module(TokenReducingBlocks)  # torch.fx (timm's FX feature extraction): one opaque call
     policy = make_policy(method, model_shape(model), **options)
     blocks = model.blocks
     inner = list(blocks) if isinstance(blocks, nn.Sequential) else list(blocks.children())

@@ -1,0 +1,107 @@
+"""What timm's own model tests (timm/tests/test_models.py) ask of a registered model, on the PEFT and reduced
+names: ``features_only=True``, torch.fx feature extraction with timm's leaf modules, a head that pools the
+tokens itself (CLCA) keeping timm's pre-logits / ``reset_classifier`` semantics, and ``create_model(device=)``
+placing every new part. Tiny (vit_tiny, 224 px) models, random weights."""
+
+import pytest
+import timm
+import torch
+from timm.models import get_notrace_functions, get_notrace_modules
+
+import effvision
+
+NAMES = (
+    "ppt_vit_tiny_patch16_224", "tome_vit_tiny_patch16_224", "topk_vit_tiny_patch16_224",
+    "sparse_tuning_vit_tiny_patch16_224", "clca_ppt_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224",
+)
+CLCA = ("clca_ppt_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224")
+
+
+def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["sparse_tuning_vit_tiny_patch16_224", *CLCA])
+def test_features_only_on_peft_models(name):
+    features = timm.create_model(name, features_only=True, out_indices=(2, 5, 11)).eval()
+    assert type(features).__name__ == "FeatureGetterNet"
+    assert features.feature_info.channels() == [192] * 3 and features.feature_info.reduction() == [16] * 3
+    with torch.no_grad():
+        maps = features(images(1))
+    assert [m.shape for m in maps] == [(1, 192, 14, 14)] * 3
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_fx_feature_extraction_gives_the_models_output(name):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = timm.create_model(name).eval()
+    tracer = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                  param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer)
+    assert "blocks" in eval_nodes  # the reduction is one opaque node, as timm's own leaf modules are
+    extractor = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                         eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer)
+    x = images()
+    with torch.inference_mode():
+        expected = model(x)
+        (traced,) = extractor(x).values()
+    torch.testing.assert_close(traced, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", CLCA)
+def test_clca_head_keeps_timms_pre_logits_and_reset_classifier(name):
+    model = timm.create_model(name, num_classes=7).eval()
+    assert (model.num_features, model.head_hidden_size) == (192, 384)  # aggregation: D -> 2D
+    x = images()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre_logits = model.forward_head(features, pre_logits=True)
+        logits = model(x)
+    assert features.shape[-1] == model.num_features and pre_logits.shape == (2, model.head_hidden_size)
+    assert logits.shape == (2, 7)
+    # the classifier is the pointwise conv on the pre-logits
+    pointwise = model.head.pointwise
+    torch.testing.assert_close(logits, pre_logits @ pointwise.weight[:, :, 0].T + pointwise.bias)
+
+    aggregation = {k: v.clone() for k, v in model.head.state_dict().items() if not k.startswith("pointwise")}
+    model.reset_classifier(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pre_logits)  # no classifier: the model returns its pre-logits
+    model.reset_classifier(3)
+    assert model.num_classes == 3
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+    kept = {k: v for k, v in model.head.state_dict().items() if not k.startswith("pointwise")}
+    assert all(torch.equal(kept[k], v) for k, v in aggregation.items())  # the pooling part is kept
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(3, global_pool="avg")
+
+
+@pytest.mark.parametrize("name", CLCA)
+def test_reset_classifier_follows_the_models_device_and_dtype(name):
+    model = timm.create_model(name, device="meta")
+    model.to(dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    for parameter in model.get_classifier().parameters():
+        assert (parameter.device.type, parameter.dtype) == ("meta", torch.float64)
+
+
+@pytest.mark.parametrize("name", ["sparse_tuning_vit_tiny_patch16_224", *CLCA])
+def test_create_model_places_every_added_part_on_the_device(name):
+    model = timm.create_model(name, device="meta", num_classes=0)
+    misplaced = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert not misplaced, misplaced[:5]
+    if "sparse_tuning" in name:  # still frozen where it was: only adapters and head train
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and not any(n.startswith(("blocks.", "patch_embed.")) for n in trainable)
+
+
+def test_every_registered_clca_name_has_a_single_class_token_base():
+    clca = [name for name in effvision.REGISTERED_MODELS if name.startswith("clca_")]
+    assert clca and not any("distilled" in name for name in clca)
+    assert "sparse_tuning_deit_tiny_distilled_patch16_224" in effvision.REGISTERED_MODELS  # no CLCA head there
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        timm.create_model("clca_ppt_deit_tiny_distilled_patch16_224")
