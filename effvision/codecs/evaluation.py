@@ -401,28 +401,26 @@ class Evaluation:
     def classical_names(self) -> list[str]:
         return list(dict.fromkeys(r.codec for r in self.curves))
 
-    def bd_rates(self) -> dict[str, dict[str, float | None]]:
-        """BD-rate (PSNR, PCHIP) of each learned ladder vs each classical curve; None: no common PSNR range."""
+    def _bjontegaard_table(self, delta: Callable) -> dict[str, dict[str, float | None]]:
+        """``delta(classical curve, learned curve)`` on (bpp, PSNR) mean curves, per learned ladder and classical
+        codec."""
         table: dict[str, dict[str, float | None]] = {}
         for learned in self.learned_names():
             test = [(p["bpp"], p["psnr"]) for p in self.mean_curve(self.learned, learned)]
             table[learned] = {
-                classical: bd_rate([(p["bpp"], p["psnr"]) for p in self.mean_curve(self.curves, classical)], test)
+                classical: delta([(p["bpp"], p["psnr"]) for p in self.mean_curve(self.curves, classical)], test)
                 for classical in self.classical_names()
             }
         return table
 
+    def bd_rates(self) -> dict[str, dict[str, float | None]]:
+        """BD-rate (PSNR, PCHIP) of each learned ladder vs each classical curve; None: no common PSNR range."""
+        return self._bjontegaard_table(bd_rate)
+
     def bd_psnrs(self) -> dict[str, dict[str, float | None]]:
         """BD-PSNR in dB (PCHIP in log-rate) of each learned ladder vs each classical curve; None: no common
         rate range."""
-        table: dict[str, dict[str, float | None]] = {}
-        for learned in self.learned_names():
-            test = [(p["bpp"], p["psnr"]) for p in self.mean_curve(self.learned, learned)]
-            table[learned] = {
-                classical: bd_psnr([(p["bpp"], p["psnr"]) for p in self.mean_curve(self.curves, classical)], test)
-                for classical in self.classical_names()
-            }
-        return table
+        return self._bjontegaard_table(bd_psnr)
 
     def matched_summary(self) -> list[dict]:
         """Per learned point and classical codec: mean sizes and mean quality differences (learned - classical)."""
