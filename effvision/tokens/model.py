@@ -5,7 +5,8 @@ timm class (``VisionTransformer``, ``VisionTransformerDistilled``, ``Eva``) with
 first in the MRO. It overrides only what timm's own code cannot do on reduced tokens:
 
 * ``forward_features`` runs the reduced blocks (Eva: with RoPE following the tokens) and never timm's
-  per-block ``checkpoint_seq``, which would bypass the reduction;
+  per-block ``checkpoint_seq``, which would bypass the reduction; it calls ``model.blocks`` as a module, which
+  :func:`effvision.reduce` registers with timm as a torch.fx leaf (one opaque node in a traced graph);
 * ``forward_intermediates`` (and with it ``features_only=True``) runs the reduced model. ``NLC`` returns
   the reduced tokens; ``NCHW`` scatters them back onto the patch grid through the source map
   ("unmerge": every patch takes the value of the token holding it; pruned patches are zero);
@@ -13,9 +14,9 @@ first in the MRO. It overrides only what timm's own code cannot do on reduced to
 * ``forward_head`` / ``reset_classifier`` give a head that pools the tokens itself (``head.pools_tokens``:
   CLCA's aggregation head) the unpooled tokens, its pre-logits, and a new classifier that keeps its pooling.
 
-Everything else (``prune_intermediate_layers``, ``pretrained_cfg``, state-dict names, the blocks' leaf
-registration for torch.fx) is timm's. The class is a plain class attribute, not a closure over the instance, so
-models pickle (``torch.save(model)``) and ``copy.deepcopy`` gives an independent model.
+Everything else (``prune_intermediate_layers``, ``pretrained_cfg``, state-dict names) is timm's. The class
+is a plain class attribute, not a closure over the instance, so models pickle (``torch.save(model)``) and
+``copy.deepcopy`` gives an independent model.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from effvision.codecs.vqgan.colour_band import DEFAULT_FACTOR, block_means, upsa
 
 #: chosen on the validation photos (chelsea, coffee, astronaut, rocket; q4, 20 steps), mean MS-SSIM: 0.01 ->
 #: 0.818, 0.02 -> 0.822, 0.05 -> 0.820. At 0.05 Adam's first step (about +-lr on every latent value) moved so many
-#: indices at once that on some photos no later step got back below the encoder's own map.
+#: indices at once that on one test photo (ColdRipple) no later step got back below the encoder's own map.
 LEARNING_RATE = 0.02
 L1_WEIGHT = 0.2
 MSSSIM_WEIGHT = 1.0
