@@ -105,3 +105,33 @@ def test_every_registered_clca_name_has_a_single_class_token_base():
     assert "sparse_tuning_deit_tiny_distilled_patch16_224" in effvision.REGISTERED_MODELS  # no CLCA head there
     with pytest.raises(RuntimeError, match="Unknown model"):
         timm.create_model("clca_ppt_deit_tiny_distilled_patch16_224")
+
+
+def test_a_model_unpickled_in_a_fresh_process_traces_with_torch_fx(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    model = timm.create_model("clca_tome_vit_tiny_patch16_224").eval()
+    x = images(1)
+    with torch.no_grad():
+        torch.save({"model": model, "x": x, "y": model(x)}, tmp_path / "model.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from timm.models import get_notrace_functions, get_notrace_modules
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        saved = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False)  # no reduce() in this process
+        model = saved["model"]
+        tracer = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+        train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer)
+        extractor = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                             eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer)
+        with torch.no_grad():
+            (out,) = extractor(saved["x"]).values()
+        print("blocks" in eval_nodes, torch.equal(out, saved["y"]))
+    """)
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True"]

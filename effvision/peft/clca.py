@@ -16,6 +16,7 @@ computed as the authors' released code does (docs/methods.md):
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from effvision.peft.placement import placed_like
@@ -52,7 +53,8 @@ class CrossLayerAggregationHead(nn.Module):
     def forward(self, cls_tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, L, D) CLS tokens -> (B, num_classes) logits, or the (B, 2D) features before the classifier
         with ``pre_logits`` (timm's ``forward_head(x, pre_logits=True)``)."""
-        if cls_tokens.dim() != 3 or cls_tokens.shape[1] != self.num_layers:
+        traced = isinstance(cls_tokens, torch.fx.Proxy)  # torch.fx symbolic tracing: no shapes to check
+        if not traced and (cls_tokens.dim() != 3 or cls_tokens.shape[1] != self.num_layers):
             raise ValueError(
                 f"the aggregation head takes (B, {self.num_layers}, D) CLS tokens, got {tuple(cls_tokens.shape)}"
             )
@@ -241,8 +243,6 @@ def add_clca(
         average: cache the average token (the release's default; ``False`` with carriers: carriers only).
         recover_last: with the default ``cache_layers``, also re-inject after the second-to-last block.
     """
-    from timm.layers import register_notrace_module
-
     from effvision.tokens.blocks import TokenReducingBlocks
 
     if not isinstance(model.blocks, TokenReducingBlocks):
@@ -277,7 +277,6 @@ def add_clca(
             raise ValueError("the CLCA head replaces token pooling; this model pools by attention")
         head_layers = tuple(sorted({*layers, depth - 1}))
         model.head = placed_like(CrossLayerAggregationHead(model.embed_dim, len(head_layers), model.num_classes), model)
-        register_notrace_module(CrossLayerAggregationHead)  # torch.fx keeps the head (and its checks) one call
         model.head_hidden_size = 2 * model.embed_dim  # what forward_head(x, pre_logits=True) returns
         model.norm = nn.Identity()
         model.fc_norm = nn.Identity()

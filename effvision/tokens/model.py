@@ -6,7 +6,7 @@ first in the MRO. It overrides only what timm's own code cannot do on reduced to
 
 * ``forward_features`` runs the reduced blocks (Eva: with RoPE following the tokens) and never timm's
   per-block ``checkpoint_seq``, which would bypass the reduction; it calls ``model.blocks`` as a module, which
-  :func:`effvision.reduce` registers with timm as a torch.fx leaf (one opaque node in a traced graph);
+  :func:`register_fx_leaf` registers with timm as a torch.fx leaf (one opaque node in a traced graph);
 * ``forward_intermediates`` (and with it ``features_only=True``) runs the reduced model. ``NLC`` returns
   the reduced tokens; ``NCHW`` scatters them back onto the patch grid through the source map
   ("unmerge": every patch takes the value of the token holding it; pruned patches are zero);
@@ -45,8 +45,21 @@ def reduced_class(base: type) -> type:
     return _REDUCED_CLASSES[base]
 
 
+def register_fx_leaf() -> None:
+    """Register the reduction blocks with timm as a torch.fx leaf (one opaque node in a traced graph).
+
+    Called when a model is reduced or unpickled, not at import: importing timm runs effvision's registry,
+    which imports this package."""
+    from timm.layers import register_notrace_module
+
+    from effvision.tokens.blocks import TokenReducingBlocks
+
+    register_notrace_module(TokenReducingBlocks)
+
+
 def _new_reduced_model(base: type) -> nn.Module:
     """Unpickling: an empty instance of ``reduced_class(base)`` (the state is set by ``__setstate__``)."""
+    register_fx_leaf()
     cls = reduced_class(base)
     return cls.__new__(cls)
 

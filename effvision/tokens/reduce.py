@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from effvision.tokens.attention import check_attention_module
 from effvision.tokens.blocks import NoReduction, TokenReducingBlocks
 from effvision.tokens.flops import count_macs, input_tokens, token_schedule
-from effvision.tokens.model import reduced_class
+from effvision.tokens.model import reduced_class, register_fx_leaf
 from effvision.tokens.policies import POLICIES, ModelShape, default_layers, make_policy
 from effvision.tokens.state import TokenState
 
@@ -84,10 +84,8 @@ def reduce(model: nn.Module, method: str, *, track_source: bool = False, **optio
     """
     if not isinstance(method, str):
         raise ValueError(f"method must be a string, got {type(method).__name__}")
-    from timm.layers import register_notrace_module  # (timm imports effvision's registry: not at module level)
-
     _check_vit(model)
-    register_notrace_module(TokenReducingBlocks)  # torch.fx (timm's FX feature extraction): one opaque call
+    register_fx_leaf()
     policy = make_policy(method, model_shape(model), **options)
     blocks = model.blocks
     inner = list(blocks) if isinstance(blocks, nn.Sequential) else list(blocks.children())
