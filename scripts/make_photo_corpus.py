@@ -322,8 +322,12 @@ def choose_test(photos: list[Candidate], can_test: dict[str, bool], count: int, 
 
 
 def load_train_crops(path: Path) -> np.ndarray:
-    """``train.npy`` as written by ``--npy``: (N, crop, crop, 3) uint8, checked (the training scripts read it)."""
-    crops = np.load(path)
+    """``train.npy`` as written by ``--npy``: (N, crop, crop, 3) uint8, checked (the training scripts read it).
+    Or the ``train/`` folder of PNG crops itself (the smallest form, to carry to a GPU machine)."""
+    if Path(path).is_dir():
+        crops = np.stack([np.asarray(Image.open(file).convert("RGB")) for file in sorted(Path(path).glob("*.png"))])
+    else:
+        crops = np.load(path)
     if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
         raise SystemExit(f"{path}: expected (N, H, W, 3) uint8 crops, got {crops.shape} {crops.dtype}")
     return crops

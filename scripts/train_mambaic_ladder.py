@@ -76,8 +76,12 @@ def main() -> None:
     parser.add_argument("--stage-minutes", type=float, default=None,
                         help="wall-time cap per stage (the cosine schedule still spans STEPS)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (bfloat16 autocast on CUDA)")
+    parser.add_argument("--scan-backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="selective-scan backend of the VSS blocks (auto: Triton on CUDA)")
     args = parser.parse_args()
 
+    from effvision.codecs.base import resolve_device
     from effvision.codecs.mambaic.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
     from effvision.codecs.mambaic.train import TrainSettings, train
 
@@ -88,26 +92,37 @@ def main() -> None:
     _, metadata = read_checkpoint_config(source)
     ancestry_steps = int(metadata.get("total_steps", metadata.get("steps", "0")))
     ancestry_hours = float(metadata.get("cpu_hours", "0"))
+    ancestry_gpu_hours = float(metadata.get("gpu_hours", "0"))
+    device = resolve_device(args.device)
     for quality, lmbda, steps in args.chain:
         work = args.work_dir / f"q{quality}"
         model = load_checkpoint(source, expected_config="lite")
+        for module in model.modules():
+            if hasattr(module, "scan_backend"):
+                module.scan_backend = args.scan_backend
         settings = TrainSettings(
             lmbda=lmbda, steps=steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
             final_lr=args.final_lr, val_every=100, save_every=50, progress=True, seed=quality,
             max_seconds=None if args.stage_minutes is None else args.stage_minutes * 60,
         )
         started = time.time()
-        train(model, train_images, settings, out_dir=work, val_images=val_images, resume=args.resume)
+        train(model, train_images, settings, out_dir=work, val_images=val_images, resume=args.resume, device=device)
+        model.cpu()
         hours = (time.time() - started) / 3600
-        steps = int(torch.load(work / "train_state.pt", weights_only=True)["step"])
+        steps = int(torch.load(work / "train_state.pt", weights_only=True, map_location="cpu")["step"])
         ancestry_steps += steps
-        ancestry_hours += hours
+        if device == "cuda":
+            ancestry_gpu_hours += hours
+        else:
+            ancestry_hours += hours
         asset = args.assets / f"mambaic-lite-q{quality}.safetensors"
         save_checkpoint(model, asset, extra={
             "lambda": str(lmbda),
             "steps": str(steps),
             "total_steps": str(ancestry_steps),
             "cpu_hours": f"{ancestry_hours:.2f}",
+            "gpu_hours": f"{ancestry_gpu_hours:.3f}",
+            "trained_on_device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "fine_tuned_from": source.name,
             "trained_on": f"photo corpus {args.corpus.name} + skimage {','.join(EXTRA_TRAIN)}",
             "recipe": json.dumps({"crop": args.crop, "batch": args.batch_size, "lr": args.lr,

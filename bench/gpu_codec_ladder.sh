@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The MambaIC quality ladder trained on a lent GPU in ONE device call (issue #12), then compared here on the CPU.
+#
+# Not yet run on a GPU: no session so far was lent one. The steps below were dry-run on the CPU (--dry-run).
+#
+# Prepare here, once (the data and wheels travel with the call; with the tree about 62 MB of the 64 MiB):
+#   mkdir -p runs/gpu-carry && cp -r /work/photo-corpus/train runs/gpu-carry/     # the 288 PNG crops, 31 MB
+#   echo /.whl/ >> .git/info/exclude        # then, for the device image's python 3.12 (it lacks these two):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_34_x86_64 -d .whl compressai==1.2.8
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl pytorch-msssim==1.0.0
+#   bash bench/gpu_codec_ladder.sh --dry-run            # here, on the CPU: a few steps of every stage
+# On the device (one call, timeout_s 590, carry [".whl", "runs/gpu-carry"]):
+#   bash bench/gpu_codec_ladder.sh
+# What it does there:
+#   1. installs the two wheels and this checkout (no network);
+#   2. checks the Triton selective scan against its reference on CUDA (falls back to the torch scan if not);
+#   3. times 20 training steps, then sizes every stage to its share of TRAIN_SECONDS;
+#   4. fine-tunes two chains side by side on the one GPU, each from the shipped model next to it:
+#      q4 (lambda 0.013) -> q5 -> q6 from the shipped q4, q3 (0.0067) -> q2 -> q1 from the shipped q3;
+#      batch 16 of 256 px crops, cosine 1e-4 -> 1e-5 per stage, bfloat16 autocast;
+#   5. writes every quality's weights (fp32, about 7.5 MB each) and the logs to $OUT.
+# Afterwards, here: save each in fp16 (save_checkpoint(half_parameters=True)), evaluate them with
+# `effvision eval-codec --checkpoint` on the test photos beside the shipped ladder, and ship the better.
+set -uo pipefail
+dry=0
+[ "${1:-}" = "--dry-run" ] && dry=1
+out="${OUT:-runs/gpu-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python="${PYTHON:-python3}"
+train_seconds="${TRAIN_SECONDS:-300}"
+device=cuda
+batch=16
+crop=256
+if [ "$dry" = 1 ]; then
+    python="${PYTHON:-.venv/bin/python}"; device=cpu; batch=2; crop=64; train_seconds=40
+else
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+    "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 \
+        || { cat "$out/install.log"; exit 1; }
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu-device.txt" 2>&1
+fi
+
+backend=auto
+if [ "$dry" = 0 ]; then
+    if ! timeout 100 "$python" -m pytest -q -x tests/test_kernels_cuda.py -k scan >"$out/scan-check.log" 2>&1; then
+        echo "Triton scan check failed (see scan-check.log): training with the torch scan"; backend=torch
+    fi
+fi
+
+# seconds per step, measured: 20 steps of the q4 model at this batch and crop
+per_step=$("$python" - "$device" "$batch" "$crop" "$backend" <<'EOF'
+import sys, tempfile, time
+sys.path.insert(0, "scripts")
+import torch
+from effvision.codecs.mambaic.checkpoint import load_checkpoint
+from effvision.codecs.mambaic.train import TrainSettings, train
+device, batch, crop, backend = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+model = load_checkpoint("effvision/assets/mambaic-lite-q4.safetensors", expected_config="lite")
+for module in model.modules():
+    if hasattr(module, "scan_backend"):
+        module.scan_backend = backend
+images = [torch.rand(3, 2 * crop, 2 * crop) for _ in range(4)]
+steps = 3 if device == "cpu" else 20
+settings = TrainSettings(lmbda=0.013, steps=steps, batch_size=batch, crop=crop, progress=False)
+train(model, images, TrainSettings(lmbda=0.013, steps=2, batch_size=batch, crop=crop, progress=False),
+      device=device)  # warm-up: Triton compiles, autotunes
+started = time.time()
+train(model, images, settings, device=device)
+if device == "cuda":
+    torch.cuda.synchronize()
+print(f"{(time.time() - started) / steps:.4f}")
+EOF
+)
+[ -n "$per_step" ] || { echo "timing run failed"; exit 1; }
+# three stages a chain; the first (the longest from its shipped model's lambda) gets half the time
+long=$("$python" -c "print(max(2, int($train_seconds * 0.5 / $per_step)))")
+short=$("$python" -c "print(max(2, int($train_seconds * 0.25 / $per_step)))")
+minutes=$("$python" -c "print(round($train_seconds / 60 * 0.5 * 1.15, 2))")
+echo "seconds per step: $per_step; stage steps: $long, $short, $short (cap $minutes min a stage); scan: $backend"
+echo "$per_step" >"$out/seconds-per-step.txt"
+
+corpus=runs/gpu-carry/train
+assets=runs/gpu-assets
+mkdir -p "$assets"
+common=(--corpus "$corpus" --work-dir runs/gpu-ladder --assets "$assets" --batch-size "$batch" --crop "$crop"
+        --lr 1e-4 --final-lr 1e-5 --device "$device" --scan-backend "$backend" --stage-minutes "$minutes")
+"$python" scripts/train_mambaic_ladder.py "${common[@]}" --init effvision/assets/mambaic-lite-q4.safetensors \
+    --chain "4:0.013:$long" "5:0.025:$short" "6:0.0483:$short" >"$out/chain-high.log" 2>&1 &
+high=$!
+"$python" scripts/train_mambaic_ladder.py "${common[@]}" --init effvision/assets/mambaic-lite-q3.safetensors \
+    --chain "3:0.0067:$long" "2:0.0035:$short" "1:0.0018:$short" >"$out/chain-low.log" 2>&1 &
+low=$!
+failed=0
+wait "$high" || { echo "high chain failed"; failed=1; }
+wait "$low" || { echo "low chain failed"; failed=1; }
+tail -n 3 "$out/chain-high.log" "$out/chain-low.log"
+# $OUT returns at most 8 files: six fp16 weight files (about 4.3 MB each) and one archive of the logs
+"$python" - "$assets" "$out" <<'PY'
+import sys
+from pathlib import Path
+from effvision.codecs.mambaic.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+for path in sorted(source.glob("mambaic-lite-q*.safetensors")):
+    _, metadata = read_checkpoint_config(path)
+    save_checkpoint(load_checkpoint(path, expected_config="lite"), target / path.name, extra=dict(metadata),
+                    half_parameters=True)
+    print("fp16:", target / path.name)
+PY
+(cd "$out" && tar czf logs.tar.gz --remove-files ./*.log ./*.txt)
+ls -la "$out"
+exit "$failed"
