@@ -135,3 +135,35 @@ def test_a_model_unpickled_in_a_fresh_process_traces_with_torch_fx(tmp_path):
                             timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("name", ["sparse_tuning_vit_tiny_patch16_224", *CLCA])
+def test_pruned_models_keep_their_taps_and_leave_no_unused_parameter(name):
+    import copy
+
+    model = timm.create_model(name).eval()
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        whole = copy.deepcopy(model)
+        whole.prune_intermediate_layers([11], prune_head=False)
+        torch.testing.assert_close(whole(x), expected)  # nothing pruned at the last block
+    pruned = copy.deepcopy(model)
+    take = pruned.prune_intermediate_layers([4])
+    assert len(pruned.blocks) == 5
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0], taps[4])
+    pruned.train()
+    features = pruned.forward_features(x)
+    assert features.shape[:2] == (2, pruned.blocks.token_schedule(197)[-1][1])  # tokens, as a pruned ViT
+    features.sum().backward()
+    unused = [n for n, p in pruned.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused[:5]
+
+
+@pytest.mark.parametrize("name", CLCA)
+def test_pruning_below_the_clca_head_needs_prune_head(name):
+    model = timm.create_model(name).eval()
+    with pytest.raises(ValueError, match="prune_head=True"):
+        model.prune_intermediate_layers([4], prune_head=False)

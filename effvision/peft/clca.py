@@ -82,8 +82,15 @@ class ClsCollector:
     """Block extension (parameter-free): keeps the CLS token after the blocks in ``layers`` and makes
     the blocks return them stacked, (B, L, D), as the aggregation head's input."""
 
+    #: its output is the input of the model's aggregation head (see ``TokenReducedModel.prune_intermediate_layers``)
+    feeds_head = True
+
     def __init__(self, layers: tuple[int, ...]) -> None:
         self.layers = tuple(layers)
+
+    def prune_blocks(self, depth: int) -> ClsCollector | None:
+        """Kept while every collected block is among the first ``depth``; else None (the head cannot run)."""
+        return self if max(self.layers) < depth else None
 
     def injected_tokens(self, block: int) -> int:
         return 0

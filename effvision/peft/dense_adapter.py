@@ -124,6 +124,12 @@ class DenseAdapters(nn.Module):
     def output(self, state: TokenState) -> None:
         return None
 
+    def prune_blocks(self, depth: int):
+        """After ``prune_intermediate_layers`` keeps the first ``depth`` blocks: drop the adapters of the others
+        (never called again, so their parameters would get no gradient). Returns this extension."""
+        self.adapters = self.adapters[:depth]
+        return self
+
     def macs(self, schedule: list[tuple[int, int]]) -> int:
         """Adapter MACs per image: each adapter runs at its block's MLP token count."""
         return sum(

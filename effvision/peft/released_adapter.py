@@ -122,7 +122,7 @@ class ReleasedAdapters(nn.Module):
     def parallel_ffn(self, block: int, state: TokenState) -> tuple[TokenState, Tensor]:
         branch = self.adapters[block](state.x)
         tensors = self._aligned(state)
-        if block < len(self.adapters) - 1 or self.sum_last_block:
+        if block < self.stage_ends[-1] or self.sum_last_block:  # the model's last block (also after pruning)
             tensors = (*tensors, branch)
         return self._with_stage(state, tensors), branch
 
@@ -137,6 +137,12 @@ class ReleasedAdapters(nn.Module):
 
     def output(self, state: TokenState) -> None:
         return None
+
+    def prune_blocks(self, depth: int):
+        """After ``prune_intermediate_layers`` keeps the first ``depth`` blocks: drop the adapters of the others
+        (never called again, so their parameters would get no gradient). Returns this extension."""
+        self.adapters = self.adapters[:depth]
+        return self
 
     def macs(self, schedule: list[tuple[int, int]]) -> int:
         """Adapter MACs per image: each adapter runs at its block's MLP token count (the stage sums are

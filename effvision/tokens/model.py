@@ -151,6 +151,33 @@ class TokenReducedModel:
         self.num_classes = num_classes
         self.head.reset_classifier(num_classes)
 
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's, with the block extensions pruned too (``extension.prune_blocks(depth)``: the extension to keep,
+        or None), so no parameter is left that the pruned model never uses. A head that pools the tokens itself
+        (CLCA's) goes with ``prune_head``, with the extension feeding it: the model then returns its tokens as a
+        pruned timm ViT does. Without ``prune_head`` it must still be fed (ValueError otherwise)."""
+        from timm.models._features import feature_take_indices
+
+        _, max_index = feature_take_indices(len(self.blocks), indices)
+        kept = []
+        for extension in self.blocks.extensions:
+            prune = getattr(extension, "prune_blocks", None)
+            extension = extension if prune is None else prune(max_index + 1)
+            if extension is not None and not (prune_head and getattr(extension, "feeds_head", False)):
+                kept.append(extension)
+        pools_tokens = getattr(self.head, "pools_tokens", False)
+        if pools_tokens and not prune_head and not any(getattr(e, "feeds_head", False) for e in kept):
+            raise ValueError(f"this model's head reads the class token after blocks that pruning to {max_index + 1} "
+                             "blocks removes: prune with prune_head=True")
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.blocks.extensions = tuple(kept)
+        if pools_tokens and prune_head:
+            self.head = nn.Identity()
+            self.head_hidden_size = self.embed_dim
+        return take_indices
+
     def forward_intermediates(
         self,
         x: Tensor,
