@@ -167,3 +167,16 @@ def test_pruning_below_the_clca_head_needs_prune_head(name):
     model = timm.create_model(name).eval()
     with pytest.raises(ValueError, match="prune_head=True"):
         model.prune_intermediate_layers([4], prune_head=False)
+
+
+def test_hooks_on_the_blocks_module_fire_once_per_forward_as_on_a_timm_vit():
+    model = timm.create_model("tome_vit_tiny_patch16_224").eval()
+    seen = []
+    model.blocks.register_forward_hook(lambda module, args, output: seen.append((args[0].shape, output.clone())))
+    x = images(1)
+    with torch.no_grad():
+        features = model.forward_features(x)
+    assert len(seen) == 1
+    tokens_in, tokens_out = seen[0]
+    assert tokens_in == (1, 197, 192) and tokens_out.shape[1] < 197  # reduced inside the blocks module
+    torch.testing.assert_close(model.norm(tokens_out), features)

@@ -12,9 +12,11 @@ first in the MRO. It overrides only what timm's own code cannot do on reduced to
   ("unmerge": every patch takes the value of the token holding it; pruned patches are zero);
 * ``set_grad_checkpointing`` checkpoints the attention and MLP of each block inside the reduction;
 * ``forward_head`` / ``reset_classifier`` give a head that pools the tokens itself (``head.pools_tokens``:
-  CLCA's aggregation head) the unpooled tokens, its pre-logits, and a new classifier that keeps its pooling.
+  CLCA's aggregation head) the unpooled tokens, its pre-logits, and a new classifier that keeps its pooling;
+* ``prune_intermediate_layers`` prunes the blocks' extensions with the blocks (and such a head with
+  ``prune_head``).
 
-Everything else (``prune_intermediate_layers``, ``pretrained_cfg``, state-dict names) is timm's. The class
+Everything else (``pretrained_cfg``, state-dict names, ...) is timm's. The class
 is a plain class attribute, not a closure over the instance, so models pickle (``torch.save(model)``) and
 ``copy.deepcopy`` gives an independent model.
 """
@@ -161,15 +163,15 @@ class TokenReducedModel:
         from timm.models._features import feature_take_indices
 
         _, max_index = feature_take_indices(len(self.blocks), indices)
-        kept = []
-        for extension in self.blocks.extensions:
-            prune = getattr(extension, "prune_blocks", None)
-            extension = extension if prune is None else prune(max_index + 1)
-            if extension is not None and not (prune_head and getattr(extension, "feeds_head", False)):
-                kept.append(extension)
+        depth = max_index + 1
+        pruned = (e if getattr(e, "prune_blocks", None) is None else e.prune_blocks(depth)
+                  for e in self.blocks.extensions)
+        kept = [e for e in pruned if e is not None]
         pools_tokens = getattr(self.head, "pools_tokens", False)
-        if pools_tokens and not prune_head and not any(getattr(e, "feeds_head", False) for e in kept):
-            raise ValueError(f"this model's head reads the class token after blocks that pruning to {max_index + 1} "
+        if prune_head:
+            kept = [e for e in kept if not getattr(e, "feeds_head", False)]
+        elif pools_tokens and not any(getattr(e, "feeds_head", False) for e in kept):
+            raise ValueError(f"this model's head reads the class token after blocks that pruning to {depth} "
                              "blocks removes: prune with prune_head=True")
         take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
         self.blocks.extensions = tuple(kept)

@@ -222,9 +222,9 @@ class VQGANCodec(CompressionModel):
         model = self._coder_model(coder)
         if not isinstance(effort, int) or effort < 0:
             raise _user_error(f"effort must be a non-negative integer, got {effort!r}")
-        indices = self.encode_indices(x) if not effort else self.refine_indices(x, effort, colour)
         if not isinstance(chunks, int) or chunks < 1:
             raise _user_error(f"chunks must be a positive integer, got {chunks!r}")
+        indices = self.encode_indices(x) if not effort else self.refine_indices(x, effort, colour)
         bands = chunk_rows(indices.shape[1], chunks)
         strings = [
             [encode_index_map(index_map[top:bottom], self.codebook_size, model) for index_map in indices]
