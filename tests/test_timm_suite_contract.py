@@ -180,3 +180,111 @@ def test_hooks_on_the_blocks_module_fire_once_per_forward_as_on_a_timm_vit():
     tokens_in, tokens_out = seen[0]
     assert tokens_in == (1, 197, 192) and tokens_out.shape[1] < 197  # reduced inside the blocks module
     torch.testing.assert_close(model.norm(tokens_out), features)
+
+
+@pytest.mark.parametrize(("name", "base"), [
+    ("ppt_deit_tiny_patch16_224", "deit_tiny_patch16_224"),
+    ("sparse_tuning_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
+    ("clca_ppt_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
+    ("clca_sparse_tuning_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
+    ("tome_vit_base_patch16_224", "vit_base_patch16_224"),
+])
+def test_pretrained_cfgs_are_the_bases_under_the_registered_name(name, base):
+    ours, theirs = timm.get_pretrained_cfg(name), timm.get_pretrained_cfg(base)
+    assert ours.architecture == name and ours.tag == theirs.tag  # the base's default tag stays the default
+    assert ours.hf_hub_id == theirs.hf_hub_id and ours.mean == theirs.mean and ours.input_size == theirs.input_size
+    base_tags = {key.split(".", 1)[1] for key in timm.list_pretrained(f"{base}.*")}
+    assert {key.split(".", 1)[1] for key in timm.list_pretrained(f"{name}.*")} == base_tags
+    assert timm.is_model_pretrained(name)
+
+
+def tiny_base_weights(tmp_path, arch: str, seed: int = 0):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    state = {k: v.contiguous() for k, v in timm.create_model(arch).state_dict().items()}
+    path = tmp_path / f"{arch}.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+@pytest.mark.parametrize("name", ["ppt_deit_tiny_patch16_224", "sparse_tuning_vit_tiny_patch16_224",
+                                  "clca_ppt_vit_tiny_patch16_224"])
+def test_pretrained_through_timms_script_argument_resolution(name, tmp_path, monkeypatch):
+    """timm's validate.py / train.py build a model as ``create_model(**resolve_model_input_args(name, vars(args),
+    pretrained=True, ...))``: the resolved cfg of the registered name reaches the entry point as
+    ``pretrained_cfg``. It must load the base's hub weights (here a fake hub with local files), as
+    ``create_model(name, pretrained=True)`` does; it used to fail with "No pretrained weights exist"."""
+    import timm.models._hub as timm_hub
+    from timm.models import resolve_model_input_args
+
+    cfg = timm.get_pretrained_cfg(name)
+    arch = cfg.hf_hub_id.removeprefix("timm/").split(".")[0]
+    path, state = tiny_base_weights(tmp_path, arch)
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        assert repo_id == cfg.hf_hub_id and filename.endswith(".safetensors")
+        return str(path)
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", fake_download)
+    arguments = resolve_model_input_args(name, {}, pretrained=True, num_classes=5)
+    model = timm.create_model(**arguments)
+    assert calls and model.num_classes == 5
+    assert torch.equal(model.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, state["blocks.3.mlp.fc1.weight"])
+    assert model.pretrained_cfg["mean"] == cfg.mean
+    plain = timm.create_model(name, pretrained=True, num_classes=5)  # the usual path, same weights
+    assert torch.equal(plain.blocks[3].mlp.fc1.weight, state["blocks.3.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("name", ["tome_vit_tiny_patch16_224", "sparse_tuning_vit_tiny_patch16_224", *CLCA])
+def test_a_model_saved_for_the_hub_comes_back_whole(name, tmp_path):
+    """``save_for_hf`` (what ``push_to_hf_hub`` uploads) then ``create_model("local-dir:...", pretrained=True)``
+    (``hf-hub:`` takes the same path): the config names the registered architecture, and the checkpoint, which
+    holds the adapters and the CLCA head as well as the base's weights, is loaded into the whole model."""
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # no part left at its initial value
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    save_for_hf(model, tmp_path / "saved")
+    restored = timm.create_model(f"local-dir:{tmp_path / 'saved'}", pretrained=True).eval()
+    assert type(restored) is type(model) and restored.pretrained_cfg["architecture"] == name
+    with torch.no_grad():
+        assert torch.equal(restored(images()), model(images()))
+    features = timm.create_model(f"local-dir:{tmp_path / 'saved'}", pretrained=True, features_only=True,
+                                 out_indices=(2,))
+    assert type(features).__name__ == "FeatureGetterNet"
+
+
+def test_the_registered_name_is_the_models_architecture_on_every_path():
+    for argument in ("ppt_vit_tiny_patch16_224", "ppt_vit_tiny_patch16_224.augreg_in21k"):
+        model = timm.create_model(argument)
+        assert model.pretrained_cfg["architecture"] == "ppt_vit_tiny_patch16_224"
+        assert model.pretrained_cfg["tag"] == (argument.split(".")[1] if "." in argument else "augreg_in21k_ft_in1k")
+    with pytest.raises(RuntimeError, match="Invalid pretrained tag"):
+        timm.create_model("ppt_vit_tiny_patch16_224.no_such_tag")
+
+
+def test_timms_scripts_run_with_the_names_registered(tmp_path):
+    """``python -m effvision.timm_models SCRIPT.py ARGS``: the script runs as ``__main__`` with its own argv,
+    its folder importable (as under ``python SCRIPT.py``), and effvision's names known to timm."""
+    import subprocess
+    import sys
+
+    (tmp_path / "helper_module.py").write_text("VALUE = 7\n")
+    script = tmp_path / "script.py"
+    script.write_text("import sys, timm, helper_module\n"
+                      "assert __name__ == '__main__'\n"
+                      "print(sys.argv[1:], helper_module.VALUE, timm.is_model('clca_ppt_vit_tiny_patch16_224'))\n")
+    run = subprocess.run([sys.executable, "-m", "effvision.timm_models", str(script), "--model", "x"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "['--model', 'x'] 7 True"
+    missing = subprocess.run([sys.executable, "-m", "effvision.timm_models", str(tmp_path / "nope.py")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "no script" in missing.stderr

@@ -14,7 +14,9 @@ timm is imported inside the functions, not at module level, so registering from 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from functools import partial
 
 from torch import nn
 
@@ -103,9 +105,62 @@ def create_reduced_model(method: str, base_name: str, pretrained: bool = False, 
     return model
 
 
+def with_registered_cfg(name: str, kwargs: dict) -> dict:
+    """``kwargs`` of the entry point ``name`` with ``pretrained_cfg`` resolved under the registered name: none
+    or a tag (``"ppt_vit_base_patch16_224.augreg_in21k"`` gives ``"augreg_in21k"``) becomes the registered cfg
+    (the base's weights and preprocessing, see :func:`base_pretrained_cfgs`). The model's ``pretrained_cfg``
+    then names the registered architecture, as timm's own models do, so that ``push_to_hf_hub`` writes a
+    config that rebuilds this model, not its base. A cfg given as a dict or ``PretrainedCfg`` (timm's
+    ``hf-hub:`` / ``local-dir:`` configs) is kept, named ``name`` when it names no architecture."""
+    cfg = kwargs.get("pretrained_cfg")
+    if cfg is None or isinstance(cfg, str):
+        from timm.models import get_pretrained_cfg
+
+        kwargs["pretrained_cfg"] = get_pretrained_cfg(f"{name}.{cfg}" if cfg else name)
+    elif isinstance(cfg, dict) and not cfg.get("architecture"):
+        kwargs["pretrained_cfg"] = {**cfg, "architecture": name}
+    elif not isinstance(cfg, dict) and not cfg.architecture:
+        kwargs["pretrained_cfg"] = dataclasses.replace(cfg, architecture=name)
+    return kwargs
+
+
+def _weight_source(cfg) -> tuple:
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    return tuple(cfg.get(key) for key in ("hf_hub_id", "hf_hub_filename", "url", "file", "state_dict"))
+
+
+def holds_whole_model(name: str, cfg) -> bool:
+    """Whether the weights ``cfg`` points at are a checkpoint of the registered model ``name`` itself rather
+    than one of its base's: every source other than the base's registered ones, as timm's ``hf-hub:`` and
+    ``local-dir:`` names give (a model saved with ``push_to_hf_hub`` / ``save_for_hf``). Base weights from a
+    file of one's own go through ``pretrained_cfg_overlay=dict(file=...)``, which the base applies."""
+    from timm.models import get_arch_pretrained_cfgs
+
+    return _weight_source(cfg) not in [_weight_source(known) for known in get_arch_pretrained_cfgs(name).values()]
+
+
+def create_registered(name: str, build, pretrained: bool, kwargs: dict) -> nn.Module:
+    """The body of every registered entry point: ``build(pretrained=..., **kwargs)`` (a builder that makes the
+    base timm model, loading its weights, then reduces or extends it), with ``pretrained_cfg`` resolved under
+    ``name`` (:func:`with_registered_cfg`). A checkpoint of the whole model (:func:`holds_whole_model`) holds
+    weights the base does not have (adapters, the CLCA head), so the model is built without weights and the
+    checkpoint is loaded into all of it, strictly, by timm's ``load_pretrained``."""
+    kwargs = with_registered_cfg(name, kwargs)
+    if not (pretrained and holds_whole_model(name, kwargs["pretrained_cfg"])):
+        return build(pretrained=pretrained, **kwargs)
+    from timm.models import load_pretrained
+
+    features = {key: kwargs.pop(key) for key in FEATURE_OPTIONS if key in kwargs}
+    model = build(pretrained=False, **kwargs)
+    load_pretrained(model, model.pretrained_cfg, num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3))
+    if features.pop("features_only", False):
+        return features_only_model(model, **features)
+    return model
+
+
 def _make_entrypoint(method: str, base_name: str):
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        return create_reduced_model(method, base_name, pretrained=pretrained, **kwargs)
+        return create_registered(name, partial(create_reduced_model, method, base_name), pretrained, kwargs)
 
     name = f"{method}_{base_name}"
     entrypoint.__name__ = entrypoint.__qualname__ = name
@@ -114,15 +169,43 @@ def _make_entrypoint(method: str, base_name: str):
     return entrypoint
 
 
+def base_pretrained_cfgs(name: str, base_name: str) -> dict:
+    """The pretrained cfgs of timm's ``base_name`` (every tag, the same default first) keyed for ``name``:
+    ``{"<name>.<tag>": cfg}``, as :func:`timm.models.generate_default_cfgs` takes them.
+
+    Registered with an entry point, they make timm resolve ``name`` (and ``name.<tag>``) to the base's
+    weights and preprocessing. timm's train.py / validate.py resolve the cfg of the name they are given
+    (``resolve_model_input_args``) and pass it to the entry point as ``pretrained_cfg``, which goes on to
+    the base model: without these entries that was a weightless default, and ``pretrained=True`` failed."""
+    from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
+
+    cfgs = {}
+    for position, (key, cfg) in enumerate(get_arch_pretrained_cfgs(base_name).items()):
+        tag = split_model_name_tag(key)[1]
+        default_mark = "*" if position == 0 else ""  # the base's default tag stays the default
+        cfgs[f"{name}.{tag}{default_mark}" if tag or default_mark else name] = cfg
+    return cfgs
+
+
+def register_entrypoint(entrypoint, base_name: str) -> None:
+    """``timm.models.register_model(entrypoint)`` with the base model's pretrained cfgs under the entry's name
+    (see :func:`base_pretrained_cfgs`), put where timm's ``register_model`` reads them: the ``default_cfgs``
+    of the entry point's module."""
+    from timm.models import generate_default_cfgs, register_model
+
+    module = sys.modules[entrypoint.__module__]
+    if not hasattr(module, "default_cfgs"):
+        module.default_cfgs = {}
+    module.default_cfgs.update(generate_default_cfgs(base_pretrained_cfgs(entrypoint.__name__, base_name)))
+    setattr(module, entrypoint.__name__, entrypoint)
+    register_model(entrypoint)
+
+
 def register_reduced_models() -> list[str]:
     """Register ``<method>_<base>`` for every method and base model (idempotent); returns the names."""
-    from timm.models import register_model
-
     module = sys.modules[__name__]
     for method in REDUCTION_METHODS:
         for base_name in BASE_MODELS:
             if not hasattr(module, f"{method}_{base_name}"):
-                entrypoint = _make_entrypoint(method, base_name)
-                setattr(module, entrypoint.__name__, entrypoint)
-                register_model(entrypoint)
+                register_entrypoint(_make_entrypoint(method, base_name), base_name)
     return list(REGISTERED_MODELS)
