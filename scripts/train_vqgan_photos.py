@@ -46,6 +46,21 @@ def corpus_photos(path: Path) -> list[np.ndarray]:
     return list(load_train_crops(path))
 
 
+def fine_tune_decoder(codec: VQGANCodec, photos: list[np.ndarray], args: argparse.Namespace) -> None:
+    """The decoder stage: encoder, codebook, index model and restorer of ``codec`` are kept as they are."""
+    torch.manual_seed(0)
+    crops = RandomCrops(photos, crop=args.crop, seed=1)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mode="decoder",
+                             checkpoint_every=50, restart_dead_every=0, max_minutes=args.minutes,
+                             msssim_weight=args.msssim_weight, l1_weight=0.1, colour_band_loss=True,
+                             betas=(0.9, 0.999))
+    print(train_autoencoder(codec.vq, crops, settings, args.work_dir / "decoder.pt", resume=True), flush=True)
+    codec.vq.load_state_dict(torch.load(args.work_dir / "decoder.pt", map_location="cpu", weights_only=True)["model"])
+    codec.vq.eval()
+    codec.save(args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=Path("/work/photo-corpus/train.npy"))
@@ -61,13 +76,18 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=None,
                         help="tile size the written weights code images in (default: whole images)")
     parser.add_argument("--restorer-steps", type=int, default=400)
-    parser.add_argument("--stage", choices=["autoencoder", "restorer", "export", "all"], default="all")
+    parser.add_argument("--stage", choices=["autoencoder", "restorer", "export", "all", "decoder"], default="all",
+                        help="decoder: fine-tune only the decoder of --init (L1 + MS-SSIM after the colour band's "
+                             "correction) and write --out with --init's index model and restorer")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     photos = corpus_photos(args.corpus)
     autoencoder_path = args.work_dir / "autoencoder.pt"
 
     codec = VQGANCodec.load(args.init)
+    if args.stage == "decoder":
+        fine_tune_decoder(codec, photos, args)
+        return
     if args.stage in ("autoencoder", "all"):
         torch.manual_seed(0)
         crops = RandomCrops(photos, crop=args.crop, seed=0)

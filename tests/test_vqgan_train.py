@@ -1,4 +1,5 @@
-"""VQGAN autoencoder training: the optional MS-SSIM term really enters the loss."""
+"""VQGAN autoencoder training: the optional MS-SSIM term really enters the loss; decoder-only training keeps
+what the encoder sends."""
 
 import copy
 
@@ -13,10 +14,11 @@ TINY = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolu
                    z_channels=32, embed_dim=8, n_embed=32, name="tiny")
 
 
-def _trained(model: VQModel, msssim_weight: float) -> dict[str, torch.Tensor]:
+def _trained(model: VQModel, msssim_weight: float, **options) -> dict[str, torch.Tensor]:
     photo = np.random.default_rng(0).integers(0, 256, (192, 192, 3), dtype=np.uint8)
     model = copy.deepcopy(model)
-    settings = TrainSettings(steps=2, batch_size=1, lr=1e-3, restart_dead_every=0, msssim_weight=msssim_weight)
+    settings = TrainSettings(steps=2, batch_size=1, lr=1e-3, msssim_weight=msssim_weight,
+                             **{"restart_dead_every": 0, **options})
     stats = train_autoencoder(model, RandomCrops([photo], crop=176, seed=0), settings)
     assert stats["step"] == 2 and np.isfinite(stats["l1"])
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -29,3 +31,16 @@ def test_msssim_weight_changes_the_update_and_zero_weight_is_plain_l1():
     weighted = _trained(model, 1.0)
     assert all(torch.equal(plain[k], again[k]) for k in plain)
     assert any(not torch.allclose(plain[k], weighted[k]) for k in plain if plain[k].is_floating_point())
+
+
+def test_decoder_mode_trains_only_the_decoder_side_and_the_colour_band_loss_changes_it():
+    torch.manual_seed(0)
+    model = VQModel(TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # reseeding asked for, but a frozen codebook must stay as it is
+    decoder = _trained(model, 1.0, mode="decoder", restart_dead_every=1)
+    banded = _trained(model, 1.0, mode="decoder", colour_band_loss=True)
+    for key, value in decoder.items():
+        sent = key.startswith(("encoder.", "quant_conv.", "quantize."))
+        assert torch.equal(value, before[key]) == sent or not value.is_floating_point(), key
+    assert any(not torch.allclose(decoder[k], banded[k]) for k in decoder if k.startswith("decoder."))

@@ -70,6 +70,12 @@ def upsample_blocks(grid: Tensor, factor: int, height: int, width: int) -> Tenso
     return upsampled[..., :height, :width]
 
 
+def low_band_corrected(decoded: Tensor, x: Tensor, factor: int = DEFAULT_FACTOR) -> Tensor:
+    """``decoded`` with its ``factor``-block means moved onto those of ``x`` (both (B, 3, H, W)): what the colour
+    band does, unquantised and differentiable. Index refinement and decoder training take their loss on it."""
+    return decoded + upsample_blocks(block_means(x - decoded, factor), factor, *x.shape[-2:])
+
+
 def _predictions(levels: np.ndarray) -> np.ndarray:
     """MED (median edge detector) prediction of every grid value from its decoded neighbours (rows, cols)."""
     left = np.zeros_like(levels)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from effvision.codecs.metrics import ms_ssim_loss
 from effvision.codecs.progress import refinement_steps
-from effvision.codecs.vqgan.colour_band import DEFAULT_FACTOR, block_means, upsample_blocks
+from effvision.codecs.vqgan.colour_band import low_band_corrected
 
 #: chosen on the validation photos (chelsea, coffee, astronaut, rocket; q4, 20 steps), mean MS-SSIM: 0.01 ->
 #: 0.818, 0.02 -> 0.822, 0.05 -> 0.820. At 0.05 Adam's first step (about +-lr on every latent value) moved so many
@@ -50,11 +50,6 @@ def frozen(module: nn.Module):
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-
-
-def _low_band_corrected(decoded: Tensor, x: Tensor, factor: int) -> Tensor:
-    """``decoded`` with its ``factor``-block means moved onto those of ``x`` (the colour band, unquantised)."""
-    return decoded + upsample_blocks(block_means(x - decoded, factor), factor, *x.shape[-2:])
 
 
 def refine_indices(vq: nn.Module, x: Tensor, padded: Tensor, steps: int, colour: bool = False) -> Tensor:
@@ -86,7 +81,7 @@ def refine_indices(vq: nn.Module, x: Tensor, padded: Tensor, steps: int, colour:
         decoded = (vq.decode_latent(latent + (quantised - latent).detach()) + 1) / 2
         decoded = decoded[..., :height, :width]
         if colour:
-            decoded = _low_band_corrected(decoded, x, DEFAULT_FACTOR)
+            decoded = low_band_corrected(decoded, x)
         per_image = torch.stack([
             L1_WEIGHT * (image - reference).abs().mean() + MSSSIM_WEIGHT * ms_ssim_loss(reference, image.clamp(0, 1))
             for image, reference in zip(decoded, x, strict=True)

@@ -8,7 +8,10 @@ hinge-loss PatchGAN term (``gan_weight``; Isola et al. 2017 / Esser et al. 2021)
 term is not included: its VGG weights cannot be shipped or fetched offline. The small demo model is trained
 from scratch (``mode="full"``) with L1 + codebook losses only; unused codebook entries are re-seeded from
 encoder outputs so the codebook stays alive on a tiny data set (a training-time aid: the quantiser math is
-unchanged).
+unchanged). ``mode="decoder"`` (our extension) trains only the decoder side for the indices the frozen encoder
+and codebook send, so index model, clustered codebooks and restorer stay valid; with ``colour_band_loss`` its
+loss is taken after the colour band's correction, so the decoder spends itself on structure, not on the low
+band that the band codes anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effvision.codecs.metrics import ms_ssim_loss
+from effvision.codecs.vqgan.colour_band import low_band_corrected
 from effvision.codecs.vqgan.restoration import IndexRestorer, random_mask
 from effvision.codecs.vqgan.taming import VQModel
 from effvision.training import TimeLimit, progress_bar, resume_training_state, save_training_state, state_dicts
@@ -64,13 +68,16 @@ class TrainSettings:
     steps: int = 1000
     batch_size: int = 16
     lr: float = 2e-4
-    mode: str = "full"  # "full": everything trains; "codebook": codebook + quant convs only
+    mode: str = "full"  # "full": everything; "codebook": codebook + quant convs; "decoder": decoder + post-quant conv
     checkpoint_every: int = 200
     restart_dead_every: int = 100  # 0 disables dead-code re-seeding
     max_minutes: float | None = None
     gan_weight: float = 0.0  # > 0 adds the hinge PatchGAN term
     gan_start: int = 0  # step at which the adversarial term starts
     msssim_weight: float = 0.0  # > 0 adds weight * (1 - MS-SSIM) to the L1 term (crops over 160 px)
+    l1_weight: float = 1.0  # weight of the L1 term (on the model's [-1, 1] scale)
+    colour_band_loss: bool = False  # take L1 and MS-SSIM after the colour band's correction (see colour_band)
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam's
 
 
 class PatchDiscriminator(nn.Module):
@@ -103,7 +110,11 @@ def _trainable_parameters(model: VQModel, mode: str) -> list[nn.Parameter]:
         for module in (model.encoder, model.decoder):
             module.requires_grad_(False)
         return [*model.quantize.parameters(), *model.quant_conv.parameters(), *model.post_quant_conv.parameters()]
-    raise ValueError(f"unknown training mode {mode!r}; use 'full' or 'codebook'")
+    if mode == "decoder":  # the indices an encoder sends stay those of the frozen encoder and codebook
+        for module in (model.encoder, model.quant_conv, model.quantize):
+            module.requires_grad_(False)
+        return [*model.post_quant_conv.parameters(), *model.decoder.parameters()]
+    raise ValueError(f"unknown training mode {mode!r}; use 'full', 'codebook' or 'decoder'")
 
 
 @torch.no_grad()
@@ -130,7 +141,7 @@ def train_autoencoder(
     """Train ``model`` on random crops; returns {"step", "l1", "codebook_loss", "codes_used"} of the end."""
     time_limit = TimeLimit(None if settings.max_minutes is None else 60 * settings.max_minutes)
     parameters = _trainable_parameters(model, settings.mode)
-    optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=(0.5, 0.9))
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=settings.betas)
     parts = {"model": model, "optimizer": optimizer}
     discriminator = PatchDiscriminator() if settings.gan_weight > 0 else None
     if discriminator is not None:
@@ -149,10 +160,13 @@ def train_autoencoder(
         latents = model.encode_latent(x)
         quantized, codebook_loss, indices = model.quantize(latents)
         x_hat = model.decode_latent(quantized)
-        l1 = F.l1_loss(x_hat, x)
-        loss = l1 + codebook_loss
+        image, reference = (x_hat + 1) / 2, (x + 1) / 2
+        if settings.colour_band_loss:
+            image = low_band_corrected(image, reference)
+        l1 = 2 * F.l1_loss(image, reference)  # on the [-1, 1] scale the model works in
+        loss = settings.l1_weight * l1 + codebook_loss
         if settings.msssim_weight > 0:
-            loss = loss + settings.msssim_weight * ms_ssim_loss((x + 1) / 2, ((x_hat + 1) / 2).clamp(0, 1))
+            loss = loss + settings.msssim_weight * ms_ssim_loss(reference, image.clamp(0, 1))
         adversarial = discriminator is not None and step >= settings.gan_start
         if adversarial:
             discriminator.requires_grad_(False)
@@ -169,7 +183,8 @@ def train_autoencoder(
         usage += torch.bincount(indices.flatten(), minlength=usage.numel())
         stats = {"step": step + 1, "l1": l1.item(), "codebook_loss": codebook_loss.item(),
                  "codes_used": int((usage > 0).sum())}
-        if settings.restart_dead_every and (step + 1) % settings.restart_dead_every == 0:
+        reseeding = settings.restart_dead_every and settings.mode != "decoder"  # a frozen codebook stays as it is
+        if reseeding and (step + 1) % settings.restart_dead_every == 0:
             if step + 1 < 0.8 * settings.steps:  # leave the end of training undisturbed
                 reseed_dead_codes(model, usage, latents.detach(), generator)
             usage.zero_()
