@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from effvision.codecs.vqgan.config import SMALL_F16
-from effvision.codecs.vqgan.model import VQGANCodec
+from effvision.codecs.vqgan.model import QUALITY_TO_K, VQGANCodec
 from effvision.codecs.vqgan.restoration import IndexRestorer
 from effvision.codecs.vqgan.train import RandomCrops, TrainSettings, train_autoencoder, train_restorer
 
@@ -54,7 +54,11 @@ def fine_tune_decoder(codec: VQGANCodec, photos: list[np.ndarray], args: argpars
                              checkpoint_every=50, restart_dead_every=0, max_minutes=args.minutes,
                              msssim_weight=args.msssim_weight, l1_weight=0.1, colour_band_loss=True,
                              betas=(0.9, 0.999))
-    print(train_autoencoder(codec.vq, crops, settings, args.work_dir / "decoder.pt", resume=True), flush=True)
+    # every shipped quality decodes with this decoder: train it on each one's (clustered) codebook in turn
+    quantizers = [codec.vq.quantize if k == codec.codebook_size else codec.cluster(k, seed=0).vq.quantize
+                  for k in sorted(QUALITY_TO_K.values())]
+    print(train_autoencoder(codec.vq, crops, settings, args.work_dir / "decoder.pt", resume=True,
+                            quantizers=quantizers), flush=True)
     codec.vq.load_state_dict(torch.load(args.work_dir / "decoder.pt", map_location="cpu", weights_only=True)["model"])
     codec.vq.eval()
     codec.save(args.out)

@@ -4,6 +4,7 @@ what the encoder sends."""
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from effvision.codecs.vqgan.config import VQGANConfig
@@ -44,3 +45,21 @@ def test_decoder_mode_trains_only_the_decoder_side_and_the_colour_band_loss_chan
         sent = key.startswith(("encoder.", "quant_conv.", "quantize."))
         assert torch.equal(value, before[key]) == sent or not value.is_floating_point(), key
     assert any(not torch.allclose(decoder[k], banded[k]) for k in decoder if k.startswith("decoder."))
+
+
+def test_decoder_training_on_other_codebooks_uses_them_and_needs_decoder_mode():
+    torch.manual_seed(0)
+    model = VQModel(TINY)
+    photo = np.random.default_rng(0).integers(0, 256, (192, 192, 3), dtype=np.uint8)
+    small = type(model.quantize)(4, TINY.embed_dim)  # a 4-entry codebook, as VQGANCodec.cluster makes
+    crops = RandomCrops([photo], crop=176, seed=0)
+    with pytest.raises(ValueError, match="mode='decoder'"):
+        train_autoencoder(copy.deepcopy(model), crops, TrainSettings(steps=1, batch_size=1), quantizers=[small])
+    settings = TrainSettings(steps=2, batch_size=1, lr=1e-3, mode="decoder", restart_dead_every=0)
+    own = copy.deepcopy(model)
+    stats = train_autoencoder(own, RandomCrops([photo], crop=176, seed=0), settings, quantizers=[small])
+    assert stats["codes_used"] <= 4  # every index came from the 4-entry codebook
+    plain = copy.deepcopy(model)
+    train_autoencoder(plain, RandomCrops([photo], crop=176, seed=0), settings)
+    assert not torch.allclose(own.decoder.conv_out.weight, plain.decoder.conv_out.weight)
+    assert torch.equal(own.quantize.embedding.weight, model.quantize.embedding.weight)

@@ -137,8 +137,15 @@ def train_autoencoder(
     settings: TrainSettings,
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
+    quantizers: Sequence[nn.Module] = (),
 ) -> dict:
-    """Train ``model`` on random crops; returns {"step", "l1", "codebook_loss", "codes_used"} of the end."""
+    """Train ``model`` on random crops; returns {"step", "l1", "codebook_loss", "codes_used"} of the end.
+
+    ``quantizers`` (``mode="decoder"`` only): step ``i`` codes its crops with ``quantizers[i % len]`` instead of
+    the model's own codebook, e.g. the K-means-clustered codebooks of every shipped quality (the decoder is shared
+    by all of them, see :meth:`VQGANCodec.cluster`)."""
+    if quantizers and settings.mode != "decoder":
+        raise ValueError("quantizers other than the model's own need mode='decoder' (their codebooks stay frozen)")
     time_limit = TimeLimit(None if settings.max_minutes is None else 60 * settings.max_minutes)
     parameters = _trainable_parameters(model, settings.mode)
     optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=settings.betas)
@@ -158,7 +165,13 @@ def train_autoencoder(
     for step in progress:
         x = crops.sample(settings.batch_size)
         latents = model.encode_latent(x)
-        quantized, codebook_loss, indices = model.quantize(latents)
+        if quantizers:
+            quantizer = quantizers[step % len(quantizers)]
+            with torch.no_grad():
+                indices = quantizer.nearest_indices(latents)
+                quantized, codebook_loss = quantizer.lookup(indices), torch.zeros(())
+        else:
+            quantized, codebook_loss, indices = model.quantize(latents)
         x_hat = model.decode_latent(quantized)
         image, reference = (x_hat + 1) / 2, (x + 1) / 2
         if settings.colour_band_loss:
