@@ -20,14 +20,10 @@ from effvision.peft.clca import add_clca
 from effvision.peft.registry import CLCA_METHODS
 from effvision.peft.sparse_tuning import freeze_for_peft, sparse_tuning
 from effvision.tokens.reduce import reduce
-from effvision.tokens.registry import FEATURE_OPTIONS, METHOD_OPTIONS, features_only_model
+from effvision.tokens.registry import FEATURE_OPTIONS, METHOD_OPTIONS, features_or_model, take_options
 
 SPARSE_TUNING_OPTIONS = ("bottleneck", "reduction", "freeze", "adapter", "inner", "stage_starts")
 CLCA_OPTIONS = ("clca_head", "clca_cache", "carriers", "cache_layers", "average", "recover_last")
-
-
-def _take(kwargs: dict, keys: tuple[str, ...]) -> dict:
-    return {key: kwargs.pop(key) for key in keys if key in kwargs}
 
 
 def _base(base_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
@@ -36,22 +32,15 @@ def _base(base_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     return timm.create_model(base_name, pretrained=pretrained, **kwargs)
 
 
-def _features_or_model(model: nn.Module, features: dict) -> nn.Module:
-    """``features_only=True`` (with ``out_indices``): timm's feature wrapper of ``model``; else the model."""
-    if features.pop("features_only", False):
-        return features_only_model(model, **features)
-    return model
-
-
 def create_sparse_tuning_model(base_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(base_name)`` as a Sparse-Tuning model (frozen, dense adapters, top-k 0.7)."""
-    features = _take(kwargs, FEATURE_OPTIONS)
-    reduction_options = _take(kwargs, METHOD_OPTIONS)
-    options = _take(kwargs, SPARSE_TUNING_OPTIONS)
+    features = take_options(kwargs, FEATURE_OPTIONS)
+    reduction_options = take_options(kwargs, METHOD_OPTIONS)
+    options = take_options(kwargs, SPARSE_TUNING_OPTIONS)
     track_source = reduction_options.pop("track_source", False)
     model = _base(base_name, pretrained, kwargs)
     reduce(model, options.pop("reduction", "topk"), track_source=track_source, **reduction_options)
-    return _features_or_model(sparse_tuning(model, **options), features)
+    return features_or_model(sparse_tuning(model, **options), features)
 
 
 def create_clca_model(method: str, base_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -61,8 +50,8 @@ def create_clca_model(method: str, base_name: str, pretrained: bool = False, **k
     """
     if method not in CLCA_METHODS:
         raise ValueError(f"unknown CLCA base method {method!r}; choose one of {', '.join(CLCA_METHODS)}")
-    features = _take(kwargs, FEATURE_OPTIONS)
-    clca_options = _take(kwargs, CLCA_OPTIONS)
+    features = take_options(kwargs, FEATURE_OPTIONS)
+    clca_options = take_options(kwargs, CLCA_OPTIONS)
     clca = dict(head=clca_options.pop("clca_head", True), cache=clca_options.pop("clca_cache", True),
                 **clca_options)
     if method == "sparse_tuning":
@@ -71,7 +60,7 @@ def create_clca_model(method: str, base_name: str, pretrained: bool = False, **k
         add_clca(model, **clca)
         if freeze:
             freeze_for_peft(model)
-        return _features_or_model(model, features)
-    options = _take(kwargs, METHOD_OPTIONS)
+        return features_or_model(model, features)
+    options = take_options(kwargs, METHOD_OPTIONS)
     model = reduce(_base(base_name, pretrained, kwargs), method, **options)
-    return _features_or_model(add_clca(model, **clca), features)
+    return features_or_model(add_clca(model, **clca), features)

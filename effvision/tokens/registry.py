@@ -84,6 +84,20 @@ def features_only_model(model: nn.Module, out_indices=3, feature_cls="getter") -
     return features
 
 
+def take_options(kwargs: dict, keys: tuple[str, ...]) -> dict:
+    """Remove ``keys`` from a builder's ``kwargs`` (those present) and return them: the options that are not
+    timm's, before the rest go to ``timm.create_model``."""
+    return {key: kwargs.pop(key) for key in keys if key in kwargs}
+
+
+def features_or_model(model: nn.Module, features: dict) -> nn.Module:
+    """``model`` as timm's ``features_only=True`` asks (``features``: the :data:`FEATURE_OPTIONS` taken out of a
+    builder's kwargs): :func:`features_only_model` of it, or the model itself."""
+    if features.pop("features_only", False):
+        return features_only_model(model, **features)
+    return model
+
+
 def create_reduced_model(method: str, base_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(base_name, pretrained, **kwargs)`` reduced with ``method``.
 
@@ -97,12 +111,10 @@ def create_reduced_model(method: str, base_name: str, pretrained: bool = False, 
         raise ValueError(f"unknown token-reduction method {method!r}; choose one of {', '.join(REDUCTION_METHODS)}")
     if not timm.is_model(base_name):
         raise ValueError(f"unknown timm model {base_name!r}")
-    options = {key: kwargs.pop(key) for key in METHOD_OPTIONS if key in kwargs}
-    features = {key: kwargs.pop(key) for key in FEATURE_OPTIONS if key in kwargs}
-    model = reduce(timm.create_model(base_name, pretrained=pretrained, **kwargs), method, **options)
-    if features.pop("features_only", False):
-        return features_only_model(model, **features)
-    return model
+    options = take_options(kwargs, METHOD_OPTIONS)
+    features = take_options(kwargs, FEATURE_OPTIONS)
+    return features_or_model(reduce(timm.create_model(base_name, pretrained=pretrained, **kwargs), method, **options),
+                             features)
 
 
 def with_registered_cfg(name: str, kwargs: dict) -> dict:
@@ -150,12 +162,10 @@ def create_registered(name: str, build, pretrained: bool, kwargs: dict) -> nn.Mo
         return build(pretrained=pretrained, **kwargs)
     from timm.models import load_pretrained
 
-    features = {key: kwargs.pop(key) for key in FEATURE_OPTIONS if key in kwargs}
+    features = take_options(kwargs, FEATURE_OPTIONS)
     model = build(pretrained=False, **kwargs)
     load_pretrained(model, model.pretrained_cfg, num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3))
-    if features.pop("features_only", False):
-        return features_only_model(model, **features)
-    return model
+    return features_or_model(model, features)
 
 
 def _make_entrypoint(method: str, base_name: str):

@@ -160,6 +160,7 @@ def train_autoencoder(
     generator = torch.Generator().manual_seed(1234 + start)
     usage = torch.zeros(model.config.n_embed, dtype=torch.long)
     stats = {"step": start, "l1": float("nan"), "codebook_loss": float("nan"), "codes_used": 0}
+    reseeding = settings.restart_dead_every and settings.mode != "decoder"  # a frozen codebook stays as it is
     model.train()
     progress = progress_bar(range(start, settings.steps), initial=start, total=settings.steps, desc="train-vqgan")
     for step in progress:
@@ -196,7 +197,6 @@ def train_autoencoder(
         usage += torch.bincount(indices.flatten(), minlength=usage.numel())
         stats = {"step": step + 1, "l1": l1.item(), "codebook_loss": codebook_loss.item(),
                  "codes_used": int((usage > 0).sum())}
-        reseeding = settings.restart_dead_every and settings.mode != "decoder"  # a frozen codebook stays as it is
         if reseeding and (step + 1) % settings.restart_dead_every == 0:
             if step + 1 < 0.8 * settings.steps:  # leave the end of training undisturbed
                 reseed_dead_codes(model, usage, latents.detach(), generator)
