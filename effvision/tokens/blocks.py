@@ -174,6 +174,16 @@ class TokenReducingBlocks(nn.Sequential):
         self.track_source = track_source
         self.grad_checkpointing = False
         self.extensions: tuple[BlockExtension, ...] = ()
+        #: shapes of one image's forward inputs ((N, C) tokens[, RoPE table]), set by effvision.reduce: what
+        #: TorchScript traces the blocks on (effvision.tokens.torchscript)
+        self.example_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles for these blocks (in a torch.fx graph of the model): their
+        eval-mode forward, traced (the reduction is Python; :mod:`effvision.tokens.torchscript`)."""
+        from effvision.tokens.torchscript import traced_blocks_for_torchscript
+
+        return traced_blocks_for_torchscript(self)
 
     def token_schedule(self, tokens: int) -> list[tuple[int, int]]:
         """(tokens into attention, tokens into the MLP) for every block, for ``tokens`` input tokens."""
@@ -203,6 +213,7 @@ class TokenReducingBlocks(nn.Sequential):
                                      self.track_source)
         blocks.grad_checkpointing = self.grad_checkpointing
         blocks.extensions = self.extensions
+        blocks.example_shapes = self.example_shapes
         return blocks
 
     def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:

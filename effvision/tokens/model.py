@@ -13,6 +13,7 @@ first in the MRO. It overrides only what timm's own code cannot do on reduced to
 * ``set_grad_checkpointing`` checkpoints the attention and MLP of each block inside the reduction;
 * ``forward_head`` / ``reset_classifier`` give a head that pools the tokens itself (``head.pools_tokens``:
   CLCA's aggregation head) the unpooled tokens, its pre-logits, and a new classifier that keeps its pooling;
+* ``torch.jit.script(model)`` compiles the eval-mode forward, traced (:mod:`effvision.tokens.torchscript`);
 * ``prune_intermediate_layers`` prunes the blocks' extensions with the blocks (and such a head with
   ``prune_head``).
 
@@ -100,6 +101,24 @@ def _check_plain_attention(attn_mask: Tensor | None, is_causal: bool) -> None:
         raise ValueError("token-reduced models take no attn_mask / is_causal: the token count changes per block")
 
 
+def check_image_size(patch_embed: nn.Module, x: Tensor) -> None:
+    """A clear ValueError when ``x`` is not what ``patch_embed`` of a token-reduced model takes."""
+    if isinstance(x, torch.fx.Proxy):
+        return  # torch.fx symbolic tracing: no shapes to check
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(getattr(x, 'shape', ()))}")
+    channels = getattr(getattr(patch_embed, "proj", None), "in_channels", x.shape[1])
+    if x.shape[1] != channels:
+        raise ValueError(f"expected {channels}-channel images, got {x.shape[1]} channels")
+    expected = tuple(patch_embed.img_size)
+    if getattr(patch_embed, "strict_img_size", True) and not getattr(patch_embed, "dynamic_img_size", False):
+        if tuple(x.shape[-2:]) != expected:
+            raise ValueError(
+                f"this token-reduced model expects {expected[0]}x{expected[1]} images (its token schedule is "
+                f"fixed), got {x.shape[-2]}x{x.shape[-1]}; create it with img_size=... for other sizes"
+            )
+
+
 class TokenReducedModel:
     """Mixin placed before a timm ViT class; see the module docstring. ``model.blocks`` is a
     :class:`~effvision.tokens.blocks.TokenReducingBlocks`."""
@@ -108,9 +127,17 @@ class TokenReducedModel:
         # pickle / deepcopy rebuild the class from its timm base, so no module attribute has to exist
         return _new_reduced_model, (type(self).__bases__[1],), self.__getstate__()
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script(model)`` compiles: the eval-mode forward, traced
+        (:mod:`effvision.tokens.torchscript`; the reduction itself is Python)."""
+        from effvision.tokens.torchscript import traced_for_torchscript
+
+        return traced_for_torchscript(self)
+
     def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Patch + position embedding, as timm's ``forward_features`` does before the blocks: the (B, N, C)
         tokens and, for Eva, its RoPE table (else None)."""
+        check_image_size(self.patch_embed, images)
         if _is_eva(self):
             x, rope = self._pos_embed(self.patch_embed(images))
             return self.norm_pre(x), rope

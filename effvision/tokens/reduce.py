@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch.fx
+import torch
 from torch import Tensor, nn
 
 from effvision.tokens.attention import check_attention_module
 from effvision.tokens.blocks import NoReduction, TokenReducingBlocks
 from effvision.tokens.flops import count_macs, input_tokens, token_schedule
-from effvision.tokens.model import reduced_class, register_fx_leaf
+from effvision.tokens.model import check_image_size, reduced_class, register_fx_leaf
 from effvision.tokens.policies import POLICIES, ModelShape, default_layers, make_policy
 from effvision.tokens.state import TokenState
 
@@ -35,22 +35,22 @@ def _check_vit(model: nn.Module) -> None:
 
 
 def _check_size_hook(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook on ``patch_embed``: a clear ValueError for wrong input shapes."""
-    x = args[0]
-    if isinstance(x, torch.fx.Proxy):
-        return  # torch.fx symbolic tracing: no shapes to check
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(getattr(x, 'shape', ()))}")
-    channels = getattr(getattr(module, "proj", None), "in_channels", x.shape[1])
-    if x.shape[1] != channels:
-        raise ValueError(f"expected {channels}-channel images, got {x.shape[1]} channels")
-    expected = tuple(module.img_size)
-    if getattr(module, "strict_img_size", True) and not getattr(module, "dynamic_img_size", False):
-        if tuple(x.shape[-2:]) != expected:
-            raise ValueError(
-                f"this token-reduced model expects {expected[0]}x{expected[1]} images (its token schedule is "
-                f"fixed), got {x.shape[-2]}x{x.shape[-1]}; create it with img_size=... for other sizes"
-            )
+    """The forward pre-hook older versions registered on ``patch_embed``: kept so that their pickled models
+    load; :func:`reduce` now checks in the model's forward instead (a hook cannot be TorchScript-compiled)."""
+    check_image_size(module, args[0])
+
+
+def _example_shapes(model: nn.Module) -> tuple[tuple[int, ...], ...]:
+    """Shapes of one image's inputs to the reduced blocks: the (N, C) tokens, and Eva's RoPE table."""
+    tokens = (model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim)
+    if getattr(model, "rope", None) is None:
+        return (tokens,)
+    parameter = next(iter(model.parameters()))
+    image = torch.zeros(1, model.patch_embed.proj.in_channels, *model.patch_embed.img_size,
+                        device=parameter.device, dtype=parameter.dtype)
+    with torch.no_grad():
+        _, rope = model._embed(image)
+    return (tokens,) if rope is None else (tokens, tuple(rope.shape))
 
 
 def model_shape(model: nn.Module) -> ModelShape:
@@ -90,10 +90,8 @@ def reduce(model: nn.Module, method: str, *, track_source: bool = False, **optio
     blocks = model.blocks
     inner = list(blocks) if isinstance(blocks, nn.Sequential) else list(blocks.children())
     model.blocks = TokenReducingBlocks(inner, policy, model.num_prefix_tokens, track_source)
-    if not getattr(model.patch_embed, "_effvision_size_check", False):
-        model.patch_embed.register_forward_pre_hook(_check_size_hook)
-        model.patch_embed._effvision_size_check = True
     model.__class__ = reduced_class(type(model))
+    model.blocks.example_shapes = _example_shapes(model)
     model.set_grad_checkpointing(bool(getattr(model, "grad_checkpointing", False)))
     return model
 

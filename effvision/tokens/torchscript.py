@@ -1,0 +1,107 @@
+"""TorchScript on token-reduced models (timm's ``--torchscript``): the eval-mode forward, traced.
+
+A reduction's control flow (per-image policies, token maps, block extensions) is Python that
+``torch.jit.script`` cannot compile. It is, however, written in tensor operations whose shapes follow the
+batch (what ONNX export relies on too), so a trace at the model's image size holds for every batch and every
+image: PPT's per-image choice between pruning and pooling stays data-dependent in the traced graph.
+
+``torch.jit.script(model)`` therefore calls the model's ``__prepare_scriptable__``, which returns
+:class:`TracedInference`: the model's eval-mode forward traced at its image size, behind a compiled check of
+the input's shape. It is a real TorchScript module (``torch.jit.save`` works), for inference only: in training
+mode it raises (a trace cannot follow ``train()``; use ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` and all its sub-modules in eval mode, each one's own flag restored afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _trace(module: nn.Module, example: tuple[Tensor, ...]) -> nn.Module:
+    with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records
+        return torch.jit.trace(module, example, check_trace=False)
+
+
+def _random(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+
+
+class TracedInference(nn.Module):
+    """A token-reduced model's eval-mode forward, traced (``model``), for (B, C, H, W) images of the traced
+    size -> (B, num_classes) logits, or whatever the model's forward returns."""
+
+    def __init__(self, traced: nn.Module, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.model = traced
+        self.channels = channels
+        self.height = height
+        self.width = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            raise RuntimeError(
+                "this TorchScript module is a token-reduced model's eval-mode forward, traced: it cannot train; "
+                "call .eval(), or train the Python model (torch.compile works, timm's --torchcompile)"
+            )
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.height or x.shape[3] != self.width:
+            raise ValueError(
+                "this TorchScript module takes (B, " + str(self.channels) + ", " + str(self.height) + ", "
+                + str(self.width) + ") images, the size it was traced at"
+            )
+        return self.model(x)
+
+
+def traced_for_torchscript(model: nn.Module) -> TracedInference:
+    """:class:`TracedInference` of a token-reduced ``model`` at its patch embedding's image size, on its device
+    and dtype, in the model's current train/eval flag (the trace itself is always of eval mode)."""
+    parameter = next(iter(model.parameters()))
+    patch_embed = model.patch_embed
+    channels = patch_embed.proj.in_channels
+    height, width = (int(size) for size in patch_embed.img_size)
+    traced = _trace(model, (_random((2, channels, height, width), parameter),))
+    return TracedInference(traced, channels, height, width).train(model.training)
+
+
+class _BlocksWithExtensions(nn.Module):
+    """The reduced blocks with their extensions (registered on the model, not on the blocks) as sub-modules,
+    so that a trace of the blocks keeps the extensions' weights as parameters, not constants."""
+
+    def __init__(self, blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.extensions = nn.ModuleList(e for e in blocks.extensions if isinstance(e, nn.Module))
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.blocks(*inputs)
+
+
+def traced_blocks_for_torchscript(blocks: nn.Module) -> nn.Module:
+    """The ``TokenReducingBlocks`` of a reduced model traced on example tokens of the shapes recorded by
+    :func:`effvision.reduce` (what a torch.fx graph of the model calls, timm's fx + TorchScript path)."""
+    shapes = getattr(blocks, "example_shapes", None)
+    if not shapes:
+        raise RuntimeError(
+            "these token-reducing blocks do not know their input shapes, so TorchScript cannot trace them: "
+            "torch.jit.script the whole model made by effvision.reduce / timm.create_model instead"
+        )
+    parameter = next(iter(blocks.parameters()))
+    example = tuple(_random(shape, parameter) for shape in ((2, *shapes[0]), *shapes[1:]))
+    return _trace(_BlocksWithExtensions(blocks), example)

@@ -1,0 +1,108 @@
+"""TorchScript (timm's ``--torchscript``, its torchscript and fx + torchscript model tests) on reduced and PEFT
+names: ``torch.jit.script`` gives the eval-mode forward, traced (effvision.tokens.torchscript), which must equal
+the Python model on other batch sizes and on images that take different per-image paths. Tiny models."""
+
+import warnings
+
+import pytest
+import timm
+import torch
+from timm.models import get_notrace_functions, get_notrace_modules
+
+import effvision  # noqa: F401
+
+NAMES = (
+    "ppt_vit_tiny_patch16_224", "tome_vit_tiny_patch16_224", "topk_vit_tiny_patch16_224",
+    "sparse_tuning_vit_tiny_patch16_224", "clca_ppt_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224",
+    "ppt_eva02_tiny_patch14_224",
+)
+
+
+def model_of(name: str, **kwargs) -> torch.nn.Module:
+    """Random weights with every parameter perturbed, so zero-initialised adapter branches take part."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=4, **kwargs)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def images(batch: int, size: int = 224, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation of torch.jit.script
+        return torch.jit.script(module)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scripted_model_equals_the_model_at_other_batch_sizes(name):
+    model = model_of(name)
+    scripted = script(model)  # traced at batch 2
+    with torch.no_grad():
+        for batch in (1, 5):
+            x = images(batch)
+            torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_scripted_ppt_keeps_the_per_image_choice_between_pruning_and_pooling():
+    model = model_of("ppt_vit_tiny_patch16_224")
+    policy = model.blocks.policy
+    variances = []
+    original = type(policy).use_pooling
+    policy.use_pooling = lambda significance: (
+        variances.append(significance.var(dim=-1)) or original(policy, significance)
+    )
+    x = images(6)
+    with torch.no_grad():
+        model(x)
+    del policy.use_pooling
+    policy.threshold = variances[0].median().item() * 1.0001  # half the images pool at the first reduction
+    choices = (variances[0] < policy.threshold).tolist()
+    assert any(choices) and not all(choices)
+    scripted = script(model)  # traced on other (random) images
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_scripted_model_saves_loads_and_refuses_training_and_other_sizes(tmp_path):
+    model = model_of("clca_ppt_vit_tiny_patch16_224")
+    scripted = script(model)
+    torch.jit.save(scripted, tmp_path / "model.pt")
+    loaded = torch.jit.load(tmp_path / "model.pt")
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
+        with pytest.raises(Exception, match="224, 224"):
+            loaded(images(1, size=192))
+    loaded.train()
+    with pytest.raises(Exception, match="cannot train"):
+        loaded(x)
+
+
+def test_scripting_leaves_every_train_flag_of_the_model_as_it_was():
+    model = model_of("sparse_tuning_vit_tiny_patch16_224").train()
+    model.blocks[0].eval()  # a mixed state must survive
+    flags = {name: m.training for name, m in model.named_modules()}
+    assert script(model).training
+    assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+@pytest.mark.parametrize("name", ["ppt_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224",
+                                  "ppt_eva02_tiny_patch14_224"])
+def test_fx_graph_of_the_model_scripts_and_equals_the_model(name):
+    """timm's test_model_forward_fx_torchscript: the blocks are one fx leaf; scripting traces them."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = model_of(name)
+    tracer = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer)
+    extractor = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer).eval()
+    scripted = script(extractor)
+    x = images(3)
+    with torch.no_grad():
+        (out,) = scripted(x).values()
+        torch.testing.assert_close(out, model(x), rtol=0, atol=1e-5)
