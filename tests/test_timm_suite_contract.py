@@ -261,6 +261,28 @@ def test_a_model_saved_for_the_hub_comes_back_whole(name, tmp_path):
     assert type(features).__name__ == "FeatureGetterNet"
 
 
+@pytest.mark.parametrize("name", ["sparse_tuning_vit_tiny_patch16_224", *CLCA])
+def test_a_saved_model_is_re_headed_for_another_number_of_classes(name, tmp_path):
+    """Fine-tuning a saved model on another dataset (timm's train.py ``--pretrained --num-classes N``): the
+    checkpoint's classifier is dropped and everything else loads, the CLCA aggregation included. With the
+    whole CLCA head named as the classifier, timm kept its classifier keys and the load failed."""
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    save_for_hf(model, tmp_path / "saved")
+    restored = timm.create_model(f"local-dir:{tmp_path / 'saved'}", pretrained=True, num_classes=3).eval()
+    classifier = restored.get_classifier()
+    assert classifier.weight.shape[0] == 3 and classifier.bias is not None  # what --head-init-scale/-bias touch
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith(restored.pretrained_cfg["classifier"])}
+    restored_state = restored.state_dict()
+    assert all(torch.equal(restored_state[k], v) for k, v in kept.items())
+    assert restored(images()).shape == (2, 3)
+
+
 def test_the_registered_name_is_the_models_architecture_on_every_path():
     for argument in ("ppt_vit_tiny_patch16_224", "ppt_vit_tiny_patch16_224.augreg_in21k"):
         model = timm.create_model(argument)

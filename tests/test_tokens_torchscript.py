@@ -106,3 +106,15 @@ def test_fx_graph_of_the_model_scripts_and_equals_the_model(name):
     with torch.no_grad():
         (out,) = scripted(x).values()
         torch.testing.assert_close(out, model(x), rtol=0, atol=1e-5)
+
+
+def test_torch_compile_runs_the_reduction_in_eval_and_training():
+    """timm's ``--torchcompile``: torch.compile (inductor, graph breaks where the reduction needs them)."""
+    model = model_of("ppt_vit_tiny_patch16_224", img_size=112, r=8, num_classes=5)
+    compiled = torch.compile(model)
+    x = images(3, size=112)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    model.train()
+    compiled(x).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())

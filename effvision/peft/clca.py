@@ -288,6 +288,9 @@ def add_clca(
         model.norm = nn.Identity()
         model.fc_norm = nn.Identity()
         model.global_pool = ""  # the head receives the stacked CLS tokens unpooled
+        if isinstance(getattr(model, "pretrained_cfg", None), dict):
+            # timm re-heads a checkpoint of this model (num_classes changed) by dropping its classifier's keys
+            model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "classifier": "head.pointwise"}
         extensions.append(ClsCollector(head_layers))
     model.blocks.extensions = tuple(extensions)
     return model

@@ -168,6 +168,13 @@ class TokenReducedModel:
             return self.head(self.head_drop(x), pre_logits=pre_logits)
         return super().forward_head(x, pre_logits=pre_logits)
 
+    def get_classifier(self) -> nn.Module:
+        """timm's; for a head that pools the tokens itself, the classifier inside it (CLCA: ``head.pointwise``),
+        the layer timm's ``--head-init-scale`` / ``--head-init-bias`` and re-heading act on."""
+        if getattr(self.head, "pools_tokens", False):
+            return self.head.pointwise
+        return super().get_classifier()
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """timm's ``reset_classifier``; a head that pools the tokens itself keeps its pooling and gets a new
         classifier (``num_classes=0``: none, the model then returns the pre-logits)."""
