@@ -310,3 +310,21 @@ def test_timms_scripts_run_with_the_names_registered(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "effvision.timm_models", str(tmp_path / "nope.py")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no script" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["ppt_vit_tiny_patch16_224", "tome_vit_tiny_patch16_224",
+                                  "clca_topk_vit_tiny_patch16_224", "sparse_tuning_vit_tiny_patch16_224"])
+def test_set_input_size_gives_the_model_created_at_that_size(name):
+    """timm's ``set_input_size``: the reduction's schedule follows the new patch count (the defaults scale with
+    it), so the model equals one created with ``img_size=``; it used to keep the 224 px schedule."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    model.set_input_size(img_size=160)
+    reference = timm.create_model(name, img_size=160).eval()
+    reference.load_state_dict(model.state_dict())
+    assert effvision.reduction_info(model)["tokens"] == effvision.reduction_info(reference)["tokens"]
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        scripted = torch.jit.script(model)  # traced at the new size
+        torch.testing.assert_close(scripted(x), reference(x), rtol=0, atol=1e-5)

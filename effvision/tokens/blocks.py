@@ -177,6 +177,8 @@ class TokenReducingBlocks(nn.Sequential):
         #: shapes of one image's forward inputs ((N, C) tokens[, RoPE table]), set by effvision.reduce: what
         #: TorchScript traces the blocks on (effvision.tokens.torchscript)
         self.example_shapes: tuple[tuple[int, ...], ...] = ()
+        #: (method, options) the policy was made from, set by effvision.reduce
+        self.reduction: tuple[str, dict] | None = None
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` compiles for these blocks (in a torch.fx graph of the model): their
@@ -214,6 +216,7 @@ class TokenReducingBlocks(nn.Sequential):
         blocks.grad_checkpointing = self.grad_checkpointing
         blocks.extensions = self.extensions
         blocks.example_shapes = self.example_shapes
+        blocks.reduction = self.reduction
         return blocks
 
     def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:

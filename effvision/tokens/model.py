@@ -150,6 +150,14 @@ class TokenReducedModel:
         return TokenState.start(x, blocks.num_prefix, blocks.track_source if track_source is None else track_source,
                                 rope)
 
+    def set_input_size(self, *args: Any, **kwargs: Any) -> None:
+        """timm's, then the reduction's schedule made again for the new patch count (see
+        :func:`effvision.tokens.reduce.refresh_schedule`)."""
+        from effvision.tokens.reduce import refresh_schedule
+
+        super().set_input_size(*args, **kwargs)
+        refresh_schedule(self)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint each block's attention and MLP (recomputed in backward), inside the reduction."""
         self.grad_checkpointing = enable

@@ -90,10 +90,20 @@ def reduce(model: nn.Module, method: str, *, track_source: bool = False, **optio
     blocks = model.blocks
     inner = list(blocks) if isinstance(blocks, nn.Sequential) else list(blocks.children())
     model.blocks = TokenReducingBlocks(inner, policy, model.num_prefix_tokens, track_source)
+    model.blocks.reduction = (method, dict(options))  # what set_input_size makes the schedule from again
     model.__class__ = reduced_class(type(model))
     model.blocks.example_shapes = _example_shapes(model)
     model.set_grad_checkpointing(bool(getattr(model, "grad_checkpointing", False)))
     return model
+
+
+def refresh_schedule(model: nn.Module) -> None:
+    """Make a reduced model's policy again for its current patch count (after timm's ``set_input_size``),
+    from the method and options it was reduced with: defaults scale with the patch count, as with
+    ``create_model(img_size=...)``, and given options are checked against it."""
+    method, options = model.blocks.reduction
+    model.blocks.policy = make_policy(method, model_shape(model), **options)
+    model.blocks.example_shapes = _example_shapes(model)
 
 
 def reduction_info(model: nn.Module) -> dict:
