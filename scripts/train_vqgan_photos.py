@@ -57,8 +57,8 @@ def corpus_photos(path: Path) -> list[np.ndarray]:
 
 def fine_tune_decoder(codec: VQGANCodec, photos: list[np.ndarray], args: argparse.Namespace) -> None:
     """The decoder stage: encoder, codebook, index model and restorer of ``codec`` are kept as they are."""
-    torch.manual_seed(0)
-    crops = RandomCrops(photos, crop=args.crop, seed=1)
+    torch.manual_seed(args.seed)
+    crops = RandomCrops(photos, crop=args.crop, seed=args.seed + 1)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mode="decoder",
                              checkpoint_every=50, restart_dead_every=0, max_minutes=args.minutes,
                              msssim_weight=args.msssim_weight, l1_weight=0.1, colour_band_loss=True,
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--msssim-weight", type=float, default=0.0, help="weight of the 1 - MS-SSIM loss term")
     parser.add_argument("--tile-size", type=int, default=None,
                         help="tile size the written weights code images in (default: whole images)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="decoder stage: seed of the crops (another one to continue from its own output)")
     parser.add_argument("--restorer-steps", type=int, default=400)
     parser.add_argument("--stage", choices=["autoencoder", "restorer", "export", "all", "decoder"], default="all",
                         help="decoder: fine-tune only the decoder of --init (L1 + MS-SSIM after the colour band's "

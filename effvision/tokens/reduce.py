@@ -101,7 +101,11 @@ def refresh_schedule(model: nn.Module) -> None:
     """Make a reduced model's policy again for its current patch count (after timm's ``set_input_size``),
     from the method and options it was reduced with: defaults scale with the patch count, as with
     ``create_model(img_size=...)``, and given options are checked against it."""
-    method, options = model.blocks.reduction
+    reduction = getattr(model.blocks, "reduction", None)
+    if reduction is None:
+        raise ValueError("this reduced model does not record how it was reduced (saved by an older effvision): "
+                         "create it again with img_size=... instead of set_input_size")
+    method, options = reduction
     model.blocks.policy = make_policy(method, model_shape(model), **options)
     model.blocks.example_shapes = _example_shapes(model)
 
