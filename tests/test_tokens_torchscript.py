@@ -83,6 +83,32 @@ def test_scripted_model_saves_loads_and_refuses_training_and_other_sizes(tmp_pat
         loaded(x)
 
 
+class Holder(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+def test_a_module_holding_a_reduced_model_scripts_and_still_trains_in_python():
+    """torch.jit.script replaces the held model inside the holder (``__prepare_scriptable__`` works in place);
+    from Python the holder must still run, and train, the very same model."""
+    model = model_of("clca_ppt_vit_tiny_patch16_224")
+    holder = Holder(model)
+    scripted = script(holder)
+    x = images(3)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(scripted(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(holder(x), expected, rtol=0, atol=0)
+    assert {id(p) for p in holder.parameters()} == {id(p) for p in model.parameters()}
+    holder.train()
+    holder(x).logsumexp(-1).mean().backward()
+    assert model.training and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_scripting_leaves_every_train_flag_of_the_model_as_it_was():
     model = model_of("sparse_tuning_vit_tiny_patch16_224").train()
     model.blocks[0].eval()  # a mixed state must survive

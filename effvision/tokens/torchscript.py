@@ -8,7 +8,12 @@ image: PPT's per-image choice between pruning and pooling stays data-dependent i
 ``torch.jit.script(model)`` therefore calls the model's ``__prepare_scriptable__``, which returns
 :class:`TracedInference`: the model's eval-mode forward traced at its image size, behind a compiled check of
 the input's shape. It is a real TorchScript module (``torch.jit.save`` works), for inference only: in training
-mode it raises (a trace cannot follow ``train()``; use ``torch.compile``).
+mode it raises (a trace cannot follow ``train()``; use ``torch.compile``). The reduced blocks in a torch.fx graph
+of the model are scripted the same way (:class:`TracedBlocks`).
+
+``torch.jit.script`` of a module that *holds* a reduced model replaces it in that module (torch's
+``__prepare_scriptable__`` works in place). Called from Python, these modules therefore run the Python module
+they were made from (same parameters, trainable), so the holding module keeps working as before.
 """
 
 from __future__ import annotations
@@ -44,29 +49,72 @@ def _random(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.randn(shape, generator=generator).to(like.device, like.dtype)
 
 
-class TracedInference(nn.Module):
-    """A token-reduced model's eval-mode forward, traced (``model``), for (B, C, H, W) images of the traced
-    size -> (B, num_classes) logits, or whatever the model's forward returns."""
+_CANNOT_TRAIN = ("this TorchScript module is a token-reduced model's eval-mode forward, traced: it cannot train; "
+                 "call .eval(), or train the Python model (torch.compile works, timm's --torchcompile)")
 
-    def __init__(self, traced: nn.Module, channels: int, height: int, width: int) -> None:
+
+class _TracedOrPython(nn.Module):
+    """``model``: the eval-mode trace, what TorchScript runs; ``python_module``: what Python runs."""
+
+    __jit_ignored_attributes__ = ["python_module"]
+
+    def __init__(self, traced: nn.Module, python_module: nn.Module) -> None:
         super().__init__()
         self.model = traced
+        # a 1-tuple, not a sub-module (its parameters are `model`'s), which torch.jit.script would replace too
+        self.python_module = (python_module,)
+        self.cannot_train = _CANNOT_TRAIN
+
+    def _python(self) -> nn.Module:
+        module = self.python_module[0]
+        if module.training != self.training:
+            module.train(self.training)
+        return module
+
+
+class TracedInference(_TracedOrPython):
+    """A token-reduced model's eval-mode forward, traced, for (B, C, H, W) images of the traced size ->
+    what the model's forward returns ((B, num_classes) logits)."""
+
+    def __init__(self, traced: nn.Module, python_model: nn.Module, channels: int, height: int, width: int) -> None:
+        super().__init__(traced, python_model)
         self.channels = channels
         self.height = height
         self.width = width
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            return self._python()(x)
         if self.training:
-            raise RuntimeError(
-                "this TorchScript module is a token-reduced model's eval-mode forward, traced: it cannot train; "
-                "call .eval(), or train the Python model (torch.compile works, timm's --torchcompile)"
-            )
+            raise RuntimeError(self.cannot_train)
         if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.height or x.shape[3] != self.width:
             raise ValueError(
                 "this TorchScript module takes (B, " + str(self.channels) + ", " + str(self.height) + ", "
                 + str(self.width) + ") images, the size it was traced at"
             )
         return self.model(x)
+
+
+class TracedBlocks(_TracedOrPython):
+    """The reduced blocks' eval-mode forward, traced: (B, N, C) tokens -> what the blocks return."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            return self._python()(x)
+        if self.training:
+            raise RuntimeError(self.cannot_train)
+        return self.model(x)
+
+
+class TracedRopeBlocks(_TracedOrPython):
+    """:class:`TracedBlocks` of an Eva model: (B, N, C) tokens and the RoPE table."""
+
+    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            return self._python()(x, rope)
+        if self.training:
+            raise RuntimeError(self.cannot_train)
+        return self.model(x, rope)
 
 
 def traced_for_torchscript(model: nn.Module) -> TracedInference:
@@ -77,7 +125,7 @@ def traced_for_torchscript(model: nn.Module) -> TracedInference:
     channels = patch_embed.proj.in_channels
     height, width = (int(size) for size in patch_embed.img_size)
     traced = _trace(model, (_random((2, channels, height, width), parameter),))
-    return TracedInference(traced, channels, height, width).train(model.training)
+    return TracedInference(traced, model, channels, height, width).train(model.training)
 
 
 class _BlocksWithExtensions(nn.Module):
@@ -93,7 +141,7 @@ class _BlocksWithExtensions(nn.Module):
         return self.blocks(*inputs)
 
 
-def traced_blocks_for_torchscript(blocks: nn.Module) -> nn.Module:
+def traced_blocks_for_torchscript(blocks: nn.Module) -> TracedBlocks | TracedRopeBlocks:
     """The ``TokenReducingBlocks`` of a reduced model traced on example tokens of the shapes recorded by
     :func:`effvision.reduce` (what a torch.fx graph of the model calls, timm's fx + TorchScript path)."""
     shapes = getattr(blocks, "example_shapes", None)
@@ -104,4 +152,5 @@ def traced_blocks_for_torchscript(blocks: nn.Module) -> nn.Module:
         )
     parameter = next(iter(blocks.parameters()))
     example = tuple(_random(shape, parameter) for shape in ((2, *shapes[0]), *shapes[1:]))
-    return _trace(_BlocksWithExtensions(blocks), example)
+    kind = TracedBlocks if len(example) == 1 else TracedRopeBlocks
+    return kind(_trace(_BlocksWithExtensions(blocks), example), blocks).train(blocks.training)
