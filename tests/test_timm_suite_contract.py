@@ -328,3 +328,20 @@ def test_set_input_size_gives_the_model_created_at_that_size(name):
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
         scripted = torch.jit.script(model)  # traced at the new size
         torch.testing.assert_close(scripted(x), reference(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sparse_tuning_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224"])
+def test_layer_decay_scales_each_adapter_as_its_block(name):
+    """timm's ``--layer-decay`` (param_groups_layer_decay over ``group_matcher``): adapter i learns at block i's
+    rate; unmatched, every adapter used to get the head's full rate."""
+    from timm.optim import param_groups_layer_decay
+
+    model = timm.create_model(name, freeze=False, num_classes=3)
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): group["lr_scale"] for group in groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    for block in (0, 5, 11):
+        block_scale = scale[id(named[f"blocks.{block}.attn.qkv.weight"])]
+        adapters = [p for n, p in named.items() if n.startswith(f"dense_adapters.adapters.{block}.")]
+        assert adapters and all(scale[id(p)] == block_scale for p in adapters)
+    assert scale[id(named["blocks.0.attn.qkv.weight"])] < scale[id(named["blocks.11.attn.qkv.weight"])]

@@ -79,6 +79,9 @@ class DenseAdapters(nn.Module):
     The last three adapter outputs live in ``state.extras`` for the current forward only.
     """
 
+    #: ``adapters.<i>`` belongs to block i (timm's group_matcher / layer-wise lr decay, see effvision.tokens.model)
+    per_block_modules = "adapters"
+
     def __init__(self, dim: int, depth: int, bottleneck: int = 64) -> None:
         super().__init__()
         self.adapters = nn.ModuleList(

@@ -74,6 +74,9 @@ class ReleasedAdapters(nn.Module):
         sum_last_block: add the last block's adapter output to the last stage's sum too.
     """
 
+    #: ``adapters.<i>`` belongs to block i (timm's group_matcher / layer-wise lr decay, see effvision.tokens.model)
+    per_block_modules = "adapters"
+
     def __init__(
         self,
         dim: int,

@@ -24,6 +24,7 @@ is a plain class attribute, not a closure over the instance, so models pickle (`
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -149,6 +150,20 @@ class TokenReducedModel:
         x, rope = self._embed(images)
         return TokenState.start(x, blocks.num_prefix, blocks.track_source if track_source is None else track_source,
                                 rope)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's, with the per-block modules of the model's extensions (``per_block_modules``: Sparse-Tuning's
+        adapter i, ``dense_adapters.adapters.i``) grouped with block i, so that timm's layer-wise learning-rate
+        decay (``--layer-decay``) scales them as their block rather than as the head."""
+        matcher = dict(super().group_matcher(coarse))
+        blocks = matcher["blocks"]
+        blocks = [(blocks, None)] if isinstance(blocks, str) else list(blocks)
+        for name, module in self.named_children():
+            per_block = getattr(module, "per_block_modules", None)
+            if per_block:
+                blocks.insert(1, (rf"^{re.escape(name)}\.{re.escape(per_block)}\.(\d+)", None))
+        matcher["blocks"] = blocks
+        return matcher
 
     def set_input_size(self, *args: Any, **kwargs: Any) -> None:
         """timm's, then the reduction's schedule made again for the new patch count (see
