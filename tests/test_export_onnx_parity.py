@@ -8,6 +8,7 @@ from effvision.export import OrtModel, check_onnx, export_onnx
 
 import effvision
 from effvision.timm_models import register
+from tests.vit_factory import mix_ppt_choices
 
 ATOL = 1e-4
 # 7x7 patches and 4 blocks (reduction at blocks 1, 2, 3) keep the tests fast; r is scaled to 49 patches
@@ -77,18 +78,8 @@ def test_reduced_model_matches_onnxruntime_at_batch_1_and_5(family, exported):
 def test_ppt_batch_mixing_pooled_and_pruned_images_matches(tmp_path):
     """PPT picks prune or pool per image; the export must keep that choice data-dependent."""
     model = reduced_deit_tiny("ppt")
-    policy = model.blocks.policy
-    variances = []
-    original = type(policy).use_pooling
-    policy.use_pooling = lambda significance: (
-        variances.append(significance.var(dim=-1)) or original(policy, significance)
-    )
     images = batches(6)[0]
-    model(images)
-    del policy.use_pooling
-    policy.threshold = variances[0].median().item() * 1.0001  # half the images pool at the first layer
-    choices = (variances[0] < policy.threshold).tolist()
-    assert any(choices) and not all(choices)
+    mix_ppt_choices(model, images)  # half the images pool at the first layer
     export_onnx(model, tmp_path / "ppt.onnx", (1, 3, IMG_SIZE, IMG_SIZE))
     assert check_onnx(model, tmp_path / "ppt.onnx", [images])["max_abs_diff"] <= ATOL
 

@@ -10,6 +10,7 @@ import torch
 from timm.models import get_notrace_functions, get_notrace_modules
 
 import effvision  # noqa: F401
+from tests.vit_factory import mix_ppt_choices
 
 NAMES = (
     "ppt_vit_tiny_patch16_224", "tome_vit_tiny_patch16_224", "topk_vit_tiny_patch16_224",
@@ -50,19 +51,8 @@ def test_scripted_model_equals_the_model_at_other_batch_sizes(name):
 
 def test_scripted_ppt_keeps_the_per_image_choice_between_pruning_and_pooling():
     model = model_of("ppt_vit_tiny_patch16_224")
-    policy = model.blocks.policy
-    variances = []
-    original = type(policy).use_pooling
-    policy.use_pooling = lambda significance: (
-        variances.append(significance.var(dim=-1)) or original(policy, significance)
-    )
     x = images(6)
-    with torch.no_grad():
-        model(x)
-    del policy.use_pooling
-    policy.threshold = variances[0].median().item() * 1.0001  # half the images pool at the first reduction
-    choices = (variances[0] < policy.threshold).tolist()
-    assert any(choices) and not all(choices)
+    mix_ppt_choices(model, x)  # half the images pool at the first reduction
     scripted = script(model)  # traced on other (random) images
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=1e-5)

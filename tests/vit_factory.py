@@ -41,3 +41,20 @@ def clone_model(model: VisionTransformer) -> VisionTransformer:
 def deit_small(seed: int = 0, **kwargs) -> VisionTransformer:
     torch.manual_seed(seed)
     return timm.create_model("deit_small_patch16_224", **kwargs).eval()
+
+
+def mix_ppt_choices(model, images: torch.Tensor) -> None:
+    """Set the threshold of a PPT-reduced ``model`` so that about half of ``images`` pool and half prune at its
+    first reduction layer (PPT picks per image), and check that the choices really differ."""
+    policy = model.blocks.policy
+    variances = []
+    original = type(policy).use_pooling
+    policy.use_pooling = lambda significance: (
+        variances.append(significance.var(dim=-1)) or original(policy, significance)
+    )
+    with torch.no_grad():
+        model(images)
+    del policy.use_pooling
+    policy.threshold = variances[0].median().item() * 1.0001
+    choices = (variances[0] < policy.threshold).tolist()
+    assert any(choices) and not all(choices)
