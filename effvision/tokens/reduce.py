@@ -42,7 +42,7 @@ def _check_size_hook(module: nn.Module, args: tuple) -> None:
 
 def _example_shapes(model: nn.Module) -> tuple[tuple[int, ...], ...]:
     """Shapes of one image's inputs to the reduced blocks: the (N, C) tokens, and Eva's RoPE table."""
-    tokens = (model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim)
+    tokens = (input_tokens(model), model.embed_dim)
     if getattr(model, "rope", None) is None:
         return (tokens,)
     parameter = next(iter(model.parameters()))
