@@ -345,3 +345,26 @@ def test_layer_decay_scales_each_adapter_as_its_block(name):
         adapters = [p for n, p in named.items() if n.startswith(f"dense_adapters.adapters.{block}.")]
         assert adapters and all(scale[id(p)] == block_scale for p in adapters)
     assert scale[id(named["blocks.0.attn.qkv.weight"])] < scale[id(named["blocks.11.attn.qkv.weight"])]
+
+
+def test_set_input_size_on_a_model_that_does_not_record_its_reduction_is_a_clear_error():
+    model = timm.create_model("ppt_vit_tiny_patch16_224")
+    model.blocks.reduction = None  # as on a reduced model pickled by an older effvision
+    with pytest.raises(ValueError, match="create it again with img_size"):
+        model.set_input_size(img_size=160)
+
+
+def test_a_model_pickled_with_the_old_size_check_hook_loads_and_still_checks(tmp_path):
+    """Older versions checked the input size in a forward pre-hook on ``patch_embed``; their pickles name it."""
+    from effvision.tokens.reduce import _check_size_hook
+
+    model = timm.create_model("ppt_vit_tiny_patch16_224").eval()
+    model.patch_embed.register_forward_pre_hook(_check_size_hook)
+    torch.save(model, tmp_path / "old.pt")
+    loaded = torch.load(tmp_path / "old.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images()), model(images()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expects 224x224 images"):
+        loaded(torch.randn(1, 3, 160, 160))
+    with pytest.raises(ValueError, match="expected 3-channel images"):
+        loaded.patch_embed(torch.randn(1, 1, 224, 224))  # the hook itself, on the sub-module alone
