@@ -23,6 +23,10 @@ USAGE = "usage: python -m effvision.timm_models SCRIPT.py [SCRIPT ARGUMENTS...]\
 
 def register() -> list[str]:
     """Register all ``<method>_<timm name>`` entries (token reduction and PEFT); returns the names."""
+    # The first import of timm runs effvision's hook, i.e. this function, inside it: import timm before anything
+    # is registered, so that the first name is not registered twice (timm warned "Overwriting ...").
+    import timm  # noqa: F401
+
     from effvision.peft.registry import register_peft_models
     from effvision.tokens.registry import register_reduced_models
 

@@ -303,10 +303,11 @@ def test_timms_scripts_run_with_the_names_registered(tmp_path):
     script.write_text("import sys, timm, helper_module\n"
                       "assert __name__ == '__main__'\n"
                       "print(sys.argv[1:], helper_module.VALUE, timm.is_model('clca_ppt_vit_tiny_patch16_224'))\n")
-    run = subprocess.run([sys.executable, "-m", "effvision.timm_models", str(script), "--model", "x"],
+    run = subprocess.run([sys.executable, "-W", "always", "-m", "effvision.timm_models", str(script), "--model", "x"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "['--model', 'x'] 7 True"
+    assert "Overwriting" not in run.stderr  # each name registered once (it was twice: timm's import hook re-entered)
     missing = subprocess.run([sys.executable, "-m", "effvision.timm_models", str(tmp_path / "nope.py")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no script" in missing.stderr
