@@ -1,6 +1,7 @@
 """TorchScript (timm's ``--torchscript``, its torchscript and fx + torchscript model tests) on reduced and PEFT
-names: ``torch.jit.script`` gives the eval-mode forward, traced (effvision.tokens.torchscript), which must equal
-the Python model on other batch sizes and on images that take different per-image paths. Tiny models."""
+names: ``torch.jit.script`` gives the forward traced in eval and in training mode (effvision.tokens.torchscript),
+which must equal the Python model on other batch sizes and on images that take different per-image paths, and
+train as it does (train.py --torchscript). Tiny models."""
 
 import warnings
 
@@ -58,7 +59,7 @@ def test_scripted_ppt_keeps_the_per_image_choice_between_pruning_and_pooling():
         torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=1e-5)
 
 
-def test_scripted_model_saves_loads_and_refuses_training_and_other_sizes(tmp_path):
+def test_scripted_model_saves_loads_and_refuses_other_sizes(tmp_path):
     model = model_of("clca_ppt_vit_tiny_patch16_224")
     scripted = script(model)
     torch.jit.save(scripted, tmp_path / "model.pt")
@@ -68,9 +69,58 @@ def test_scripted_model_saves_loads_and_refuses_training_and_other_sizes(tmp_pat
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-5)
         with pytest.raises(Exception, match="224, 224"):
             loaded(images(1, size=192))
-    loaded.train()
-    with pytest.raises(Exception, match="cannot train"):
-        loaded(x)
+        loaded.train()
+        with pytest.raises(Exception, match="224, 224"):
+            loaded(images(1, size=192))
+
+
+def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["ppt_vit_tiny_patch16_224", "tome_vit_tiny_patch16_224",
+                                  "clca_sparse_tuning_vit_tiny_patch16_224", "ppt_eva02_tiny_patch14_224"])
+def test_scripted_model_trains_as_the_model_with_dropout_and_drop_path(name):
+    """timm's train.py --torchscript trains the scripted model: in training mode it runs the training trace,
+    whose dropout and drop-path masks are drawn afresh each call, on the model's own parameters."""
+    model = model_of(name, drop_rate=0.2, drop_path_rate=0.3, num_classes=5).train()
+    scripted = script(model)
+    assert {id(p) for p in scripted.parameters()} == {id(p) for p in model.parameters()}
+    x = images(3)
+    torch.manual_seed(7)
+    scripted(x).logsumexp(-1).mean().backward()
+    from_script = gradients(model)
+    model.zero_grad()
+    torch.manual_seed(7)
+    model(x).logsumexp(-1).mean().backward()
+    from_python = gradients(model)
+    assert from_script.keys() == from_python.keys() and from_python
+    for key in from_python:
+        torch.testing.assert_close(from_script[key], from_python[key], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = scripted(x)
+        assert not torch.equal(first, scripted(x))  # new masks each call
+        scripted.eval()
+        torch.testing.assert_close(scripted(x), model.eval()(x), rtol=0, atol=1e-5)
+        assert not torch.allclose(first, scripted(x))
+
+
+def test_scripted_ppt_trains_with_the_per_image_choice_and_an_optimizer_step_reaches_the_model():
+    model = model_of("ppt_vit_tiny_patch16_224")
+    x = images(6)
+    mix_ppt_choices(model, x)
+    scripted = script(model.train())
+    optimizer = torch.optim.SGD(scripted.parameters(), lr=0.1)
+    scripted(x).logsumexp(-1).mean().backward()
+    expected = gradients(model)
+    model.zero_grad()
+    model(x).logsumexp(-1).mean().backward()
+    for key, grad in gradients(model).items():
+        torch.testing.assert_close(expected[key], grad, rtol=0, atol=1e-6)
+    before = model.head.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.head.weight, before)
 
 
 class Holder(torch.nn.Module):

@@ -182,7 +182,8 @@ class TokenReducingBlocks(nn.Sequential):
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` compiles for these blocks (in a torch.fx graph of the model): their
-        eval-mode forward, traced (the reduction is Python; :mod:`effvision.tokens.torchscript`)."""
+        forward traced in eval and in training mode (the reduction is Python;
+        :mod:`effvision.tokens.torchscript`)."""
         from effvision.tokens.torchscript import traced_blocks_for_torchscript
 
         return traced_blocks_for_torchscript(self)

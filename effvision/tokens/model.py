@@ -13,7 +13,8 @@ first in the MRO. It overrides only what timm's own code cannot do on reduced to
 * ``set_grad_checkpointing`` checkpoints the attention and MLP of each block inside the reduction;
 * ``forward_head`` / ``reset_classifier`` give a head that pools the tokens itself (``head.pools_tokens``:
   CLCA's aggregation head) the unpooled tokens, its pre-logits, and a new classifier that keeps its pooling;
-* ``torch.jit.script(model)`` compiles the eval-mode forward, traced (:mod:`effvision.tokens.torchscript`);
+* ``torch.jit.script(model)`` compiles the forward traced in eval and in training mode
+  (:mod:`effvision.tokens.torchscript`);
 * ``prune_intermediate_layers`` prunes the blocks' extensions with the blocks (and such a head with
   ``prune_head``).
 
@@ -129,7 +130,7 @@ class TokenReducedModel:
         return _new_reduced_model, (type(self).__bases__[1],), self.__getstate__()
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """What ``torch.jit.script(model)`` compiles: the eval-mode forward, traced
+        """What ``torch.jit.script(model)`` compiles: the forward traced in eval and in training mode
         (:mod:`effvision.tokens.torchscript`; the reduction itself is Python)."""
         from effvision.tokens.torchscript import traced_for_torchscript
 

@@ -1,4 +1,4 @@
-"""TorchScript on token-reduced models (timm's ``--torchscript``): the eval-mode forward, traced.
+"""TorchScript on token-reduced models (timm's ``--torchscript``): the forward, traced, in eval and in training.
 
 A reduction's control flow (per-image policies, token maps, block extensions) is Python that
 ``torch.jit.script`` cannot compile. It is, however, written in tensor operations whose shapes follow the
@@ -6,14 +6,17 @@ batch (what ONNX export relies on too), so a trace at the model's image size hol
 image: PPT's per-image choice between pruning and pooling stays data-dependent in the traced graph.
 
 ``torch.jit.script(model)`` therefore calls the model's ``__prepare_scriptable__``, which returns
-:class:`TracedInference`: the model's eval-mode forward traced at its image size, behind a compiled check of
-the input's shape. It is a real TorchScript module (``torch.jit.save`` works), for inference only: in training
-mode it raises (a trace cannot follow ``train()``; use ``torch.compile``). The reduced blocks in a torch.fx graph
-of the model are scripted the same way (:class:`TracedBlocks`).
+:class:`TracedInference`: two traces of the model at its image size, one in eval mode and one in training mode
+(dropout and drop-path stay random in it), sharing the model's parameters, behind a compiled check of the
+input's shape; its ``train()`` / ``eval()`` flag picks the trace. It is a real TorchScript module
+(``torch.jit.save`` works) that timm's ``train.py --torchscript`` can train. The training trace is of the model's
+train/eval flags as they are when scripted, if it is in training mode then (a frozen part kept in eval stays
+so), else of ``model.train()``. Gradient checkpointing does not survive tracing (TorchScript runs the plain
+forward). The reduced blocks in a torch.fx graph of the model are scripted the same way (:class:`TracedBlocks`).
 
 ``torch.jit.script`` of a module that *holds* a reduced model replaces it in that module (torch's
 ``__prepare_scriptable__`` works in place). Called from Python, these modules therefore run the Python module
-they were made from (same parameters, trainable), so the holding module keeps working as before.
+they were made from (same parameters), so the holding module keeps working as before.
 """
 
 from __future__ import annotations
@@ -27,21 +30,30 @@ from torch import Tensor, nn
 
 
 @contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` and all its sub-modules in eval mode, each one's own flag restored afterwards."""
+def _train_flags(module: nn.Module, training: bool) -> Iterator[None]:
+    """``module`` in training (if it is not already) or eval mode, each sub-module's own flag restored after."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    if not (training and module.training):  # a model already training keeps its mixed flags
+        module.train(training)
     try:
         yield
     finally:
-        for m, training in flags:
-            m.training = training
+        for m, flag in flags:
+            m.training = flag
 
 
-def _trace(module: nn.Module, example: tuple[Tensor, ...]) -> nn.Module:
-    with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+def _trace(module: nn.Module, example: tuple[Tensor, ...], training: bool) -> nn.Module:
+    """``module``'s forward in training or eval mode, traced on ``example``; the caller's random state is kept
+    (a training trace draws dropout masks)."""
+    devices = [example[0].device] if example[0].is_cuda else []
+    with _train_flags(module, training), torch.no_grad(), torch.random.fork_rng(devices), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records
         return torch.jit.trace(module, example, check_trace=False)
+
+
+def _traces(module: nn.Module, example: tuple[Tensor, ...]) -> tuple[nn.Module, nn.Module]:
+    """The eval-mode and the training-mode trace of ``module`` (sharing its parameters)."""
+    return _trace(module, example, training=False), _trace(module, example, training=True)
 
 
 def _random(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -49,21 +61,17 @@ def _random(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.randn(shape, generator=generator).to(like.device, like.dtype)
 
 
-_CANNOT_TRAIN = ("this TorchScript module is a token-reduced model's eval-mode forward, traced: it cannot train; "
-                 "call .eval(), or train the Python model (torch.compile works, timm's --torchcompile)")
-
-
 class _TracedOrPython(nn.Module):
-    """``model``: the eval-mode trace, what TorchScript runs; ``python_module``: what Python runs."""
+    """``inference`` / ``training_forward``: the eval-mode and training-mode traces, what TorchScript runs
+    (picked by the module's own train/eval flag); ``python_module``: what Python runs."""
 
     __jit_ignored_attributes__ = ["python_module"]
 
-    def __init__(self, traced: nn.Module, python_module: nn.Module) -> None:
+    def __init__(self, traces: tuple[nn.Module, nn.Module], python_module: nn.Module) -> None:
         super().__init__()
-        self.model = traced
-        # a 1-tuple, not a sub-module (its parameters are `model`'s), which torch.jit.script would replace too
+        self.inference, self.training_forward = traces
+        # a 1-tuple, not a sub-module (its parameters are the traces'), which torch.jit.script would replace too
         self.python_module = (python_module,)
-        self.cannot_train = _CANNOT_TRAIN
 
     def _python(self) -> nn.Module:
         module = self.python_module[0]
@@ -73,8 +81,8 @@ class _TracedOrPython(nn.Module):
 
 
 class TracedInference(_TracedOrPython):
-    """A token-reduced model's eval-mode forward, traced, for (B, C, H, W) images of the traced size ->
-    what the model's forward returns ((B, num_classes) logits)."""
+    """A token-reduced model's forward, traced in eval and in training mode, for (B, C, H, W) images of the
+    traced size -> what the model's forward returns ((B, num_classes) logits)."""
 
     def __init__(self, traced: nn.Module, python_model: nn.Module, channels: int, height: int, width: int) -> None:
         super().__init__(traced, python_model)
@@ -85,25 +93,25 @@ class TracedInference(_TracedOrPython):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             return self._python()(x)
-        if self.training:
-            raise RuntimeError(self.cannot_train)
         if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.height or x.shape[3] != self.width:
             raise ValueError(
                 "this TorchScript module takes (B, " + str(self.channels) + ", " + str(self.height) + ", "
                 + str(self.width) + ") images, the size it was traced at"
             )
-        return self.model(x)
+        if self.training:
+            return self.training_forward(x)
+        return self.inference(x)
 
 
 class TracedBlocks(_TracedOrPython):
-    """The reduced blocks' eval-mode forward, traced: (B, N, C) tokens -> what the blocks return."""
+    """The reduced blocks' forward, traced in eval and in training mode: (B, N, C) tokens -> what the blocks return."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             return self._python()(x)
         if self.training:
-            raise RuntimeError(self.cannot_train)
-        return self.model(x)
+            return self.training_forward(x)
+        return self.inference(x)
 
 
 class TracedRopeBlocks(_TracedOrPython):
@@ -113,19 +121,19 @@ class TracedRopeBlocks(_TracedOrPython):
         if not torch.jit.is_scripting():
             return self._python()(x, rope)
         if self.training:
-            raise RuntimeError(self.cannot_train)
-        return self.model(x, rope)
+            return self.training_forward(x, rope)
+        return self.inference(x, rope)
 
 
 def traced_for_torchscript(model: nn.Module) -> TracedInference:
     """:class:`TracedInference` of a token-reduced ``model`` at its patch embedding's image size, on its device
-    and dtype, in the model's current train/eval flag (the trace itself is always of eval mode)."""
+    and dtype, in the model's current train/eval flag."""
     parameter = next(iter(model.parameters()))
     patch_embed = model.patch_embed
     channels = patch_embed.proj.in_channels
     height, width = (int(size) for size in patch_embed.img_size)
-    traced = _trace(model, (_random((2, channels, height, width), parameter),))
-    return TracedInference(traced, model, channels, height, width).train(model.training)
+    traces = _traces(model, (_random((2, channels, height, width), parameter),))
+    return TracedInference(traces, model, channels, height, width).train(model.training)
 
 
 class _BlocksWithExtensions(nn.Module):
@@ -153,4 +161,4 @@ def traced_blocks_for_torchscript(blocks: nn.Module) -> TracedBlocks | TracedRop
     parameter = next(iter(blocks.parameters()))
     example = tuple(_random(shape, parameter) for shape in ((2, *shapes[0]), *shapes[1:]))
     kind = TracedBlocks if len(example) == 1 else TracedRopeBlocks
-    return kind(_trace(_BlocksWithExtensions(blocks), example), blocks).train(blocks.training)
+    return kind(_traces(_BlocksWithExtensions(blocks), example), blocks).train(blocks.training)
