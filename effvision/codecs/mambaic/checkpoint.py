@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from effvision.codecs.mambaic.model import CONFIGS, MambaIC, MambaICConfig
+from effvision.codecs.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
+from effvision.codecs.mambaic.model import CONFIG_LIMITS, CONFIGS, MambaIC, MambaICConfig
 from effvision.errors import UserError
 from effvision.io_utils import atomic_path
 
 FORMAT = "effvision-mambaic"
+#: entropy-coder tables whose size a file may choose (update() rebuilds them after loading)
+RESIZABLE_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
 # Per-slice module of ours -> (official list name, whether the official wraps it in nn.Sequential).
 _SLICE_MODULES = {
@@ -150,21 +154,12 @@ def load_official_checkpoint(path: str | Path, config: MambaICConfig | str = "pa
 
 
 def _load_into(model: MambaIC, state_dict: dict[str, Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise UserError(
-            f"{source} does not match MambaIC config {model.config.name!r}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    resizable = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
-    for key, tensor in state_dict.items():
-        if expected[key].shape != tensor.shape and not key.endswith(resizable):
-            raise UserError(
-                f"{source} does not match MambaIC config {model.config.name!r}: {key} has shape "
-                f"{tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
-            )
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    problem = shape_mismatches(expected, {key: tuple(value.shape) for key, value in state_dict.items()},
+                               RESIZABLE_BUFFERS)
+    if problem:
+        raise UserError(f"{source} does not match MambaIC config {model.config.name!r}: {problem}")
+    check_finite(state_dict, source)
     model.load_state_dict(state_dict)
 
 
@@ -198,7 +193,8 @@ def save_checkpoint(
 
 
 def read_checkpoint_config(path: str | Path) -> tuple[MambaICConfig, dict[str, str]]:
-    """The config and metadata of a checkpoint written by :func:`save_checkpoint`."""
+    """The config and metadata of a checkpoint written by :func:`save_checkpoint`, the config's fields checked
+    against :data:`~effvision.codecs.mambaic.model.CONFIG_LIMITS` (the file may be crafted)."""
     from safetensors import safe_open
 
     try:
@@ -210,7 +206,25 @@ def read_checkpoint_config(path: str | Path) -> tuple[MambaICConfig, dict[str, s
         raise UserError(f"{path} is not a safetensors checkpoint ({error})") from error
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise UserError(f"{path} is not a MambaIC checkpoint (no {FORMAT} metadata)")
-    return MambaICConfig.from_dict(json.loads(metadata["config"])), metadata
+    fields = read_config_fields(metadata["config"], CONFIG_LIMITS, str(path), "MambaIC config")
+    try:
+        config = MambaICConfig.from_dict(fields)
+    except ValueError as error:
+        raise UserError(f"{path}: bad MambaIC config: {error}") from error
+    return config, metadata
+
+
+def _training_lambda(metadata: dict[str, str], path: str | Path) -> float | None:
+    """The λ a checkpoint records (used by encoder-side refinement), checked: a finite number in (0, 1000]."""
+    if "lambda" not in metadata:
+        return None
+    try:
+        value = float(metadata["lambda"])
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 1000):
+        raise UserError(f"{path}: its lambda metadata must be a number in (0, 1000], got {metadata['lambda']!r:.40}")
+    return value
 
 
 def config_mismatch(found: MambaICConfig, expected: MambaICConfig) -> list[str]:
@@ -233,6 +247,7 @@ def load_checkpoint(
         expected_config: when given (config or name), a checkpoint of another config is a
             :class:`UserError` naming the mismatching fields.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if Path(path).suffix.lower() != ".safetensors":
@@ -248,10 +263,17 @@ def load_checkpoint(
                 f"{path} was trained with MambaIC config {config.name!r}, not {expected.name!r} "
                 f"({'; '.join(differences)})"
             )
+    rd_lambda = _training_lambda(metadata, path)
+    with safe_open(str(path), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    problem = shape_mismatches(meta_state_shapes(lambda: MambaIC(config), str(path), "MambaIC config"), shapes,
+                               RESIZABLE_BUFFERS)
+    if problem:  # before the model is built: its size is then that of the file's tensors
+        raise UserError(f"{path} does not match its MambaIC config {config.name!r}: {problem}")
     model = MambaIC(config)
     _load_into(model, load_file(str(path)), str(path))
-    if "lambda" in metadata:
-        model.rd_lambda = float(metadata["lambda"])  # the training λ, for encoder-side refinement
+    if rd_lambda is not None:
+        model.rd_lambda = rd_lambda  # the training λ, for encoder-side refinement
     model.update()
     return model.to(device).eval()
 

@@ -28,6 +28,7 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.models import CompressionModel
 from torch import Tensor, nn
 
+from effvision.codecs.bounded_config import Limit
 from effvision.codecs.mambaic.context import SliceContext, anchor_mask
 from effvision.codecs.mambaic.vss import VSSBlock
 from effvision.codecs.progress import refinement_steps
@@ -38,6 +39,7 @@ from effvision.codecs.rans import (
     min_stream_bytes,
     use_checked_decoder,
 )
+from effvision.errors import UserError
 
 #: inputs are padded to a multiple of this (4 stride-2 layers in g_a, 2 more in h_a).
 ALIGNMENT = 64
@@ -112,6 +114,38 @@ CONFIGS: dict[str, MambaICConfig] = {
     ),
 }
 
+
+#: what a checkpoint's config may ask for (read_config_fields); the ``paper`` config is well inside
+CONFIG_LIMITS: dict[str, Limit] = {
+    "transform_channels": Limit(1, 1024),
+    "latent_channels": Limit(1, 1024),
+    "hyper_channels": Limit(1, 1024),
+    "depths": Limit(0, 32, "ints", 4, 4),
+    "num_slices": Limit(1, 64),
+    "max_support_slices": Limit(0, 64),
+    "window": Limit(1, 64),
+    "attention_dim": Limit(1, 1024),
+    "head_dim": Limit(1, 1024),
+    "context_hidden": Limit(1, 2048, "ints", 2, 2),
+    "context_depth": Limit(0, 32),
+    "d_state": Limit(1, 256),
+    "ssm_ratio": Limit(0.0625, 16, "float"),
+    "drop_path_rate": Limit(0, 1, "float"),
+    "name": Limit(0, 64, "str"),
+}
+
+#: the largest latent magnitude (after subtracting its mean) the entropy coder is given. Trained weights stay
+#: within a few hundred; only corrupt or crafted weights go beyond, and compressai's rANS encoder never returns
+#: on symbols near 2^31 (its escape code shifts a negative number until it reaches zero).
+MAX_CODED_MAGNITUDE = 1 << 16
+
+
+def _check_codable(residual: Tensor, what: str) -> None:
+    if residual.numel() and not (torch.isfinite(residual).all() and residual.abs().max() <= MAX_CODED_MAGNITUDE):
+        raise UserError(
+            f"these MambaIC weights give {what} values that cannot be coded (not finite, or beyond "
+            f"+-{MAX_CODED_MAGNITUDE}): the weights are corrupt or not a trained codec"
+        )
 
 def get_config(name: str) -> MambaICConfig:
     if name not in CONFIGS:
@@ -316,12 +350,14 @@ class MambaIC(CompressionModel):
             if lmbda is None:
                 raise ValueError("encoder-side refinement needs the lambda the weights were trained for (lmbda=)")
             y, z = self.refine_latents(x, y, z, lmbda, effort)
+        _check_codable(z - self.entropy_bottleneck._get_medians(), "hyper-latent")
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         strings: list[list[bytes]] = []
 
         def code(y_slice: Tensor, means: Tensor, scales: Tensor, where: Tensor) -> Tensor:
             values, means_at, indexes = self._select(y_slice, means, scales, where)
+            _check_codable(values - means_at, "latent")
             strings.append(self.gaussian_conditional.compress(values, indexes, means=means_at))
             # Exactly the decoder's dequantisation: integer symbols cast to float, plus the means.
             symbols = self.gaussian_conditional.quantize(values, "symbols", means_at)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from effvision.codecs.bounded_config import Limit
+
 
 @dataclass(frozen=True)
 class VQGANConfig:
@@ -76,3 +78,20 @@ SMALL_F16 = VQGANConfig(
 )
 
 CONFIGS: dict[str, VQGANConfig] = {c.name: c for c in (IMAGENET_F16_16384, SMALL_F16)}
+
+#: what a codec file's ``vqgan_config`` may ask for (read_config_fields); ImageNet f16-16384 is well inside
+CONFIG_LIMITS: dict[str, Limit] = {
+    "ch": Limit(1, 1024),
+    "ch_mult": Limit(1, 16, "ints", 1, 8),
+    "num_res_blocks": Limit(0, 16),
+    "attn_resolutions": Limit(1, 65536, "ints", 0, 8),
+    "resolution": Limit(1, 65536),
+    "z_channels": Limit(1, 4096),
+    "embed_dim": Limit(1, 4096),
+    "n_embed": Limit(2, 65536),
+    "in_channels": Limit(3, 3),  # the codec codes RGB
+    "out_ch": Limit(3, 3),
+    "dropout": Limit(0, 0.99, "float"),
+    "norm_groups": Limit(1, 1024),
+    "name": Limit(0, 64, "str"),
+}

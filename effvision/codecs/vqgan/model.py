@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from compressai.models import CompressionModel
 from torch import Tensor
 
+from effvision.codecs.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
 from effvision.codecs.rans import SYMBOL_SLACK_BITS, min_stream_bytes
 from effvision.codecs.vqgan.colour_band import check_colour_band, decode_colour_band, encode_colour_band
-from effvision.codecs.vqgan.config import VQGANConfig
+from effvision.codecs.vqgan.config import CONFIG_LIMITS, VQGANConfig
 from effvision.codecs.vqgan.index_coding import (
     FIXED_LENGTH,
     HEADER,
@@ -43,7 +44,7 @@ from effvision.codecs.vqgan.index_coding import (
     encode_index_map,
 )
 from effvision.codecs.vqgan.kmeans import kmeans
-from effvision.codecs.vqgan.restoration import IndexRestorer
+from effvision.codecs.vqgan.restoration import RESTORER_LIMITS, IndexRestorer
 from effvision.codecs.vqgan.taming import VQModel, taming_state_dict
 from effvision.errors import UserError
 from effvision.io_utils import atomic_path
@@ -438,6 +439,7 @@ class VQGANCodec(CompressionModel):
                 f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
                 f"{len(reshaped)} with other shapes (e.g. {reshaped[:2]})"
             )
+        check_finite(state, str(path))
         self.vq.load_state_dict(state)
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
@@ -458,30 +460,57 @@ class VQGANCodec(CompressionModel):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VQGANCodec:
-        """Inverse of :meth:`save` (weights come back as float32)."""
+        """Inverse of :meth:`save` (weights come back as float32). The file may be crafted: its configs are read
+        within bounds and checked against its tensors' shapes before any model is built
+        (:mod:`effvision.codecs.bounded_config`), and its reference maps must hold codebook indices."""
         from safetensors import safe_open
 
+        source = str(path)
         try:
-            with safe_open(str(path), framework="pt") as handle:
+            with safe_open(source, framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
         except Exception as error:  # noqa: BLE001
             raise _user_error(f"cannot read VQGAN weights {path}: {error}") from error
         if "vqgan_config" not in metadata:
             raise _user_error(f"{path} is not a VQGAN codec file (no vqgan_config metadata)")
-        config = VQGANConfig.from_dict(json.loads(metadata["vqgan_config"]))
+        config = VQGANConfig.from_dict(read_config_fields(metadata["vqgan_config"], CONFIG_LIMITS, source,
+                                                          "VQGAN config"))
         tile_size = metadata.get("tile_size")
         if tile_size is not None:
             if not (tile_size.isascii() and tile_size.isdigit() and len(tile_size) <= 5):
                 raise _user_error(f"{path}: tile_size metadata must be an integer, got {tile_size!r}")
             tile_size = int(tile_size)
+        expected = {f"vq.{k}": v for k, v in meta_state_shapes(lambda: VQModel(config), source, "VQGAN config").items()}
+        restorer_config = None
+        if "restorer_config" in metadata:
+            restorer_config = read_config_fields(metadata["restorer_config"], RESTORER_LIMITS, source,
+                                                 "restorer config")
+            restorer_shapes = meta_state_shapes(lambda: IndexRestorer(**restorer_config), source, "restorer config")
+            expected.update({f"restorer.{k}": v for k, v in restorer_shapes.items()})
+        if "reference_maps" in shapes:
+            if len(shapes["reference_maps"]) != 3:
+                raise _user_error(f"{path}: reference_maps must be (N, h, w), got shape {shapes['reference_maps']}")
+            expected["reference_maps"] = shapes["reference_maps"]
+        problem = shape_mismatches(expected, shapes)
+        if problem:  # before any model is built: its size is then that of the file's tensors
+            raise _user_error(f"{path} does not match its VQGAN config: {problem}")
+        with safe_open(source, framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        reference_maps = tensors.get("reference_maps")
+        if reference_maps is not None and reference_maps.numel() and (
+            reference_maps.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+            or int(reference_maps.min()) < 0 or int(reference_maps.max()) >= config.n_embed
+        ):
+            raise _user_error(f"{path}: reference_maps must hold codebook indices in [0, {config.n_embed})")
+        check_finite(tensors, source)
         vqmodel = VQModel(config)
         vqmodel.load_state_dict({k[3:]: v.float() for k, v in tensors.items() if k.startswith("vq.")})
         restorer = None
-        if "restorer_config" in metadata:
-            restorer = IndexRestorer(**json.loads(metadata["restorer_config"]))
+        if restorer_config is not None:
+            restorer = IndexRestorer(**restorer_config)
             restorer.load_state_dict({k[9:]: v.float() for k, v in tensors.items() if k.startswith("restorer.")})
-        return cls(config, vqmodel.eval(), restorer.eval() if restorer else None, tensors.get("reference_maps"),
+        return cls(config, vqmodel.eval(), restorer.eval() if restorer else None, reference_maps,
                    tile_size=tile_size).eval()
 
 

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from effvision.codecs.bounded_config import Limit
+
 
 def random_mask(
     shape: torch.Size | tuple[int, ...], ratio: Tensor | float, generator: torch.Generator | None = None
@@ -37,6 +39,15 @@ def sinusoidal_positions(h: int, w: int, dim: int) -> Tensor:
     col_code = torch.cat([cols.sin(), cols.cos()], 1)[None, :, :].expand(h, w, 2 * quarter)
     code = torch.cat([row_code, col_code], -1).reshape(h * w, 4 * quarter)
     return nn.functional.pad(code, (0, dim - 4 * quarter))
+
+
+#: what a codec file's ``restorer_config`` may ask for (read_config_fields)
+RESTORER_LIMITS: dict[str, Limit] = {
+    "code_dim": Limit(1, 4096),
+    "dim": Limit(1, 4096),
+    "depth": Limit(0, 64),
+    "heads": Limit(1, 256),
+}
 
 
 class IndexRestorer(nn.Module):

@@ -1,0 +1,125 @@
+"""Model configs and weights read from untrusted checkpoint files, bounded before anything is allocated.
+
+A codec checkpoint names the model to build (a JSON config in its metadata) and its tensors fill that model.
+Both come from a file the user passes, which may be crafted: a config asking for 10^6 channels or blocks would
+allocate, or loop, for as long as it says before any shape check could object. So a loader:
+
+1. reads the config with :func:`read_config_fields`: a JSON object of bounded size whose known fields are
+   integers, numbers or short integer lists within the limits the model declares (:class:`Limit`);
+2. builds the model on the ``meta`` device (no memory; :func:`meta_state_shapes`) and compares its parameter and
+   buffer shapes with the file's (:func:`shape_mismatches`), so the real model is built only when it is exactly
+   as large as the tensors the file really holds;
+3. refuses weights that are not finite (:func:`check_finite`): NaN weights make NaN latents, which no entropy
+   coder should be given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from effvision.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a model is built, so that config modules stay light
+    from torch import Tensor, nn
+
+#: a config's JSON text: real ones are a few hundred bytes
+MAX_CONFIG_JSON_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Bounds of one config field: ``kind`` "int" or "float" (``low <= value <= high``), "ints" (a list of
+    ``min_items``-``max_items`` integers, each within the bounds) or "str" (``low``-``high`` characters)."""
+
+    low: float
+    high: float
+    kind: str = "int"
+    min_items: int = 0
+    max_items: int = 0
+
+    def check(self, name: str, value: object) -> object:
+        """``value`` as the config wants it (tuple for "ints"); a :class:`ValueError` naming ``name``."""
+        if self.kind == "str":
+            if not isinstance(value, str) or not self.low <= len(value) <= self.high:
+                raise ValueError(f"{name} must be a string of {self.low:g}-{self.high:g} characters, got {value!r:.80}")
+            return value
+        if self.kind == "ints":
+            if not isinstance(value, list) or not self.min_items <= len(value) <= self.max_items:
+                raise ValueError(
+                    f"{name} must be a list of {self.min_items}-{self.max_items} integers, got {value!r:.80}"
+                )
+            return tuple(self._number(f"{name}[{i}]", item, integer=True) for i, item in enumerate(value))
+        return self._number(name, value, integer=self.kind == "int")
+
+    def _number(self, name: str, value: object, integer: bool) -> int | float:
+        numeric = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not numeric or not math.isfinite(value) or not self.low <= value <= self.high:
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"{name} must be {kind} in [{self.low:g}, {self.high:g}], got {value!r:.80}")
+        return value
+
+
+def read_config_fields(text: str, limits: Mapping[str, Limit], source: str, what: str) -> dict[str, object]:
+    """The fields named in ``limits`` of the JSON object ``text``, each checked; a field the model does not know
+    is ignored (newer files), a missing one keeps the model's default.
+
+    Raises:
+        UserError: naming ``source`` and ``what`` (e.g. "MambaIC config") on anything else.
+    """
+    if len(text) > MAX_CONFIG_JSON_BYTES:
+        raise UserError(f"{source}: its {what} is {len(text)} bytes of JSON; at most {MAX_CONFIG_JSON_BYTES} are read")
+    try:
+        values = json.loads(text)
+    except ValueError as error:
+        raise UserError(f"{source}: its {what} is not valid JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: its {what} must be a JSON object, got {type(values).__name__}")
+    fields: dict[str, object] = {}
+    try:
+        for key, limit in limits.items():
+            if key in values:
+                fields[key] = limit.check(key, values[key])
+    except ValueError as error:
+        raise UserError(f"{source}: bad {what}: {error}") from error
+    return fields
+
+
+def meta_state_shapes(build: Callable[[], nn.Module], source: str, what: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter and buffer of ``build()``, built on the meta device (allocates nothing).
+    An inconsistent config (fields that do not fit together) is a :class:`UserError`."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception as error:  # noqa: BLE001 - any constructor error means the file's config does not fit together
+        raise UserError(f"{source}: its {what} does not describe a model ({type(error).__name__}: {error})") from error
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def shape_mismatches(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], resizable: tuple[str, ...] = ()
+) -> str | None:
+    """What differs between a model's ``expected`` state shapes and a file's ``found`` ones, or ``None``;
+    keys ending in ``resizable`` may differ in shape (entropy-coder tables rebuilt after loading)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        return f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+    for key, shape in found.items():
+        if tuple(shape) != tuple(expected[key]) and not key.endswith(resizable):
+            return f"{key} has shape {tuple(shape)}, the model expects {tuple(expected[key])}"
+    return None
+
+
+def check_finite(tensors: Mapping[str, Tensor], source: str) -> None:
+    """A :class:`UserError` naming the first floating-point tensor of ``tensors`` holding NaN or infinity."""
+    import torch
+
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{source}: weight {key} holds NaN or infinite values")

@@ -1,0 +1,175 @@
+"""Crafted codec checkpoints (``--checkpoint F``): configs in the metadata are bounded, checked against the
+file's tensors before any model is built, and weights must be finite. Each case is a clear UserError, at once;
+before, these allocated terabytes, looped, or hung compressai's rANS encoder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from effvision.codecs.mambaic import MambaIC
+from effvision.codecs.mambaic import checkpoint as mambaic_checkpoint
+from effvision.codecs.mambaic.checkpoint import load_checkpoint, save_checkpoint
+from effvision.codecs.vqgan.config import VQGANConfig
+from effvision.codecs.vqgan.model import VQGANCodec
+from effvision.codecs.vqgan.restoration import IndexRestorer
+from effvision.errors import UserError
+from tests.codec_factory import tiny_mambaic_config
+
+torch.set_num_threads(1)
+
+TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
+                         z_channels=32, embed_dim=8, n_embed=64, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def mambaic_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mambaic") / "tiny.safetensors"
+    model = MambaIC(tiny_mambaic_config()).eval()
+    model.update()
+    save_checkpoint(model, path, extra={"lambda": "0.013"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def vqgan_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vqgan") / "tiny.safetensors"
+    codec = VQGANCodec(TINY_VQGAN, restorer=IndexRestorer(8, dim=32, depth=1, heads=2),
+                       reference_maps=torch.randint(0, 64, (6, 4, 4)))
+    codec.save(path)
+    return path
+
+
+def rewritten(source: Path, target: Path, change) -> Path:
+    """``source`` with ``change(metadata, tensors)`` applied, written to ``target`` (a valid safetensors file)."""
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    change(metadata, tensors)
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+def set_field(key: str, value, field: str):
+    def change(metadata, tensors):
+        config = json.loads(metadata[field])
+        config[key] = value
+        metadata[field] = json.dumps(config)
+    return change
+
+
+def set_metadata(key: str, text: str):
+    return lambda metadata, tensors: metadata.__setitem__(key, text)
+
+
+def nan_weights(metadata, tensors):
+    key = next(k for k, v in tensors.items() if v.is_floating_point() and v.dim() > 1)
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+
+
+MAMBAIC_CASES = {
+    "not JSON": (set_metadata("config", "{not json"), "not valid JSON"),
+    "a list": (set_metadata("config", "[1, 2]"), "must be a JSON object"),
+    "a megabyte of JSON": (set_metadata("config", json.dumps({"pad": "x" * 2**20})), "at most"),
+    "10^6 channels": (set_field("transform_channels", 10**6, "config"), "transform_channels must be an integer"),
+    "10^5 blocks": (set_field("depths", [0, 1, 1, 10**5], "config"), r"depths\[3\] must be"),
+    "3 depths": (set_field("depths", [1, 1, 1], "config"), "depths must be a list of 4-4"),
+    "no slices": (set_field("num_slices", 0, "config"), "num_slices must be"),
+    "a string": (set_field("latent_channels", "20", "config"), "latent_channels must be an integer"),
+    "a boolean": (set_field("latent_channels", True, "config"), "latent_channels must be an integer"),
+    "a fraction": (set_field("window", 2.5, "config"), "window must be an integer"),
+    "an infinite ratio": (set_metadata("config", '{"ssm_ratio": Infinity}'), "ssm_ratio must be a number"),
+    "slices not dividing": (set_field("num_slices", 3, "config"), "not divisible"),
+    # within the limits, but not the model the tensors were trained for: refused before it is built
+    "1024 channels": (set_field("transform_channels", 1024, "config"), "does not match its MambaIC config"),
+    "lambda not a number": (set_metadata("lambda", "abc"), "lambda metadata must be"),
+    "lambda NaN": (set_metadata("lambda", "nan"), "lambda metadata must be"),
+    "NaN weights": (nan_weights, "holds NaN or infinite values"),
+}
+
+
+@pytest.mark.parametrize("case", MAMBAIC_CASES)
+def test_crafted_mambaic_checkpoint_is_a_clear_error_and_no_model_is_built(case, mambaic_file, tmp_path, monkeypatch):
+    change, message = MAMBAIC_CASES[case]
+    path = rewritten(mambaic_file, tmp_path / "crafted.safetensors", change)
+    built_on = []
+
+    def spy(config):
+        built_on.append(torch.empty(0).device.type)  # "meta" inside the shape check
+        return MambaIC(config)
+
+    monkeypatch.setattr(mambaic_checkpoint, "MambaIC", spy)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)
+    if case != "NaN weights":  # its shapes are right, so the model is built, then the values are refused
+        assert "cpu" not in built_on
+
+
+def test_an_untouched_mambaic_checkpoint_still_loads(mambaic_file):
+    model = load_checkpoint(mambaic_file)
+    assert model.config == tiny_mambaic_config() and model.rd_lambda == pytest.approx(0.013)
+
+
+VQGAN_CASES = {
+    "not JSON": (set_metadata("vqgan_config", "{"), "not valid JSON"),
+    "10^5 channels": (set_field("ch", 10**5, "vqgan_config"), "ch must be an integer"),
+    "10^9 codes": (set_field("n_embed", 10**9, "vqgan_config"), "n_embed must be an integer"),
+    "5000 levels": (set_field("ch_mult", [1] * 5000, "vqgan_config"), "ch_mult must be a list of 1-8"),
+    "grey": (set_field("in_channels", 1, "vqgan_config"), "in_channels must be an integer in \\[3, 3\\]"),
+    "within limits, other tensors": (set_field("ch", 1024, "vqgan_config"), "does not match its VQGAN config"),
+    "restorer: unknown fields only": (set_metadata("restorer_config", '{"evil": 1}'), "restorer config does not"),
+    "restorer: 10^6 wide": (set_field("dim", 10**6, "restorer_config"), "dim must be an integer"),
+    "restorer: heads not dividing": (set_field("heads", 3, "restorer_config"), "restorer config does not"),
+    "index maps beyond the codebook": (
+        lambda m, t: t.__setitem__("reference_maps", torch.full_like(t["reference_maps"], 30000)),
+        "codebook indices in \\[0, 64\\)"),
+    "negative index maps": (
+        lambda m, t: t.__setitem__("reference_maps", torch.full_like(t["reference_maps"], -1)), "codebook indices"),
+    "float index maps": (
+        lambda m, t: t.__setitem__("reference_maps", t["reference_maps"].float()), "codebook indices"),
+    "2-D index maps": (
+        lambda m, t: t.__setitem__("reference_maps", t["reference_maps"][0]), r"must be \(N, h, w\)"),
+    "NaN weights": (nan_weights, "holds NaN or infinite values"),
+}
+
+
+@pytest.mark.parametrize("case", VQGAN_CASES)
+def test_crafted_vqgan_file_is_a_clear_error(case, vqgan_file, tmp_path):
+    change, message = VQGAN_CASES[case]
+    path = rewritten(vqgan_file, tmp_path / "crafted.safetensors", change)
+    with pytest.raises(UserError, match=message):
+        VQGANCodec.load(path)
+
+
+def test_an_untouched_vqgan_file_still_loads(vqgan_file):
+    codec = VQGANCodec.load(vqgan_file)
+    assert codec.config == TINY_VQGAN and codec.restorer is not None and codec.reference_maps.shape == (6, 4, 4)
+
+
+def test_weights_that_blow_up_the_latents_are_refused_before_the_entropy_coder(mambaic_file, tmp_path):
+    """Finite but huge analysis weights give latents near 2^31, on which compressai's rANS encoder never
+    returned. The encode must stop with a clear error instead (run in a child process, so that a regression
+    fails by timeout instead of hanging the test run)."""
+
+    def scale_analysis(metadata, tensors):
+        for key in tensors:
+            if key.startswith("g_a.") and tensors[key].dim() == 4:
+                tensors[key] = tensors[key].float() * 1e4
+
+    path = rewritten(mambaic_file, tmp_path / "huge.safetensors", scale_analysis)
+    script = ("import torch\nfrom effvision.codecs.mambaic.checkpoint import load_checkpoint\n"
+              f"model = load_checkpoint({str(path)!r})\n"
+              "try:\n    model.compress(torch.rand(1, 3, 64, 64))\nexcept Exception as error:\n"
+              "    print(type(error).__name__, error)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "UserError" in run.stdout and "cannot be coded" in run.stdout
