@@ -206,3 +206,40 @@ def test_a_ladder_panel_knows_when_jpeg_cannot_make_a_file_that_small():
     close = evaluation.LadderPanel("q1", row("m", 1000), row("jpeg", int(1000 * (1 + tolerance))), image, image)
     larger = evaluation.LadderPanel("q1", row("m", 1000), row("jpeg", int(1000 * (1 + tolerance)) + 1), image, image)
     assert not close.jpeg_is_smallest and larger.jpeg_is_smallest
+
+
+def test_tiny_images_evaluate_end_to_end_with_strict_json(tmp_path: Path, two_quality_codec) -> None:
+    """A 3x9 and a flat 5x5 image: JPEG XL's search reaches its top quality, some classical decodes are lossless
+    (PSNR inf). Before, pillow-jxl refused quality 100 and the BD fit failed on the infinite PSNR."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    Image.fromarray(_photo_like(np.random.default_rng(1), 3, 9)).save(folder / "strip.png")
+    Image.fromarray(np.full((5, 5, 3), 128, np.uint8)).save(folder / "flat.png")
+    out = tmp_path / "rd.json"
+    assert main(["eval-codec", "--data", str(folder), "--codec", two_quality_codec, "--classical", "jpeg", "webp",
+                 "jxl", "--json", str(out)]) == 0
+
+    def refuse(constant: str):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    document = json.loads(out.read_text(), parse_constant=refuse)
+    psnrs = [row["psnr"] for row in document["rows"]["curves"]]
+    assert "inf" in psnrs  # the lossless decodes, written as strings
+    again = evaluation.Evaluation.from_dict(document)
+    assert math.inf in [row.psnr for row in again.curves]
+    assert again.bd_rates() == evaluation.Evaluation.from_dict(json.loads(out.read_text())).bd_rates()
+
+
+def test_an_image_too_small_for_ms_ssim_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    Image.fromarray(np.zeros((2, 7, 3), np.uint8)).save(tmp_path / "line.png")
+    assert main(["eval-codec", "--data", str(tmp_path), "--classical", "jpeg"]) == 1
+    assert "7x2 pixels" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 3x3"):
+        evaluation.ms_ssim(torch.zeros(1, 3, 2, 7), torch.zeros(1, 3, 2, 7))
+
+
+def test_bd_rate_leaves_out_lossless_points() -> None:
+    anchor = [(0.1, 25.0), (0.2, 28.0), (0.4, 31.0), (0.8, 34.0)]
+    test = [(0.1, 26.0), (0.2, 29.0), (0.4, 32.0)]
+    expected = evaluation.bd_rate(anchor, test)
+    assert evaluation.bd_rate([*anchor, (1.6, math.inf)], [*test, (0.5, math.nan)]) == pytest.approx(expected)

@@ -44,9 +44,11 @@ DOWNSCALE_FACTORS = (2, 3, 4)
 
 
 def _pareto(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (rate, quality) points no other point beats in both, sorted by rate, quality strictly rising."""
+    """The (rate, quality) points no other point beats in both, sorted by rate, quality strictly rising. Points
+    without a finite positive rate and a finite quality are left out (a lossless decode has infinite PSNR)."""
     front: list[tuple[float, float]] = []
-    for rate, quality in sorted(points, key=lambda p: (p[0], -p[1])):
+    finite = [(r, q) for r, q in points if math.isfinite(r) and r > 0 and math.isfinite(q)]
+    for rate, quality in sorted(finite, key=lambda p: (p[0], -p[1])):
         if not front or quality > front[-1][1]:
             front.append((rate, quality))
     return front
@@ -185,7 +187,8 @@ CLASSICAL: dict[str, ClassicalCodec] = {
     "jpeg": ClassicalCodec("jpeg", "JPEG", (1, 95), _QUALITY_GRID),
     "webp": ClassicalCodec("webp", "WEBP", (0, 100), _QUALITY_GRID),
     "avif": ClassicalCodec("avif", "AVIF", (0, 100), _QUALITY_GRID),
-    "jxl": ClassicalCodec("jxl", "JXL", (1, 100), _QUALITY_GRID),
+    # pillow-jxl's quality 100 is distance 0, which libjxl refuses unless lossless=True is passed too
+    "jxl": ClassicalCodec("jxl", "JXL", (1, 99), _QUALITY_GRID),
     "avif-down": ClassicalCodec("avif-down", "AVIF", (0, 100), _DOWNSCALED_GRID, DOWNSCALE_FACTORS),
     "webp-down": ClassicalCodec("webp-down", "WEBP", (0, 100), _DOWNSCALED_GRID, DOWNSCALE_FACTORS),
 }
@@ -237,6 +240,21 @@ def _measure(image: str, codec: str, setting: str, reference: torch.Tensor, deco
     quality = ms_ssim(reference, distorted) if with_ms_ssim else math.nan
     return Row(image, codec, setting, size, 8 * size / pixels, psnr(reference, distorted), quality, encode_s, decode_s)
 
+
+_FLOAT_FIELDS = ("bpp", "psnr", "ms_ssim", "encode_s", "decode_s")
+
+
+def json_safe(value: object) -> object:
+    """``value`` (dicts, lists, numbers) with every non-finite float written as the string "inf", "-inf" or "nan"
+    (a lossless decode has infinite PSNR), so that ``json.dumps(..., allow_nan=False)`` gives strict JSON;
+    :meth:`Evaluation.from_dict` reads such rows back."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 class _ClassicalRuns:
     """Encodes of one image, cached by (codec, factor, quality): searches revisit settings."""
@@ -403,14 +421,15 @@ class Evaluation:
 
     def _bjontegaard_table(self, delta: Callable) -> dict[str, dict[str, float | None]]:
         """``delta(classical curve, learned curve)`` on (bpp, PSNR) mean curves, per learned ladder and classical
-        codec."""
+        codec; None also where a curve has too few finite points (e.g. tiny images decoded losslessly)."""
         table: dict[str, dict[str, float | None]] = {}
         for learned in self.learned_names():
             test = [(p["bpp"], p["psnr"]) for p in self.mean_curve(self.learned, learned)]
-            table[learned] = {
-                classical: delta([(p["bpp"], p["psnr"]) for p in self.mean_curve(self.curves, classical)], test)
-                for classical in self.classical_names()
-            }
+            table[learned] = {}
+            for classical in self.classical_names():
+                anchor = [(p["bpp"], p["psnr"]) for p in self.mean_curve(self.curves, classical)]
+                enough = len(_pareto(anchor)) >= 2 and _pareto(test)
+                table[learned][classical] = delta(anchor, test) if enough else None
         return table
 
     def bd_rates(self) -> dict[str, dict[str, float | None]]:
@@ -479,10 +498,15 @@ class Evaluation:
 
     @classmethod
     def from_dict(cls, data: dict) -> Evaluation:
-        """Inverse of :meth:`as_dict` (the rows; summaries are recomputed)."""
+        """Inverse of :meth:`as_dict` (the rows; summaries are recomputed), also after :func:`json_safe`."""
         rows = data["rows"]
-        return cls(data["images"], [Row(**r) for r in rows["learned"]], [Row(**r) for r in rows["curves"]],
-                   [Row(**r) for r in rows["matched"]], list(data.get("notes", [])))
+
+        def row(values: dict) -> Row:
+            return Row(**{key: float(value) if key in _FLOAT_FIELDS and isinstance(value, str) else value
+                          for key, value in values.items()})
+
+        return cls(data["images"], [row(r) for r in rows["learned"]], [row(r) for r in rows["curves"]],
+                   [row(r) for r in rows["matched"]], list(data.get("notes", [])))
 
     def as_dict(self) -> dict:
         learned = {n: self.mean_curve(self.learned, n) for n in self.learned_names()}

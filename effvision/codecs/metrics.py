@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+#: the smallest image side the smallest (3 x 3) SSIM window fits in
+MIN_SSIM_SIDE = 3
 
 
 def psnr(reference: Tensor, distorted: Tensor, peak: float = 1.0) -> float:
@@ -20,7 +22,8 @@ def _differentiable_ms_ssim(reference: Tensor, distorted: Tensor) -> Tensor:
     """MS-SSIM (Wang et al. 2003) via pytorch_msssim, 5 scales, 11-tap Gaussian window.
 
     pytorch_msssim needs a side > 16 * (window - 1): smaller images use the largest odd window that
-    fits (down to 3); images of 32 px or less fall back to single-scale SSIM.
+    fits (down to 3); images of 32 px or less fall back to single-scale SSIM. A side under
+    :data:`MIN_SSIM_SIDE` is a :class:`ValueError`.
     """
     from pytorch_msssim import ms_ssim as _ms_ssim
     from pytorch_msssim import ssim as _ssim
@@ -28,11 +31,15 @@ def _differentiable_ms_ssim(reference: Tensor, distorted: Tensor) -> Tensor:
     if reference.dim() == 3:
         reference, distorted = reference[None], distorted[None]
     side = min(reference.shape[-2:])
+    if side < MIN_SSIM_SIDE:
+        height, width = reference.shape[-2:]
+        raise ValueError(f"MS-SSIM needs at least {MIN_SSIM_SIDE}x{MIN_SSIM_SIDE} pixels, got {width}x{height}")
     window = 11
     while window > 3 and side <= 16 * (window - 1):
         window -= 2
     if side <= 16 * (window - 1):
-        return _ssim(reference.float(), distorted.float(), data_range=1.0, win_size=min(window, side - side % 2 - 1))
+        largest_odd = side if side % 2 else side - 1
+        return _ssim(reference.float(), distorted.float(), data_range=1.0, win_size=min(window, largest_odd))
     return _ms_ssim(reference.float(), distorted.float(), data_range=1.0, win_size=window, weights=_MS_SSIM_WEIGHTS)
 
 

@@ -64,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
 
     paths = list_images(args.data)[: args.limit]
     images = [(path.name, open_image(path)) for path in paths]
+    from effvision.codecs.metrics import MIN_SSIM_SIDE
+
+    for path, (_, image) in zip(paths, images, strict=True):
+        if min(image.size) < MIN_SSIM_SIDE:
+            raise UserError(f"{path}: {image.width}x{image.height} pixels; eval-codec measures MS-SSIM, which needs "
+                            f"at least {MIN_SSIM_SIDE}x{MIN_SSIM_SIDE}")
 
     from effvision.codecs import evaluation
     from effvision.codecs.base import available_codecs, load_codec, resolve_device
@@ -106,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         document = {"command": shlex.join(["effvision", *sys.argv[1:]]), "machine": evaluation.machine_description(),
                     **result.as_dict()}
-        atomic_write_bytes(args.json, (json.dumps(document, indent=1) + "\n").encode(), force=True)
+        text = json.dumps(evaluation.json_safe(document), indent=1, allow_nan=False)  # strict JSON: "inf" strings
+        atomic_write_bytes(args.json, (text + "\n").encode(), force=True)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
         atomic_write_bytes(args.markdown, report.encode(), force=True)
