@@ -93,6 +93,26 @@ def test_interrupted_run_resumes_after_its_last_finished_epoch(dataset, tmp_path
     assert [record["epoch"] for record in json.loads((run / "metrics.json").read_text())] == [1, 2, 3]
 
 
+
+def test_time_limit_stops_the_run_and_resume_finishes_it(dataset, tmp_path, monkeypatch, capsys):
+    """--minutes: the budget is asked after every step; the run stops inside epoch 2 (a fake clock that runs
+    out after the first epoch's 3 steps plus one), keeps epoch 1, and --resume trains epochs 2 and 3."""
+    run = tmp_path / "run"
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(loop.TimeLimit, "elapsed", lambda self: 60.0 * (next(ticks) >= 4))
+    assert main(finetune_args(dataset, run, "--minutes", "0.5")) == 0
+    out = capsys.readouterr().out
+    assert "stopped by --minutes after 1 of 3 epochs" in out and "continue with --resume" in out
+    assert [record["epoch"] for record in json.loads((run / "metrics.json").read_text())] == [1]
+    monkeypatch.undo()
+    assert main(finetune_args(dataset, run, "--resume", "--minutes", "60")) == 0
+    assert [record["epoch"] for record in json.loads((run / "metrics.json").read_text())] == [1, 2, 3]
+
+
+def test_a_time_limit_must_be_positive(dataset, tmp_path, capsys):
+    assert main(finetune_args(dataset, tmp_path / "run", "--minutes", "0")) == 1
+    assert "time limit must be positive" in capsys.readouterr().err
+
 def test_resuming_with_a_different_config_is_refused(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(finetune_args(dataset, run, epochs=1)) == 0

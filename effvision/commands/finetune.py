@@ -42,6 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output after its last epoch")
+    parser.add_argument("--minutes", type=float, help="stop after this many minutes of wall time, keeping the last "
+                        "complete epoch (--resume continues; the unfinished epoch is trained again)")
 
 
 def run(args) -> int:
@@ -53,7 +55,13 @@ def run(args) -> int:
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
         workers=args.workers, device=args.device,
     )
-    result = run_finetune(config, args.output, resume=args.resume)
+    result = run_finetune(config, args.output, resume=args.resume, max_minutes=args.minutes)
+    if result["stopped"]:
+        done = len(result["history"])
+        top1 = "" if result["val_top1"] is None else f"; val top-1 after epoch {done}: {result['val_top1']:.2f}%"
+        print(f"stopped by --minutes after {done} of {args.epochs} epochs{top1} (run saved in {args.output}; "
+              "continue with --resume)")
+        return 0
     print(f"val top-1 {result['val_top1']:.2f}%  (trainable parameters {result['trainable']:,} "
           f"of {result['total']:,}; run saved in {args.output})")
     return 0

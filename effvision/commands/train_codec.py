@@ -27,6 +27,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; default)")
     parser.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, help="stop after this many minutes of wall time, writing the "
+                        "checkpoint and model as at the last step (--resume continues)")
 
 
 def run(args) -> int:
@@ -45,6 +47,8 @@ def run(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.lmbda <= 0:
         raise UserError("--lambda must be positive")
+    if args.minutes is not None and not args.minutes > 0:
+        raise UserError("--minutes must be positive")
     if args.final_lr is not None and not 0 <= args.final_lr <= args.lr:
         raise UserError("--final-lr must be between 0 and --lr")
     train_images = [load_image(path) for path in list_images(args.data)]
@@ -54,9 +58,12 @@ def run(args) -> int:
     settings = TrainSettings(
         lmbda=args.lmbda, metric=args.metric, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
         lr=args.lr, final_lr=args.final_lr, val_every=args.val_every, save_every=args.save_every, seed=args.seed,
-        amp=not args.no_amp,
+        amp=not args.no_amp, max_seconds=None if args.minutes is None else 60 * args.minutes,
     )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume, device=device)
+    history = train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume,
+                    device=device)
+    if history and history[-1]["step"] < args.steps:
+        print(f"stopped by --minutes at step {history[-1]['step']} of {args.steps}; continue with --resume")
     print(f"wrote {args.out / 'model.safetensors'}")
     return 0

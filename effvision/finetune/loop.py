@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from effvision.finetune import checkpoint
 from effvision.finetune.data import build_transforms, check_splits, image_folder
 from effvision.training import (
     Distributed,
+    TimeLimit,
     cosine_factor,
     load_training_state,
     progress_bar,
@@ -110,8 +112,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, distributed: Distri
     return 100.0 * correct / max(count, 1)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: int, show: bool) -> dict:
-    """One pass over ``loader``; returns this process's mean loss, accuracy (%) and images/s."""
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: int, show: bool,
+                    stop: Callable[[], bool] | None = None) -> dict:
+    """One pass over ``loader``; returns this process's loss sum, correct count, images seen and seconds, and
+    ``stopped``: whether ``stop()`` (asked after every step, e.g. a time limit) ended the pass early."""
     model.train()
     loss_sum = correct = seen = 0.0
     start = time.perf_counter()
@@ -133,8 +137,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: 
         elapsed = time.perf_counter() - start
         progress.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
                              img_s=f"{seen / max(elapsed, 1e-9):.1f}")
+        if stop is not None and stop():
+            progress.close()
+            return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": elapsed, "stopped": True}
     elapsed = time.perf_counter() - start
-    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": elapsed}
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": elapsed, "stopped": False}
 
 
 def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict | None:
@@ -156,11 +163,19 @@ def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict |
     return load_training_state(state_path) if state_path.exists() else None
 
 
-def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = False, show: bool = True) -> dict:
+def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = False, show: bool = True,
+                 max_minutes: float | None = None) -> dict:
     """Fine-tune ``config.model`` on ``config.data`` into the run folder ``output``.
 
-    Returns {"val_top1", "history" (per epoch), "trainable", "total"}.
+    ``max_minutes`` is a wall-clock budget, asked after every step (on every process alike): when it runs out
+    the run stops, keeping the checkpoint of its last complete epoch (``resume=True`` continues from there; the
+    unfinished epoch is trained again). It is not part of the run's config, so a resumed run may change it.
+
+    Returns {"val_top1" (of the last complete epoch; None if none), "history" (per epoch), "trainable", "total",
+    "stopped" (the time limit ended the run)}.
     """
+    if max_minutes is not None and not max_minutes > 0:
+        raise UserError("the time limit must be positive")
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
 
@@ -204,6 +219,9 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
         scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
         parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
         history, first_epoch = [], 0
+        time_limit = TimeLimit(None if max_minutes is None else 60 * max_minutes)
+        stop = (lambda: distributed.any_rank(time_limit.expired())) if max_minutes is not None else None
+        stopped = False
         if resumed is not None:
             restore(resumed, parts)
             history, first_epoch = list(resumed["history"]), int(resumed["epochs_done"])
@@ -214,7 +232,13 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
             if sampler is not None:
                 sampler.set_epoch(epoch)
             generator.manual_seed(config.seed + epoch)  # same order whether or not the run was resumed
-            stats = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device, epoch, show)
+            stats = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device, epoch, show, stop)
+            if stats["stopped"]:
+                stopped = True
+                if distributed.main and show:
+                    print(f"time limit of {max_minutes:g} min reached in epoch {epoch + 1}: {epoch} of "
+                          f"{config.epochs} epochs saved in {output}; continue with --resume", flush=True)
+                break
             loss_sum, correct, seen = distributed.sum([stats["loss_sum"], stats["correct"], stats["seen"]])
             top1 = evaluate(model, val_loader, device, distributed, show)
             record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
@@ -229,8 +253,12 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
                     print(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} "
                           f"train acc {record['train_acc']:.1f}% val top-1 {top1:.2f}% "
                           f"({record['img_per_s']:.1f} img/s)", flush=True)
-        final = history[-1]["val_top1"] if history else evaluate(model, val_loader, device, distributed)
-        return {"val_top1": final, "history": history, "trainable": report["trainable"], "total": report["total"]}
+        if history:
+            final = history[-1]["val_top1"]
+        else:  # no epoch to train (all done before a resume), or stopped in the first: None, nothing was saved
+            final = None if stopped else evaluate(model, val_loader, device, distributed)
+        return {"val_top1": final, "history": history, "trainable": report["trainable"], "total": report["total"],
+                "stopped": stopped}
     finally:
         distributed.close()
 
