@@ -37,6 +37,12 @@ def test_clustering_to_more_entries_than_the_codebook_is_a_clear_error(image_dir
     assert "K must be between 1 and 1024" in capsys.readouterr().err
 
 
+
+def test_a_time_limit_must_be_positive(image_dir, tmp_path, capsys):
+    assert main(["train-vqgan", str(image_dir), "-o", str(tmp_path / "x.safetensors"), "--crop", "32",
+                 "--minutes", "-1"]) == 1
+    assert "--minutes must be positive" in capsys.readouterr().err
+
 def test_missing_data_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["train-vqgan", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.safetensors")]) == 1
     assert "is not a directory" in capsys.readouterr().err

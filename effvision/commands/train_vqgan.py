@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--crop must be a positive multiple of 16, got {args.crop}")
     if args.steps < 0 or args.batch_size < 1:
         raise UserError("--steps must be >= 0 and --batch-size >= 1")
+    if args.minutes is not None and not args.minutes > 0:
+        raise UserError("--minutes must be positive")
     torch.manual_seed(args.seed)
     images = load_images(args.data, args.crop)
     codec = _initial_codec(args)

@@ -88,7 +88,7 @@ CONFIG_LIMITS: dict[str, Limit] = {
     "resolution": Limit(1, 65536),
     "z_channels": Limit(1, 4096),
     "embed_dim": Limit(1, 4096),
-    "n_embed": Limit(2, 65536),
+    "n_embed": Limit(1, 65536),
     "in_channels": Limit(3, 3),  # the codec codes RGB
     "out_ch": Limit(3, 3),
     "dropout": Limit(0, 0.99, "float"),
