@@ -59,3 +59,11 @@ def test_unknown_codec_transform_lists_the_choices(tmp_path, capsys):
     finally:
         unregister_codec("factorized-test")
     assert "g_a" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [(["--img-size", "0"], "--img-size must be between"),
+                                             (["--img-size", "-3"], "--img-size must be between"),
+                                             (["--opset", "99"], "--opset must be")])
+def test_bad_sizes_and_opsets_are_user_errors_before_any_work(tmp_path, capsys, option, message):
+    assert cli.main(["export", "vit_tiny_patch16_224", str(tmp_path / "m.onnx"), *option]) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

@@ -150,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
 
     from effvision.export.onnx import check_onnx, export_onnx
 
+    if args.img_size is not None and not 1 <= args.img_size <= 8192:
+        raise UserError(f"--img-size must be between 1 and 8192 pixels, got {args.img_size}")
+    if not 7 <= args.opset <= 30:
+        raise UserError(f"--opset must be an ONNX opset number (7-30; default 18), got {args.opset}")
     output = Path(args.output)
     if output.exists() and not args.force:
         raise UserError(f"{output} exists (use --force to overwrite)")
