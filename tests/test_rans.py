@@ -13,6 +13,8 @@ from effvision.codecs.rans import (
     CorruptStreamError,
     RansStreamDecoder,
     decode_with_indexes,
+    encode_with_indexes,
+    encode_with_indexes_python,
     min_stream_bytes,
 )
 
@@ -119,3 +121,26 @@ def test_min_stream_bytes_never_exceeds_a_real_stream(tables):
         largest = cdf[most_likely + 1] - cdf[most_likely]
         bits = count * max(0.0, -math.log2(largest / 65536) - SYMBOL_SLACK_BITS)
         assert 8 <= min_stream_bytes(bits) <= len(stream), (trial, count, len(stream), min_stream_bytes(bits))
+
+
+def test_the_python_encoder_writes_compressais_bytes_including_escapes(tables):
+    cdfs, sizes, offsets, indexes, values = tables
+    stream = encode_with_indexes_python(values[:3000], indexes[:3000], cdfs, sizes, offsets)
+    assert stream == encode(tables, values[:3000], indexes[:3000])
+    rng = random.Random(1)
+    for _ in range(200):  # short and long pieces, escapes included (every 501st / 733rd value)
+        start, length = rng.randrange(len(values) - 800), rng.randint(3, 800)
+        piece = slice(start, start + length)
+        assert encode_with_indexes_python(values[piece], indexes[piece], cdfs, sizes, offsets) == encode(
+            tables, values[piece], indexes[piece])
+
+
+@pytest.mark.parametrize("count", [0, 1, 2])
+def test_streams_of_fewer_than_three_symbols_are_encoded_safely_and_decode(tables, count):
+    """compressai's C++ encoder writes these before its buffer (its final state needs two words, its buffer
+    has one per symbol): encode_with_indexes codes them in Python. The least likely symbols of the narrowest
+    table and escapes are the worst case."""
+    cdfs, sizes, offsets, _, _ = tables
+    for values in ([-(10**6)] * count, [sizes[0] - 3 + offsets[0]] * count, [5000, -70000][:count]):
+        stream = encode_with_indexes(values, [0] * count, cdfs, sizes, offsets)
+        assert decode_with_indexes(stream, [0] * count, cdfs, sizes, offsets) == values

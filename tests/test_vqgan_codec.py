@@ -182,3 +182,26 @@ def test_the_loader_codes_in_the_weights_tile_size(codec, tmp_path):
     assert (container.tile_width, container.tile_height) == (32, 32)
     assert sum(section.tile_start for section in container.sections) == 4
     assert decode_image(Container.from_bytes(container.to_bytes()), loaded).size == (64, 48)
+
+
+def test_tiles_whose_index_maps_hold_one_or_two_indices_encode_and_decode(tmp_path):
+    """A 60x40 photo in 24 px tiles gives 2 x 1 and 1 x 2 index maps. compressai's rANS encoder corrupted the
+    heap on such short streams ("double free or corruption", the process aborted); run in a child process so
+    that a regression fails this test instead of killing the test run."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "small.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(image)
+    for tile in ("16", "24", "32"):
+        coded, decoded = tmp_path / f"t{tile}.evc", tmp_path / f"t{tile}.png"
+        run = subprocess.run([sys.executable, "-m", "effvision", "encode", str(image), "-o", str(coded), "--codec",
+                              "vqgan", "--tile-size", tile], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        run = subprocess.run([sys.executable, "-m", "effvision", "decode", str(coded), "-o", str(decoded)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert Image.open(decoded).size == (60, 40)

@@ -9,8 +9,15 @@ consumed exactly: every word read and the state back at the encoder's initial va
 passes is, symbol for symbol, what compressai's encoder writes for the decoded values; anything else
 raises :class:`CorruptStreamError`.
 
-:class:`CheckedRansCoder` keeps compressai's C++ encoder (bitstreams stay byte-identical) and swaps in
-this decoder; :func:`use_checked_decoder` installs it on every compressai entropy model of a module.
+:class:`CheckedRansCoder` swaps in this decoder and :func:`encode_with_indexes` as encoder;
+:func:`use_checked_decoder` installs it on every compressai entropy model of a module.
+
+compressai's C++ encoder has a bug of its own: it sizes its output buffer at one 32-bit word per coded entry,
+and its final state alone takes two. A stream of one or two symbols (three or more always fit: each symbol
+carries at most 16 bits, so n symbols emit at most n/2 words before the flush) is written *before* the buffer,
+corrupting the heap ("double free or corruption"), e.g. a VQGAN tile of 16 x 32 pixels.
+:func:`encode_with_indexes` therefore encodes such short streams here, in Python, exactly as the C++ encoder
+writes them when it has room (the same bytes), and leaves every longer stream to the C++ encoder.
 """
 
 from __future__ import annotations
@@ -149,18 +156,84 @@ def decode_with_indexes(
     return values
 
 
+#: streams of fewer symbols are encoded in Python (see the module docstring)
+MIN_CXX_SYMBOLS = 3
+
+
+def _escape_entries(value: int, max_value: int) -> tuple[int, list[int]]:
+    """compressai's coding of one value: (the CDF symbol, the 4-bit bypass entries that follow it)."""
+    if value < 0:
+        raw = -2 * value - 1
+    elif value >= max_value:
+        raw = 2 * (value - max_value)
+    else:
+        return value, []
+    if raw >= 1 << 31:
+        raise ValueError(f"value {value} is too far outside its CDF for compressai's 32-bit escape code")
+    value = max_value
+    count = 0
+    while raw >> (count * BYPASS_BITS):
+        count += 1
+    entries = [MAX_BYPASS_VALUE] * (count // MAX_BYPASS_VALUE) + [count % MAX_BYPASS_VALUE]
+    entries += [(raw >> (group * BYPASS_BITS)) & MAX_BYPASS_VALUE for group in range(count)]
+    return value, entries
+
+
+def encode_with_indexes_python(
+    symbols: Sequence[int],
+    indexes: Sequence[int],
+    cdfs: Sequence[Sequence[int]],
+    cdf_sizes: Sequence[int],
+    offsets: Sequence[int],
+) -> bytes:
+    """compressai's ``RansEncoder.encode_with_indexes`` in Python (ryg's rans64; the same bytes), for any
+    number of symbols. Slow: :func:`encode_with_indexes` uses it for short streams only."""
+    entries: list[tuple[int, int, bool]] = []  # (start, frequency or value, bypass)
+    for symbol, index in zip(symbols, indexes, strict=True):
+        cdf = cdfs[index]
+        value, bypass = _escape_entries(int(symbol) - offsets[index], cdf_sizes[index] - 2)
+        entries.append((cdf[value], cdf[value + 1] - cdf[value], False))
+        entries.extend((bits, 0, True) for bits in bypass)
+    words: list[int] = []
+    state = STATE_LOW
+    for start, frequency, bypass in reversed(entries):
+        if bypass:  # rans64's PutBits: the renormalisation of a symbol of probability 2**-4
+            frequency = 1 << (PRECISION - BYPASS_BITS)
+        if state >= ((STATE_LOW >> PRECISION) << 32) * frequency:
+            words.append(state & 0xFFFFFFFF)
+            state >>= 32
+        if bypass:
+            state = (state << BYPASS_BITS) | start
+        else:
+            state = ((state // frequency) << PRECISION) + (state % frequency) + start
+    words += [state >> 32, state & 0xFFFFFFFF]  # the flush, read first by the decoder
+    return np.array(words[::-1], dtype="<u4").tobytes()
+
+
+def encode_with_indexes(
+    symbols: Sequence[int],
+    indexes: Sequence[int],
+    cdfs: Sequence[Sequence[int]],
+    cdf_sizes: Sequence[int],
+    offsets: Sequence[int],
+) -> bytes:
+    """Safe drop-in for compressai's ``RansEncoder().encode_with_indexes``: the C++ encoder for streams of at
+    least :data:`MIN_CXX_SYMBOLS` symbols, :func:`encode_with_indexes_python` for shorter ones."""
+    if len(symbols) < MIN_CXX_SYMBOLS:
+        return encode_with_indexes_python(symbols, indexes, cdfs, cdf_sizes, offsets)
+    from compressai.ans import RansEncoder
+
+    return RansEncoder().encode_with_indexes(list(symbols), list(indexes), cdfs, list(cdf_sizes), list(offsets))
+
 class CheckedRansCoder:
-    """compressai's rANS encoder with :func:`decode_with_indexes` as decoder (same bitstreams)."""
+    """compressai's rANS format with :func:`encode_with_indexes` as encoder (compressai's C++ encoder where it
+    is safe) and :func:`decode_with_indexes` as decoder (same bitstreams)."""
 
     name = "ans"
 
-    def __init__(self) -> None:
-        from compressai.ans import RansEncoder
-
-        self._encoder = RansEncoder()
-
-    def encode_with_indexes(self, *args, **kwargs) -> bytes:
-        return self._encoder.encode_with_indexes(*args, **kwargs)
+    @staticmethod
+    def encode_with_indexes(symbols, indexes, cdfs, cdf_sizes, offsets) -> bytes:
+        return encode_with_indexes(symbols, indexes, cdfs, cdf_sizes, offsets)
 
     @staticmethod
     def decode_with_indexes(stream, indexes, cdfs, cdf_sizes, offsets) -> list[int]:

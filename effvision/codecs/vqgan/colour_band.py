@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effvision.codecs.rans import SYMBOL_SLACK_BITS, CorruptStreamError, RansStreamDecoder, min_stream_bytes
+from effvision.codecs.rans import (
+    SYMBOL_SLACK_BITS,
+    CorruptStreamError,
+    RansStreamDecoder,
+    encode_with_indexes,
+    min_stream_bytes,
+)
 
 #: first byte of a colour-band stream (index streams start with 0 = fixed length or 1 = rANS)
 COLOUR_BAND = 2
@@ -126,7 +132,6 @@ def encode_colour_band(
     x: Tensor, x_hat: Tensor, factor: int = DEFAULT_FACTOR, step_code: int = DEFAULT_STEP_CODE
 ) -> bytes:
     """Code the low band of ``x - x_hat`` (both (3, H, W) in [0, 1], any device) as a colour-band stream."""
-    from compressai.ans import RansEncoder
 
     factor_log2 = int(math.log2(factor)) if factor > 0 else 0
     if 2**factor_log2 != factor or not FACTOR_LOG2_RANGE[0] <= factor_log2 <= FACTOR_LOG2_RANGE[1]:
@@ -141,7 +146,7 @@ def encode_colour_band(
     symbols = np.concatenate([residual.ravel() for residual in residuals]).tolist()
     indexes = np.repeat(np.arange(3), levels[0].size).tolist()
     cdfs = [_cdfs()[scale] for scale in scales]
-    stream = RansEncoder().encode_with_indexes(symbols, indexes, cdfs, [len(c) for c in cdfs], [-TAIL] * 3)
+    stream = encode_with_indexes(symbols, indexes, cdfs, [len(c) for c in cdfs], [-TAIL] * 3)
     return HEADER.pack(COLOUR_BAND, factor_log2, step_code, *scales) + stream
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from effvision.codecs.rans import CorruptStreamError, RansStreamDecoder
+from effvision.codecs.rans import CorruptStreamError, RansStreamDecoder, encode_with_indexes
 
 __all__ = ["CorruptStreamError", "IndexEntropyModel", "decode_index_map", "encode_index_map"]
 
@@ -132,13 +132,12 @@ class IndexEntropyModel:
         return float(-self.likelihoods(indices).double().log2().sum())
 
     def encode(self, indices: Tensor) -> bytes:
-        from compressai.ans import RansEncoder
-
         contexts = self.contexts(indices).reshape(-1).tolist()
         symbols = indices.reshape(-1).tolist()
-        if len(symbols) == 1:  # compressai 1.2.8's RansEncoder aborts on a one-symbol stream: pad (never decoded)
-            symbols, contexts = symbols + [0], contexts + [0]
-        return RansEncoder().encode_with_indexes(
+        if len(symbols) == 1:  # part of the format: a one-symbol map carries a padding symbol 0 (decoded, unused),
+            symbols, contexts = symbols + [0], contexts + [0]  # once a workaround for compressai's encoder
+        # rans.encode_with_indexes, not compressai's RansEncoder, which corrupts the heap on streams this short
+        return encode_with_indexes(
             symbols, contexts, self.cdfs, [self.k + 2] * self.num_contexts, [0] * self.num_contexts
         )
 
