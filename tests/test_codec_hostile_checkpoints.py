@@ -76,6 +76,11 @@ def nan_weights(metadata, tensors):
     tensors[key] = torch.full_like(tensors[key], float("nan"))
 
 
+def keep_two_gaussian_tables(metadata, tensors):
+    for key in ("_quantized_cdf", "_cdf_length", "_offset"):
+        tensors[f"gaussian_conditional.{key}"] = tensors[f"gaussian_conditional.{key}"][:2].clone()
+
+
 MAMBAIC_CASES = {
     "not JSON": (set_metadata("config", "{not json"), "not valid JSON"),
     "a list": (set_metadata("config", "[1, 2]"), "must be a JSON object"),
@@ -94,7 +99,15 @@ MAMBAIC_CASES = {
     "lambda not a number": (set_metadata("lambda", "abc"), "lambda metadata must be"),
     "lambda NaN": (set_metadata("lambda", "nan"), "lambda metadata must be"),
     "NaN weights": (nan_weights, "holds NaN or infinite values"),
+    # compressai's C++ encoder trusted these: it read past a row, divided by zero (SIGFPE), or segfaulted
+    "CDF lengths past their rows": (
+        lambda m, t: t["entropy_bottleneck._cdf_length"].fill_(10**5), "entropy tables are corrupt"),
+    "flat CDF rows": (lambda m, t: t["gaussian_conditional._quantized_cdf"][:, 1:].zero_(), "do not rise strictly"),
+    "fewer CDF rows than scales": (keep_two_gaussian_tables, "2 CDF rows where the model indexes 64"),
+    "negative scales": (lambda m, t: t["gaussian_conditional.scale_table"].neg_(), "positive scales"),
 }
+#: cases whose shapes fit the config: the model is built, then its values are refused
+BUILT = {"NaN weights", "CDF lengths past their rows", "flat CDF rows", "fewer CDF rows than scales", "negative scales"}
 
 
 @pytest.mark.parametrize("case", MAMBAIC_CASES)
@@ -110,7 +123,7 @@ def test_crafted_mambaic_checkpoint_is_a_clear_error_and_no_model_is_built(case,
     monkeypatch.setattr(mambaic_checkpoint, "MambaIC", spy)
     with pytest.raises(UserError, match=message):
         load_checkpoint(path)
-    if case != "NaN weights":  # its shapes are right, so the model is built, then the values are refused
+    if case not in BUILT:
         assert "cpu" not in built_on
 
 

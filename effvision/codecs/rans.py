@@ -250,6 +250,40 @@ def use_checked_decoder(module) -> None:
             child.entropy_coder = coder
 
 
+#: the largest |offset| a CDF table may shift its symbols by (real tables: a few hundred)
+MAX_CDF_OFFSET = 1 << 20
+
+
+def cdf_table_problem(cdfs, lengths, offsets, rows: int) -> str | None:
+    """What is wrong with compressai CDF tables as an entropy model holds them (``_quantized_cdf`` (R, W),
+    ``_cdf_length`` (R,), ``_offset`` (R,) int tensors) for a model that indexes ``rows`` of them, or None.
+
+    compressai's C++ encoder trusts these tables: a length past its row reads outside it, a symbol of zero
+    width divides by zero. So: R == ``rows``; every length in [3, W]; every row starts at 0, rises strictly up
+    to its length - 1, where it holds 2**16; offsets within +-:data:`MAX_CDF_OFFSET`."""
+    import torch
+
+    if cdfs.dim() != 2 or lengths.shape != (cdfs.shape[0],) or offsets.shape != lengths.shape:
+        return f"tables of shapes {tuple(cdfs.shape)}, {tuple(lengths.shape)}, {tuple(offsets.shape)}"
+    if any(t.is_floating_point() for t in (cdfs, lengths, offsets)):
+        return "tables that are not integers"
+    if cdfs.shape[0] != rows:
+        return f"{cdfs.shape[0]} CDF rows where the model indexes {rows}"
+    width = cdfs.shape[1]
+    if rows == 0:
+        return None
+    lengths, cdfs, offsets = lengths.long(), cdfs.long(), offsets.long()
+    if int(lengths.min()) < 3 or int(lengths.max()) > width:
+        return f"CDF lengths outside [3, {width}]"
+    if int(offsets.abs().max()) > MAX_CDF_OFFSET:
+        return f"CDF offsets beyond +-{MAX_CDF_OFFSET}"
+    rising = cdfs[:, 1:] > cdfs[:, :-1]
+    inside = torch.arange(width - 1)[None, :] < (lengths - 1)[:, None]
+    ends = cdfs.gather(1, (lengths - 1)[:, None]).squeeze(1)
+    if bool((cdfs[:, 0] != 0).any()) or not bool((rising | ~inside).all()) or bool((ends != 1 << PRECISION).any()):
+        return f"CDF rows that do not rise strictly from 0 to {1 << PRECISION}"
+    return None
+
 def min_stream_bytes(symbol_bits: float) -> int:
     """Fewest bytes a stream can have whose symbols carry at least ``symbol_bits`` bits of information.
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from effvision.codecs.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
 from effvision.codecs.mambaic.model import CONFIG_LIMITS, CONFIGS, MambaIC, MambaICConfig
+from effvision.codecs.rans import cdf_table_problem
 from effvision.errors import UserError
 from effvision.io_utils import atomic_path
 
@@ -161,6 +162,24 @@ def _load_into(model: MambaIC, state_dict: dict[str, Tensor], source: str) -> No
         raise UserError(f"{source} does not match MambaIC config {model.config.name!r}: {problem}")
     check_finite(state_dict, source)
     model.load_state_dict(state_dict)
+    _check_entropy_tables(model, source)
+
+
+def _check_entropy_tables(model: MambaIC, source: str) -> None:
+    """The CDF tables a file brings (compressai keeps them, so that decoding never depends on floating point)
+    are checked before compressai's C++ encoder trusts them (:func:`~effvision.codecs.rans.cdf_table_problem`)."""
+    scale_table = model.gaussian_conditional.scale_table
+    if scale_table.numel() and not (bool((scale_table > 0).all()) and scale_table.numel() <= 4096):
+        raise UserError(f"{source}: its Gaussian scale table must hold at most 4096 positive scales")
+    for name, module, rows in (
+        ("entropy_bottleneck", model.entropy_bottleneck, model.entropy_bottleneck.quantiles.shape[0]),
+        ("gaussian_conditional", model.gaussian_conditional, scale_table.numel()),
+    ):
+        if module._offset.numel() == 0:
+            continue  # no tables: update() builds them
+        problem = cdf_table_problem(module._quantized_cdf, module._cdf_length, module._offset, rows)
+        if problem:
+            raise UserError(f"{source}: the {name} entropy tables are corrupt ({problem})")
 
 
 def save_checkpoint(
