@@ -81,6 +81,13 @@ def keep_two_gaussian_tables(metadata, tensors):
         tensors[f"gaussian_conditional.{key}"] = tensors[f"gaussian_conditional.{key}"][:2].clone()
 
 
+def drop_bottleneck_tables_and_widen(metadata, tensors):
+    """Tables left out (update() builds them from the quantiles) and quantiles 10^9 apart: 10^9-long tables."""
+    for key in ("_quantized_cdf", "_cdf_length", "_offset"):
+        tensors[f"entropy_bottleneck.{key}"] = tensors[f"entropy_bottleneck.{key}"][:0].clone()
+    tensors["entropy_bottleneck.quantiles"][:, 0, 2] = 1e9
+
+
 MAMBAIC_CASES = {
     "not JSON": (set_metadata("config", "{not json"), "not valid JSON"),
     "a list": (set_metadata("config", "[1, 2]"), "must be a JSON object"),
@@ -105,9 +112,11 @@ MAMBAIC_CASES = {
     "flat CDF rows": (lambda m, t: t["gaussian_conditional._quantized_cdf"][:, 1:].zero_(), "do not rise strictly"),
     "fewer CDF rows than scales": (keep_two_gaussian_tables, "2 CDF rows where the model indexes 64"),
     "negative scales": (lambda m, t: t["gaussian_conditional.scale_table"].neg_(), "positive scales"),
+    "no tables, 10^9 wide quantiles": (drop_bottleneck_tables_and_widen, "quantiles span"),
 }
 #: cases whose shapes fit the config: the model is built, then its values are refused
-BUILT = {"NaN weights", "CDF lengths past their rows", "flat CDF rows", "fewer CDF rows than scales", "negative scales"}
+BUILT = {"NaN weights", "CDF lengths past their rows", "flat CDF rows", "fewer CDF rows than scales", "negative scales",
+         "no tables, 10^9 wide quantiles"}
 
 
 @pytest.mark.parametrize("case", MAMBAIC_CASES)
