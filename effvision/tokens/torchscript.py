@@ -43,12 +43,20 @@ def _train_flags(module: nn.Module, training: bool) -> Iterator[None]:
 
 
 def _trace(module: nn.Module, example: tuple[Tensor, ...], training: bool) -> nn.Module:
-    """``module``'s forward in training or eval mode, traced on ``example``; the caller's random state is kept
-    (a training trace draws dropout masks)."""
+    """``module``'s forward in training or eval mode, traced on ``example``. Tracing runs the forward once, so
+    what that run changes is put back: the caller's random state (a training trace draws dropout masks) and the
+    module's buffers (a training forward updates BatchNorm statistics, e.g. in CLCA's aggregation head)."""
     devices = [example[0].device] if example[0].is_cuda else []
-    with _train_flags(module, training), torch.no_grad(), torch.random.fork_rng(devices), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records
-        return torch.jit.trace(module, example, check_trace=False)
+    buffers = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        with _train_flags(module, training), torch.no_grad(), torch.random.fork_rng(devices), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records
+            return torch.jit.trace(module, example, check_trace=False)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 def _traces(module: nn.Module, example: tuple[Tensor, ...]) -> tuple[nn.Module, nn.Module]:
