@@ -232,8 +232,8 @@ def check_layers(layers: Any, shape: ModelShape) -> tuple[int, ...]:
 
 def check_threshold(threshold: Any, shape: ModelShape) -> float:
     threshold = float(threshold)
-    if threshold < 0:
-        raise ValueError(f"ppt threshold must be >= 0, got {threshold}")
+    if not threshold >= 0:  # also NaN, which would make every comparison False (always prune, silently)
+        raise ValueError(f"ppt threshold must be a number >= 0, got {threshold}")
     return threshold
 
 
