@@ -250,6 +250,12 @@ def test_cli_user_errors(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("option", ["--batch-size", "--repeats", "--final-repeats"])
+def test_cli_an_explicit_zero_is_an_error_not_the_default(tmp_path, capsys, option):
+    assert main(["tune", "deit_tiny_patch16_224", "--target", "2x", option, "0", "-o", str(tmp_path / "a.json")]) == 1
+    assert "must be >= 1" in capsys.readouterr().err and not (tmp_path / "a.json").exists()
+
+
 def test_cli_pretrained_without_network_is_a_clear_error(monkeypatch, tmp_path, capsys):
     real_create_model = timm.create_model
 

@@ -108,9 +108,10 @@ def run(args) -> int:
         raise UserError("--onnx times ONNX Runtime on the CPU; use it with --device cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if cuda else "fp32")])
     # 16 on the CPU: as compute-bound as 32 (same speed-ups) at half the time per round, so more rounds fit
-    batch_size = args.batch_size or (256 if cuda else 16)
-    repeats = args.repeats or (10 if cuda else 3)
-    final_repeats = args.final_repeats or (30 if cuda else 5)
+    # an explicit 0 is an error below, not the default (`or` would take it for "not given")
+    batch_size = (256 if cuda else 16) if args.batch_size is None else args.batch_size
+    repeats = (10 if cuda else 3) if args.repeats is None else args.repeats
+    final_repeats = (30 if cuda else 5) if args.final_repeats is None else args.final_repeats
     if batch_size < 1 or repeats < 1 or final_repeats < 1 or args.calibration_count < 1 or args.max_steps < 1:
         raise UserError("--batch-size, --repeats, --final-repeats, --calibration-count and --max-steps must be >= 1")
     output = args.output or Path(f"tune-{args.model}-{args.target.strip().replace(' ', '')}.json")
