@@ -154,3 +154,9 @@ def test_a_reader_that_closes_the_pipe_ends_the_batch_quietly(tmp_path, monkeypa
     monkeypatch.setattr(info, "_text", closed_pipe)
     assert cli.main(["info", str(tmp_path / "a.evc"), str(tmp_path / "b.evc")]) == 141
     assert len(written) == 1 and "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_negative_threads_are_a_clear_error(tmp_path, capsys, command):
+    assert cli.main([command, str(tmp_path / "x.png"), "--threads", "-2"]) == 1
+    assert "--threads must be 0 (automatic, the default) or more" in capsys.readouterr().err

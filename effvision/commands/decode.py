@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=0, metavar="N",
-        help="torch threads (default: 1 for images within 512x512, where more only cost, else torch's default)",
+        help="torch threads (default 0, automatic: 1 for images within 512x512, where more only cost, else "
+        "torch's default)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
@@ -78,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from effvision.codecs.container import MAX_FILE_BYTES, parse
     from effvision.image_io import check_pixels, output_format, save_image
     from effvision.io_utils import check_not_existing, expand_inputs, output_paths, read_bytes
+
+    if args.threads < 0:
+        from effvision.errors import UserError
+
+        raise UserError(f"--threads must be 0 (automatic, the default) or more, got {args.threads}")
 
     missing: list[str] = []
     inputs = expand_inputs(args.inputs, (".evc",), errors=missing)
