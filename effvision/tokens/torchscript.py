@@ -92,8 +92,9 @@ class TracedInference(_TracedOrPython):
     """A token-reduced model's forward, traced in eval and in training mode, for (B, C, H, W) images of the
     traced size -> what the model's forward returns ((B, num_classes) logits)."""
 
-    def __init__(self, traced: nn.Module, python_model: nn.Module, channels: int, height: int, width: int) -> None:
-        super().__init__(traced, python_model)
+    def __init__(self, traces: tuple[nn.Module, nn.Module], python_model: nn.Module, channels: int, height: int,
+                 width: int) -> None:
+        super().__init__(traces, python_model)
         self.channels = channels
         self.height = height
         self.width = width

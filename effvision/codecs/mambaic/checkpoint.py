@@ -175,12 +175,13 @@ def _check_entropy_tables(model: MambaIC, source: str) -> None:
         ("entropy_bottleneck", model.entropy_bottleneck, model.entropy_bottleneck.quantiles.shape[0]),
         ("gaussian_conditional", model.gaussian_conditional, scale_table.numel()),
     ):
-        if module._offset.numel() == 0:  # no tables: update() builds them, the bottleneck's from its quantiles
-            quantiles = model.entropy_bottleneck.quantiles.detach()
-            span = (quantiles[:, 0, 2] - quantiles[:, 0, 0]).abs().max() if quantiles.numel() else 0
-            if name == "entropy_bottleneck" and float(span) > 1 << 16:
-                raise UserError(f"{source}: its entropy bottleneck's quantiles span {float(span):.3g}; at most "
-                                f"{1 << 16} (the tables built from them would be that long)")
+        if module._offset.numel() == 0:  # no tables: update() builds them (the Gaussian's from our scale table)
+            if module is model.entropy_bottleneck:  # ... and the bottleneck's from its quantiles, as long as they
+                quantiles = module.quantiles.detach()
+                span = float((quantiles[:, 0, 2] - quantiles[:, 0, 0]).abs().max()) if quantiles.numel() else 0.0
+                if span > 1 << 16:
+                    raise UserError(f"{source}: its entropy bottleneck's quantiles span {span:.3g}; at most "
+                                    f"{1 << 16} (the tables built from them would be that long)")
             continue
         problem = cdf_table_problem(module._quantized_cdf, module._cdf_length, module._offset, rows)
         if problem:
