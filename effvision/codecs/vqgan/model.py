@@ -430,15 +430,9 @@ class VQGANCodec(CompressionModel):
         state = taming_state_dict(checkpoint)
         expected = {k: tuple(v.shape) for k, v in self.vq.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-        if found != expected:
-            missing = sorted(expected.keys() - found.keys())
-            unexpected = sorted(found.keys() - expected.keys())
-            reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-            raise _user_error(
-                f"{path} does not match VQGAN config {self.config.name}: {len(missing)} missing keys "
-                f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
-                f"{len(reshaped)} with other shapes (e.g. {reshaped[:2]})"
-            )
+        problem = shape_mismatches(expected, found)
+        if problem:
+            raise _user_error(f"{path} does not match VQGAN config {self.config.name}: {problem}")
         check_finite(state, str(path))
         self.vq.load_state_dict(state)
 
