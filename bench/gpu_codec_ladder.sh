@@ -3,6 +3,12 @@
 #
 # Not yet run on a GPU: no session so far was lent one. The steps below were dry-run on the CPU (--dry-run).
 #
+# What it can and cannot do: it trains the `lite` config further, which can lift q1-q5 but cannot widen the ladder
+# past about 0.3 bpp. Without quantisation lite's transforms reach 30.9 dB on the test photos, and the best linear
+# transform of its 50 latent channels 32.9 dB, while JPEG reaches 33.3 dB at 0.48 bpp (bench/mambaic_ceiling.py,
+# bench/results/codec-rd-cpu.md). The 0.3-1.0 bpp rungs need a config with about 192 latent channels trained for
+# hours: more than this CPU can give, and more than one 10-minute call is likely to give from scratch.
+#
 # Prepare here, once (the data and wheels travel with the call; with the tree about 62 MB of the 64 MiB):
 #   mkdir -p runs/gpu-carry && cp -r /work/photo-corpus/train runs/gpu-carry/     # the 288 PNG crops, 31 MB
 #   echo /.whl/ >> .git/info/exclude        # then, for the device image's python 3.12 (it lacks these two):
