@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from effvision.codecs.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
+from effvision.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
 from effvision.codecs.mambaic.model import CONFIG_LIMITS, CONFIGS, MambaIC, MambaICConfig
 from effvision.codecs.rans import cdf_table_problem
 from effvision.errors import UserError

@@ -28,7 +28,7 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.models import CompressionModel
 from torch import Tensor, nn
 
-from effvision.codecs.bounded_config import Limit
+from effvision.bounded_config import Limit
 from effvision.codecs.mambaic.context import SliceContext, anchor_mask
 from effvision.codecs.mambaic.vss import VSSBlock
 from effvision.codecs.progress import refinement_steps

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from effvision.codecs.bounded_config import Limit
+from effvision.bounded_config import Limit
 
 
 @dataclass(frozen=True)

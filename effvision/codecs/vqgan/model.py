@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from compressai.models import CompressionModel
 from torch import Tensor
 
-from effvision.codecs.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
+from effvision.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
 from effvision.codecs.rans import SYMBOL_SLACK_BITS, min_stream_bytes
 from effvision.codecs.vqgan.colour_band import check_colour_band, decode_colour_band, encode_colour_band
 from effvision.codecs.vqgan.config import CONFIG_LIMITS, VQGANConfig
@@ -456,7 +456,7 @@ class VQGANCodec(CompressionModel):
     def load(cls, path: str | os.PathLike) -> VQGANCodec:
         """Inverse of :meth:`save` (weights come back as float32). The file may be crafted: its configs are read
         within bounds and checked against its tensors' shapes before any model is built
-        (:mod:`effvision.codecs.bounded_config`), and its reference maps must hold codebook indices."""
+        (:mod:`effvision.bounded_config`), and its reference maps must hold codebook indices."""
         from safetensors import safe_open
 
         source = str(path)

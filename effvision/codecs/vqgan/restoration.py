@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from effvision.codecs.bounded_config import Limit
+from effvision.bounded_config import Limit
 
 
 def random_mask(

@@ -1,8 +1,9 @@
 """Model configs and weights read from untrusted checkpoint files, bounded before anything is allocated.
 
-A codec checkpoint names the model to build (a JSON config in its metadata) and its tensors fill that model.
-Both come from a file the user passes, which may be crafted: a config asking for 10^6 channels or blocks would
-allocate, or loop, for as long as it says before any shape check could object. So a loader:
+A codec checkpoint names the model to build (a JSON config in its metadata) and its tensors fill that model; a
+fine-tuning run folder does the same with its ``config.json`` (:func:`effvision.finetune.loop.read_run_config`).
+Both come from files the user passes, which may be crafted: a config asking for 10^6 channels or blocks would
+allocate, or loop, for as long as it says before any shape check could object. So a codec loader:
 
 1. reads the config with :func:`read_config_fields`: a JSON object of bounded size whose known fields are
    integers, numbers or short integer lists within the limits the model declares (:class:`Limit`);
