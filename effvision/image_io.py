@@ -15,7 +15,7 @@ Every image effvision reads (``encode``, training, evaluation) goes through :fun
   float image whose values all lie in [0, 1], taken as unit range (negative and non-finite values become
   0); CMYK, YCbCr, LAB, HSV become RGB.
 * **Alpha.** Codecs code RGB and the container keeps alpha losslessly beside it; training and evaluation
-  (:func:`to_rgb_array`) composite alpha onto white.
+  (:func:`to_rgb_array`; :func:`rgb_image` for fine-tuning's torchvision transforms) composite alpha onto white.
 
 This module needs only Pillow and numpy (numpy and torch are imported inside the functions that use them),
 so the command line can reject a bad image, or answer ``--help``, before it imports either.
@@ -124,6 +124,16 @@ def _grayscale_to_8_bits(image: Image.Image):
     else:
         scale = 65535.0 if top > 255 else 255.0
     return np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """The image in RGB for training and evaluation, as :func:`to_rgb_array` sees it (:func:`normalize_mode`,
+    grayscale replicated, alpha composited onto white), kept as an 8-bit Pillow image."""
+    image = normalize_mode(image)
+    if image.mode in ("RGBA", "LA"):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def to_rgb_array(image: Image.Image):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from effvision.cli import main
 from effvision.finetune import loop
+from effvision.finetune.data import MAX_UNREADABLE_IN_A_ROW, UnreadableImageWarning, load_rgb
 
 TINY = ["img_size=32", "patch_size=8", "embed_dim=48", "depth=4", "num_heads=3", "layers=(1,2)"]
 COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
@@ -161,3 +162,136 @@ def test_ddp_two_cpu_processes_with_gloo(dataset, tmp_path):
     # 48 training images, 16 per batch and process: each process takes 24 images -> one full batch each
     assert len(history) == 1 and history[0]["epoch"] == 1
     assert (run / "trainable.safetensors").is_file()
+
+
+def corrupt_training_images(data: Path) -> list[Path]:
+    """Make three training images unreadable: truncated, not an image, and a decompression bomb."""
+    red = sorted((data / "train" / "red").iterdir())
+    truncated, junk, bomb = red[0], red[1], red[2]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    junk.write_bytes(b"not an image at all")
+    Image.new("L", (10000, 10000)).save(bomb)  # 100 MP: over the pixel limit, refused from its header
+    return [truncated, junk, bomb]
+
+
+def test_unreadable_training_images_are_skipped_with_a_warning_naming_each(tmp_path):
+    data = write_dataset(tmp_path / "data", per_class=(6, 2))
+    bad = corrupt_training_images(data)
+    with pytest.warns(UnreadableImageWarning) as caught:
+        assert main(finetune_args(data, tmp_path / "run", epochs=1)) == 0
+    named = " ".join(str(warning.message) for warning in caught)
+    assert all(str(path) in named for path in bad), named
+    assert "pixel limit" in named and "not an image" in named
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())) == 1
+
+
+def test_a_folder_of_unreadable_training_images_stops_with_one_clear_error(tmp_path, capsys):
+    """With data-loading workers: the error raised in a worker process reaches the user without its traceback."""
+    data = write_dataset(tmp_path / "data", per_class=(8, 1))
+    for image in (data / "train").rglob("*.png"):
+        image.write_bytes(b"junk")
+    args = finetune_args(data, tmp_path / "run", epochs=1)
+    args[args.index("--workers") + 1] = "1"
+    assert main(args) == 1  # the worker process prints its warnings; pytest sees only this process's
+    err = capsys.readouterr().err
+    assert f"{MAX_UNREADABLE_IN_A_ROW} training images in a row could not be read" in err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_an_unreadable_validation_image_is_an_error_naming_it(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", per_class=(2, 2))
+    broken = sorted((data / "val" / "blue").iterdir())[0]
+    broken.write_bytes(b"junk")
+    assert main(finetune_args(data, tmp_path / "run", epochs=1)) == 1
+    err = capsys.readouterr().err
+    assert f"{broken}: not an image file" in err and "Traceback" not in err
+
+
+def test_training_reads_images_upright_and_composites_alpha_onto_white(tmp_path):
+    """The loader is image_io's: EXIF orientation applied, transparent pixels white, 16-bit scaled."""
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(rotated, exif=exif)
+    assert load_rgb(str(rotated)).size == (20, 40)
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(clear)
+    assert load_rgb(str(clear)).getpixel((0, 0)) == (255, 255, 255)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(deep)
+    assert load_rgb(str(deep)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def crafted_run(tmp_path, dataset, change) -> Path:
+    run = tmp_path / "run"
+    assert main(finetune_args(dataset, run, epochs=1)) == 0
+    config = json.loads((run / "config.json").read_text())
+    config = change(config)
+    (run / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return run
+
+
+def _set(key, value, inside=None):
+    def change(config):
+        (config[inside] if inside else config)[key] = value
+        return config
+
+    return change
+
+
+@pytest.mark.parametrize("change,message", [
+    (_set("img_size", 200_000, "model_kwargs"), "img_size must be an integer in [1, 8192]"),  # was: 120 GB
+    (_set("embed_dim", 3_000_000, "model_kwargs"), "embed_dim must be an integer"),  # was: 9 GB
+    (_set("depth", 10**6, "model_kwargs"), "depth must be an integer"),  # was: minutes of building blocks
+    (_set("nested", {"a": list(range(100))}, "model_kwargs"), "model option nested="),
+    (_set("workers", 100_000), "workers must be an integer in [0, 64]"),  # was: 100000 worker processes
+    (_set("batch_size", "x"), "batch_size must be an integer"),  # was: ValueError from the DataLoader
+    (_set("classes", []), "classes must be a non-empty list"),
+    (_set("pretrained", "yes"), "pretrained must be true or false"),
+    (_set("checkpoint", "/etc/passwd"), "cannot load the base checkpoint /etc/passwd"),
+    (lambda config: [config], "must be a JSON object, got list"),
+    (lambda config: "{not json", "cannot read a run's config"),
+])
+def test_a_crafted_run_config_is_a_clear_error_before_anything_is_built(dataset, tmp_path, capsys, change, message):
+    run = crafted_run(tmp_path, dataset, change)
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_resuming_a_run_with_a_crafted_config_is_a_clear_error(dataset, tmp_path, capsys):
+    run = crafted_run(tmp_path, dataset, _set("workers", -1))
+    capsys.readouterr()
+    assert main(finetune_args(dataset, run, "--resume", epochs=2)) == 1
+    assert "workers must be an integer in [0, 64]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weights,message", [
+    (b"junk junk junk", "cannot load the base checkpoint"),
+    ({"pos_embed": torch.zeros(1, 5, 3)}, "size mismatch for pos_embed"),
+])
+def test_a_base_checkpoint_that_does_not_fit_is_a_clear_error(dataset, tmp_path, capsys, weights, message):
+    path = tmp_path / "base.pth"
+    if isinstance(weights, bytes):
+        path.write_bytes(weights)
+    else:
+        torch.save(weights, path)
+    assert main(finetune_args(dataset, tmp_path / "run", "--checkpoint", str(path), epochs=1)) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_model_larger_than_this_machine_is_refused_before_it_is_built(dataset, tmp_path, capsys):
+    args = ["finetune", str(dataset), "--model", "vit_tiny_patch16_224", "-o", str(tmp_path / "run"), "--workers", "0",
+            "--option", "embed_dim=16384", "--option", "depth=256", "--option", "num_heads=16"]  # 3 TB
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "GiB of weights; this machine has" in err
+
+
+def test_too_many_data_loading_workers_are_refused(dataset, tmp_path, capsys):
+    args = finetune_args(dataset, tmp_path / "run", epochs=1)
+    args[args.index("--workers") + 1] = "1000"
+    assert main(args) == 1
+    assert "workers must be 0-64" in capsys.readouterr().err

@@ -1,12 +1,30 @@
-"""ImageFolder train/val data for fine-tuning, checked up front so mistakes are clear errors."""
+"""ImageFolder train/val data for fine-tuning, checked up front so mistakes are clear errors.
+
+Images are read through :func:`effvision.image_io.open_image` (size checked from the header before decoding,
+EXIF orientation, clear errors for corrupt files) and :func:`effvision.image_io.rgb_image`. An unreadable
+*training* image is skipped with a warning naming it (the next readable image of the folder takes its place, as
+in timm's datasets), up to :data:`MAX_UNREADABLE_IN_A_ROW` in a row; an unreadable *validation* image is an
+error naming it, so that top-1 is always measured on the whole split.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from torch import nn
+from torchvision.datasets import ImageFolder
 
 from effvision.errors import UserError
+
+#: consecutive unreadable training images after which the run stops (a folder of non-images, not a stray file)
+MAX_UNREADABLE_IN_A_ROW = 20
+#: how a :class:`UserError` raised in a DataLoader worker process names its type in the message it comes back with
+_WORKER_ERROR_LINE = "effvision.errors.UserError: "
+
+
+class UnreadableImageWarning(UserWarning):
+    """A training image could not be read and was skipped."""
 
 
 def model_image_size(model: nn.Module) -> tuple[int, int]:
@@ -63,12 +81,41 @@ def check_splits(data_dir: str | Path) -> list[str]:
     return train
 
 
-def image_folder(split_dir: str | Path, transform, expected_classes: list[str] | None = None):
-    """``torchvision.datasets.ImageFolder`` with clear errors for empty folders and class mismatches."""
-    from torchvision.datasets import ImageFolder
+def load_rgb(path: str):
+    """ImageFolder's loader: the image at ``path`` as an RGB Pillow image (:class:`UserError` if unreadable)."""
+    from effvision.image_io import open_image, rgb_image
 
+    return rgb_image(open_image(path))
+
+
+class CheckedImageFolder(ImageFolder):
+    """ImageFolder through :func:`load_rgb`; ``skip_unreadable`` replaces an unreadable image by the next readable
+    one (with an :class:`UnreadableImageWarning`). Samples are (transformed image, class index)."""
+
+    def __init__(self, root: str, transform, skip_unreadable: bool) -> None:
+        super().__init__(root, transform=transform, loader=load_rgb)
+        self.skip_unreadable = skip_unreadable
+
+    def __getitem__(self, index: int):
+        if not self.skip_unreadable:
+            return super().__getitem__(index)
+        for attempt in range(MAX_UNREADABLE_IN_A_ROW):
+            try:
+                return super().__getitem__((index + attempt) % len(self.samples))
+            except UserError as error:
+                warnings.warn(f"skipped an unreadable training image: {error}", UnreadableImageWarning, stacklevel=2)
+        raise UserError(
+            f"{MAX_UNREADABLE_IN_A_ROW} training images in a row could not be read, from "
+            f"{self.samples[index % len(self.samples)][0]} on (the warnings above name each one)"
+        )
+
+
+def image_folder(split_dir: str | Path, transform, expected_classes: list[str] | None = None,
+                 skip_unreadable: bool = False):
+    """``torchvision.datasets.ImageFolder`` reading through :func:`load_rgb`, with clear errors for empty folders
+    and class mismatches; ``skip_unreadable`` for training splits (module docstring)."""
     try:
-        dataset = ImageFolder(str(split_dir), transform=transform)
+        dataset = CheckedImageFolder(str(split_dir), transform, skip_unreadable)
     except (FileNotFoundError, OSError) as error:
         raise UserError(f"cannot read images from {split_dir}: {error}") from error
     if expected_classes is not None and dataset.classes != list(expected_classes):
@@ -76,3 +123,12 @@ def image_folder(split_dir: str | Path, transform, expected_classes: list[str] |
             f"classes of {split_dir} {dataset.classes} differ from the run's classes {list(expected_classes)}"
         )
     return dataset
+
+
+def loader_error(error: UserError) -> UserError:
+    """``error`` as the user should see it: a :class:`UserError` raised in a DataLoader worker process comes back
+    with the worker's whole traceback in its message; only the original message is kept."""
+    text = str(error)
+    if text.startswith("Caught UserError in DataLoader worker") and _WORKER_ERROR_LINE in text:
+        return UserError(text.rsplit(_WORKER_ERROR_LINE, 1)[1].strip())
+    return error

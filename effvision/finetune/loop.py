@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from effvision.bounded_config import Limit
 from effvision.errors import UserError
 from effvision.finetune import checkpoint
-from effvision.finetune.data import build_transforms, check_splits, image_folder
+from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error, model_image_size
 from effvision.training import (
     Distributed,
     TimeLimit,
@@ -33,6 +34,38 @@ from effvision.training import (
 
 # config fields that may differ when a run is resumed (they do not change what is trained)
 RESUMABLE_CHANGES = ("workers", "device")
+#: data-loading processes a run may ask for
+MAX_WORKERS = 64
+#: a run folder's config.json: ImageNet-21k's 21841 class names take about 0.3 MB
+MAX_RUN_CONFIG_BYTES = 8 * 2**20
+#: what a run's config.json may ask for (its model, data folder and classes are checked where they are used)
+RUN_CONFIG_LIMITS: dict[str, Limit] = {
+    "data": Limit(1, 4096, "str"),
+    "model": Limit(1, 256, "str"),
+    "checkpoint": Limit(1, 4096, "str"),
+    "epochs": Limit(1, 10**6),
+    "batch_size": Limit(1, 2**16),
+    "lr": Limit(1e-12, 10, "float"),
+    "weight_decay": Limit(0, 10, "float"),
+    "warmup_epochs": Limit(0, 10**6, "float"),
+    "seed": Limit(0, 2**63 - 1),
+    "workers": Limit(0, MAX_WORKERS),
+    "device": Limit(1, 64, "str"),
+}
+#: model options that size a ViT, bounded before timm builds anything (a crafted depth of 10^6 would spend
+#: minutes building blocks even on the meta device); other options reach timm, which refuses unknown ones
+MODEL_KWARG_LIMITS: dict[str, Limit] = {
+    "depth": Limit(1, 256),
+    "embed_dim": Limit(1, 16384),
+    "num_heads": Limit(1, 1024),
+    "patch_size": Limit(1, 8192),
+    "img_size": Limit(1, 8192),
+    "mlp_ratio": Limit(0, 64, "float"),
+}
+#: model options: at most this many, each a scalar, a list of at most MAX_OPTION_ITEMS scalars, or a dict of at
+#: most that many such values under string keys
+MAX_MODEL_KWARGS = 64
+MAX_OPTION_ITEMS = 64
 
 
 @dataclass
@@ -55,6 +88,110 @@ class FinetuneConfig:
     classes: list[str] = field(default_factory=list)
 
 
+def read_run_config(path: Path) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` saved in a run folder's ``config.json``, which may be crafted: a bounded JSON
+    object, each field of its type and within :data:`RUN_CONFIG_LIMITS` (fields this version does not know are
+    ignored). The model options are checked when the model is built (:func:`check_model_kwargs`).
+
+    Raises:
+        UserError: naming ``path`` and the field.
+    """
+    try:
+        if path.stat().st_size > MAX_RUN_CONFIG_BYTES:
+            raise UserError(f"{path}: more than {MAX_RUN_CONFIG_BYTES} bytes; not a run's config")
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path}: cannot read a run's config ({error})") from error
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: a run's config must be a JSON object, got {type(values).__name__}")
+    fields: dict[str, object] = {}
+    try:
+        for key, limit in RUN_CONFIG_LIMITS.items():
+            if values.get(key) is not None:
+                value = values[key]
+                fields[key] = limit.check(key, float(value) if limit.kind == "float" and type(value) is int else value)
+        for key in ("data", "model"):
+            if key not in fields:
+                raise ValueError(f"{key} is missing")
+        if not isinstance(values.get("pretrained", False), bool):
+            raise ValueError(f"pretrained must be true or false, got {values['pretrained']!r:.80}")
+        fields["pretrained"] = values.get("pretrained", False)
+        kwargs = values.get("model_kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"model_kwargs must be a JSON object, got {type(kwargs).__name__}")
+        fields["model_kwargs"] = kwargs
+        classes = values.get("classes", [])
+        if not isinstance(classes, list) or not classes or not all(isinstance(name, str) for name in classes):
+            raise ValueError("classes must be a non-empty list of folder names")
+        fields["classes"] = classes
+    except ValueError as error:
+        raise UserError(f"{path}: bad run config: {error}") from error
+    return FinetuneConfig(**fields)
+
+
+def _is_option_value(value: object, nested: bool = True) -> bool:
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 4096):
+        return True
+    if isinstance(value, (list, tuple)):
+        return len(value) <= MAX_OPTION_ITEMS and all(_is_option_value(item, nested=False) for item in value)
+    if isinstance(value, dict) and nested:
+        return len(value) <= MAX_OPTION_ITEMS and all(
+            isinstance(key, str) and _is_option_value(item, nested=False) for key, item in value.items()
+        )
+    return False
+
+
+def check_model_kwargs(kwargs: dict) -> None:
+    """Model options within :data:`MODEL_KWARG_LIMITS`, :data:`MAX_MODEL_KWARGS` and :data:`MAX_OPTION_ITEMS`
+    (a :class:`UserError` naming the option)."""
+    if len(kwargs) > MAX_MODEL_KWARGS:
+        raise UserError(f"{len(kwargs)} model options; at most {MAX_MODEL_KWARGS}")
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not _is_option_value(value):
+            raise UserError(
+                f"model option {key}={value!r:.80}: expected a number, a string, or a list or dict of at most "
+                f"{MAX_OPTION_ITEMS} of them"
+            )
+        items = value if isinstance(value, (list, tuple)) else [value]
+        limit = MODEL_KWARG_LIMITS.get(key)
+        if limit is not None:
+            try:
+                for item in items:
+                    limit.check(key, float(item) if limit.kind == "float" and type(item) is int else item)
+            except ValueError as error:
+                raise UserError(f"model option {error}") from None
+
+
+def check_model_size(config: FinetuneConfig, kwargs: dict) -> None:
+    """Build ``config.model`` on the meta device (no memory) and refuse it when its weights alone would not fit
+    in this machine's memory or its input is larger than :data:`effvision.image_io.MAX_PIXELS`."""
+    import os
+
+    import timm
+
+    from effvision.image_io import MAX_PIXELS
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(config.model, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:  # options the model refuses (a real build would too)
+        raise UserError(f"cannot build {config.model} with {config.model_kwargs}: {error}") from error
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: its options are bounded
+        return
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:
+        raise UserError(
+            f"{config.model} with {config.model_kwargs} and {kwargs['num_classes']} classes has {size / 2**30:.1f} GiB "
+            f"of weights; this machine has {memory / 2**30:.1f} GiB of memory"
+        )
+    has_size = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
+    height, width = model_image_size(model) if has_size else (0, 0)
+    if height * width > MAX_PIXELS:
+        raise UserError(f"{config.model} with {config.model_kwargs} takes {width}x{height} images; at most "
+                        f"{MAX_PIXELS} pixels are allowed")
+
+
 def create_model(config: FinetuneConfig) -> nn.Module:
     """Build ``config.model`` with its kwargs, the run's class count and base weights.
 
@@ -67,8 +204,10 @@ def create_model(config: FinetuneConfig) -> nn.Module:
 
     if not timm.is_model(config.model):
         raise UserError(f"unknown model {config.model!r} (any timm or effvision registered name)")
+    check_model_kwargs(config.model_kwargs)
     kwargs = dict(config.model_kwargs)
     kwargs["num_classes"] = len(config.classes)
+    check_model_size(config, kwargs)
     pretrained = config.pretrained
     if config.checkpoint is not None:
         if not Path(config.checkpoint).is_file():
@@ -80,6 +219,13 @@ def create_model(config: FinetuneConfig) -> nn.Module:
         return timm.create_model(config.model, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError) as error:
         raise UserError(f"cannot build {config.model} with {config.model_kwargs}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - the model built on the meta device, so loading its weights failed
+        if config.checkpoint is None:
+            raise
+        raise UserError(
+            f"cannot load the base checkpoint {config.checkpoint} into {config.model} "
+            f"({type(error).__name__}: {str(error)[:500]})"
+        ) from error
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,7 +299,7 @@ def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict |
         return None
     if not config_path.exists():
         raise UserError(f"nothing to resume: {config_path} does not exist")
-    saved = json.loads(config_path.read_text())
+    saved = json.loads(json.dumps(asdict(read_run_config(config_path))))
     current = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
     differences = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
     if differences:
@@ -183,6 +329,8 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
 
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
         raise UserError("epochs and batch size must be >= 1 and the learning rate > 0")
+    if not 0 <= config.workers <= MAX_WORKERS:
+        raise UserError(f"data-loading workers must be 0-{MAX_WORKERS}, got {config.workers}")
     output = Path(output)
     config.classes = check_splits(config.data)
     resumed = prepare_output(config, output, resume)
@@ -198,7 +346,8 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
             raise UserError(f"{config.model} has no trainable parameters")
 
         data = Path(config.data)
-        train_set = image_folder(data / "train", build_transforms(model, train=True), config.classes)
+        train_set = image_folder(data / "train", build_transforms(model, train=True), config.classes,
+                                 skip_unreadable=True)
         val_set = image_folder(data / "val", build_transforms(model, train=False), config.classes)
         if len(train_set) == 0 or len(val_set) == 0:
             raise UserError(f"{data} has an empty train or val split")
@@ -259,6 +408,8 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
             final = None if stopped else evaluate(model, val_loader, device, distributed)
         return {"val_top1": final, "history": history, "trainable": report["trainable"], "total": report["total"],
                 "stopped": stopped}
+    except UserError as error:
+        raise loader_error(error) from None
     finally:
         distributed.close()
 
@@ -272,7 +423,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int |
     config_path, weights = run_dir / checkpoint.CONFIG, run_dir / checkpoint.WEIGHTS
     if not config_path.is_file() or not weights.is_file():
         raise UserError(f"{run_dir} is not a fine-tuning run with a finished epoch (no {checkpoint.WEIGHTS})")
-    config = FinetuneConfig(**json.loads(config_path.read_text()))
+    config = read_run_config(config_path)
     data = Path(data or config.data)
     classes = check_splits(data) if (data / "train").is_dir() else None
     if classes is not None and classes != config.classes:
@@ -283,4 +434,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int |
     model.to(target)
     val_set = image_folder(data / "val", build_transforms(model, train=False), config.classes)
     loader = DataLoader(val_set, batch_size=batch_size or config.batch_size, num_workers=config.workers)
-    return evaluate(model, loader, target, Distributed(device=target), show)
+    try:
+        return evaluate(model, loader, target, Distributed(device=target), show)
+    except UserError as error:
+        raise loader_error(error) from None
