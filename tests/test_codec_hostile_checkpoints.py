@@ -195,3 +195,34 @@ def test_weights_that_blow_up_the_latents_are_refused_before_the_entropy_coder(m
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "UserError" in run.stdout and "cannot be coded" in run.stdout
+
+
+def _self_containing() -> dict:
+    payload: dict = {}
+    payload["state_dict"] = payload
+    return payload
+
+
+OFFICIAL_LAYOUT_CASES = {
+    # before: AttributeError ('int' object has no attribute 'removeprefix' / 'startswith')
+    "name that is not a string": ({"state_dict": {1: torch.zeros(1)}}, "maps 1 to a Tensor"),
+    # before: AttributeError ('str' object has no attribute 'shape'), or a list's missing .items()
+    "value that is not a tensor": ({"state_dict": {"g_a.0.weight": "x"}}, "maps 'g_a.0.weight' to a str"),
+    "state dict that is a list": ({"state_dict": [1, 2]}, "maps 'state_dict' to a list"),
+    # before: AttributeError ('dict' object has no attribute 'shape')
+    "state dict that contains itself": (_self_containing(), "nested more than"),
+    "no dict at all": ([1, 2], "holds no state dict"),
+}
+
+
+@pytest.mark.parametrize("loader", ["official mambaic", "taming vqgan"])
+@pytest.mark.parametrize("case", OFFICIAL_LAYOUT_CASES)
+def test_crafted_official_layout_checkpoints_are_clear_errors(case, loader, tmp_path):
+    payload, message = OFFICIAL_LAYOUT_CASES[case]
+    path = tmp_path / "crafted.pth"
+    torch.save(payload, path)
+    with pytest.raises(UserError, match=message):
+        if loader == "official mambaic":
+            mambaic_checkpoint.load_official_checkpoint(path, tiny_mambaic_config())
+        else:
+            VQGANCodec(TINY_VQGAN).load_taming_checkpoint(path)

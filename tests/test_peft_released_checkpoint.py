@@ -2,6 +2,7 @@
 
 import argparse
 import random
+import signal
 
 import pytest
 import torch
@@ -122,3 +123,26 @@ def test_the_dense_reading_has_no_released_layout(tmp_path):
     dense = sparse_tuning(make_family("vit", depth=4), adapter="dense", keep_rate=0.7, layers=(1, 2))
     with pytest.raises(ValueError, match="adapter='released'"):
         load_released_checkpoint(dense, path)
+
+
+def _self_containing() -> dict:
+    payload: dict = {}
+    payload["model"] = payload
+    return payload
+
+
+@pytest.mark.parametrize("payload,message", [
+    (_self_containing(), "nested more than"),  # before: an endless loop unwrapping {"model": ...}
+    ({"model": {1: torch.zeros(1)}}, "maps 1 to a Tensor"),
+    ({"state_dict": {"blocks.0.adapter.fc_in.weight": [1.0]}}, "to a list, not a name to a tensor"),
+    ([torch.zeros(1)], "holds no state dict"),
+])
+def test_crafted_containers_are_clear_errors_at_once(tmp_path, payload, message):
+    torch.save(payload, tmp_path / "crafted.pth")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("still unwrapping after 20 s"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match=message):
+            load_released_checkpoint(tuned(seed=0), tmp_path / "crafted.pth")
+    finally:
+        signal.alarm(0)

@@ -22,11 +22,11 @@ from effvision.codecs.container import parse
 from effvision.codecs.mambaic import MambaIC
 from effvision.codecs.mambaic.checkpoint import from_official_state_dict, to_official_state_dict
 from effvision.codecs.pretrained import PretrainedWeights, fetch_pretrained
-from effvision.codecs.torch_checkpoint import InertObject, load_torch_checkpoint
 from effvision.codecs.vqgan.config import VQGANConfig
 from effvision.codecs.vqgan.index_coding import FIXED_LENGTH
 from effvision.codecs.vqgan.taming import VQModel
 from effvision.errors import UserError
+from effvision.torch_checkpoint import InertObject, load_torch_checkpoint
 from tests.codec_factory import tiny_mambaic_config
 
 TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(2,), resolution=32,

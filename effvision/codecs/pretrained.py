@@ -12,7 +12,7 @@ safetensors file in effvision's cache (``$EFFVISION_CACHE``, default ``~/.cache/
    ``local_files_only`` when downloading was not asked for or ``EFFVISION_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``).
 3. The official file's SHA-256 must equal the pinned one (:attr:`PretrainedWeights.sha256`) or, when none
    is pinned, the one recorded the first time it was converted (trust on first use).
-4. It is read without running code from it (:mod:`effvision.codecs.torch_checkpoint`), converted once to
+4. It is read without running code from it (:mod:`effvision.torch_checkpoint`), converted once to
    safetensors (atomic write) and recorded with both checksums.
 
 A failure is a :class:`UserError` naming the file to download and the exact place to put it. The

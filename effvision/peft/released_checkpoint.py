@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from effvision.errors import UserError
 from effvision.peft.clca import CrossLayerAggregationHead
 from effvision.peft.released_adapter import ReleasedAdapters
+from effvision.torch_checkpoint import tensor_state_dict
 
 CONTAINER_KEYS = ("model", "state_dict", "module", "model_state")
 ADAPTER_LAYERS = ("down1", "down2", "up1", "down3", "up2")
@@ -39,13 +41,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise
     except Exception as error:  # noqa: BLE001 - torch raises many types for foreign or unsafe files
         raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({type(error).__name__}: {error})") from None
-    while isinstance(loaded, dict):
-        inner = next((loaded[key] for key in CONTAINER_KEYS if isinstance(loaded.get(key), dict)), None)
-        if inner is None:
-            break
-        loaded = inner
-    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (optionally under 'model' / 'state_dict')")
+    try:
+        loaded = tensor_state_dict(loaded, str(path), CONTAINER_KEYS)
+    except UserError as error:
+        raise ValueError(str(error)) from None
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 

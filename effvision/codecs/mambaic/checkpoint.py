@@ -8,7 +8,7 @@
   flat per-kind lists (``atten_mean.{i}.0``, ``cc_mean_transforms.{i}``, ``context_vss_{i+1}`` ...)
   while ours group them per slice (``slices.{i}.mean_support_attention`` ...).
   :func:`load_official_checkpoint` reads a ``.pth``/``.pth.tar`` release without running code from it
-  (:func:`effvision.codecs.torch_checkpoint.load_torch_checkpoint`).
+  (:func:`effvision.torch_checkpoint.load_torch_checkpoint`).
 """
 
 from __future__ import annotations
@@ -143,12 +143,9 @@ def from_official_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]
 
 def load_official_checkpoint(path: str | Path, config: MambaICConfig | str = "paper") -> MambaIC:
     """Load an official MambaIC release (``torch.save`` of a dict with ``state_dict``) into our model."""
-    from effvision.codecs.torch_checkpoint import load_torch_checkpoint
+    from effvision.torch_checkpoint import load_torch_checkpoint, tensor_state_dict
 
-    payload = load_torch_checkpoint(path)
-    state_dict = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{path} holds no state dict")
+    state_dict = tensor_state_dict(load_torch_checkpoint(path), str(path))
     model = MambaIC(config)
     _load_into(model, from_official_state_dict(state_dict), str(path))
     return model

@@ -422,12 +422,10 @@ class VQGANCodec(CompressionModel):
     # -------------------------------------------------------------------------------------- persistence
     def load_taming_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a taming-transformers VQModel ``.ckpt`` (loss/discriminator keys are ignored)."""
-        from effvision.codecs.torch_checkpoint import load_torch_checkpoint
+        from effvision.torch_checkpoint import load_torch_checkpoint, tensor_state_dict
 
         checkpoint = load_torch_checkpoint(path)  # Lightning .ckpt: allow-listed stand-ins, never plain pickle
-        if not isinstance(checkpoint, dict):
-            raise _user_error(f"{path} is not a taming checkpoint (expected a dict with a state_dict)")
-        state = taming_state_dict(checkpoint)
+        state = taming_state_dict(tensor_state_dict(checkpoint, str(path)))
         expected = {k: tuple(v.shape) for k, v in self.vq.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
         problem = shape_mismatches(expected, found)

@@ -259,7 +259,7 @@ class VQModel(nn.Module):
         return self.decode_latent(quantized), loss, indices
 
 
-def taming_state_dict(checkpoint: dict) -> dict[str, Tensor]:
-    """Model weights of a taming ``.ckpt`` (``{"state_dict": ...}`` or a bare state dict), minus loss keys."""
-    state = checkpoint.get("state_dict", checkpoint)
+def taming_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Model weights of a taming ``.ckpt``'s state dict (:func:`effvision.torch_checkpoint.tensor_state_dict`),
+    minus the loss's (LPIPS, discriminator) keys."""
     return {k: v for k, v in state.items() if not k.startswith("loss.")}

@@ -154,3 +154,33 @@ def load_torch_checkpoint(path: str | Path) -> Any:
         ) from error
     except Exception as error:  # noqa: BLE001
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+
+
+#: real checkpoints wrap their state dict in at most two containers ({"model": {"state_dict": ...}})
+MAX_CONTAINER_DEPTH = 8
+
+
+def tensor_state_dict(payload: Any, source: str, containers: tuple[str, ...] = ("state_dict",)) -> dict:
+    """The state dict inside a loaded checkpoint: ``payload`` unwrapped through its ``containers`` keys (at most
+    :data:`MAX_CONTAINER_DEPTH` deep), which must be a non-empty dict of ``str`` names to tensors.
+
+    Raises:
+        UserError: naming ``source`` and what is wrong.
+    """
+    for _ in range(MAX_CONTAINER_DEPTH):
+        if not isinstance(payload, dict):
+            break
+        inner = next((payload[key] for key in containers if isinstance(payload.get(key), dict)), None)
+        if inner is None:
+            break
+        payload = inner
+    else:
+        raise UserError(f"{source}: its state dict is nested more than {MAX_CONTAINER_DEPTH} containers deep")
+    if not isinstance(payload, dict) or not payload:
+        raise UserError(f"{source} holds no state dict (a dict of named tensors, optionally under {containers[0]!r})")
+    for key, value in payload.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UserError(
+                f"{source}: its state dict maps {key!r:.80} to a {type(value).__name__}, not a name to a tensor"
+            )
+    return payload
