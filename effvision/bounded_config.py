@@ -12,6 +12,11 @@ allocate, or loop, for as long as it says before any shape check could object. S
    as large as the tensors the file really holds;
 3. refuses weights that are not finite (:func:`check_finite`): NaN weights make NaN latents, which no entropy
    coder should be given.
+
+A timm model named with options from such a file (a fine-tuning run, a tune config) is checked by
+:func:`check_timm_model` before it is built: the options that size a ViT within :data:`TIMM_OPTION_LIMITS`, the
+others plain values, then the model built on the meta device and refused if its weights alone exceed this machine's
+memory or its input exceeds :data:`effvision.image_io.MAX_PIXELS`.
 """
 
 from __future__ import annotations
@@ -124,3 +129,84 @@ def check_finite(tensors: Mapping[str, Tensor], source: str) -> None:
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise UserError(f"{source}: weight {key} holds NaN or infinite values")
+
+
+#: timm options that size a ViT, bounded before timm builds anything (a depth of 10^6 would spend minutes building
+#: blocks even on the meta device); other options reach timm, which refuses those a model does not know
+TIMM_OPTION_LIMITS: dict[str, Limit] = {
+    "depth": Limit(1, 256),
+    "embed_dim": Limit(1, 16384),
+    "num_heads": Limit(1, 1024),
+    "patch_size": Limit(1, 8192),
+    "img_size": Limit(1, 8192),
+    "mlp_ratio": Limit(0, 64, "float"),
+}
+#: model options: at most this many, each a scalar, a list of at most MAX_OPTION_ITEMS scalars, or a dict of at most
+#: that many such values under string keys
+MAX_TIMM_OPTIONS = 64
+MAX_OPTION_ITEMS = 64
+
+
+def _is_option_value(value: object, nested: bool = True) -> bool:
+    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 4096):
+        return True
+    if isinstance(value, (list, tuple)):
+        return len(value) <= MAX_OPTION_ITEMS and all(_is_option_value(item, nested=False) for item in value)
+    if isinstance(value, dict) and nested:
+        return len(value) <= MAX_OPTION_ITEMS and all(
+            isinstance(key, str) and _is_option_value(item, nested=False) for key, item in value.items()
+        )
+    return False
+
+
+def check_timm_options(options: Mapping[str, object]) -> None:
+    """``options`` within :data:`TIMM_OPTION_LIMITS`, :data:`MAX_TIMM_OPTIONS` and :data:`MAX_OPTION_ITEMS`
+    (a :class:`UserError` naming the option)."""
+    if len(options) > MAX_TIMM_OPTIONS:
+        raise UserError(f"{len(options)} model options; at most {MAX_TIMM_OPTIONS}")
+    for key, value in options.items():
+        if not isinstance(key, str) or not _is_option_value(value):
+            raise UserError(
+                f"model option {key}={value!r:.80}: expected a number, a string, or a list or dict of at most "
+                f"{MAX_OPTION_ITEMS} of them"
+            )
+        limit = TIMM_OPTION_LIMITS.get(key)
+        if limit is not None:
+            try:
+                for item in value if isinstance(value, (list, tuple)) else [value]:
+                    limit.check(key, float(item) if limit.kind == "float" and type(item) is int else item)
+            except ValueError as error:
+                raise UserError(f"model option {error}") from None
+
+
+def check_timm_model(name: str, options: Mapping[str, object]) -> None:
+    """:func:`check_timm_options`, then ``timm.create_model(name, **options)`` on the meta device (no memory),
+    refused when its weights alone would not fit in this machine's memory or its input is larger than
+    :data:`effvision.image_io.MAX_PIXELS` (a :class:`UserError`)."""
+    import os
+
+    import timm
+    import torch
+
+    from effvision.image_io import MAX_PIXELS
+
+    check_timm_options(options)
+    described = f"{name} with {dict(options)}"
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **options)
+    except (TypeError, ValueError, AssertionError) as error:  # options the model refuses (a real build would too)
+        raise UserError(f"cannot build {described}: {error}") from error
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: its options are bounded
+        return
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:
+        raise UserError(
+            f"{described} has {size / 2**30:.1f} GiB of weights; this machine has {memory / 2**30:.1f} GiB of memory"
+        )
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if height * width > MAX_PIXELS:
+            raise UserError(f"{described} takes {width}x{height} images; at most {MAX_PIXELS} pixels are allowed")

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import effvision
+from effvision.errors import UserError
 
 CONFIG_FORMAT = "effvision-tune/1"
 METHODS = ("ppt", "tome", "topk")
@@ -794,6 +795,19 @@ def builtin_photos() -> list[Tensor]:
     return photos
 
 
+def _check_calibration_memory(count: int, size: int) -> None:
+    """The calibration set is held in memory (float32): refuse one larger than a quarter of this machine's."""
+    import os
+
+    needed = count * 3 * size * size * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory // 4:
+        raise UserError(
+            f"{count} calibration images of {size}x{size} need {needed / 2**30:.1f} GiB; at most a quarter of this "
+            f"machine's {memory / 2**30:.1f} GiB is used for them (about {memory // 4 // (3 * size * size * 4)} images)"
+        )
+
+
 def calibration_images(data_config: dict, count: int = 32, folder: str | Path | None = None,
                        seed: int = 0) -> tuple[Tensor, str]:
     """``count`` calibration images, normalised as the model expects, and a description of them.
@@ -806,6 +820,7 @@ def calibration_images(data_config: dict, count: int = 32, folder: str | Path | 
     from effvision.image_io import list_images
 
     size = data_config["input_size"][-1]
+    _check_calibration_memory(count, size)
     if folder is not None:
         crop_pct = data_config.get("crop_pct", 0.875)
         images = [_resize_center_crop(image, size, crop_pct) for image in _read_images(list_images(folder)[:count])]
@@ -823,16 +838,31 @@ def calibration_images(data_config: dict, count: int = 32, folder: str | Path | 
 # ------------------------------------------------------------------------------------------------ config
 
 
+#: a tune config: a few hundred candidates take a few hundred kB
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
 def load_config(path: str | Path) -> dict:
-    """Read a config written by ``effvision tune`` (checks its format tag)."""
-    config = json.loads(Path(path).read_text())
-    if config.get("format") != CONFIG_FORMAT:
-        raise ValueError(f"{path}: not an effvision tune config (format {config.get('format')!r})")
+    """Read a config written by ``effvision tune`` (checks its size, JSON and format tag)."""
+    path = Path(path)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: more than {MAX_CONFIG_BYTES} bytes; not an effvision tune config")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: not an effvision tune config (format {found!r})")
     return config
 
 
 def model_from_config(config: dict | str | Path) -> nn.Module:
-    """The token-reduced model a tune config describes (any timm ViT base, registered or not)."""
+    """The token-reduced model a tune config describes (any timm ViT base, registered or not). A config may come
+    from anywhere, so its model options are bounded first (:func:`effvision.bounded_config.check_timm_options`)."""
+    from effvision.bounded_config import check_timm_options
+
     if not isinstance(config, dict):
         config = load_config(config)
-    return effvision.create_reduced_model(config["method"], config["base_model"], **config["kwargs"])
+    method, base, kwargs = config.get("method"), config.get("base_model"), config.get("kwargs")
+    if not isinstance(method, str) or not isinstance(base, str) or not isinstance(kwargs, dict):
+        raise ValueError("a tune config needs 'method' and 'base_model' strings and a 'kwargs' object")
+    check_timm_options(kwargs)
+    return effvision.create_reduced_model(method, base, **kwargs)

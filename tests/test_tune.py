@@ -9,6 +9,7 @@ import torch
 import effvision
 from effvision import tune
 from effvision.cli import main
+from effvision.errors import UserError
 from tests.vit_factory import make_family
 
 FIXED_SHARE = 0.2  # the fake device: time = 0.2 + 0.8 * MACs ratio (x 10 ms)
@@ -317,3 +318,34 @@ def test_onnx_timer_times_an_exported_reduced_model(tmp_path):
     run_once = timer.prepare(model)
     assert run_once() > 0
     assert list(tmp_path.glob("candidate-*.onnx"))
+
+
+def test_a_calibration_set_larger_than_memory_allows_is_refused_before_it_is_made(tmp_path, capsys):
+    # before: 10^8 images were cropped one by one towards 56 TB of float32
+    argv = ["tune", "deit_tiny_patch16_224", "--target", "2x", "--calibration-count", "100000000",
+            "-o", str(tmp_path / "a.json")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "100000000 calibration images of 224x224 need" in err and not (tmp_path / "a.json").exists()
+
+
+@pytest.mark.parametrize("config,error,message", [
+    ({"method": "tome", "base_model": "deit_tiny_patch16_224", "kwargs": {"depth": 10**6}}, UserError,
+     "depth must be an integer"),
+    ({"method": "tome", "base_model": "deit_tiny_patch16_224", "kwargs": {"img_size": 10**6}}, UserError,
+     "img_size must be an integer"),
+    ({"method": "tome", "base_model": "deit_tiny_patch16_224", "kwargs": [1]}, ValueError, "'kwargs' object"),
+    ({"method": 3, "base_model": "deit_tiny_patch16_224", "kwargs": {}}, ValueError, "'method' and 'base_model'"),
+])
+def test_a_crafted_tune_config_is_refused_before_a_model_is_built(tmp_path, config, error, message):
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"format": tune.CONFIG_FORMAT, **config}))
+    with pytest.raises(error, match=message):
+        tune.model_from_config(path)
+
+
+def test_a_tune_config_that_is_not_an_object_is_a_clear_error(tmp_path):
+    path = tmp_path / "tune.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not an effvision tune config"):
+        tune.load_config(path)

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from effvision.bounded_config import Limit
+from effvision.bounded_config import Limit, check_timm_model
 from effvision.errors import UserError
 from effvision.finetune import checkpoint
-from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error, model_image_size
+from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error
 from effvision.training import (
     Distributed,
     TimeLimit,
@@ -52,20 +52,6 @@ RUN_CONFIG_LIMITS: dict[str, Limit] = {
     "workers": Limit(0, MAX_WORKERS),
     "device": Limit(1, 64, "str"),
 }
-#: model options that size a ViT, bounded before timm builds anything (a crafted depth of 10^6 would spend
-#: minutes building blocks even on the meta device); other options reach timm, which refuses unknown ones
-MODEL_KWARG_LIMITS: dict[str, Limit] = {
-    "depth": Limit(1, 256),
-    "embed_dim": Limit(1, 16384),
-    "num_heads": Limit(1, 1024),
-    "patch_size": Limit(1, 8192),
-    "img_size": Limit(1, 8192),
-    "mlp_ratio": Limit(0, 64, "float"),
-}
-#: model options: at most this many, each a scalar, a list of at most MAX_OPTION_ITEMS scalars, or a dict of at
-#: most that many such values under string keys
-MAX_MODEL_KWARGS = 64
-MAX_OPTION_ITEMS = 64
 
 
 @dataclass
@@ -91,7 +77,8 @@ class FinetuneConfig:
 def read_run_config(path: Path) -> FinetuneConfig:
     """The :class:`FinetuneConfig` saved in a run folder's ``config.json``, which may be crafted: a bounded JSON
     object, each field of its type and within :data:`RUN_CONFIG_LIMITS` (fields this version does not know are
-    ignored). The model options are checked when the model is built (:func:`check_model_kwargs`).
+    ignored). The model options are checked when the model is built
+    (:func:`effvision.bounded_config.check_timm_model`).
 
     Raises:
         UserError: naming ``path`` and the field.
@@ -129,69 +116,6 @@ def read_run_config(path: Path) -> FinetuneConfig:
     return FinetuneConfig(**fields)
 
 
-def _is_option_value(value: object, nested: bool = True) -> bool:
-    if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 4096):
-        return True
-    if isinstance(value, (list, tuple)):
-        return len(value) <= MAX_OPTION_ITEMS and all(_is_option_value(item, nested=False) for item in value)
-    if isinstance(value, dict) and nested:
-        return len(value) <= MAX_OPTION_ITEMS and all(
-            isinstance(key, str) and _is_option_value(item, nested=False) for key, item in value.items()
-        )
-    return False
-
-
-def check_model_kwargs(kwargs: dict) -> None:
-    """Model options within :data:`MODEL_KWARG_LIMITS`, :data:`MAX_MODEL_KWARGS` and :data:`MAX_OPTION_ITEMS`
-    (a :class:`UserError` naming the option)."""
-    if len(kwargs) > MAX_MODEL_KWARGS:
-        raise UserError(f"{len(kwargs)} model options; at most {MAX_MODEL_KWARGS}")
-    for key, value in kwargs.items():
-        if not isinstance(key, str) or not _is_option_value(value):
-            raise UserError(
-                f"model option {key}={value!r:.80}: expected a number, a string, or a list or dict of at most "
-                f"{MAX_OPTION_ITEMS} of them"
-            )
-        items = value if isinstance(value, (list, tuple)) else [value]
-        limit = MODEL_KWARG_LIMITS.get(key)
-        if limit is not None:
-            try:
-                for item in items:
-                    limit.check(key, float(item) if limit.kind == "float" and type(item) is int else item)
-            except ValueError as error:
-                raise UserError(f"model option {error}") from None
-
-
-def check_model_size(config: FinetuneConfig, kwargs: dict) -> None:
-    """Build ``config.model`` on the meta device (no memory) and refuse it when its weights alone would not fit
-    in this machine's memory or its input is larger than :data:`effvision.image_io.MAX_PIXELS`."""
-    import os
-
-    import timm
-
-    from effvision.image_io import MAX_PIXELS
-
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(config.model, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as error:  # options the model refuses (a real build would too)
-        raise UserError(f"cannot build {config.model} with {config.model_kwargs}: {error}") from error
-    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: its options are bounded
-        return
-    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if size > memory:
-        raise UserError(
-            f"{config.model} with {config.model_kwargs} and {kwargs['num_classes']} classes has {size / 2**30:.1f} GiB "
-            f"of weights; this machine has {memory / 2**30:.1f} GiB of memory"
-        )
-    has_size = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
-    height, width = model_image_size(model) if has_size else (0, 0)
-    if height * width > MAX_PIXELS:
-        raise UserError(f"{config.model} with {config.model_kwargs} takes {width}x{height} images; at most "
-                        f"{MAX_PIXELS} pixels are allowed")
-
-
 def create_model(config: FinetuneConfig) -> nn.Module:
     """Build ``config.model`` with its kwargs, the run's class count and base weights.
 
@@ -204,10 +128,9 @@ def create_model(config: FinetuneConfig) -> nn.Module:
 
     if not timm.is_model(config.model):
         raise UserError(f"unknown model {config.model!r} (any timm or effvision registered name)")
-    check_model_kwargs(config.model_kwargs)
     kwargs = dict(config.model_kwargs)
     kwargs["num_classes"] = len(config.classes)
-    check_model_size(config, kwargs)
+    check_timm_model(config.model, kwargs)
     pretrained = config.pretrained
     if config.checkpoint is not None:
         if not Path(config.checkpoint).is_file():
