@@ -69,21 +69,23 @@ class Limit:
         return value
 
 
-def read_config_fields(text: str, limits: Mapping[str, Limit], source: str, what: str) -> dict[str, object]:
-    """The fields named in ``limits`` of the JSON object ``text``, each checked; a field the model does not know
-    is ignored (newer files), a missing one keeps the model's default.
-
-    Raises:
-        UserError: naming ``source`` and ``what`` (e.g. "MambaIC config") on anything else.
-    """
-    if len(text) > MAX_CONFIG_JSON_BYTES:
-        raise UserError(f"{source}: its {what} is {len(text)} bytes of JSON; at most {MAX_CONFIG_JSON_BYTES} are read")
+def read_json_object(text: str, source: str, what: str, max_bytes: int = MAX_CONFIG_JSON_BYTES) -> dict:
+    """The JSON object ``text`` of at most ``max_bytes`` characters (a :class:`UserError` naming ``source`` and
+    ``what`` otherwise)."""
+    if len(text) > max_bytes:
+        raise UserError(f"{source}: its {what} is {len(text)} bytes of JSON; at most {max_bytes} are read")
     try:
         values = json.loads(text)
     except ValueError as error:
         raise UserError(f"{source}: its {what} is not valid JSON ({error})") from error
     if not isinstance(values, dict):
         raise UserError(f"{source}: its {what} must be a JSON object, got {type(values).__name__}")
+    return values
+
+
+def checked_fields(values: Mapping[str, object], limits: Mapping[str, Limit], source: str, what: str) -> dict:
+    """The fields of ``values`` named in ``limits``, each checked; a field the model does not know is ignored
+    (newer files), a missing one keeps the model's default (a :class:`UserError` naming the field otherwise)."""
     fields: dict[str, object] = {}
     try:
         for key, limit in limits.items():
@@ -92,6 +94,15 @@ def read_config_fields(text: str, limits: Mapping[str, Limit], source: str, what
     except ValueError as error:
         raise UserError(f"{source}: bad {what}: {error}") from error
     return fields
+
+
+def read_config_fields(text: str, limits: Mapping[str, Limit], source: str, what: str) -> dict[str, object]:
+    """:func:`checked_fields` of the JSON object ``text`` (:func:`read_json_object`).
+
+    Raises:
+        UserError: naming ``source`` and ``what`` (e.g. "MambaIC config") on anything else.
+    """
+    return checked_fields(read_json_object(text, source, what), limits, source, what)
 
 
 def meta_state_shapes(build: Callable[[], nn.Module], source: str, what: str) -> dict[str, tuple[int, ...]]:

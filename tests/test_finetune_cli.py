@@ -250,7 +250,7 @@ def _set(key, value, inside=None):
     (_set("pretrained", "yes"), "pretrained must be true or false"),
     (_set("checkpoint", "/etc/passwd"), "cannot load the base checkpoint /etc/passwd"),
     (lambda config: [config], "must be a JSON object, got list"),
-    (lambda config: "{not json", "cannot read a run's config"),
+    (lambda config: "{not json", "is not valid JSON"),
 ])
 def test_a_crafted_run_config_is_a_clear_error_before_anything_is_built(dataset, tmp_path, capsys, change, message):
     run = crafted_run(tmp_path, dataset, change)

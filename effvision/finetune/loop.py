@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from effvision.bounded_config import Limit, check_timm_model
+from effvision.bounded_config import Limit, check_timm_model, checked_fields, read_json_object
 from effvision.errors import UserError
 from effvision.finetune import checkpoint
 from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error
@@ -86,17 +86,13 @@ def read_run_config(path: Path) -> FinetuneConfig:
     try:
         if path.stat().st_size > MAX_RUN_CONFIG_BYTES:
             raise UserError(f"{path}: more than {MAX_RUN_CONFIG_BYTES} bytes; not a run's config")
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot read a run's config ({error})") from error
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: a run's config must be a JSON object, got {type(values).__name__}")
-    fields: dict[str, object] = {}
+    values = read_json_object(text, str(path), "run config", MAX_RUN_CONFIG_BYTES)
+    given = {key: value for key, value in values.items() if value is not None}  # null: the default (no checkpoint)
+    fields = checked_fields(given, RUN_CONFIG_LIMITS, str(path), "run config")
     try:
-        for key, limit in RUN_CONFIG_LIMITS.items():
-            if values.get(key) is not None:
-                value = values[key]
-                fields[key] = limit.check(key, float(value) if limit.kind == "float" and type(value) is int else value)
         for key in ("data", "model"):
             if key not in fields:
                 raise ValueError(f"{key} is missing")
