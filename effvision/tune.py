@@ -820,12 +820,14 @@ def calibration_images(data_config: dict, count: int = 32, folder: str | Path | 
     from effvision.image_io import list_images
 
     size = data_config["input_size"][-1]
-    _check_calibration_memory(count, size)
     if folder is not None:
+        files = list_images(folder)[:count]
+        _check_calibration_memory(len(files), size)
         crop_pct = data_config.get("crop_pct", 0.875)
-        images = [_resize_center_crop(image, size, crop_pct) for image in _read_images(list_images(folder)[:count])]
+        images = [_resize_center_crop(image, size, crop_pct) for image in _read_images(files)]
         description = f"{len(images)} images from {folder}"
     else:
+        _check_calibration_memory(count, size)
         photos = builtin_photos()
         generator = torch.Generator().manual_seed(seed)
         images = [_random_crop(photos[i % len(photos)], size, generator) for i in range(count)]

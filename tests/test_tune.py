@@ -220,6 +220,8 @@ def test_calibration_images_from_a_folder(tmp_path):
     data_config = {"input_size": (3, 16, 16), "mean": (0, 0, 0), "std": (1, 1, 1), "crop_pct": 1.0}
     images, description = tune.calibration_images(data_config, count=8, folder=tmp_path)
     assert images.shape == (2, 3, 16, 16)
+    # the memory bound counts the images the folder has, not the count asked for
+    assert tune.calibration_images(data_config, count=10**12, folder=tmp_path)[0].shape == (2, 3, 16, 16)
     assert images[1, 0].allclose(torch.tensor(100 / 255))
     assert str(tmp_path) in description
 
