@@ -206,3 +206,35 @@ def test_set_codec_threads_goes_back_to_the_default_after_a_small_file(monkeypat
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+class EncodeCountingCodec(CompressAIImageCodec):
+    def __init__(self, inner: CompressAIImageCodec) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.encodes = 0
+
+    def encode(self, x):
+        self.encodes += 1
+        return super().encode(x)
+
+
+def test_an_image_wider_than_the_format_is_refused_before_any_tile_is_encoded(codec):
+    counting = EncodeCountingCodec(codec)
+    with pytest.raises(UserError, match="at most 65535 pixels a side"):
+        encode_image(counting, Image.new("RGB", (70000, 1)))
+    assert counting.encodes == 0  # before: every tile was encoded, then the container refused the width
+
+
+def test_more_sections_than_the_format_holds_are_refused_before_the_tiles_are_encoded(codec, monkeypatch):
+    import effvision.codecs.imagefile as imagefile
+
+    counting = EncodeCountingCodec(codec)
+    image = Image.new("RGB", (64 * 12, 64 * 10), (90, 120, 30))  # 120 tiles of 64
+    monkeypatch.setattr(imagefile, "MAX_SECTIONS", 100)  # fewer than the tiles
+    with pytest.raises(UserError, match="120 tiles of 64x64 with 1 section"):
+        encode_image(counting, image)
+    assert counting.encodes == 0
+    monkeypatch.setattr(imagefile, "MAX_SECTIONS", 150)  # enough tiles, too few for their sections
+    with pytest.raises(UserError, match=r"120 tiles of 64x64 with \d+ section"):
+        encode_image(counting, image)
+    assert counting.encodes == 1  # the first tile tells how many sections each takes

@@ -29,7 +29,9 @@ from PIL import Image
 
 from effvision.codecs.base import ImageCodec
 from effvision.codecs.container import (
+    MAX_DIMENSION,
     MAX_PADDING,
+    MAX_SECTIONS,
     Container,
     ContainerError,
     Mode,
@@ -128,6 +130,8 @@ def encode_image(
     """
     image = normalize_mode(image)
     width, height = image.size
+    if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+        raise UserError(f"image of {width}x{height} pixels: a .evc file holds at most {MAX_DIMENSION} pixels a side")
     if codec.alignment > MAX_PADDING + 1:
         raise ValueError(f"codec alignment {codec.alignment} exceeds {MAX_PADDING + 1}")
     tile = codec.tile_size if tile_size is None else tile_size
@@ -144,6 +148,8 @@ def encode_image(
         rgb = np.pad(rgb, ((0, pad_bottom), (0, pad_right), (0, 0)), mode="edge")
     sections: list[Section] = []
     places = tile_grid(padded_h, padded_w, tile_height, tile_width)
+    extra = 1 if image.mode in ("RGBA", "LA") else 0  # the alpha section
+    _check_section_count(len(places), 1, extra, tile_height, tile_width)
     with tiles_bar(len(places), "encode", progress) as bar:
         for top, left, crop_height, crop_width in places:
             crop = torch.from_numpy(rgb[top : top + crop_height, left : left + crop_width].copy())
@@ -159,6 +165,8 @@ def encode_image(
                 raise
             if not streams:
                 raise ValueError(f"codec {codec.name!r} wrote no section for a tile")
+            if not sections:  # the first tile tells how many sections each takes: fail now, not after the last
+                _check_section_count(len(places), len(streams), extra, tile_height, tile_width)
             sections.extend(Section(data, tile_start=index == 0) for index, data in enumerate(streams))
             bar.update()
     if image.mode in ("RGBA", "LA"):
@@ -177,6 +185,16 @@ def encode_image(
         tile_width=tile_width,
         tile_height=tile_height,
     )
+
+
+def _check_section_count(tiles: int, per_tile: int, extra: int, tile_height: int, tile_width: int) -> None:
+    """Refuse, before encoding, ``tiles`` tiles of ``per_tile`` sections each (plus ``extra``) that a .evc file
+    cannot hold."""
+    if tiles * per_tile + extra > MAX_SECTIONS:
+        raise UserError(
+            f"{tiles} tiles of {tile_width}x{tile_height} with {per_tile} section(s) each: a .evc file holds at most "
+            f"{MAX_SECTIONS} sections; use a larger --tile-size"
+        )
 
 
 def _decode_alpha(data: bytes, height: int, width: int) -> Image.Image:
