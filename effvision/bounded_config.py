@@ -185,7 +185,7 @@ def check_timm_options(options: Mapping[str, object]) -> None:
         if limit is not None:
             try:
                 for item in value if isinstance(value, (list, tuple)) else [value]:
-                    limit.check(key, float(item) if limit.kind == "float" and type(item) is int else item)
+                    limit.check(key, item)
             except ValueError as error:
                 raise UserError(f"model option {error}") from None
 

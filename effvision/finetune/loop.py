@@ -21,6 +21,7 @@ from effvision.bounded_config import Limit, check_timm_model, checked_fields, re
 from effvision.errors import UserError
 from effvision.finetune import checkpoint
 from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error
+from effvision.io_utils import read_bytes
 from effvision.training import (
     Distributed,
     TimeLimit,
@@ -84,10 +85,8 @@ def read_run_config(path: Path) -> FinetuneConfig:
         UserError: naming ``path`` and the field.
     """
     try:
-        if path.stat().st_size > MAX_RUN_CONFIG_BYTES:
-            raise UserError(f"{path}: more than {MAX_RUN_CONFIG_BYTES} bytes; not a run's config")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        text = read_bytes(path, MAX_RUN_CONFIG_BYTES).decode("utf-8")
+    except UnicodeDecodeError as error:
         raise UserError(f"{path}: cannot read a run's config ({error})") from error
     values = read_json_object(text, str(path), "run config", MAX_RUN_CONFIG_BYTES)
     given = {key: value for key, value in values.items() if value is not None}  # null: the default (no checkpoint)
