@@ -190,10 +190,15 @@ def check_timm_options(options: Mapping[str, object]) -> None:
                 raise UserError(f"model option {error}") from None
 
 
+#: patches per image a model built from options may have (2048 x 2048 px at patch 16): a ViT's attention
+#: grows with the square, so 8192 px at patch 16 (262144 tokens) would take hours per image on a CPU.
+MAX_TOKENS = 16384
+
+
 def check_timm_model(name: str, options: Mapping[str, object]) -> None:
     """:func:`check_timm_options`, then ``timm.create_model(name, **options)`` on the meta device (no memory),
     refused when its weights alone would not fit in this machine's memory or its input is larger than
-    :data:`effvision.image_io.MAX_PIXELS` (a :class:`UserError`)."""
+    :data:`effvision.image_io.MAX_PIXELS` or cut into more than :data:`MAX_TOKENS` patches (a :class:`UserError`)."""
     import os
 
     import timm
@@ -221,3 +226,9 @@ def check_timm_model(name: str, options: Mapping[str, object]) -> None:
         height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if height * width > MAX_PIXELS:
             raise UserError(f"{described} takes {width}x{height} images; at most {MAX_PIXELS} pixels are allowed")
+    tokens = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if isinstance(tokens, int) and tokens > MAX_TOKENS:
+        raise UserError(
+            f"{described} has {tokens} tokens per image; at most {MAX_TOKENS} are allowed "
+            "(attention costs grow with their square)"
+        )

@@ -242,6 +242,7 @@ def _set(key, value, inside=None):
 @pytest.mark.parametrize("change,message", [
     (_set("img_size", 200_000, "model_kwargs"), "img_size must be an integer in [1, 8192]"),  # was: 120 GB
     (_set("embed_dim", 3_000_000, "model_kwargs"), "embed_dim must be an integer"),  # was: 9 GB
+    (_set("img_size", 8192, "model_kwargs"), "has 1048576 tokens per image; at most 16384"),  # was: hours an image
     (_set("depth", 10**6, "model_kwargs"), "depth must be an integer"),  # was: minutes of building blocks
     (_set("nested", {"a": list(range(100))}, "model_kwargs"), "model option nested="),
     (_set("workers", 100_000), "workers must be an integer in [0, 64]"),  # was: 100000 worker processes
