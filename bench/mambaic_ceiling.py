@@ -63,7 +63,7 @@ def load_fit_images(path: str) -> list[np.ndarray]:
 
 def main() -> None:
     from effvision.codecs.adapters import shipped_weights
-    from effvision.codecs.mambaic import qualities
+    from effvision.codecs.mambaic import shipped_qualities
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
     from effvision.codecs.metrics import psnr
     from effvision.codecs.vqgan.demo_data import load_photo
@@ -91,8 +91,8 @@ def main() -> None:
         "| linear transform of that width (PCA) |"
     )
     print("|---|---:|---:|---:|---:|---:|")
-    for quality in qualities():
-        model = load_checkpoint(weights[f"lite-q{quality}"]).float().eval()
+    for quality, name in shipped_qualities().items():
+        model = load_checkpoint(weights[name]).float().eval()
         width = model.config.latent_channels
         rows = []
         with torch.no_grad():

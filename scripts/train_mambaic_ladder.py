@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "effvision" / "assets"
 EXTRA_TRAIN = ("astronaut", "rocket")
 VALIDATION = ("chelsea", "coffee")
+CODER_TABLES = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
 
 
 def skimage_photo(name: str) -> torch.Tensor:
@@ -51,6 +52,44 @@ def corpus_crops(path: Path) -> list[torch.Tensor]:
 
     tensor = torch.from_numpy(load_train_crops(path)).permute(0, 3, 1, 2).float().div_(255.0)
     return list(tensor.unbind(0))
+
+
+def widened(narrow: torch.nn.Module, config) -> torch.nn.Module:
+    """A ``config`` MambaIC (more latent channels, same transforms) that starts from a trained narrower one.
+
+    The transform and hyperprior bodies are copied. Latent channel j of slice i goes to channel j of the new
+    slice i; the new channels enter the synthesis and hyper analysis with zero weight, so the widened model
+    reconstructs exactly as the narrow one until training uses them. The per-slice context model depends on
+    the slice width and starts from scratch.
+    """
+    from effvision.codecs.mambaic import MambaIC
+
+    wide = MambaIC(config)
+    old_cfg, new_cfg = narrow.config, wide.config
+    if new_cfg.num_slices != old_cfg.num_slices or new_cfg.latent_channels < old_cfg.latent_channels:
+        raise ValueError("can only widen to more latent channels with the same number of slices")
+    old_m, new_m, slices = old_cfg.latent_channels, new_cfg.latent_channels, old_cfg.num_slices
+    index = torch.tensor([(c // (old_m // slices)) * (new_m // slices) + c % (old_m // slices) for c in range(old_m)])
+    # parameter -> the dimension indexed by latent channel ("zero": new channels get zero weight)
+    latent_dims = {"g_a.5.weight": 0, "g_a.5.bias": 0, "h_a.0.weight": 1, "h_mean_s.2.weight": 1,
+                   "h_mean_s.2.bias": 0, "h_scale_s.2.weight": 1, "h_scale_s.2.bias": 0, "g_s.0.weight": 0}
+    zero_new = {"h_a.0.weight", "g_s.0.weight"}
+    old_state, state = narrow.state_dict(), wide.state_dict()
+    for key, value in state.items():
+        if key.startswith("slices.") or key not in old_state or key.rsplit(".", 1)[-1] in CODER_TABLES:
+            continue  # the coder's tables are rebuilt by update()
+        source = old_state[key]
+        if key in latent_dims:
+            dim = latent_dims[key]
+            target = torch.zeros_like(value) if key in zero_new else value.clone()
+            target.index_copy_(dim, index, source)
+            state[key] = target
+        elif source.shape == value.shape:
+            state[key] = source.clone()
+        else:
+            raise ValueError(f"cannot widen {key}: {tuple(source.shape)} -> {tuple(value.shape)}")
+    wide.load_state_dict(state)
+    return wide
 
 
 def parse_stage(text: str) -> tuple[int, float, int]:
@@ -68,6 +107,8 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=ROOT / "runs" / "mambaic-lite-base.safetensors")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/mambaic-ladder"))
     parser.add_argument("--assets", type=Path, default=ASSETS, help="where the finished qualities are written")
+    parser.add_argument("--config", choices=("lite", "wide"), default="lite",
+                        help="config of the trained qualities; a narrower --init is widened (widened())")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -82,6 +123,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from effvision.codecs.base import resolve_device
+    from effvision.codecs.mambaic import CONFIGS
     from effvision.codecs.mambaic.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
     from effvision.codecs.mambaic.train import TrainSettings, train
 
@@ -96,7 +138,9 @@ def main() -> None:
     device = resolve_device(args.device)
     for quality, lmbda, steps in args.chain:
         work = args.work_dir / f"q{quality}"
-        model = load_checkpoint(source, expected_config="lite")
+        model = load_checkpoint(source)
+        if model.config.name != args.config:
+            model = widened(model, CONFIGS[args.config])
         for module in model.modules():
             if hasattr(module, "scan_backend"):
                 module.scan_backend = args.scan_backend
@@ -115,7 +159,7 @@ def main() -> None:
             ancestry_gpu_hours += hours
         else:
             ancestry_hours += hours
-        asset = args.assets / f"mambaic-lite-q{quality}.safetensors"
+        asset = args.assets / f"mambaic-{args.config}-q{quality}.safetensors"
         save_checkpoint(model, asset, extra={
             "lambda": str(lmbda),
             "steps": str(steps),

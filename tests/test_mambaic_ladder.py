@@ -18,17 +18,17 @@ torch.set_num_threads(1)
 def test_at_least_four_qualities_ship_numbered_from_one_with_rising_lambda() -> None:
     qualities = mambaic.qualities()
     assert len(qualities) >= 4 and qualities == list(range(1, len(qualities) + 1))
-    weights = shipped_weights("mambaic")
-    lambdas = [float(read_checkpoint_config(weights[f"lite-q{q}"])[1]["lambda"]) for q in qualities]
+    weights, names = shipped_weights("mambaic"), mambaic.shipped_qualities()
+    lambdas = [float(read_checkpoint_config(weights[names[q]])[1]["lambda"]) for q in qualities]
     assert all(a < b for a, b in zip(lambdas, lambdas[1:], strict=False)), lambdas
 
 
 def test_qualities_are_numbered_as_compressai_zoo_lambdas() -> None:
-    """q1..q6 are lambda 0.0018 ... 0.0483 in compressai's zoo (MSE); the default is its middle, 0.013."""
-    zoo = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.013, 5: 0.025, 6: 0.0483}
+    """q1..q8 are lambda 0.0018 ... 0.18 in compressai's zoo (MSE); the default is its middle, 0.013."""
+    zoo = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.013, 5: 0.025, 6: 0.0483, 7: 0.0932, 8: 0.18}
     weights = shipped_weights("mambaic")
-    for quality in mambaic.qualities():
-        assert float(read_checkpoint_config(weights[f"lite-q{quality}"])[1]["lambda"]) == zoo[quality]
+    for quality, name in mambaic.shipped_qualities().items():
+        assert float(read_checkpoint_config(weights[name])[1]["lambda"]) == zoo[quality]
     assert zoo[MAMBAIC_DEFAULT_QUALITY] == 0.013
 
 

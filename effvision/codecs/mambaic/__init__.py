@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from effvision.codecs.mambaic.model import CONFIGS, MambaIC, MambaICConfig, bits_per_pixel, get_config
 
-__all__ = ["CONFIGS", "MambaIC", "MambaICConfig", "bits_per_pixel", "get_config", "load", "qualities"]
+__all__ = [
+    "CONFIGS", "MambaIC", "MambaICConfig", "bits_per_pixel", "get_config", "load", "qualities", "shipped_qualities",
+]
 
 
-def qualities() -> list[int]:
-    """The shipped qualities (1 = smallest files), each a ``lite`` model trained for its own lambda."""
+def shipped_qualities() -> dict[int, str]:
+    """Shipped quality -> its weights' config id (``lite-q<N>``, or ``wide-q<N>`` for the upper rungs)."""
     import re
 
     from effvision.codecs.adapters import shipped_weights
 
-    found = (re.fullmatch(r"lite-q(\d+)", name) for name in shipped_weights("mambaic"))
-    return sorted(int(match.group(1)) for match in found if match)
+    found = (re.fullmatch(r"(?:lite|wide)-q(\d+)", name) for name in shipped_weights("mambaic"))
+    return dict(sorted((int(match.group(1)), match.group(0)) for match in found if match))
+
+
+def qualities() -> list[int]:
+    """The shipped qualities (1 = smallest files), each trained for its own lambda."""
+    return list(shipped_qualities())
 
 
 def load(quality: int | None = None, device: str = "cpu", pretrained: bool = False) -> MambaIC:
