@@ -3,11 +3,12 @@
 #
 # Not yet run on a GPU: no session so far was lent one. The steps below were dry-run on the CPU (--dry-run).
 #
-# What it can and cannot do: it trains the `lite` config further, which can lift q1-q5 but cannot widen the ladder
-# past about 0.3 bpp. Without quantisation lite's transforms reach 30.9 dB on the test photos, and the best linear
+# What it can and cannot do: training the `lite` config further can lift q1-q5 but cannot widen the ladder past
+# about 0.3 bpp. Without quantisation lite's transforms reach 30.9 dB on the test photos, and the best linear
 # transform of its 50 latent channels 32.9 dB, while JPEG reaches 33.3 dB at 0.48 bpp (bench/mambaic_ceiling.py,
-# bench/results/codec-rd-cpu.md). The 0.3-1.0 bpp rungs need a config with about 192 latent channels trained for
-# hours: more than this CPU can give, and more than one 10-minute call is likely to give from scratch.
+# bench/results/codec-rd-cpu.md). So the upper rungs (q6, q7) are the `wide` config (100 latent channels, linear
+# bound 35.6 dB), widened from the shipped q5 (scripts/train_mambaic_ladder.py --config wide), or continued from
+# shipped wide weights when there are some. Whether one call's minutes are enough for them is what it measures.
 #
 # Prepare here, once (the data and wheels travel with the call; with the tree about 62 MB of the 64 MiB):
 #   mkdir -p runs/gpu-carry && cp -r /work/photo-corpus/train runs/gpu-carry/     # the 288 PNG crops, 31 MB
@@ -22,10 +23,11 @@
 #   1. installs the two wheels and this checkout (no network);
 #   2. checks the Triton selective scan against its reference on CUDA (falls back to the torch scan if not);
 #   3. times 20 training steps, then sizes every stage to its share of TRAIN_SECONDS;
-#   4. fine-tunes two chains side by side on the one GPU, each from the shipped model next to it:
-#      q4 (lambda 0.013) -> q5 -> q6 from the shipped q4, q3 (0.0067) -> q2 -> q1 from the shipped q3;
-#      batch 16 of 256 px crops, cosine 1e-4 -> 1e-5 per stage, bfloat16 autocast;
-#   5. writes every quality's weights (fp32, about 7.5 MB each) and the logs to $OUT.
+#   4. fine-tunes three chains side by side on the one GPU, each from the shipped model next to it:
+#      q4 (lambda 0.013) -> q5 from the shipped q4, q3 (0.0067) -> q2 -> q1 from the shipped q3, and the wide
+#      q6 (0.0483) -> q7 (0.0932) from the shipped wide q6 (or the shipped q5, widened);
+#      batch 16 of 256 px crops, cosine 1e-4 -> 1e-5 per stage (wide: 3e-4 -> 3e-5), bfloat16 autocast;
+#   5. writes every quality's weights in fp16 (about 4.3 MB each, wide 8.2 MB) and the logs to $OUT.
 # Afterwards, here: save each in fp16 (save_checkpoint(half_parameters=True)), evaluate them with
 # `effvision eval-codec --checkpoint` on the test photos beside the shipped ladder, and ship the better.
 set -uo pipefail
@@ -91,28 +93,35 @@ echo "$per_step" >"$out/seconds-per-step.txt"
 
 corpus=runs/gpu-carry/train
 assets=runs/gpu-assets
-mkdir -p "$assets"
+rm -rf "$assets" && mkdir -p "$assets"  # only this run's weights go back
 common=(--corpus "$corpus" --work-dir runs/gpu-ladder --assets "$assets" --batch-size "$batch" --crop "$crop"
         --lr 1e-4 --final-lr 1e-5 --device "$device" --scan-backend "$backend" --stage-minutes "$minutes")
 "$python" scripts/train_mambaic_ladder.py "${common[@]}" --init effvision/assets/mambaic-lite-q4.safetensors \
-    --chain "4:0.013:$long" "5:0.025:$short" "6:0.0483:$short" >"$out/chain-high.log" 2>&1 &
+    --chain "4:0.013:$long" "5:0.025:$long" >"$out/chain-high.log" 2>&1 &
 high=$!
+wide_init=effvision/assets/mambaic-wide-q6.safetensors
+[ -f "$wide_init" ] || wide_init=effvision/assets/mambaic-lite-q5.safetensors
+"$python" scripts/train_mambaic_ladder.py "${common[@]}" --lr 3e-4 --final-lr 3e-5 --config wide \
+    --work-dir runs/gpu-ladder-wide --init "$wide_init" --chain "6:0.0483:$long" "7:0.0932:$long" \
+    >"$out/chain-wide.log" 2>&1 &
+wide=$!
 "$python" scripts/train_mambaic_ladder.py "${common[@]}" --init effvision/assets/mambaic-lite-q3.safetensors \
     --chain "3:0.0067:$long" "2:0.0035:$short" "1:0.0018:$short" >"$out/chain-low.log" 2>&1 &
 low=$!
 failed=0
 wait "$high" || { echo "high chain failed"; failed=1; }
 wait "$low" || { echo "low chain failed"; failed=1; }
-tail -n 3 "$out/chain-high.log" "$out/chain-low.log"
-# $OUT returns at most 8 files: six fp16 weight files (about 4.3 MB each) and one archive of the logs
+wait "$wide" || { echo "wide chain failed"; failed=1; }
+tail -n 3 "$out/chain-high.log" "$out/chain-low.log" "$out/chain-wide.log"
+# $OUT returns at most 8 files: seven fp16 weight files and one archive of the logs
 "$python" - "$assets" "$out" <<'PY'
 import sys
 from pathlib import Path
 from effvision.codecs.mambaic.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 source, target = Path(sys.argv[1]), Path(sys.argv[2])
-for path in sorted(source.glob("mambaic-lite-q*.safetensors")):
+for path in sorted(source.glob("mambaic-*-q*.safetensors")):
     _, metadata = read_checkpoint_config(path)
-    save_checkpoint(load_checkpoint(path, expected_config="lite"), target / path.name, extra=dict(metadata),
+    save_checkpoint(load_checkpoint(path), target / path.name, extra=dict(metadata),
                     half_parameters=True)
     print("fp16:", target / path.name)
 PY
