@@ -63,7 +63,37 @@ def test_unknown_codec_transform_lists_the_choices(tmp_path, capsys):
 
 @pytest.mark.parametrize("option, message", [(["--img-size", "0"], "--img-size must be between"),
                                              (["--img-size", "-3"], "--img-size must be between"),
-                                             (["--opset", "99"], "--opset must be")])
+                                             (["--opset", "99"], "--opset must be"),
+                                             (["--atol", "nan"], "--atol must be a finite number"),
+                                             (["--atol", "-1"], "--atol must be a finite number")])
 def test_bad_sizes_and_opsets_are_user_errors_before_any_work(tmp_path, capsys, option, message):
     assert cli.main(["export", "vit_tiny_patch16_224", str(tmp_path / "m.onnx"), *option]) == 1
     assert message in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_nan_the_other_side_lacks_is_an_infinite_difference_never_a_pass():
+    from effvision.export.onnx import max_abs_difference
+
+    expected = torch.tensor([[1.0, float("nan"), float("inf")]])
+    assert max_abs_difference(expected.clone(), expected) == 0  # NaN and inf in both at the same place
+    assert max_abs_difference(torch.tensor([[1.5, float("nan"), float("inf")]]), expected) == 0.5
+    assert max_abs_difference(torch.tensor([[float("nan"), float("nan"), float("inf")]]), expected) == float("inf")
+    assert max_abs_difference(torch.tensor([[1.0, 2.0, float("inf")]]), expected) == float("inf")
+    assert max_abs_difference(torch.tensor([[1.0, float("nan"), float("-inf")]]), expected) == float("inf")
+
+
+def test_an_onnx_output_with_nan_fails_the_check(tmp_path, monkeypatch, capsys):
+    """Before, ``max(0.0, nan)`` kept 0.0: a graph that produced NaN reported "max abs diff 0" and passed."""
+    import effvision.export.ort as ort
+
+    class NaNSession:
+        def __init__(self, path, providers=None):
+            pass
+
+        def __call__(self, batch):
+            return torch.full((batch.shape[0], 1000), float("nan"))
+
+    monkeypatch.setattr(ort, "OrtModel", NaNSession)
+    argv = ["export", "deit_tiny_patch16_224", str(tmp_path / "deit.onnx"), "--img-size", "32", "--check"]
+    assert cli.main(argv) == 1
+    assert "onnxruntime output differs by inf" in capsys.readouterr().err

@@ -152,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.img_size is not None and not 1 <= args.img_size <= 8192:
         raise UserError(f"--img-size must be between 1 and 8192 pixels, got {args.img_size}")
+    if not 0 <= args.atol < float("inf"):  # also refuses NaN, which no difference would ever exceed
+        raise UserError(f"--atol must be a finite number >= 0, got {args.atol}")
     if not 7 <= args.opset <= 30:
         raise UserError(f"--opset must be an ONNX opset number (7-30; default 18), got {args.opset}")
     output = Path(args.output)
