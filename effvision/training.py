@@ -12,6 +12,8 @@
   optimizers, schedulers) to and from such a dict.
 * :func:`progress_bar`: tqdm, shown on rank 0 only.
 * :func:`cosine_factor` / :func:`cosine_lr`: linear warmup then half-cosine decay.
+* :func:`check_training_options` / :func:`load_image_folder`: clear errors on options no loop can run, and a
+  folder of training images held in memory only up to a quarter of this machine's.
 
 Nothing here imports the CLI; the codec and fine-tuning loops import this module.
 """
@@ -203,3 +205,79 @@ def cosine_factor(step: int, total: int, warmup: int = 0) -> float:
 def cosine_lr(step: int, total: int, start: float, end: float) -> float:
     """Learning rate at ``step`` of ``total`` on a half cosine from ``start`` (step 0) down to ``end``."""
     return end + (start - end) * cosine_factor(step, total)
+
+
+#: largest batch and crop a training command accepts (the batch's input alone is also held to a quarter of
+#: this machine's memory by :func:`check_training_options`)
+MAX_BATCH_SIZE = 4096
+MAX_CROP = 8192
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_training_options(
+    *, steps: int, batch_size: int, lr: float, crop: int | None = None, minutes: float | None = None,
+    min_steps: int = 1,
+) -> None:
+    """:class:`UserError` for options a training loop cannot run (before any image is read): steps below
+    ``min_steps``, a batch of 1..:data:`MAX_BATCH_SIZE`, a crop of 1..:data:`MAX_CROP` px whose float32 batch
+    fits in a quarter of memory, a finite positive learning rate and time limit. (NaN passed ``lr <= 0``
+    checks and reached the optimizer.)"""
+    from effvision.errors import UserError
+
+    if steps < min_steps:
+        raise UserError(f"--steps must be at least {min_steps}, got {steps}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise UserError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {lr}")
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise UserError(f"--minutes must be a finite number > 0, got {minutes}")
+    if crop is not None:
+        if not 1 <= crop <= MAX_CROP:
+            raise UserError(f"--crop must be between 1 and {MAX_CROP} pixels, got {crop}")
+        needed, budget = batch_size * 3 * crop * crop * 4, physical_memory_bytes() // 4
+        if needed > budget:
+            raise UserError(
+                f"a batch of {batch_size} crops of {crop} px needs {needed / 2**30:.1f} GiB before any activation; "
+                f"at most a quarter of this machine's memory ({budget / 2**30:.1f} GiB) is allowed"
+            )
+
+
+def load_image_folder(
+    directory: str | os.PathLike, *, minimum_side: int = 1, uint8: bool = False, budget_bytes: int | None = None
+) -> list:
+    """Every image under ``directory`` (:func:`effvision.image_io.list_images`) at least ``minimum_side`` px on
+    each side, read through :mod:`effvision.image_io` (pixel limit, EXIF orientation, alpha onto white): (3, H,
+    W) float32 tensors in [0, 1], or (H, W, 3) uint8 arrays with ``uint8``. Training holds them all in memory, so
+    their decoded size is held to ``budget_bytes`` (default: a quarter of this machine's memory): past it, a
+    :class:`UserError` says how much was asked (each image is at most :data:`~effvision.image_io.MAX_PIXELS`).
+    """
+    import numpy as np
+
+    from effvision.errors import UserError
+    from effvision.image_io import list_images, open_image, to_rgb_array
+
+    budget = physical_memory_bytes() // 4 if budget_bytes is None else budget_bytes
+    images, used = [], 0
+    paths = list_images(directory)
+    for path in paths:
+        array = to_rgb_array(open_image(path))
+        if min(array.shape[:2]) < minimum_side:
+            continue
+        if uint8:
+            array = np.rint(array * 255).astype(np.uint8)
+        else:
+            array = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        used += array.nbytes
+        if used > budget:
+            raise UserError(
+                f"the images in {directory} take more than {budget / 2**30:.1f} GiB decoded (a quarter of this "
+                f"machine's memory) after {len(images) + 1} of {len(paths)}; train on fewer or smaller images"
+            )
+        images.append(array)
+    if not images:
+        raise UserError(f"no image of at least {minimum_side}x{minimum_side} pixels found in {directory}")
+    return images

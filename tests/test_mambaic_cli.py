@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from effvision.cli import main
@@ -44,4 +45,37 @@ def test_train_codec_minutes_stops_with_a_model_and_a_state_to_resume(tmp_path: 
     assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["step"] == 1
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert main([*arguments[:-2], "--minutes", "-1"]) == 1
-    assert "--minutes must be positive" in capsys.readouterr().err
+    assert "--minutes must be a finite number > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--lambda", "nan"], "--lambda must be a finite number > 0, got nan"),  # was: NaN loss, then ValueError
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--crop", "1000000"], "--crop must be between 1 and 8192"),  # was: a 12 TB allocation
+    (["--batch-size", "4096", "--crop", "8192"], "at most a quarter of this machine's memory"),
+    (["--save-every", "0"], "--save-every must be at least 1"),  # was: ZeroDivisionError at step 1
+])
+def test_train_codec_options_no_training_can_run_are_clear_errors(tmp_path: Path, capsys, option, message) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.png").write_bytes(b"not an image")  # checked before any image is read
+    assert main(["train-codec", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *option]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_images_are_held_to_a_memory_budget(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from effvision.errors import UserError
+    from effvision.training import load_image_folder
+
+    for index in range(3):
+        Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / f"{index}.png")
+    assert [tuple(image.shape) for image in load_image_folder(tmp_path)] == [(3, 40, 50)] * 3
+    assert load_image_folder(tmp_path, uint8=True)[0].shape == (40, 50, 3)
+    assert load_image_folder(tmp_path, budget_bytes=3 * 40 * 50 * 3 * 4)  # exactly fits
+    with pytest.raises(UserError, match="after 3 of 3"):
+        load_image_folder(tmp_path, budget_bytes=3 * 40 * 50 * 3 * 4 - 1)
+    with pytest.raises(UserError, match="no image of at least 41x41"):
+        load_image_folder(tmp_path, minimum_side=41)

@@ -41,7 +41,7 @@ def test_clustering_to_more_entries_than_the_codebook_is_a_clear_error(image_dir
 def test_a_time_limit_must_be_positive(image_dir, tmp_path, capsys):
     assert main(["train-vqgan", str(image_dir), "-o", str(tmp_path / "x.safetensors"), "--crop", "32",
                  "--minutes", "-1"]) == 1
-    assert "--minutes must be positive" in capsys.readouterr().err
+    assert "--minutes must be a finite number > 0" in capsys.readouterr().err
 
 def test_missing_data_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["train-vqgan", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.safetensors")]) == 1
@@ -77,3 +77,20 @@ def test_quality_ladder_clusters_the_shipped_codebook_and_decodes_by_config_id()
     assert decoder.fingerprint() == encoder.fingerprint()
     assert decode_image(container, decoder).tobytes() == decode_image(container, encoder).tobytes()
     assert load_codec("vqgan", quality=4).model.codebook_size == 1024
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--batch-size", "100000000"], "--batch-size must be between 1 and 4096"),  # was: a hang drawing 1e8 crops
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--gan-weight", "nan"], "--gan-weight must be a finite number >= 0"),  # was: trained, NaN loss later
+    (["--restorer-steps", "-5"], "--restorer-steps must be >= 0"),  # was: silently no restorer
+    (["--config", "nope"], "unknown VQGAN config 'nope'"),  # was: "no image of at least 256x256 pixels"
+])
+def test_options_no_training_can_run_are_clear_errors_before_any_image_is_read(tmp_path, capsys, option, message):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not an image")  # reading it would be another error
+    assert main(["train-vqgan", str(folder), "-o", str(tmp_path / "x.safetensors"), "--crop", "32", *option]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -32,27 +32,29 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import math
+
     import torch
 
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
     from effvision.codecs.mambaic.model import CONFIGS, MambaIC
     from effvision.codecs.mambaic.train import TrainSettings, train
     from effvision.errors import UserError
-    from effvision.image_io import list_images, load_image
+    from effvision.training import check_training_options, load_image_folder
 
     if args.config not in CONFIGS:
         raise UserError(f"unknown config {args.config!r}; choose from {', '.join(CONFIGS)}")
-    for name in ("steps", "batch_size", "crop"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if args.lmbda <= 0:
-        raise UserError("--lambda must be positive")
-    if args.minutes is not None and not args.minutes > 0:
-        raise UserError("--minutes must be positive")
+    check_training_options(steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
+                           minutes=args.minutes)
+    if not (math.isfinite(args.lmbda) and args.lmbda > 0):
+        raise UserError(f"--lambda must be a finite number > 0, got {args.lmbda}")
     if args.final_lr is not None and not 0 <= args.final_lr <= args.lr:
         raise UserError("--final-lr must be between 0 and --lr")
-    train_images = [load_image(path) for path in list_images(args.data)]
-    val_images = [load_image(path) for path in list_images(args.val_data)] if args.val_data else []
+    for name in ("val_every", "save_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    train_images = load_image_folder(args.data)
+    val_images = load_image_folder(args.val_data) if args.val_data else []
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.init, expected_config=args.config) if args.init else MambaIC(args.config)
     settings = TrainSettings(

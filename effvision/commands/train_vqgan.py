@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from pathlib import Path
 
 from effvision.errors import UserError
@@ -42,23 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def load_images(directory: Path, minimum: int):
-    """uint8 (H, W, 3) arrays of every image in ``directory`` (and below) at least ``minimum`` pixels on each
-    side, read by :mod:`effvision.image_io` (modes normalised, alpha composited onto white)."""
-    import numpy as np
-
-    from effvision.image_io import list_images, open_image, to_rgb_array
-
-    images = []
-    for path in list_images(directory):
-        array = np.rint(to_rgb_array(open_image(path)) * 255).astype(np.uint8)
-        if min(array.shape[:2]) >= minimum:
-            images.append(array)
-    if not images:
-        raise UserError(f"no image of at least {minimum}x{minimum} pixels found in {directory}")
-    return images
-
-
 def _initial_codec(args: argparse.Namespace):
     from effvision.codecs.vqgan.config import CONFIGS
     from effvision.codecs.vqgan.model import VQGANCodec
@@ -80,15 +64,24 @@ def run(args: argparse.Namespace) -> int:
 
     from effvision.codecs.vqgan.restoration import IndexRestorer
     from effvision.codecs.vqgan.train import RandomCrops, TrainSettings, train_autoencoder, train_restorer
+    from effvision.training import check_training_options, load_image_folder
 
     if args.crop < 16 or args.crop % 16:
         raise UserError(f"--crop must be a positive multiple of 16, got {args.crop}")
-    if args.steps < 0 or args.batch_size < 1:
-        raise UserError("--steps must be >= 0 and --batch-size >= 1")
-    if args.minutes is not None and not args.minutes > 0:
-        raise UserError("--minutes must be positive")
+    check_training_options(steps=args.steps, batch_size=args.batch_size, lr=args.lr, crop=args.crop,
+                           minutes=args.minutes, min_steps=0)
+    if not (math.isfinite(args.gan_weight) and args.gan_weight >= 0):
+        raise UserError(f"--gan-weight must be a finite number >= 0, got {args.gan_weight}")
+    for name in ("gan_start", "restorer_steps"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.init is None or args.init.suffix != ".safetensors":
+        from effvision.codecs.vqgan.config import CONFIGS
+
+        if args.config not in CONFIGS:  # before the images are read
+            raise UserError(f"unknown VQGAN config {args.config!r}; choose one of {', '.join(CONFIGS)}")
     torch.manual_seed(args.seed)
-    images = load_images(args.data, args.crop)
+    images = load_image_folder(args.data, minimum_side=args.crop, uint8=True)
     codec = _initial_codec(args)
     if args.k is not None:
         codec = codec.cluster(args.k, seed=args.seed)
