@@ -114,6 +114,19 @@ def test_a_time_limit_must_be_positive(dataset, tmp_path, capsys):
     assert main(finetune_args(dataset, tmp_path / "run", "--minutes", "0")) == 1
     assert "time limit must be positive" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("option, message", [
+    (["--lr", "nan"], "lr must be a number in [1e-12, 10], got nan"),  # was: ValueError from AdamW
+    (["--weight-decay", "nan"], "weight_decay must be a number in [0, 10], got nan"),  # was: ValueError from AdamW
+    (["--warmup-epochs", "-1"], "warmup_epochs must be a number in [0, 1e+06]"),  # was: accepted
+    (["--batch-size", "0"], "batch_size must be an integer in [1, 65536]"),
+    (["--epochs", "0"], "epochs must be an integer in [1, 1e+06]"),
+])
+def test_training_options_are_held_to_the_limits_of_a_saved_run(dataset, tmp_path, capsys, option, message):
+    assert main(finetune_args(dataset, tmp_path / "run", *option)) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
 def test_resuming_with_a_different_config_is_refused(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(finetune_args(dataset, run, epochs=1)) == 0

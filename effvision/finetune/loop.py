@@ -245,10 +245,11 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
 
     from effvision.peft.sparse_tuning import trainable_parameter_report
 
-    if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
-        raise UserError("epochs and batch size must be >= 1 and the learning rate > 0")
-    if not 0 <= config.workers <= MAX_WORKERS:
-        raise UserError(f"data-loading workers must be 0-{MAX_WORKERS}, got {config.workers}")
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "workers"):
+        try:  # the limits a saved run's config.json is held to (NaN passed "lr <= 0" and reached AdamW)
+            RUN_CONFIG_LIMITS[name].check(name, getattr(config, name))
+        except ValueError as error:
+            raise UserError(str(error)) from None
     output = Path(output)
     config.classes = check_splits(config.data)
     resumed = prepare_output(config, output, resume)
