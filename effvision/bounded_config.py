@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -190,6 +191,24 @@ def check_timm_options(options: Mapping[str, object]) -> None:
                 raise UserError(f"model option {error}") from None
 
 
+def physical_memory_bytes() -> int:
+    """This machine's memory (bytes)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_float32_fits(shape: Sequence[int], what: str) -> None:
+    """A :class:`UserError` when a float32 tensor of ``shape`` (``what``, e.g. "a batch of 16 crops of 256 px")
+    would take more than a quarter of this machine's memory: an option or a folder asks for it before any
+    allocation (a larger request would be killed by the OS, or swap for hours, instead of a clear error)."""
+    needed = 4 * math.prod(int(n) for n in shape)
+    budget = physical_memory_bytes() // 4
+    if needed > budget:
+        raise UserError(
+            f"{what} would take {needed / 2**30:.1f} GiB; at most a quarter of this machine's memory "
+            f"({budget / 2**30:.1f} GiB) is allowed"
+        )
+
+
 #: patches per image a model built from options may have (2048 x 2048 px at patch 16): a ViT's attention
 #: grows with the square, so 8192 px at patch 16 (262144 tokens) would take hours per image on a CPU.
 MAX_TOKENS = 16384
@@ -199,8 +218,6 @@ def check_timm_model(name: str, options: Mapping[str, object]) -> None:
     """:func:`check_timm_options`, then ``timm.create_model(name, **options)`` on the meta device (no memory),
     refused when its weights alone would not fit in this machine's memory or its input is larger than
     :data:`effvision.image_io.MAX_PIXELS` or cut into more than :data:`MAX_TOKENS` patches (a :class:`UserError`)."""
-    import os
-
     import timm
     import torch
 
@@ -216,7 +233,7 @@ def check_timm_model(name: str, options: Mapping[str, object]) -> None:
     except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: its options are bounded
         return
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = physical_memory_bytes()
     if size > memory:
         raise UserError(
             f"{described} has {size / 2**30:.1f} GiB of weights; this machine has {memory / 2**30:.1f} GiB of memory"

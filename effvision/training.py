@@ -213,10 +213,6 @@ MAX_BATCH_SIZE = 4096
 MAX_CROP = 8192
 
 
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_training_options(
     *, steps: int, batch_size: int, lr: float, crop: int | None = None, minutes: float | None = None,
     min_steps: int = 1,
@@ -225,6 +221,7 @@ def check_training_options(
     ``min_steps``, a batch of 1..:data:`MAX_BATCH_SIZE`, a crop of 1..:data:`MAX_CROP` px whose float32 batch
     fits in a quarter of memory, a finite positive learning rate and time limit. (NaN passed ``lr <= 0``
     checks and reached the optimizer.)"""
+    from effvision.bounded_config import check_float32_fits
     from effvision.errors import UserError
 
     if steps < min_steps:
@@ -238,12 +235,8 @@ def check_training_options(
     if crop is not None:
         if not 1 <= crop <= MAX_CROP:
             raise UserError(f"--crop must be between 1 and {MAX_CROP} pixels, got {crop}")
-        needed, budget = batch_size * 3 * crop * crop * 4, physical_memory_bytes() // 4
-        if needed > budget:
-            raise UserError(
-                f"a batch of {batch_size} crops of {crop} px needs {needed / 2**30:.1f} GiB before any activation; "
-                f"at most a quarter of this machine's memory ({budget / 2**30:.1f} GiB) is allowed"
-            )
+        check_float32_fits((batch_size, 3, crop, crop), f"a batch of {batch_size} crops of {crop} px (before any "
+                           "activation)")
 
 
 def load_image_folder(
@@ -257,6 +250,7 @@ def load_image_folder(
     """
     import numpy as np
 
+    from effvision.bounded_config import physical_memory_bytes
     from effvision.errors import UserError
     from effvision.image_io import list_images, open_image, to_rgb_array
 

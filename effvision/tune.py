@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import effvision
-from effvision.errors import UserError
+from effvision.bounded_config import check_float32_fits
 
 CONFIG_FORMAT = "effvision-tune/1"
 METHODS = ("ppt", "tome", "topk")
@@ -797,15 +797,7 @@ def builtin_photos() -> list[Tensor]:
 
 def _check_calibration_memory(count: int, size: int) -> None:
     """The calibration set is held in memory (float32): refuse one larger than a quarter of this machine's."""
-    import os
-
-    needed = count * 3 * size * size * 4
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > memory // 4:
-        raise UserError(
-            f"{count} calibration images of {size}x{size} need {needed / 2**30:.1f} GiB; at most a quarter of this "
-            f"machine's {memory / 2**30:.1f} GiB is used for them (about {memory // 4 // (3 * size * size * 4)} images)"
-        )
+    check_float32_fits((count, 3, size, size), f"{count} calibration images of {size}x{size}")
 
 
 def calibration_images(data_config: dict, count: int = 32, folder: str | Path | None = None,

@@ -328,7 +328,16 @@ def test_a_calibration_set_larger_than_memory_allows_is_refused_before_it_is_mad
             "-o", str(tmp_path / "a.json")]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "100000000 calibration images of 224x224 need" in err and not (tmp_path / "a.json").exists()
+    assert "100000000 calibration images of 224x224 would take" in err and not (tmp_path / "a.json").exists()
+
+
+def test_a_timed_batch_larger_than_memory_allows_is_refused_before_it_is_made(tmp_path, capsys):
+    # before: a 60 TB torch.randn; below the machine's limit it would fill memory until the OS killed it
+    argv = ["tune", "deit_tiny_patch16_224", "--target", "2x", "--batch-size", "100000000",
+            "-o", str(tmp_path / "a.json")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--batch-size 100000000 (the timed batch) would take 56076.0 GiB" in err
 
 
 @pytest.mark.parametrize("config,error,message", [

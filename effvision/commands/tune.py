@@ -94,6 +94,7 @@ def run(args) -> int:
     import torch
 
     from effvision import tune
+    from effvision.bounded_config import check_float32_fits
     from effvision.errors import UserError
 
     try:
@@ -127,6 +128,7 @@ def run(args) -> int:
     model, model_kwargs = _create_model(args)
     model = model.eval().to(device)
     data_config = timm.data.resolve_data_config({}, model=model)
+    check_float32_fits((batch_size, *data_config["input_size"]), f"--batch-size {batch_size} (the timed batch)")
     images, calibration = tune.calibration_images(data_config, args.calibration_count, args.calibration, args.seed)
 
     runtime = "onnxruntime-cpu" if args.onnx else "pytorch"
