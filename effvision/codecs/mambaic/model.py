@@ -20,7 +20,7 @@ multiple of 64 and the reconstruction is cropped back. Real bpp counts every str
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -93,43 +93,32 @@ class MambaICConfig:
         return cls(**known)
 
 
+# Small enough to train on a CPU, ship in a few MB and encode 768x512 in seconds on 2 cores: narrow channels,
+# no VSS stage at H/2 (a sequential CPU scan over H/2 x W/2 positions would dominate), one VSS block per other
+# stage and per context stage; same 5-slice two-pass context structure.
+_LITE = MambaICConfig(
+    transform_channels=48,
+    latent_channels=50,
+    hyper_channels=32,
+    depths=(0, 1, 1, 1),
+    attention_dim=16,
+    head_dim=8,
+    context_hidden=(32, 32),
+    context_depth=1,
+    d_state=8,
+    ssm_ratio=1.0,
+    drop_path_rate=0.0,
+    name="lite",
+)
+
 CONFIGS: dict[str, MambaICConfig] = {
     "paper": MambaICConfig(name="paper"),
-    # Small enough to train on a CPU, ship in a few MB and encode 768x512 in seconds on 2 cores: narrow
-    # channels, no VSS stage at H/2 (a sequential CPU scan over H/2 x W/2 positions would dominate),
-    # one VSS block per other stage and per context stage; same 5-slice two-pass context structure.
-    "lite": MambaICConfig(
-        transform_channels=48,
-        latent_channels=50,
-        hyper_channels=32,
-        depths=(0, 1, 1, 1),
-        attention_dim=16,
-        head_dim=8,
-        context_hidden=(32, 32),
-        context_depth=1,
-        d_state=8,
-        ssm_ratio=1.0,
-        drop_path_rate=0.0,
-        name="lite",
-    ),
+    "lite": _LITE,
     # ``lite`` with 100 latent channels instead of 50 (20 per slice), for the upper rungs of the ladder: 50
     # latent channels cap a transform at about 33 dB on photos even at infinite rate, 100 at about 35.6
     # (bench/mambaic_ceiling.py). Same transform bodies, so it can be widened from a trained ``lite``
     # (scripts/train_mambaic_ladder.py --config wide). A training step costs about 1.2x lite's on a CPU.
-    "wide": MambaICConfig(
-        transform_channels=48,
-        latent_channels=100,
-        hyper_channels=32,
-        depths=(0, 1, 1, 1),
-        attention_dim=16,
-        head_dim=8,
-        context_hidden=(32, 32),
-        context_depth=1,
-        d_state=8,
-        ssm_ratio=1.0,
-        drop_path_rate=0.0,
-        name="wide",
-    ),
+    "wide": replace(_LITE, latent_channels=100, name="wide"),
 }
 
 
