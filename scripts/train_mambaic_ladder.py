@@ -16,6 +16,10 @@ stage's seed is its Q, so to replay them bit for bit pass Q-1 and rename the fil
 but is not shipped: on the corpus's test photos it loses to JPEG at the same size by 1.28 dB, on 8 of the 9
 photos where JPEG can make a file that size (bench/results/codec-rd-cpu.md).
 
+``--config wide`` trains the upper rungs in the ``wide`` config (100 latent channels; a ``lite`` ``--init`` is
+widened first, :func:`widened`), written as ``mambaic-wide-q<N>.safetensors``. None ships yet: 1753 steps of q6
+on one CPU core were far from enough (bench/results/codec-rd-cpu.md); bench/gpu_codec_ladder.sh trains them on a GPU.
+
 ``--chain Q:LAMBDA:STEPS ...``: quality Q is trained for STEPS steps at LAMBDA (Adam, cosine from ``--lr`` to
 ``--final-lr`` over STEPS), starting from the previous entry's result (the first entry from ``--init``).
 Training data: the corpus's 256x256 training crops (``train.npy``, random 128 px crops with flips) plus
