@@ -246,7 +246,7 @@ def load_image_folder(
     each side, read through :mod:`effvision.image_io` (pixel limit, EXIF orientation, alpha onto white): (3, H,
     W) float32 tensors in [0, 1], or (H, W, 3) uint8 arrays with ``uint8``. Training holds them all in memory, so
     their decoded size is held to ``budget_bytes`` (default: a quarter of this machine's memory): past it, a
-    :class:`UserError` says how much was asked (each image is at most :data:`~effvision.image_io.MAX_PIXELS`).
+    :class:`UserError` says after how many images (each is at most :data:`~effvision.image_io.MAX_PIXELS`).
     """
     import numpy as np
 
