@@ -797,7 +797,10 @@ def builtin_photos() -> list[Tensor]:
 
 def _check_calibration_memory(count: int, size: int) -> None:
     """The calibration set is held in memory (float32): refuse one larger than a quarter of this machine's."""
-    check_float32_fits((count, 3, size, size), f"{count} calibration images of {size}x{size}")
+    from effvision.bounded_config import physical_memory_bytes
+
+    fitting = physical_memory_bytes() // 4 // (3 * size * size * 4)
+    check_float32_fits((count, 3, size, size), f"{count} calibration images of {size}x{size} (about {fitting} fit)")
 
 
 def calibration_images(data_config: dict, count: int = 32, folder: str | Path | None = None,
