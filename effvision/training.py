@@ -248,30 +248,25 @@ def load_image_folder(
     their decoded size is held to ``budget_bytes`` (default: a quarter of this machine's memory): past it, a
     :class:`UserError` says after how many images (each is at most :data:`~effvision.image_io.MAX_PIXELS`).
     """
-    import numpy as np
-
     from effvision.bounded_config import physical_memory_bytes
     from effvision.errors import UserError
-    from effvision.image_io import list_images, open_image, to_rgb_array
+    from effvision.image_io import list_images, load_image, to_uint8
 
     budget = physical_memory_bytes() // 4 if budget_bytes is None else budget_bytes
     images, used = [], 0
     paths = list_images(directory)
     for path in paths:
-        array = to_rgb_array(open_image(path))
-        if min(array.shape[:2]) < minimum_side:
+        image = load_image(path)
+        if min(image.shape[1:]) < minimum_side:
             continue
-        if uint8:
-            array = np.rint(array * 255).astype(np.uint8)
-        else:
-            array = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-        used += array.nbytes
+        image = to_uint8(image) if uint8 else image
+        used += image.nbytes
         if used > budget:
             raise UserError(
                 f"the images in {directory} take more than {budget / 2**30:.1f} GiB decoded (a quarter of this "
                 f"machine's memory) after {len(images) + 1} of {len(paths)}; train on fewer or smaller images"
             )
-        images.append(array)
+        images.append(image)
     if not images:
         raise UserError(f"no image of at least {minimum_side}x{minimum_side} pixels found in {directory}")
     return images

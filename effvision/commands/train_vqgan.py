@@ -75,14 +75,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("gan_start", "restorer_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.init is None or args.init.suffix != ".safetensors":
-        from effvision.codecs.vqgan.config import CONFIGS
-
-        if args.config not in CONFIGS:  # before the images are read
-            raise UserError(f"unknown VQGAN config {args.config!r}; choose one of {', '.join(CONFIGS)}")
     torch.manual_seed(args.seed)
+    codec = _initial_codec(args)  # before the images are read: a bad config or checkpoint fails at once
     images = load_image_folder(args.data, minimum_side=args.crop, uint8=True)
-    codec = _initial_codec(args)
     if args.k is not None:
         codec = codec.cluster(args.k, seed=args.seed)
         codec.vq = copy.deepcopy(codec.vq)  # fine-tuning must not touch the shared transforms of the source
