@@ -840,11 +840,15 @@ MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def load_config(path: str | Path) -> dict:
-    """Read a config written by ``effvision tune`` (checks its size, JSON and format tag)."""
-    path = Path(path)
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: more than {MAX_CONFIG_BYTES} bytes; not an effvision tune config")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    """Read a config written by ``effvision tune`` (checks its size, JSON and format tag; a :class:`ValueError`)."""
+    from effvision.errors import UserError
+    from effvision.io_utils import read_bytes
+
+    try:  # the project's bounded read: a regular file of at most MAX_CONFIG_BYTES (a FIFO would block read_text)
+        text = read_bytes(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except UserError as error:
+        raise ValueError(f"{error}; not an effvision tune config") from error
+    config = json.loads(text)
     if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{path}: not an effvision tune config (format {found!r})")

@@ -361,3 +361,16 @@ def test_a_tune_config_that_is_not_an_object_is_a_clear_error(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not an effvision tune config"):
         tune.load_config(path)
+
+
+def test_a_tune_config_that_is_not_a_regular_file_or_too_large_is_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "tune.json"
+    os.mkfifo(fifo)  # read_text would wait for a writer forever
+    with pytest.raises(ValueError, match="no such file; not an effvision tune config"):
+        tune.load_config(fifo)
+    large = tmp_path / "large.json"
+    large.write_bytes(b" " * (tune.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ValueError, match="larger than 16777216 bytes; not an effvision tune config"):
+        tune.load_config(large)
