@@ -427,7 +427,7 @@ class VQGANCodec(CompressionModel):
         checkpoint = load_torch_checkpoint(path)  # Lightning .ckpt: allow-listed stand-ins, never plain pickle
         state = taming_state_dict(tensor_state_dict(checkpoint, str(path)))
         expected = {k: tuple(v.shape) for k, v in self.vq.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        found = {k: tuple(v.shape) for k, v in state.items()}
         problem = shape_mismatches(expected, found)
         if problem:
             raise _user_error(f"{path} does not match VQGAN config {self.config.name}: {problem}")
