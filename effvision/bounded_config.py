@@ -16,7 +16,9 @@ allocate, or loop, for as long as it says before any shape check could object. S
 A timm model named with options from such a file (a fine-tuning run, a tune config) is checked by
 :func:`check_timm_model` before it is built: the options that size a ViT within :data:`TIMM_OPTION_LIMITS`, the
 others plain values, then the model built on the meta device and refused if its weights alone exceed this machine's
-memory or its input exceeds :data:`effvision.image_io.MAX_PIXELS`.
+memory, its input exceeds :data:`effvision.image_io.MAX_PIXELS` or it cuts an image into more than
+:data:`MAX_TOKENS` patches. A tensor an option asks for (a timed batch, a calibration set, a training batch) is
+held to a quarter of this machine's memory by :func:`check_float32_fits`.
 """
 
 from __future__ import annotations
