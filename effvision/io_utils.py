@@ -208,6 +208,8 @@ def output_paths(inputs: list[str], output: str | None, suffix: str, patterns: I
     directory/glob among them: ``output`` is a directory (created if missing). Without ``output``: beside
     each input. Names are the input stem + ``suffix``; two inputs mapping to one name is a :class:`UserError`.
     """
+    if not inputs:  # every argument failed to expand (reported by the caller): nothing to write
+        return []
     if output == STDIO and len(inputs) > 1:
         raise UserError("'-' (stdout) takes a single input")
     patterns = list(patterns)

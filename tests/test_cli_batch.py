@@ -3,6 +3,7 @@ exit code is 1 if any failed, and a failed input leaves no output."""
 
 import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +56,17 @@ def encode(*argv: str) -> int:
 def error_lines(capsys) -> list[str]:
     """The error lines on stderr (which also carries progress and one line per written file)."""
     return [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_a_single_missing_input_with_an_output_file_is_one_clear_error(tmp_path, capsys, command):
+    """Every input missing but -o naming a file: the missing input is reported, nothing else (it used to end
+    in a ValueError from pairing no inputs with one output)."""
+    missing = str(tmp_path / ("missing.png" if command == "encode" else "missing.evc"))
+    output = str(tmp_path / ("out.evc" if command == "encode" else "out.png"))
+    assert cli.main([command, missing, "-o", output]) == 1
+    assert error_lines(capsys) == [f"effvision {command}: error: {missing}: no such file"]
+    assert not Path(output).exists()
 
 
 def test_encode_goes_on_after_bad_inputs_and_reports_each_once(tmp_path, capsys):
