@@ -155,7 +155,8 @@ def read_bytes(path: str | Path, max_bytes: int) -> bytes:
     else:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"{path}: no such file")
+            # a device, FIFO or directory may block or never end: only regular files are read
+            raise UserError(f"{path}: not a regular file" if path.exists() else f"{path}: no such file")
         try:
             if path.stat().st_size > max_bytes:
                 raise UserError(f"{path}: larger than {max_bytes} bytes")

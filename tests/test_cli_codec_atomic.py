@@ -10,7 +10,7 @@ from PIL import Image
 
 from effvision.codecs.base import ImageCodec, register_codec, unregister_codec
 from effvision.errors import UserError
-from effvision.io_utils import atomic_path, atomic_write, atomic_write_bytes, output_paths
+from effvision.io_utils import atomic_path, atomic_write, atomic_write_bytes, output_paths, read_bytes
 
 
 class WriteFailure(Exception):
@@ -174,3 +174,18 @@ def test_a_directory_input_with_one_file_writes_into_the_output_directory(tmp_pa
     (tmp_path / "in").mkdir()
     destinations = output_paths(["in/a.png"], str(tmp_path / "out"), ".evc", [str(tmp_path / "in")])
     assert destinations == [str(tmp_path / "out" / "a.evc")] and (tmp_path / "out").is_dir()
+
+
+def test_read_bytes_names_what_is_wrong_and_never_blocks(tmp_path):
+    fifo = tmp_path / "pipe.evc"
+    os.mkfifo(fifo)  # reading would wait for a writer forever
+    with pytest.raises(UserError, match="pipe.evc: not a regular file"):
+        read_bytes(fifo, 100)
+    with pytest.raises(UserError, match="not a regular file"):
+        read_bytes(tmp_path, 100)
+    with pytest.raises(UserError, match="gone.evc: no such file"):
+        read_bytes(tmp_path / "gone.evc", 100)
+    (tmp_path / "big.evc").write_bytes(b"x" * 101)
+    with pytest.raises(UserError, match="larger than 100 bytes"):
+        read_bytes(tmp_path / "big.evc", 100)
+    assert read_bytes(tmp_path / "big.evc", 101) == b"x" * 101
