@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=ROOT / "runs" / "mambaic-lite-base.safetensors")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/mambaic-ladder"))
     parser.add_argument("--assets", type=Path, default=ASSETS, help="where the finished qualities are written")
-    parser.add_argument("--config", choices=("lite", "wide"), default="lite",
+    parser.add_argument("--config", choices=("lite", "wide", "wide160"), default="lite",
                         help="config of the trained qualities; a narrower --init is widened (widened())")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=128)

@@ -59,3 +59,15 @@ def test_higher_qualities_spend_more_bytes_for_less_distortion() -> None:
         errors.append(float(((x_hat - x) ** 2).mean()))
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes), sizes
     assert errors == sorted(errors, reverse=True), errors
+
+
+def test_upper_rungs_of_any_known_config_count_as_qualities(monkeypatch) -> None:
+    """Weights named <config>-q<N> are quality N for every config in CONFIGS (lite for the lower rungs, wider ones
+    above); other names in the assets folder are not qualities."""
+    from pathlib import Path
+
+    from effvision.codecs import adapters
+
+    names = ["lite-q1", "lite-q2", "wide-q6", "wide160-q7", "unknownconfig-q8", "lite-demo", "paper-q9x"]
+    monkeypatch.setattr(adapters, "shipped_weights", lambda codec: {n: Path(f"{n}.safetensors") for n in names})
+    assert mambaic.shipped_qualities() == {1: "lite-q1", 2: "lite-q2", 6: "wide-q6", 7: "wide160-q7"}

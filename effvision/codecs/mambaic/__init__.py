@@ -10,13 +10,14 @@ __all__ = [
 
 
 def shipped_qualities() -> dict[int, str]:
-    """Shipped quality -> its weights' config id (``lite-q<N>``, or ``wide-q<N>`` for the upper rungs)."""
+    """Shipped quality -> its weights' id, ``<config>-q<N>`` (``lite`` for the lower rungs, a wider config of
+    :data:`CONFIGS` for the upper ones)."""
     import re
 
     from effvision.codecs.adapters import shipped_weights
 
-    found = (re.fullmatch(r"(?:lite|wide)-q(\d+)", name) for name in shipped_weights("mambaic"))
-    return dict(sorted((int(match.group(1)), match.group(0)) for match in found if match))
+    found = (re.fullmatch(r"([a-z][a-z0-9]*)-q(\d+)", name) for name in shipped_weights("mambaic"))
+    return dict(sorted((int(match.group(2)), match.group(0)) for match in found if match and match.group(1) in CONFIGS))
 
 
 def qualities() -> list[int]:
