@@ -4,22 +4,16 @@ block-by-block computation of the same projection."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from effvision.codecs.mambaic import CONFIGS, MambaIC
+from tests.scripts_loader import load_script
 
-_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-_SPEC = importlib.util.spec_from_file_location("init_mambaic_klt", _SCRIPTS / "init_mambaic_klt.py")
-klt = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = klt
-_SPEC.loader.exec_module(klt)
+klt = load_script("init_mambaic_klt")
 
 torch.set_num_threads(1)
 SMALL = dataclasses.replace(CONFIGS["lite"], hyper_channels=8, context_hidden=(8, 8), attention_dim=8)

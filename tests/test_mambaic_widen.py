@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from effvision.codecs.mambaic import CONFIGS, MambaIC
+from tests.scripts_loader import load_script
 
-_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-_SPEC = importlib.util.spec_from_file_location("train_mambaic_ladder", _SCRIPTS / "train_mambaic_ladder.py")
-ladder = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = ladder
-_SPEC.loader.exec_module(ladder)
+ladder = load_script("train_mambaic_ladder")
 
 torch.set_num_threads(1)
 NARROW = dataclasses.replace(CONFIGS["lite"], transform_channels=16, hyper_channels=8, context_hidden=(8, 8))

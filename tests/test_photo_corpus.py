@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-_SPEC = importlib.util.spec_from_file_location(
-    "make_photo_corpus", Path(__file__).resolve().parents[1] / "scripts" / "make_photo_corpus.py"
-)
-corpus = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = corpus  # dataclasses look their module up there
-_SPEC.loader.exec_module(corpus)
+from tests.scripts_loader import load_script
+
+corpus = load_script("make_photo_corpus")
 
 
 def _as_jpeg(pixels: np.ndarray, exif: Image.Exif | None = None) -> Image.Image:
