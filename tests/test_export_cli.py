@@ -71,6 +71,24 @@ def test_bad_sizes_and_opsets_are_user_errors_before_any_work(tmp_path, capsys, 
     assert message in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
 
 
+def test_an_image_size_that_would_take_hours_is_refused_before_building(tmp_path, capsys):
+    """--img-size 8192 at patch 16 is 262144 tokens: tracing it ran for hours; it is now refused up front, as in
+    finetune. A codec transform is not exported larger than the tile the codec itself runs on."""
+    from effvision.codecs.adapters import CompressAIImageCodec
+    from tests.codec_factory import image_size_factorized_prior
+
+    assert cli.main(["export", "vit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--img-size", "8192"]) == 1
+    assert "262144 tokens per image; at most 16384" in capsys.readouterr().err
+    codec = CompressAIImageCodec(image_size_factorized_prior(), "factorized-test", "n16", tile_size=64)
+    register_codec("factorized-test", lambda **_: codec)
+    try:
+        assert cli.main(["export", "factorized-test:g_s", str(tmp_path / "g.onnx"), "--img-size", "128"]) == 1
+    finally:
+        unregister_codec("factorized-test")
+    assert "larger than factorized-test's tile size (64 px)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_nan_the_other_side_lacks_is_an_infinite_difference_never_a_pass():
     from effvision.export.onnx import max_abs_difference
 

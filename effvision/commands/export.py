@@ -52,10 +52,12 @@ def _timm_model(args: argparse.Namespace):
     import timm
 
     import effvision  # noqa: F401 - registers the token-reduced timm names
+    from effvision.bounded_config import check_timm_model
 
     if not timm.is_model(args.model):
         raise UserError(f"unknown model {args.model!r} (a timm name, or CODEC:TRANSFORM such as mambaic:g_a)")
     kwargs = {"img_size": args.img_size} if args.img_size else {}
+    check_timm_model(args.model, kwargs)  # e.g. --img-size 8192 at patch 16: 262144 tokens, hours to trace
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except TypeError as error:
@@ -90,6 +92,8 @@ def _codec_transform(args: argparse.Namespace):
         ) from None
     size = args.img_size or 4 * codec.alignment
     size = -(-size // codec.alignment) * codec.alignment
+    if size > codec.tile_size:  # the codec itself never runs on more than one tile at once
+        raise UserError(f"--img-size {size} is larger than {codec_name}'s tile size ({codec.tile_size} px)")
     seen: list[tuple] = []
     handle = module.register_forward_hook(lambda _, inputs, output: seen.append((inputs, output)))
     with torch.no_grad():
