@@ -7,7 +7,7 @@
 # about 0.3 bpp. Without quantisation lite's transforms reach 30.9 dB on the test photos, and the best linear
 # transform of its 50 latent channels 32.9 dB, while JPEG reaches 33.3 dB at 0.48 bpp (bench/mambaic_ceiling.py,
 # bench/results/codec-rd-cpu.md). So q6 is the `wide` config (100 latent channels, linear bound 35.6 dB) and q7
-# the `wide160` config (160, 37.9 dB), each started from a two-stage KLT with its entropy model trained on it
+# the `wide160` config (160, 38.2 dB), each started from a two-stage KLT with its entropy model trained on it
 # (scripts/init_mambaic_klt.py): on the CPU that start, after 25 minutes, was already 1.1 dB closer to JPEG at
 # the same size than a wide q6 widened from the shipped q5 and trained 100 minutes (codec-rd-cpu.md).
 # Whether one call's minutes are enough for them is what it measures.

@@ -119,7 +119,7 @@ CONFIGS: dict[str, MambaICConfig] = {
     # (bench/mambaic_ceiling.py). Same transform bodies, so it can be widened from a trained ``lite``
     # (scripts/train_mambaic_ladder.py --config wide). A training step costs about 1.2x lite's on a CPU.
     "wide": replace(_LITE, latent_channels=100, name="wide"),
-    # ``lite`` with 160 latent channels (32 per slice; linear bound about 37.9 dB on the test photos), for the
+    # ``lite`` with 160 latent channels (32 per slice; linear bound 38.2 dB on the test photos), for the
     # rungs near 1 bpp. Started from a two-stage KLT (scripts/init_mambaic_klt.py), not from a trained ``lite``.
     "wide160": replace(_LITE, latent_channels=160, name="wide160"),
 }
