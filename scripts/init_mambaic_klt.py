@@ -23,7 +23,7 @@ orthonormal transform, distortion measured as ``lambda * 255^2 * MSE + bpp``): `
 
 Stage 1 (this script) trains ``h_a``, ``h_mean_s``, ``h_scale_s``, the context model and the entropy bottleneck
 on the latents of the training crops (rate only: the transforms are frozen and the latent residual prediction
-starts at zero), which is cheap because ``g_a`` runs once::
+starts at zero): ``g_a`` runs once and ``g_s`` not at all, so a step costs less than a joint one::
 
     OMP_NUM_THREADS=1 python scripts/init_mambaic_klt.py --lambda 0.0483 --config wide --steps 2000 \\
         --out runs/klt/wide-q6-init.safetensors
