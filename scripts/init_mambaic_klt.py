@@ -130,7 +130,7 @@ def train_entropy_model(
 ) -> list[float]:
     """Train the entropy model on random ``crop`` x ``crop`` windows of fixed latents (N, M, h, w) for the
     estimated rate; returns bpp per step."""
-    from effvision.training import cosine_lr, progress_bar
+    from effvision.training import TimeLimit, cosine_lr, progress_bar
 
     for _, parameter in model.named_parameters():
         parameter.requires_grad_(False)
@@ -144,7 +144,7 @@ def train_entropy_model(
     synthesis, model.g_s = model.g_s, nn.Identity()  # rate only: skip the (frozen) synthesis
     model.train()
     history: list[float] = []
-    started = time.time()
+    time_limit = TimeLimit(max_seconds)
     try:
         bar = progress_bar(range(steps), show=True, total=steps, desc="entropy model")
         for index in bar:
@@ -165,7 +165,7 @@ def train_entropy_model(
             aux_optimizer.step()
             history.append(float(bpp.detach()))
             bar.set_postfix(bpp=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
-            if max_seconds is not None and time.time() - started > max_seconds:
+            if time_limit.expired():
                 break
     finally:
         model.g_s = synthesis

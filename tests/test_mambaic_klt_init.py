@@ -126,6 +126,10 @@ def test_entropy_training_leaves_the_transforms_alone(fitted) -> None:
     assert not torch.equal(model.h_a[0].weight, hyper_before)
     assert isinstance(model.g_s, torch.nn.Sequential)  # the synthesis is put back
     assert all(p.requires_grad for p in model.parameters())
+    # a time cap ends the run after the step in progress
+    capped = klt.train_entropy_model(model, latents, steps=50, batch_size=2, crop=4, lr=1e-3, final_lr=1e-4, seed=1,
+                                     max_seconds=0.0)
+    assert len(capped) == 1
 
 
 def test_refuses_configs_it_cannot_hold() -> None:
