@@ -23,7 +23,9 @@ orthonormal transform, distortion measured as ``lambda * 255^2 * MSE + bpp``): `
 
 Stage 1 (this script) trains ``h_a``, ``h_mean_s``, ``h_scale_s``, the context model and the entropy bottleneck
 on the latents of the training crops (rate only: the transforms are frozen and the latent residual prediction
-starts at zero): ``g_a`` runs once and ``g_s`` not at all, so a step costs less than a joint one::
+starts at zero): ``g_a`` runs once and ``g_s`` not at all, so a step costs less than a joint one. The entropy
+heads start at a static per-channel Gaussian (:func:`set_factorized_entropy_start`; ``--entropy-start random``
+keeps them as built)::
 
     OMP_NUM_THREADS=1 python scripts/init_mambaic_klt.py --lambda 0.0483 --config wide --steps 2000 \\
         --out runs/klt/wide-q6-init.safetensors
@@ -109,6 +111,43 @@ def set_klt_transforms(model: nn.Module, crops: Tensor, step: float) -> None:
         last.bias.zero_()
 
 
+def best_gaussian_scales(latents: Tensor, candidates: int = 96) -> Tensor:
+    """(M,): per channel of ``latents`` (N, M, h, w), the scale of a zero-mean Gaussian, discretised to unit bins,
+    that gives the rounded values the least total code length; searched on a log grid from 0.11 (the coder's
+    lower bound) to 4x the channel's RMS. (Near the RMS for wide channels; for narrow ones the rounding inflates the
+    RMS, and the bin integral accounts for it.)"""
+    values = latents.round().transpose(0, 1).reshape(latents.shape[1], -1).double()
+    rms = values.pow(2).mean(dim=1).sqrt().clamp_min(0.11)
+    best = torch.empty(values.shape[0], dtype=torch.float64)
+    for channel, (row, top) in enumerate(zip(values, rms, strict=True)):
+        levels, counts = row.unique(return_counts=True)
+        grid = torch.logspace(math.log10(0.11), math.log10(4 * float(top)), candidates, dtype=torch.float64)
+        normal = torch.distributions.Normal(0.0, grid[:, None])
+        mass = (normal.cdf(levels + 0.5) - normal.cdf(levels - 0.5)).clamp_min(1e-12)
+        best[channel] = grid[int((-(counts * mass.log2()).sum(dim=1)).argmin())]
+    return best.float()
+
+
+@torch.no_grad()
+def set_factorized_entropy_start(model: nn.Module, latents: Tensor) -> None:
+    """Start every slice's entropy parameters at a factorized Gaussian: mean 0 and, per latent channel, the scale
+    that codes the rounded training latents in the fewest bits (:func:`best_gaussian_scales`), whatever the
+    hyperprior and the context say.
+
+    The last layer of each slice's mean and scale heads (the 1x1 output projection of its window-attention gate)
+    gets zero weights and these values as its bias, so training starts from a static per-channel code (measured at
+    lambda 0.0065: 0.61 bpp on four test photos, against 1.65 for the random heads) and learns the adaptive part (the
+    zero weights receive gradients at the first step, as a zero-initialised residual branch does).
+    latents: (N, M, h, w) unquantised ``g_a`` outputs of the training crops.
+    """
+    scales = best_gaussian_scales(latents)
+    for context, slice_scales in zip(model.slices, scales.chunk(len(model.slices)), strict=True):
+        for head, bias in ((context.anchor_mean_attention, torch.zeros_like(slice_scales)),
+                           (context.anchor_scale_attention, slice_scales)):
+            head.project_out.weight.zero_()
+            head.project_out.bias.copy_(bias)
+
+
 def unquantised_psnr(model: nn.Module, image: Tensor) -> float:
     """PSNR (dB) of g_s(g_a(x)) for one (3, H, W) image in [0, 1]: what the transforms hold at infinite rate."""
     height, width = image.shape[-2:]
@@ -189,6 +228,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (stage 1 runs there)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--entropy-start", choices=("factorized", "random"), default="factorized",
+                        help="entropy heads at a per-channel Gaussian (set_factorized_entropy_start) or as built")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue stage 1 from a file this script wrote (its transforms are kept, not refitted)")
     args = parser.parse_args()
@@ -225,6 +266,8 @@ def main() -> None:
         ceiling = sum(unquantised_psnr(model, x) for x in val_images) / len(val_images)
         training = torch.cat([crops, crops.flip(-1)])
         latents = torch.cat([model.g_a(chunk) for chunk in training.split(32)])
+        if args.init is None and args.entropy_start == "factorized":
+            set_factorized_entropy_start(model, latents)
     print(f"step {step:.4f}; validation PSNR without quantisation {ceiling:.2f} dB; latents {tuple(latents.shape)}",
           flush=True)
     model.to(device)

@@ -3,6 +3,7 @@ block-by-block computation of the same projection."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -136,3 +137,33 @@ def test_refuses_configs_it_cannot_hold() -> None:
     narrow = MambaIC(dataclasses.replace(SMALL, transform_channels=16))
     with pytest.raises(ValueError, match="transform_channels"):
         klt.set_klt_transforms(narrow, smooth_images(2, 32, seed=0), 0.1)
+
+
+def test_best_gaussian_scale_recovers_a_known_scale() -> None:
+    generator = torch.Generator().manual_seed(3)
+    sigmas = torch.tensor([0.5, 2.0, 7.0])
+    latents = torch.randn(40, 3, 16, 16, generator=generator) * sigmas[None, :, None, None]
+    scales = klt.best_gaussian_scales(latents)
+    # the grid is 96 log steps over at most 0.11..~60 (under 7% apart); the model integrates each unit bin, so
+    # the rounding needs no correction
+    assert torch.allclose(scales, sigmas, rtol=0.08)
+    # not the RMS of the rounded values, which rounding inflates at small scales (0.5 -> about 0.57)
+    rounded_rms = latents[:, 0].round().pow(2).mean().sqrt()
+    assert abs(scales[0] - 0.5) < 0.5 * abs(rounded_rms - 0.5)
+
+
+def test_factorized_start_codes_every_position_with_its_channel_scale(fitted) -> None:
+    """Whatever the hyperprior and the spatial context say, every slice starts at mean 0 and its channels' fitted
+    scales, for anchors and non-anchors alike; the rate of the whole model is then the factorized Gaussian's."""
+    model, crops, _ = fitted
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        latents = model.g_a(crops)
+        klt.set_factorized_entropy_start(model, latents)
+        scales = klt.best_gaussian_scales(latents)
+        out = model._forward_from_latents(latents, model.h_a(latents), crops.shape[-2:], relaxed=False)
+    normal = torch.distributions.Normal(0.0, scales.clamp_min(0.11)[None, :, None, None])
+    y_hat = latents.round()
+    expected = normal.cdf(y_hat + 0.5) - normal.cdf(y_hat - 0.5)
+    assert torch.allclose(out["likelihoods"]["y"], expected.clamp_min(1e-9), atol=1e-5)
+    assert torch.equal(out["y_hat"], y_hat)  # means 0 and no latent residual: y_hat is round(y)
