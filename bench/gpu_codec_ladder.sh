@@ -10,6 +10,10 @@
 # the `wide160` config (160, 38.2 dB), each started from a two-stage KLT with its entropy model trained on it
 # (scripts/init_mambaic_klt.py): on the CPU that start, after 25 minutes, was already 1.1 dB closer to JPEG at
 # the same size than a wide q6 widened from the shipped q5 and trained 100 minutes (codec-rd-cpu.md).
+# A linear start alone cannot get there: bench/mambaic_klt_bounds.py shows that even an ideal entropy model (scales
+# known per 64 px block, for free) puts the 100-channel KLT 0.54 dB below JPEG at lambda 0.0483 (ahead of it only
+# below about 0.55 bpp: +0.75 dB at lambda 0.013). So the joint stage has to teach the VSS blocks what a linear
+# transform cannot do. (The lambdas stay compressai's zoo values for q6 and q7, as the shipped q1-q5 do.)
 # Whether one call's minutes are enough for them is what it measures.
 #
 # Prepare here, once (the data and wheels travel with the call; with the tree about 62 MB of the 64 MiB):
