@@ -33,13 +33,6 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gaussian_bits(values: Tensor, scales: Tensor) -> float:
-    """Code length (bits) of integer ``values`` under zero-mean Gaussians of ``scales`` (same shape), unit bins."""
-    normal = torch.distributions.Normal(0.0, scales.clamp_min(0.11).double())
-    mass = normal.cdf(values.double() + 0.5) - normal.cdf(values.double() - 0.5)
-    return float(-mass.clamp_min(1e-12).log2().sum())
-
-
 def histogram_bits(values: Tensor, train: Tensor) -> float:
     """Code length of ``values`` (1, M, h, w) under per-channel histograms of ``train`` (N, M, h', w'), with
     add-0.01 smoothing over the training range (values outside it are clamped to its ends)."""
@@ -63,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from init_mambaic_klt import best_gaussian_scales, quantisation_step, set_klt_transforms
+    from init_mambaic_klt import best_gaussian_scales, gaussian_bin_mass, quantisation_step, set_klt_transforms
     from train_mambaic_ladder import corpus_crops
 
     from effvision.codecs.mambaic import CONFIGS, MambaIC
@@ -76,6 +69,10 @@ def main() -> None:
         for path in sorted(args.images.glob("*.png"))
     ]
     jpeg = json.loads(args.jpeg.read_text())["classical_mean"]["jpeg"]
+
+    def gaussian_bits(values: Tensor, scales: Tensor) -> float:
+        """Code length (bits) of integer ``values`` under zero-mean Gaussians of ``scales`` (same shape)."""
+        return float(-gaussian_bin_mass(values, scales.clamp_min(0.11)).clamp_min(1e-12).log2().sum())
 
     def jpeg_psnr(bpp: float) -> float:
         return float(np.interp(bpp, [row["bpp"] for row in jpeg], [row["psnr"] for row in jpeg]))

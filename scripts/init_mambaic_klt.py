@@ -111,6 +111,13 @@ def set_klt_transforms(model: nn.Module, crops: Tensor, step: float) -> None:
         last.bias.zero_()
 
 
+def gaussian_bin_mass(values: Tensor, scales: Tensor) -> Tensor:
+    """Probability (float64) of integer ``values`` under zero-mean Gaussians of ``scales`` (broadcast together),
+    each integrated over its unit bin: what the Gaussian conditional assigns at mean 0."""
+    normal = torch.distributions.Normal(0.0, scales.double())
+    return normal.cdf(values.double() + 0.5) - normal.cdf(values.double() - 0.5)
+
+
 def best_gaussian_scales(latents: Tensor, candidates: int = 96) -> Tensor:
     """(M,): per channel of ``latents`` (N, M, h, w), the scale of a zero-mean Gaussian, discretised to unit bins,
     that gives the rounded values the least total code length; searched on a log grid from 0.11 (the coder's
@@ -122,8 +129,7 @@ def best_gaussian_scales(latents: Tensor, candidates: int = 96) -> Tensor:
     for channel, (row, top) in enumerate(zip(values, rms, strict=True)):
         levels, counts = row.unique(return_counts=True)
         grid = torch.logspace(math.log10(0.11), math.log10(4 * float(top)), candidates, dtype=torch.float64)
-        normal = torch.distributions.Normal(0.0, grid[:, None])
-        mass = (normal.cdf(levels + 0.5) - normal.cdf(levels - 0.5)).clamp_min(1e-12)
+        mass = gaussian_bin_mass(levels, grid[:, None]).clamp_min(1e-12)
         best[channel] = grid[int((-(counts * mass.log2()).sum(dim=1)).argmin())]
     return best.float()
 
