@@ -84,6 +84,18 @@ def print_error(command: str, message: str) -> None:
     print(f"effvision {command}: error: {message}", file=sys.stderr)
 
 
+#: the most threads ``--threads`` may ask for: more than any machine's cores (libgomp aborts with "out of
+#: memory" far above it, and torch overflows at 2**31)
+MAX_THREADS = 1024
+
+
+def check_threads(threads: int | None, minimum: int = 0) -> None:
+    """A :class:`UserError` unless ``--threads`` is ``None`` or within [``minimum``, :data:`MAX_THREADS`]."""
+    if threads is not None and not minimum <= threads <= MAX_THREADS:
+        automatic = " (automatic, the default)" if minimum == 0 else ""
+        raise UserError(f"--threads must be from {minimum}{automatic} to {MAX_THREADS}, got {threads}")
+
+
 def _describe(error: Exception) -> str:
     if isinstance(error, UserError):
         return str(error)

@@ -183,4 +183,22 @@ def tensor_state_dict(payload: Any, source: str, containers: tuple[str, ...] = (
             raise UserError(
                 f"{source}: its state dict maps {key!r:.80} to a {type(value).__name__}, not a name to a tensor"
             )
+        _check_tensor_backed(key, value, source)
     return payload
+
+
+def _check_tensor_backed(key: str, tensor: torch.Tensor, source: str) -> None:
+    """Refuse a tensor that claims more elements than the file stores for it.
+
+    ``torch.save`` keeps views as they are, so a file can hold one number viewed with stride 0 as a
+    (32768, 65536) tensor. Anything that copies it (a checksum of its values, ``load_state_dict`` into a buffer
+    the file may size) would then allocate gigabytes for a file of a few hundred bytes. Real checkpoints
+    never hold such views."""
+    if tensor.layout != torch.strided:
+        raise UserError(f"{source}: weight {key!r:.80} is a {tensor.layout} tensor; only dense tensors are read")
+    stored = tensor.untyped_storage().nbytes()
+    if tensor.numel() * tensor.element_size() > stored:
+        raise UserError(
+            f"{source}: weight {key!r:.80} claims {tuple(tensor.shape)} elements but the file stores only "
+            f"{stored} bytes for it (a crafted view)"
+        )

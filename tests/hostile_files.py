@@ -69,6 +69,9 @@ def hostile_variants(mambaic: Container, vqgan_chunked: Container, rgba: Contain
         mambaic, width=8192, height=8192, tile_width=8192, tile_height=8192
     )
     files["v2-4096x2048-header-only"] = retiled(mambaic, 4096, 2048, 4096)
+    # 5929 one-pixel tiles, each a whole 64x64 decode inside the codec (about 15 minutes before it was refused)
+    files["v2-77x77-one-pixel-tiles"] = retiled(mambaic, 77, 77, 1)
+    files["vqgan-v2-64x64-one-pixel-tiles"] = retiled(vqgan_chunked, 64, 64, 1)
     files["v1-valid"] = version1(mambaic)
     files["v1-4096x2048"] = version1(mambaic, width=4096, height=2048)
     files["v1-8192x8192"] = version1(mambaic, width=8192, height=8192)

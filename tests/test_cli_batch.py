@@ -169,6 +169,14 @@ def test_a_reader_that_closes_the_pipe_ends_the_batch_quietly(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("command", ["encode", "decode"])
-def test_negative_threads_are_a_clear_error(tmp_path, capsys, command):
-    assert cli.main([command, str(tmp_path / "x.png"), "--threads", "-2"]) == 1
-    assert "--threads must be 0 (automatic, the default) or more" in capsys.readouterr().err
+@pytest.mark.parametrize("threads", ["-2", "100000", str(2**31)])
+def test_threads_out_of_range_are_a_clear_error(tmp_path, capsys, command, threads):
+    """Before: 100000 ended in libgomp's "out of memory" and 2^31 in a ValueError traceback line."""
+    assert cli.main([command, str(tmp_path / "x.png"), "--threads", threads]) == 1
+    assert f"--threads must be from 0 (automatic, the default) to 1024, got {threads}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["0", "-5"])
+def test_a_max_pixels_below_one_is_a_clear_error(tmp_path, capsys, limit):
+    assert cli.main(["decode", str(tmp_path / "x.evc"), "--max-pixels", limit]) == 1
+    assert f"--max-pixels must be 1 or more, got {limit}" in capsys.readouterr().err

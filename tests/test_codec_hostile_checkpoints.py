@@ -88,6 +88,15 @@ def drop_bottleneck_tables_and_widen(metadata, tensors):
     tensors["entropy_bottleneck.quantiles"][:, 0, 2] = 1e9
 
 
+def drop_bottleneck_tables_and_move_median(metadata, tensors):
+    """Tails at 0 (a span of 0 passes a check of upper - lower), median at 10^9: compressai sizes the tables from
+    median - lower, so update() asked for 8 GB."""
+    for key in ("_quantized_cdf", "_cdf_length", "_offset"):
+        tensors[f"entropy_bottleneck.{key}"] = tensors[f"entropy_bottleneck.{key}"][:0].clone()
+    quantiles = tensors["entropy_bottleneck.quantiles"]
+    quantiles[:, 0, 0], quantiles[:, 0, 1], quantiles[:, 0, 2] = 0.0, 1e9, 0.0
+
+
 MAMBAIC_CASES = {
     "not JSON": (set_metadata("config", "{not json"), "not valid JSON"),
     "a list": (set_metadata("config", "[1, 2]"), "must be a JSON object"),
@@ -112,11 +121,14 @@ MAMBAIC_CASES = {
     "flat CDF rows": (lambda m, t: t["gaussian_conditional._quantized_cdf"][:, 1:].zero_(), "do not rise strictly"),
     "fewer CDF rows than scales": (keep_two_gaussian_tables, "2 CDF rows where the model indexes 64"),
     "negative scales": (lambda m, t: t["gaussian_conditional.scale_table"].neg_(), "positive scales"),
-    "no tables, 10^9 wide quantiles": (drop_bottleneck_tables_and_widen, "quantiles span"),
+    "no tables, 10^9 wide quantiles": (drop_bottleneck_tables_and_widen, "quantiles are out of range"),
+    "no tables, a median of 10^9": (drop_bottleneck_tables_and_move_median, "medians up to 1e"),
+    # with tables kept, z minus that median would reach the rANS coder as a symbol near -10^9
+    "a median of 10^9": (lambda m, t: t["entropy_bottleneck.quantiles"][:, 0, 1].fill_(1e9), "medians up to 1e"),
 }
 #: cases whose shapes fit the config: the model is built, then its values are refused
 BUILT = {"NaN weights", "CDF lengths past their rows", "flat CDF rows", "fewer CDF rows than scales", "negative scales",
-         "no tables, 10^9 wide quantiles"}
+         "no tables, 10^9 wide quantiles", "no tables, a median of 10^9", "a median of 10^9"}
 
 
 @pytest.mark.parametrize("case", MAMBAIC_CASES)
@@ -212,6 +224,9 @@ OFFICIAL_LAYOUT_CASES = {
     # before: AttributeError ('dict' object has no attribute 'shape')
     "state dict that contains itself": (_self_containing(), "nested more than"),
     "no dict at all": ([1, 2], "holds no state dict"),
+    # one stored number viewed with stride 0 as 2^31 of them: loading it into a resizable buffer, or checking its
+    # values, allocated 8 GB for a file of a few hundred bytes
+    "a stride-0 view": ({"state_dict": {"g_a.0.weight": torch.zeros(1).expand(32768, 65536)}}, "file stores only 4"),
 }
 
 

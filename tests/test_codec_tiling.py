@@ -238,3 +238,24 @@ def test_more_sections_than_the_format_holds_are_refused_before_the_tiles_are_en
     with pytest.raises(UserError, match=r"120 tiles of 64x64 with \d+ section"):
         encode_image(counting, image)
     assert counting.encodes == 1  # the first tile tells how many sections each takes
+
+
+def test_tiles_smaller_than_the_codecs_padding_are_refused_both_ways(codec, photo):
+    """MambaIC pads every tile to a multiple of 64 inside, so a 1x1 tile costs a whole 64x64 decode: a 1 MB file of
+    77x77 one-pixel tiles took about 15 minutes to decode. Such tiles are refused when encoding and before any
+    decoding; a tile may be smaller only where it spans the whole image (a small image is one tile)."""
+    from effvision.codecs.container import ContainerError
+    from tests.hostile_files import retiled
+
+    assert codec.min_tile_side == 64
+    with pytest.raises(UserError, match="at least 64"):
+        encode_image(codec, photo, tile_size=32)
+    small = encode_image(codec, photo.crop((0, 0, 50, 40)))  # one 50x40 tile: allowed, it is the whole image
+    assert (small.tile_width, small.tile_height) == (50, 40)
+    assert np.asarray(decode_image(parse(small.to_bytes()), codec)).shape == (40, 50, 3)
+    one_pixel_tiles = parse(retiled(small, 77, 77, 1).to_bytes())
+    with pytest.raises(ContainerError, match="at least 64"):
+        plan_decode(one_pixel_tiles, codec)
+    with pytest.raises(ContainerError, match="at least 64"):  # 50 px tiles are fine only as the whole image
+        plan_decode(parse(retiled(small, 120, 200, 50).to_bytes()), codec)
+    assert len(plan_decode(parse(retiled(small, 128, 192, 64).to_bytes()), codec)) == 6

@@ -79,7 +79,8 @@ def test_every_hostile_file_ends_in_a_clean_error_or_the_same_pixels_twice(hosti
 
 
 def test_large_declared_sizes_are_refused_before_any_decoding(hostile_dir, tmp_path):
-    names = ["v2-2048x2048-from-64x64-streams", "v1-8192x8192", "vqgan-lost-v1-8192x8192", "v1-shape-rank4"]
+    names = ["v2-2048x2048-from-64x64-streams", "v1-8192x8192", "vqgan-lost-v1-8192x8192", "v1-shape-rank4",
+             "v2-77x77-one-pixel-tiles", "vqgan-v2-64x64-one-pixel-tiles"]
     result = run_decode([hostile_dir / f"{name}.evc" for name in names], tmp_path / "out")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]

@@ -374,3 +374,11 @@ def test_a_tune_config_that_is_not_a_regular_file_or_too_large_is_refused(tmp_pa
     large.write_bytes(b" " * (tune.MAX_CONFIG_BYTES + 1))
     with pytest.raises(ValueError, match="larger than 16777216 bytes; not an effvision tune config"):
         tune.load_config(large)
+
+
+@pytest.mark.parametrize("threads", ["0", "5000"])
+def test_cli_threads_out_of_range_are_an_error(tmp_path, capsys, threads):
+    assert main(["tune", "deit_tiny_patch16_224", "--target", "2x", "--threads", threads,
+                 "-o", str(tmp_path / "a.json")]) == 1
+    assert f"--threads must be from 1 to 1024, got {threads}" in capsys.readouterr().err
+    assert not (tmp_path / "a.json").exists()

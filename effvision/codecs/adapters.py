@@ -53,6 +53,8 @@ class CompressAIImageCodec(ImageCodec):
         self.name = name
         self.config_id = config_id
         self.tile_size = tile_size
+        # the model pads each tile to a multiple of its ``pad_multiple`` (MambaIC 64, VQGAN 16) inside
+        self.min_tile_side = int(getattr(model, "pad_multiple", 1))
         self.device = device
         self.compress_kwargs = dict(compress_kwargs or {})
         if hasattr(model, "update"):

@@ -41,6 +41,9 @@ class ImageCodec(ABC):
         tile_size: side of the square tiles an image is cut into for encoding (a multiple of
             ``alignment``); each tile is coded on its own, so memory is bounded by the tile, not the image.
         max_tile_pixels: largest tile a file may declare; decoding refuses bigger ones before any work.
+        min_tile_side: smallest tile side a file may declare, unless that side spans the whole (padded) image:
+            a codec that pads every tile to a multiple of this inside spends as much on a smaller tile, so
+            a file of many tiny tiles would cost thousands of times the decoding work of its pixels.
     """
 
     name: str
@@ -48,6 +51,7 @@ class ImageCodec(ABC):
     alignment: int = 1
     tile_size: int = 1024
     max_tile_pixels: int = 2048 * 2048
+    min_tile_side: int = 1
 
     @abstractmethod
     def fingerprint(self) -> bytes:

@@ -108,9 +108,15 @@ def _is_allocation_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _ALLOCATION_FAILURES)
 
 
-def _check_tile_size(codec: ImageCodec, tile_height: int, tile_width: int) -> None:
+def _check_tile_size(codec: ImageCodec, tile_height: int, tile_width: int, padded_h: int, padded_w: int) -> None:
     if tile_height % codec.alignment or tile_width % codec.alignment:
         raise ContainerError(f"tile size {tile_width}x{tile_height} is not a multiple of {codec.alignment}")
+    smallest = codec.min_tile_side
+    if tile_height < min(smallest, padded_h) or tile_width < min(smallest, padded_w):
+        raise ContainerError(
+            f"tile size {tile_width}x{tile_height}: {codec.name} pads every tile to a multiple of {smallest} px, so "
+            f"a tile side must be at least {smallest} (or the whole image)"
+        )
     if tile_height * tile_width > codec.max_tile_pixels:
         raise ContainerError(
             f"tile size {tile_width}x{tile_height} exceeds {codec.name}'s limit of {codec.max_tile_pixels} pixels"
@@ -142,7 +148,7 @@ def encode_image(
     check_pixels(padded_h, padded_w)
     # A tile larger than the image is declared as the image's size: the same tiles, within the limit.
     tile_height, tile_width = min(tile, padded_h), min(tile, padded_w)
-    _check_tile_size(codec, tile_height, tile_width)
+    _check_tile_size(codec, tile_height, tile_width, padded_h, padded_w)
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     if pad_right or pad_bottom:
         rgb = np.pad(rgb, ((0, pad_bottom), (0, pad_right), (0, 0)), mode="edge")
@@ -237,14 +243,14 @@ def plan_decode(container: Container, codec: ImageCodec, max_pixels: int = MAX_P
         sections = codec.strip_version1_sections(list(tile.sections), padded_h, padded_w)
         tiles = [Tile(0, 0, padded_h, padded_w, tuple(sections))]
     else:
-        _check_tile_size(codec, container.tile_height, container.tile_width)
+        _check_tile_size(codec, container.tile_height, container.tile_width, padded_h, padded_w)
         tiles = container.tiles
     for tile in tiles:
         try:
             codec.check_sections(list(tile.sections), tile.height, tile.width)
         except UserError as error:
             where = f"tile at ({tile.left}, {tile.top})" if len(tiles) > 1 else "payload"
-            raise UserError(f"corrupt {where}: {error}") from error
+            raise UserError(f"corrupt {where}: {str(error).removeprefix('corrupt payload: ')}") from error
     largest = max(tiles, key=lambda t: t.height * t.width)
     needed = codec.decode_memory_bytes(largest.height, largest.width) + padded_h * padded_w * 4
     available = available_memory_bytes()

@@ -75,15 +75,16 @@ class _Codecs:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from effvision.cli import Batch
+    from effvision.cli import Batch, check_threads
     from effvision.codecs.container import MAX_FILE_BYTES, parse
     from effvision.image_io import check_pixels, output_format, save_image
     from effvision.io_utils import check_not_existing, expand_inputs, output_paths, read_bytes
 
-    if args.threads < 0:
+    check_threads(args.threads)
+    if args.max_pixels < 1:
         from effvision.errors import UserError
 
-        raise UserError(f"--threads must be 0 (automatic, the default) or more, got {args.threads}")
+        raise UserError(f"--max-pixels must be 1 or more, got {args.max_pixels}")
 
     missing: list[str] = []
     inputs = expand_inputs(args.inputs, (".evc",), errors=missing)

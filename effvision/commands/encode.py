@@ -70,14 +70,11 @@ def _load_codec(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from effvision.cli import Batch
+    from effvision.cli import Batch, check_threads
     from effvision.image_io import IMAGE_SUFFIXES, open_image
     from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths
 
-    if args.threads < 0:
-        from effvision.errors import UserError
-
-        raise UserError(f"--threads must be 0 (automatic, the default) or more, got {args.threads}")
+    check_threads(args.threads)
 
     missing: list[str] = []
     inputs = expand_inputs(args.inputs, IMAGE_SUFFIXES, errors=missing)

@@ -95,6 +95,7 @@ def run(args) -> int:
 
     from effvision import tune
     from effvision.bounded_config import check_float32_fits
+    from effvision.cli import check_threads
     from effvision.errors import UserError
 
     try:
@@ -119,8 +120,7 @@ def run(args) -> int:
     if output.exists() and not args.force:
         raise UserError(f"{output} exists (use --force to overwrite)")
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be >= 1")
+    check_threads(args.threads, minimum=1)
     threads = args.threads or _threads_for_busy_cpu(device.type)
     if threads is not None:
         torch.set_num_threads(threads)

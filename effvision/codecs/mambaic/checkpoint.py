@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from effvision.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
-from effvision.codecs.mambaic.model import CONFIG_LIMITS, CONFIGS, MambaIC, MambaICConfig
+from effvision.codecs.mambaic.model import CONFIG_LIMITS, CONFIGS, MAX_CODED_MAGNITUDE, MambaIC, MambaICConfig
 from effvision.codecs.rans import cdf_table_problem
 from effvision.errors import UserError
 from effvision.io_utils import atomic_path
@@ -168,21 +168,36 @@ def _check_entropy_tables(model: MambaIC, source: str) -> None:
     scale_table = model.gaussian_conditional.scale_table
     if scale_table.numel() and not (bool((scale_table > 0).all()) and scale_table.numel() <= 4096):
         raise UserError(f"{source}: its Gaussian scale table must hold at most 4096 positive scales")
+    _check_bottleneck_quantiles(model.entropy_bottleneck.quantiles.detach(), source)
     for name, module, rows in (
         ("entropy_bottleneck", model.entropy_bottleneck, model.entropy_bottleneck.quantiles.shape[0]),
         ("gaussian_conditional", model.gaussian_conditional, scale_table.numel()),
     ):
-        if module._offset.numel() == 0:  # no tables: update() builds them (the Gaussian's from our scale table)
-            if module is model.entropy_bottleneck:  # ... and the bottleneck's from its quantiles, as long as they
-                quantiles = module.quantiles.detach()
-                span = float((quantiles[:, 0, 2] - quantiles[:, 0, 0]).abs().max()) if quantiles.numel() else 0.0
-                if span > 1 << 16:
-                    raise UserError(f"{source}: its entropy bottleneck's quantiles span {span:.3g}; at most "
-                                    f"{1 << 16} (the tables built from them would be that long)")
-            continue
+        if module._offset.numel() == 0:  # no tables: update() builds them (the Gaussian's from our scale table,
+            continue  # the bottleneck's from its quantiles, checked above)
         problem = cdf_table_problem(module._quantized_cdf, module._cdf_length, module._offset, rows)
         if problem:
             raise UserError(f"{source}: the {name} entropy tables are corrupt ({problem})")
+
+
+def _check_bottleneck_quantiles(quantiles: Tensor, source: str) -> None:
+    """The entropy bottleneck's (C, 1, 3) quantiles (lower tail, median, upper tail of each channel of z).
+
+    compressai's ``update()`` sizes the bottleneck's CDF tables from ``median - lower`` and ``upper - median``
+    (one table entry per integer), and coding subtracts the median from z: a file's median of 1e9 would have it
+    allocate gigabytes, or hand the rANS coder symbols it never finishes coding. Real models: a few to a few
+    hundred."""
+    if not quantiles.numel():
+        return
+    lower, median, upper = quantiles[:, 0, 0], quantiles[:, 0, 1], quantiles[:, 0, 2]
+    below = float((median - lower).clamp_min(0).max())
+    above = float((upper - median).clamp_min(0).max())
+    if below + above > 1 << 16 or float(median.abs().max()) > MAX_CODED_MAGNITUDE:
+        raise UserError(
+            f"{source}: its entropy bottleneck's quantiles are out of range: medians up to "
+            f"{float(median.abs().max()):.3g} (at most {MAX_CODED_MAGNITUDE}), tails reaching {below:.3g} below and "
+            f"{above:.3g} above them (at most {1 << 16} together; the coding tables are built that long)"
+        )
 
 
 def save_checkpoint(

@@ -201,6 +201,9 @@ class MambaIC(CompressionModel):
         config: a :class:`MambaICConfig` or the name of one in :data:`CONFIGS` ("paper", "lite").
     """
 
+    #: every image (or tile) is edge-padded to a multiple of this before coding (:meth:`pad`)
+    pad_multiple = ALIGNMENT
+
     def __init__(self, config: MambaICConfig | str = "paper") -> None:
         super().__init__()
         cfg = get_config(config) if isinstance(config, str) else config

@@ -91,6 +91,9 @@ class VQGANCodec(CompressionModel):
             (bench/results/codec-rd-vqgan-cpu.md), so it does not set one.
     """
 
+    #: every image (or tile) is edge-padded to a multiple of this (one index cell) before coding
+    pad_multiple = CELL
+
     def __init__(
         self,
         config: VQGANConfig,
