@@ -175,6 +175,7 @@ def train_entropy_model(
 ) -> list[float]:
     """Train the entropy model on random ``crop`` x ``crop`` windows of fixed latents (N, M, h, w) for the
     estimated rate; returns bpp per step."""
+    from effvision.codecs.mambaic.train import rate_distortion_optimizers
     from effvision.training import TimeLimit, cosine_lr, progress_bar
 
     for _, parameter in model.named_parameters():
@@ -182,9 +183,8 @@ def train_entropy_model(
     trainable = entropy_parameters(model)
     for _, parameter in trainable:
         parameter.requires_grad_(True)
-    main = [p for n, p in trainable if not n.endswith(".quantiles")]
-    aux = [p for n, p in trainable if n.endswith(".quantiles")]
-    optimizer, aux_optimizer = torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=1e-3)
+    optimizer, aux_optimizer = rate_distortion_optimizers(trainable, lr, aux_lr=1e-3)
+    main = optimizer.param_groups[0]["params"]
     generator = torch.Generator().manual_seed(seed)
     synthesis, model.g_s = model.g_s, nn.Identity()  # rate only: skip the (frozen) synthesis
     model.train()

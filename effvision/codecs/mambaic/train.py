@@ -109,10 +109,15 @@ def validate(
     return {k: v / max(1, len(images)) for k, v in totals.items()}
 
 
-def _optimizers(model: MambaIC, settings: TrainSettings):
-    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles") and p.requires_grad]
-    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    return torch.optim.Adam(main, lr=settings.lr), torch.optim.Adam(aux, lr=settings.aux_lr)
+def rate_distortion_optimizers(
+    named_parameters: Sequence[tuple[str, torch.nn.Parameter]], lr: float, aux_lr: float
+) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """(main, aux) Adam optimizers, compressai's split: the EntropyBottleneck ``quantiles`` train only on
+    ``aux_loss`` (their own optimizer), everything else that requires a gradient on the rate-distortion loss.
+    The main optimizer's parameters are ``optimizer.param_groups[0]["params"]`` (for gradient clipping)."""
+    main = [p for n, p in named_parameters if not n.endswith(".quantiles") and p.requires_grad]
+    aux = [p for n, p in named_parameters if n.endswith(".quantiles")]
+    return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
 
 
 def train(
@@ -134,7 +139,7 @@ def train(
     distributed = Distributed.from_environment(device)
     device = distributed.device
     model.to(device).train()
-    optimizer, aux_optimizer = _optimizers(model, settings)
+    optimizer, aux_optimizer = rate_distortion_optimizers(list(model.named_parameters()), settings.lr, settings.aux_lr)
     parts = {"model": model, "optimizer": optimizer, "aux_optimizer": aux_optimizer}
     state_path = Path(out_dir) / "train_state.pt" if out_dir is not None else None
     state = resume_training_state(state_path, parts, map_location=device) if resume else None
