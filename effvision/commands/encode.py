@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="code the image in N x N tiles, each on its own (default: the codec's, 1024 for the shipped ones; "
-        "memory is that of one tile)",
+        "memory is that of one tile; at least 64 for MambaIC and 16 for VQGAN, which pad every tile to that)",
     )
     parser.add_argument(
         "--effort",
