@@ -191,6 +191,13 @@ def check_timm_options(options: Mapping[str, object]) -> None:
                     limit.check(key, item)
             except ValueError as error:
                 raise UserError(f"model option {error}") from None
+    overlay = options.get("pretrained_cfg_overlay")
+    files = [options.get("checkpoint_path"), overlay.get("file") if isinstance(overlay, Mapping) else None]
+    for path in files:  # weights timm would read: checked as effvision reads a checkpoint
+        if path is not None:
+            from effvision.torch_checkpoint import check_weights_file
+
+            check_weights_file(str(path))
 
 
 def physical_memory_bytes() -> int:

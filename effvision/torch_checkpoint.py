@@ -187,6 +187,41 @@ def tensor_state_dict(payload: Any, source: str, containers: tuple[str, ...] = (
     return payload
 
 
+#: how many objects (containers and tensors) :func:`check_weights_file` walks at most
+MAX_CHECKED_OBJECTS = 1 << 20
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Refuse a weights file that another library (timm's ``pretrained_cfg_overlay=dict(file=...)`` or
+    ``checkpoint_path``) is about to read for us, when reading it could hang or blow up memory there.
+
+    It must be a regular file (``torch.load`` blocks on a FIFO). A pickled checkpoint is read as
+    :func:`load_torch_checkpoint` reads one (no code runs), and every tensor in it, at most
+    :data:`MAX_CONTAINER_DEPTH` containers deep, must be backed by as many stored bytes as it claims (timm's
+    filters resample what a file declares: a 1.7 kB file with stride-0 views made them allocate 3 GB). A
+    ``.safetensors`` file stores every tensor's bytes and safetensors checks its header, so only its kind is
+    checked. The file is read twice (here, then by the library)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist or is not a regular file")
+    if path.suffix.lower() == ".safetensors":
+        return
+    pending: list[tuple[Any, str, int]] = [(load_torch_checkpoint(path), "", 0)]
+    walked = 0
+    while pending:
+        item, key, depth = pending.pop()
+        walked += 1
+        if walked > MAX_CHECKED_OBJECTS or depth > MAX_CONTAINER_DEPTH:
+            raise UserError(f"{path}: its containers hold more than {MAX_CHECKED_OBJECTS} objects or nest deeper "
+                            f"than {MAX_CONTAINER_DEPTH}")
+        if isinstance(item, torch.Tensor):
+            _check_tensor_backed(key, item, str(path))
+        elif isinstance(item, dict):
+            pending.extend((value, str(name), depth + 1) for name, value in item.items())
+        elif isinstance(item, list | tuple):
+            pending.extend((value, key, depth + 1) for value in item)
+
+
 def _check_tensor_backed(key: str, tensor: torch.Tensor, source: str) -> None:
     """Refuse a tensor that claims more elements than the file stores for it.
 

@@ -152,7 +152,12 @@ def save_training_state(path: str | os.PathLike, state: dict) -> None:
 
 
 def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """A dict written by :func:`save_training_state`, loaded with ``weights_only=True``."""
+    """A dict written by :func:`save_training_state`, loaded with ``weights_only=True`` (a :class:`UserError`
+    if ``path`` is not a regular file: ``torch.load`` would block on a FIFO)."""
+    if not Path(path).is_file():
+        from effvision.errors import UserError
+
+        raise UserError(f"training state {path} does not exist or is not a regular file")
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -282,8 +282,10 @@ def test_resuming_a_run_with_a_crafted_config_is_a_clear_error(dataset, tmp_path
 
 
 @pytest.mark.parametrize("weights,message", [
-    (b"junk junk junk", "cannot load the base checkpoint"),
+    (b"junk junk junk", "is not a readable PyTorch checkpoint"),
     ({"pos_embed": torch.zeros(1, 5, 3)}, "size mismatch for pos_embed"),
+    # one stored number viewed with stride 0: timm's filter resampled it (3 GB for a 1.7 kB file, patch side 150)
+    ({"patch_embed.proj.weight": torch.zeros(1).expand(48, 3, 150, 150)}, "the file stores only 4 bytes"),
 ])
 def test_a_base_checkpoint_that_does_not_fit_is_a_clear_error(dataset, tmp_path, capsys, weights, message):
     path = tmp_path / "base.pth"
@@ -309,3 +311,41 @@ def test_too_many_data_loading_workers_are_refused(dataset, tmp_path, capsys):
     args[args.index("--workers") + 1] = "1000"
     assert main(args) == 1
     assert "workers must be an integer in [0, 64], got 1000" in capsys.readouterr().err
+
+
+def test_a_fifo_base_checkpoint_or_training_state_is_an_error_not_a_hang(dataset, tmp_path, capsys):
+    """torch.load blocks on a FIFO: --checkpoint FIFO, and --resume of a run whose training state is a FIFO."""
+    fifo = tmp_path / "base.pth"
+    os.mkfifo(fifo)
+    assert main(finetune_args(dataset, tmp_path / "run", "--checkpoint", str(fifo), epochs=1)) == 1
+    assert "is not a regular file" in capsys.readouterr().err
+    run = tmp_path / "run2"
+    assert main(finetune_args(dataset, run, epochs=1)) == 0
+    state = run / "training_state.pt"
+    state.unlink(missing_ok=True)
+    os.mkfifo(state)
+    assert main(finetune_args(dataset, run, "--resume", epochs=1)) == 1
+    assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_batchnorm_models_need_two_images_a_training_batch(dataset, tmp_path, capsys):
+    """CLCA's aggregation head has BatchNorm, which cannot train on a batch of one (before: its ValueError)."""
+    args = finetune_args(dataset, tmp_path / "run", epochs=1, model="clca_topk_vit_tiny_patch16_224")
+    args[args.index("--batch-size") + 1] = "1"
+    assert main(args) == 1
+    assert "need at least 2 images in every training batch" in capsys.readouterr().err
+
+
+def test_a_symlink_loop_in_a_dataset_is_walked_once(tmp_path):
+    """torchvision's walk follows links: two links to '..' in a class folder made it exponential (5 GB)."""
+    from torchvision.datasets import ImageFolder
+
+    from effvision.finetune.data import CheckedImageFolder
+
+    root = write_dataset(tmp_path / "data", per_class=(2, 1))
+    plain = CheckedImageFolder(str(root / "train"), None, False).samples
+    assert plain == ImageFolder(str(root / "train")).samples and len(plain) == 6
+    (root / "train" / "red" / "loop").symlink_to("..")  # one link (torchvision: 40 levels deep, 246 samples)
+    looped = CheckedImageFolder(str(root / "train"), None, False).samples
+    # red's folder now reaches train/ once more (blue and green as red): each real folder is listed once per class
+    assert len(looped) == 6 + 4 and len({path for path, _ in looped}) == len(looped)

@@ -136,6 +136,7 @@ def _self_containing() -> dict:
     ({"model": {1: torch.zeros(1)}}, "maps 1 to a Tensor"),
     ({"state_dict": {"blocks.0.adapter.fc_in.weight": [1.0]}}, "to a list, not a name to a tensor"),
     ([torch.zeros(1)], "holds no state dict"),
+    ({"model": {"blocks.0.adapter.fc_in.weight": torch.zeros(1).expand(30000, 30000)}}, "file stores only 4 bytes"),
 ])
 def test_crafted_containers_are_clear_errors_at_once(tmp_path, payload, message):
     torch.save(payload, tmp_path / "crafted.pth")
@@ -144,5 +145,18 @@ def test_crafted_containers_are_clear_errors_at_once(tmp_path, payload, message)
     try:
         with pytest.raises(ValueError, match=message):
             load_released_checkpoint(tuned(seed=0), tmp_path / "crafted.pth")
+    finally:
+        signal.alarm(0)
+
+
+def test_a_fifo_is_an_error_not_a_hang(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "released.pth")  # torch.load would wait for a writer forever
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("still waiting on the FIFO after 20 s"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match="not a regular file"):
+            load_released_checkpoint(tuned(seed=0), tmp_path / "released.pth")
     finally:
         signal.alarm(0)

@@ -30,22 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_state_dict(path: str) -> dict:
-    import torch
+    from effvision.torch_checkpoint import load_torch_checkpoint, tensor_state_dict
 
     if not Path(path).is_file():
-        raise UserError(f"{path}: no such checkpoint")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        raise UserError(f"{path}: no such checkpoint (or not a regular file)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
 
+        try:
             return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is the user's file problem
-        raise UserError(f"{path}: cannot read checkpoint ({error})") from error
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
+        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is the user's file problem
+            raise UserError(f"{path}: cannot read checkpoint ({error})") from error
+    # no code runs; a dict of named tensors (under "state_dict"/"model"), each backed by the bytes it claims
+    return tensor_state_dict(load_torch_checkpoint(path), path, ("state_dict", "model"))
 
 
 def _timm_model(args: argparse.Namespace):

@@ -54,8 +54,9 @@ def _create_model(args):
     if args.pretrained:
         kwargs["pretrained"] = True
     if args.checkpoint is not None:
-        if not args.checkpoint.is_file():
-            raise UserError(f"checkpoint not found: {args.checkpoint}")
+        from effvision.torch_checkpoint import check_weights_file
+
+        check_weights_file(args.checkpoint)  # a regular file, tensors backed by the bytes they claim
         kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(args.checkpoint.resolve())}}
     try:
         model = timm.create_model(args.model, **kwargs)

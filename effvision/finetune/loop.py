@@ -128,8 +128,9 @@ def create_model(config: FinetuneConfig) -> nn.Module:
     check_timm_model(config.model, kwargs)
     pretrained = config.pretrained
     if config.checkpoint is not None:
-        if not Path(config.checkpoint).is_file():
-            raise UserError(f"base checkpoint {config.checkpoint} does not exist")
+        from effvision.torch_checkpoint import check_weights_file
+
+        check_weights_file(config.checkpoint)  # a regular file, tensors backed by the bytes they claim
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(config.checkpoint).resolve()))
     torch.manual_seed(config.seed)
@@ -273,6 +274,12 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
         sampler = DistributedSampler(train_set, seed=config.seed) if distributed.enabled else None
         generator = torch.Generator().manual_seed(config.seed)
         shard_size = len(sampler) if sampler is not None else len(train_set)  # keep >= 1 step per epoch
+        batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+        if batch_norm and min(shard_size, config.batch_size) < 2:  # every training batch is full but a lone one
+            raise UserError(
+                f"{config.model} has BatchNorm layers (e.g. CLCA's aggregation head), which need at least 2 images "
+                f"in every training batch: use --batch-size 2 or more (and 2 or more training images per process)"
+            )
         train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
                                   num_workers=config.workers, drop_last=shard_size > config.batch_size,
                                   generator=generator, pin_memory=device.type == "cuda")

@@ -35,6 +35,8 @@ ADAPTER_LAYERS = ("down1", "down2", "up1", "down3", "up2")
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a PyTorch checkpoint file (unwrapping ``{"model": ...}``-style containers and DDP's
     ``module.`` prefix), loaded with ``weights_only=True``."""
+    if Path(path).exists() and not Path(path).is_file():  # torch.load would block on a FIFO
+        raise ValueError(f"{path}: not a regular file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -1,0 +1,67 @@
+"""Weights files effvision hands to another reader (timm's ``pretrained_cfg_overlay`` / ``checkpoint_path``, the
+export command's ``--checkpoint``) are checked as effvision's own loaders check them: a regular file, no code run,
+every tensor backed by as many stored bytes as it claims (effvision.torch_checkpoint.check_weights_file)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from effvision.bounded_config import check_timm_options
+from effvision.cli import main
+from effvision.errors import UserError
+from effvision.torch_checkpoint import check_weights_file
+
+
+def test_real_checkpoints_pass(tmp_path):
+    shared = torch.arange(12.0)
+    torch.save({"state_dict": {"a": shared[:6], "b": shared[6:].view(2, 3)}, "epoch": 3}, tmp_path / "ok.pth")
+    check_weights_file(tmp_path / "ok.pth")  # views into one storage, each within it
+    save_file({"a": torch.zeros(2, 3)}, tmp_path / "ok.safetensors")
+    check_weights_file(tmp_path / "ok.safetensors")
+
+
+@pytest.mark.parametrize("payload", [
+    {"patch_embed.proj.weight": torch.zeros(1).expand(192, 3, 150, 150)},
+    {"model": {"pos_embed": torch.zeros(1, 1, 1).expand(1, 10**4, 10**4)}, "epoch": 1},
+    [{"deep": [torch.zeros(2).expand(10, 2)]}],
+])
+def test_stride_0_views_are_refused_wherever_they_sit(tmp_path, payload):
+    torch.save(payload, tmp_path / "crafted.pth")
+    with pytest.raises(UserError, match="the file stores only"):
+        check_weights_file(tmp_path / "crafted.pth")
+
+
+def test_a_fifo_or_a_folder_is_refused_without_reading(tmp_path):
+    os.mkfifo(tmp_path / "fifo.pth")
+    for path in (tmp_path / "fifo.pth", tmp_path, tmp_path / "missing.pth"):
+        with pytest.raises(UserError, match="does not exist or is not a regular file"):
+            check_weights_file(path)
+
+
+def test_timm_options_naming_a_crafted_file_are_refused(tmp_path):
+    torch.save({"patch_embed.proj.weight": torch.zeros(1).expand(192, 3, 150, 150)}, tmp_path / "crafted.pth")
+    for options in ({"pretrained_cfg_overlay": {"file": str(tmp_path / "crafted.pth")}},
+                    {"checkpoint_path": str(tmp_path / "crafted.pth")}):
+        with pytest.raises(UserError, match="the file stores only"):
+            check_timm_options(options)
+
+
+def test_export_checkpoint_that_is_no_state_dict_is_a_clear_error(tmp_path, capsys):
+    """Before: "TypeError: Expected state_dict to be dict-like" from load_state_dict."""
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    assert main(["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--checkpoint",
+                 str(tmp_path / "list.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "holds no state dict" in err and "TypeError" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_tune_checkpoint_that_is_a_fifo_is_an_error_not_a_hang(tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo.pth")
+    assert main(["tune", "deit_tiny_patch16_224", "--target", "2x", "--checkpoint", str(tmp_path / "fifo.pth"),
+                 "-o", str(tmp_path / "a.json")]) == 1
+    assert "is not a regular file" in capsys.readouterr().err
