@@ -134,7 +134,9 @@ class CheckedImageFolder(ImageFolder):
                         found.add(target_class)
         empty = set(class_to_idx) - found
         if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}")
+            names = extensions if isinstance(extensions, str) else ", ".join(extensions or ())
+            supported = f"; supported extensions: {names}" if extensions is not None else ""
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}{supported}")
         return instances
 
     def __getitem__(self, index: int):

@@ -130,7 +130,10 @@ def create_model(config: FinetuneConfig) -> nn.Module:
     if config.checkpoint is not None:
         from effvision.torch_checkpoint import check_weights_file
 
-        check_weights_file(config.checkpoint)  # a regular file, tensors backed by the bytes they claim
+        try:  # a regular file, no code run, tensors backed by the bytes they claim
+            check_weights_file(config.checkpoint)
+        except UserError as error:
+            raise UserError(f"cannot load the base checkpoint {config.checkpoint}: {error}") from error
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(config.checkpoint).resolve()))
     torch.manual_seed(config.seed)
