@@ -349,3 +349,20 @@ def test_a_symlink_loop_in_a_dataset_is_walked_once(tmp_path):
     looped = CheckedImageFolder(str(root / "train"), None, False).samples
     # red's folder now reaches train/ once more (blue and green as red): each real folder is listed once per class
     assert len(looped) == 6 + 4 and len({path for path, _ in looped}) == len(looped)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda state: state["scheduler"].update(base_lrs=[float("nan")]), "are not all finite"),  # was: NaN weights, rc 0
+    (lambda state: state.update(epochs_done=-5), "-5 epochs done, outside [0, 1]"),  # was: epochs -4..2
+    (lambda state: state.pop("optimizer"), "is not a training state of this run (KeyError"),
+])
+def test_a_crafted_training_state_is_a_clear_error(dataset, tmp_path, capsys, change, message):
+    run = tmp_path / "run"
+    assert main(finetune_args(dataset, run, epochs=1)) == 0
+    state = torch.load(run / "training_state.pt", weights_only=True)
+    change(state)
+    torch.save(state, run / "training_state.pt")
+    capsys.readouterr()
+    assert main(finetune_args(dataset, run, "--resume", epochs=1)) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

@@ -231,6 +231,27 @@ def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict |
     return load_training_state(state_path) if state_path.exists() else None
 
 
+def restore_run_state(state: dict, parts: dict, config: FinetuneConfig, source: Path) -> tuple[list, int]:
+    """Load a resumed run's training state into ``parts`` (optimizer, scheduler, scaler); returns (history, epochs
+    done). A run folder may be crafted: a state this loop did not write is a :class:`UserError` naming the file, and
+    so are epochs outside [0, ``config.epochs``] and learning rates that are not finite and >= 0 (a NaN one trained
+    NaN weights and reported success)."""
+    import math
+
+    try:
+        restore(state, parts)
+        history, epochs_done = list(state["history"]), state["epochs_done"]
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise UserError(f"{source} is not a training state of this run ({type(error).__name__}: "
+                        f"{str(error)[:200]})") from error
+    if isinstance(epochs_done, bool) or not isinstance(epochs_done, int) or not 0 <= epochs_done <= config.epochs:
+        raise UserError(f"{source}: {epochs_done!r:.40} epochs done, outside [0, {config.epochs}]")
+    rates = [*parts["scheduler"].base_lrs, *(group["lr"] for group in parts["optimizer"].param_groups)]
+    if not all(isinstance(rate, float | int) and math.isfinite(rate) and rate >= 0 for rate in rates):
+        raise UserError(f"{source}: learning rates {rates!r:.80} are not all finite and >= 0")
+    return history, epochs_done
+
+
 def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = False, show: bool = True,
                  max_minutes: float | None = None) -> dict:
     """Fine-tune ``config.model`` on ``config.data`` into the run folder ``output``.
@@ -301,8 +322,7 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
         stop = (lambda: distributed.any_rank(time_limit.expired())) if max_minutes is not None else None
         stopped = False
         if resumed is not None:
-            restore(resumed, parts)
-            history, first_epoch = list(resumed["history"]), int(resumed["epochs_done"])
+            history, first_epoch = restore_run_state(resumed, parts, config, output / checkpoint.STATE)
         if distributed.main:
             checkpoint.save_json(output / checkpoint.CONFIG, asdict(config))
 
