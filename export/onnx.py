@@ -147,9 +147,10 @@ def check_onnx(
         inputs: one batch or several (e.g. batch 1 and batch 5, random and real images).
 
     Returns:
-        ``{"max_abs_diff": float, "top1_agreement": float | None, "batches": [...], "images": int}``;
-        ``top1_agreement`` (fraction of images whose argmax class matches) is ``None`` for outputs
-        that are not (batch, classes) logits.
+        ``{"max_abs_diff": float, "top1_agreement": float | None, "batches": [...], "images": int,
+        "finite": bool}``; ``top1_agreement`` (fraction of images whose argmax class matches) is ``None`` for
+        outputs that are not (batch, classes) logits; ``finite``: every PyTorch output is finite (NaN in both
+        outputs counts as agreement, so a NaN model would otherwise pass).
     """
     from effvision.export.ort import OrtModel
 
@@ -157,7 +158,7 @@ def check_onnx(
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     was_training = model.training
     model.eval()
-    max_diff, agree, images, logits = 0.0, 0, 0, True
+    max_diff, agree, images, logits, finite = 0.0, 0, 0, True, True
     per_batch = []
     try:
         for batch in batches:
@@ -167,6 +168,7 @@ def check_onnx(
             if actual.shape != expected.shape:
                 raise ValueError(f"ONNX output shape {tuple(actual.shape)} != PyTorch {tuple(expected.shape)}")
             diff = max_abs_difference(actual, expected)
+            finite = finite and bool(torch.isfinite(expected).all())
             per_batch.append({"batch": batch.shape[0], "shape": list(batch.shape), "max_abs_diff": diff})
             max_diff = max(max_diff, diff)
             images += batch.shape[0]
@@ -180,4 +182,5 @@ def check_onnx(
         "top1_agreement": agree / images if logits else None,
         "batches": per_batch,
         "images": images,
+        "finite": finite,
     }

@@ -187,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     agreement = result["top1_agreement"]
     agreement_text = "" if agreement is None else f", top-1 agreement {agreement:.3f} over {result['images']} images"
     print(f"max abs diff {result['max_abs_diff']:.3g}{agreement_text}")
+    if not result["finite"]:
+        raise UserError(f"{args.model} gives NaN or infinite outputs (its weights?): the check compares nothing")
     if result["max_abs_diff"] > args.atol:
         raise UserError(f"onnxruntime output differs by {result['max_abs_diff']:.3g} > --atol {args.atol}")
     return 0
