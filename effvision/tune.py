@@ -556,8 +556,9 @@ class TuneResult:
                      f"rounds; fidelity on {self.calibration}")
         return "\n".join(lines)
 
-    def plot(self, path: str | Path) -> Path:
-        """Fidelity (top-1 agreement, KL) vs measured speed-up of every timed candidate, target marked (PNG)."""
+    def plot(self, path: str | Path, force: bool = True) -> Path:
+        """Fidelity (top-1 agreement, KL) vs measured speed-up of every timed candidate, target marked (PNG);
+        ``force=False`` refuses to replace an existing ``path``."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -597,7 +598,7 @@ class TuneResult:
                       "(stars: picks, re-measured; x: PPT thresholds at the picked r)", fontsize=10)
         figure.tight_layout()
         path = Path(path)
-        with atomic_path(path) as temp_name:
+        with atomic_path(path, force=force) as temp_name:
             figure.savefig(temp_name, format="png", dpi=110)
         plt.close(figure)
         return path

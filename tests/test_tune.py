@@ -382,3 +382,23 @@ def test_cli_threads_out_of_range_are_an_error(tmp_path, capsys, threads):
                  "-o", str(tmp_path / "a.json")]) == 1
     assert f"--threads must be from 1 to 1024, got {threads}" in capsys.readouterr().err
     assert not (tmp_path / "a.json").exists()
+
+
+@pytest.mark.parametrize("problem", ["plot exists", "missing folder", "output is a folder"])
+def test_cli_output_problems_are_found_before_the_search(tmp_path, capsys, problem):
+    """Before: an existing plot was overwritten without --force, and a missing folder or a folder as -o failed only
+    after the whole search."""
+    output = tmp_path / "a.json"
+    if problem == "plot exists":
+        (tmp_path / "a.png").write_bytes(b"mine")
+        message = "a.png exists (use --force to overwrite)"
+    elif problem == "missing folder":
+        output = tmp_path / "nowhere" / "a.json"
+        message = "does not exist"
+    else:
+        output = tmp_path
+        message = "is a directory"
+    assert main(["tune", "deit_tiny_patch16_224", "--target", "2x", "-o", str(output)]) == 1
+    assert message in capsys.readouterr().err
+    if problem == "plot exists":
+        assert (tmp_path / "a.png").read_bytes() == b"mine"

@@ -118,8 +118,16 @@ def run(args) -> int:
     if batch_size < 1 or repeats < 1 or final_repeats < 1 or args.calibration_count < 1 or args.max_steps < 1:
         raise UserError("--batch-size, --repeats, --final-repeats, --calibration-count and --max-steps must be >= 1")
     output = args.output or Path(f"tune-{args.model}-{args.target.strip().replace(' ', '')}.json")
-    if output.exists() and not args.force:
-        raise UserError(f"{output} exists (use --force to overwrite)")
+    plot_path = None if args.no_plot else args.plot or output.with_suffix(".png")
+    for path in (output, plot_path):  # before the search, which takes minutes
+        if path is None:
+            continue
+        if path.is_dir():
+            raise UserError(f"{path} is a directory; name the file to write")
+        if not path.parent.is_dir():
+            raise UserError(f"directory {path.parent} does not exist")
+        if path.exists() and not args.force:
+            raise UserError(f"{path} exists (use --force to overwrite)")
 
     check_threads(args.threads, minimum=1)
     threads = args.threads or _threads_for_busy_cpu(device.type)
@@ -173,10 +181,9 @@ def run(args) -> int:
     atomic_write_bytes(output, (json.dumps(config, indent=2) + "\n").encode(), force=args.force)
     print(f"config: {output}  (timm.create_model(cfg['model'], **cfg['kwargs']) or "
           f"effvision.tune.model_from_config(path))")
-    if not args.no_plot:
-        plot_path = args.plot or output.with_suffix(".png")
+    if plot_path is not None:
         try:
-            result.plot(plot_path)
+            result.plot(plot_path, force=args.force)
             print(f"plot: {plot_path}")
         except ImportError:
             print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
