@@ -366,3 +366,15 @@ def test_a_crafted_training_state_is_a_clear_error(dataset, tmp_path, capsys, ch
     assert main(finetune_args(dataset, run, "--resume", epochs=1)) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_a_run_that_failed_before_its_first_epoch_ended_can_be_started_again(dataset, tmp_path, capsys):
+    """Its folder held only config.json, and a new run was refused ("already holds a run"); a folder with a trained
+    epoch still is."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # what a run that failed in its first epoch leaves
+    assert main(finetune_args(dataset, run, epochs=1)) == 0
+    capsys.readouterr()
+    assert main(finetune_args(dataset, run, epochs=1)) == 1
+    assert "already holds a run: pass --resume" in capsys.readouterr().err

@@ -216,9 +216,10 @@ def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict |
     """Check the run folder; returns the training state to resume from (None: fresh run)."""
     config_path = output / checkpoint.CONFIG
     if not resume:
-        if config_path.exists():
+        trained = any((output / name).exists() for name in (checkpoint.STATE, checkpoint.WEIGHTS))
+        if config_path.exists() and trained:
             raise UserError(f"{output} already holds a run: pass --resume to continue it, or choose another --output")
-        return None
+        return None  # a config.json alone is a run that failed before its first epoch ended: it is replaced
     if not config_path.exists():
         raise UserError(f"nothing to resume: {config_path} does not exist")
     saved = json.loads(json.dumps(asdict(read_run_config(config_path))))
