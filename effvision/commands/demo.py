@@ -104,11 +104,17 @@ def run(args) -> int:
 
     if args.batch < 1 or args.repeats < 1:
         raise UserError("--batch and --repeats must be >= 1")
+    from effvision.bounded_config import check_float32_fits
+
+    # a batch's input (3 x 224 x 224) and one block's attention maps (6 x 197 x 197) take about 8 planes of 224 x 224
+    check_float32_fits((args.batch, 8, 224, 224), f"a batch of {args.batch} images (input and attention maps)")
     if not args.skip_codecs:  # fail before minutes of work, not after
         from effvision.image_io import output_format
         from effvision.io_utils import check_not_existing
 
         output_format(args.output)
+        if args.output.is_dir() or not args.output.parent.is_dir():
+            raise UserError(f"cannot write {args.output}: it is a directory, or its folder does not exist")
         check_not_existing(str(args.output), args.force)
     run_token_reduction(args.batch, args.repeats)
     if not args.skip_codecs:
