@@ -52,3 +52,24 @@ def test_compressai_jit_script_deprecation_is_hidden_but_other_warnings_are_not(
         warnings.simplefilter("always")
         assert cli.main(["reduce-info", "ppt_deit_small_patch16_224"]) == 0
     assert [str(w.message) for w in caught] == ["something the user should see"]
+
+
+def test_reduce_info_builds_no_weights_and_reports_what_a_real_model_has(capsys, monkeypatch):
+    """The schedule needs only the model's structure: built for real, vit_giant_patch14_dinov2 took 5.2 GB."""
+    import timm
+    import torch
+
+    import effvision
+
+    real = effvision.reduction_info(timm.create_model("ppt_deit_tiny_patch16_224"))
+    devices = []
+    create = timm.create_model
+
+    def spy(*args, **kwargs):
+        devices.append(torch.empty(0).device.type)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    assert main(["reduce-info", "ppt_deit_tiny_patch16_224", "--json"]) == 0
+    assert devices and set(devices) == {"meta"}
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(real))

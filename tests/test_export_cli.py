@@ -128,3 +128,14 @@ def test_a_model_whose_outputs_are_nan_fails_the_check(tmp_path, capsys):
             "--checkpoint", str(tmp_path / "nan.pth")]
     assert cli.main(argv) == 1
     assert "gives NaN or infinite outputs" in capsys.readouterr().err
+
+
+def test_a_directory_as_output_and_a_checkpoint_that_does_not_fit_are_clear_errors(tmp_path, capsys):
+    assert cli.main(["export", "deit_tiny_patch16_224", str(tmp_path), "--force", "--img-size", "32"]) == 1
+    assert "is a directory" in capsys.readouterr().err  # before: "cannot write", after the whole export
+    torch.save({"pos_embed": torch.zeros(1, 5, 3)}, tmp_path / "small.pth")
+    argv = ["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--img-size", "32", "--checkpoint",
+            str(tmp_path / "small.pth")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err  # before: only "Error(s) in loading state_dict for VisionTransformer:"
+    assert "Missing key(s) in state_dict" in err and "size mismatch for pos_embed" in err

@@ -63,7 +63,9 @@ def _timm_model(args: argparse.Namespace):
         try:
             model.load_state_dict(_load_state_dict(args.checkpoint))
         except RuntimeError as error:
-            raise UserError(f"{args.checkpoint} does not fit {args.model}: {str(error).splitlines()[0]}") from error
+            lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()][:8]  # missing, unexpected,
+            details = "; ".join(line if len(line) <= 300 else line[:300] + " ..." for line in lines)  # mismatches
+            raise UserError(f"{args.checkpoint} does not fit {args.model}: {details or error}") from error
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     image_size = args.img_size or size[-1]
     return model.eval(), (size[0], image_size, image_size), False
@@ -158,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     if not 7 <= args.opset <= 30:
         raise UserError(f"--opset must be an ONNX opset number (7-30; default 18), got {args.opset}")
     output = Path(args.output)
+    if output.is_dir():
+        raise UserError(f"{output} is a directory; name the .onnx file to write")
     if output.exists() and not args.force:
         raise UserError(f"{output} exists (use --force to overwrite)")
     if not output.parent.is_dir():

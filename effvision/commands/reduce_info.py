@@ -30,8 +30,14 @@ def run(args) -> int:
                            ("layers", tuple(args.layers) if args.layers else None))
         if value is not None
     }
-    try:
-        model = timm.create_model(args.model, **options)
+    import torch
+
+    from effvision.bounded_config import check_timm_options
+
+    check_timm_options(options)
+    try:  # the schedule needs the model's structure, not its weights: built on the meta device, it allocates nothing
+        with torch.device("meta"):
+            model = timm.create_model(args.model, **options)
         info = effvision.reduction_info(model)
     except (ValueError, TypeError, AttributeError) as error:
         raise UserError(str(error)) from error
