@@ -378,3 +378,12 @@ def test_a_run_that_failed_before_its_first_epoch_ended_can_be_started_again(dat
     capsys.readouterr()
     assert main(finetune_args(dataset, run, epochs=1)) == 1
     assert "already holds a run: pass --resume" in capsys.readouterr().err
+
+
+def test_class_lists_in_messages_are_cut_to_twenty_names(dataset, tmp_path, capsys):
+    """A crafted run with 900000 class names printed an 8 MB error line."""
+    run = crafted_run(tmp_path, dataset, _set("classes", [f"c{i}" for i in range(5000)]))
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "... (5000 in all)]" in err and len(err) < 2000, err[:300]

@@ -55,7 +55,7 @@ def build_transforms(model: nn.Module, train: bool):
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def class_names(split_dir: Path) -> list[str]:
+def classnames_for_message(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise UserError(
             f"dataset folder {split_dir} does not exist (expected DATA/train/<class>/<image> and DATA/val/...)"
@@ -66,17 +66,25 @@ def class_names(split_dir: Path) -> list[str]:
     return classes
 
 
+def names_for_message(names: list[str], shown: int = 20) -> str:
+    """``names`` for a message: at most ``shown`` of them, then how many there are (a crafted run may hold 900000)."""
+    if len(names) <= shown:
+        return str(list(names))
+    return f"[{', '.join(repr(name) for name in names[:shown])}, ... ({len(names)} in all)]"
+
+
 def check_splits(data_dir: str | Path) -> list[str]:
     """Class names shared by ``data_dir/train`` and ``data_dir/val``; a :class:`UserError` otherwise."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"dataset folder {data_dir} does not exist")
-    train, val = class_names(data_dir / "train"), class_names(data_dir / "val")
+    train, val = classnames_for_message(data_dir / "train"), classnames_for_message(data_dir / "val")
     if train != val:
         only_train = sorted(set(train) - set(val))
         only_val = sorted(set(val) - set(train))
         raise UserError(
-            f"train and val classes differ: only in train {only_train}, only in val {only_val}"
+            f"train and val classes differ: only in train {names_for_message(only_train)}, "
+            f"only in val {names_for_message(only_val)}"
         )
     return train
 
@@ -163,7 +171,8 @@ def image_folder(split_dir: str | Path, transform, expected_classes: list[str] |
         raise UserError(f"cannot read images from {split_dir}: {error}") from error
     if expected_classes is not None and dataset.classes != list(expected_classes):
         raise UserError(
-            f"classes of {split_dir} {dataset.classes} differ from the run's classes {list(expected_classes)}"
+            f"classes of {split_dir} {names_for_message(dataset.classes)} differ from the run's classes "
+            f"{names_for_message(list(expected_classes))}"
         )
     return dataset
 

@@ -20,7 +20,7 @@ from torch import nn
 from effvision.bounded_config import Limit, check_timm_model, checked_fields, read_json_object
 from effvision.errors import UserError
 from effvision.finetune import checkpoint
-from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error
+from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error, names_for_message
 from effvision.io_utils import read_bytes
 from effvision.training import (
     Distributed,
@@ -377,7 +377,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int |
     data = Path(data or config.data)
     classes = check_splits(data) if (data / "train").is_dir() else None
     if classes is not None and classes != config.classes:
-        raise UserError(f"classes of {data} differ from the run's classes {config.classes}")
+        raise UserError(f"classes of {data} {names_for_message(classes)} differ from the run's classes "
+                        f"{names_for_message(config.classes)}")
     target = resolve_device(device)
     model = create_model(config)
     checkpoint.load_weights(model, weights)
