@@ -81,6 +81,8 @@ def read_json_object(text: str, source: str, what: str, max_bytes: int = MAX_CON
         values = json.loads(text)
     except ValueError as error:
         raise UserError(f"{source}: its {what} is not valid JSON ({error})") from error
+    except RecursionError as error:  # "[[[[...]]]]" a few thousand deep: json's decoder recurses per level
+        raise UserError(f"{source}: its {what} nests JSON too deeply") from error
     if not isinstance(values, dict):
         raise UserError(f"{source}: its {what} must be a JSON object, got {type(values).__name__}")
     return values

@@ -849,7 +849,10 @@ def load_config(path: str | Path) -> dict:
         text = read_bytes(path, MAX_CONFIG_BYTES).decode("utf-8")
     except UserError as error:
         raise ValueError(f"{error}; not an effvision tune config") from error
-    config = json.loads(text)
+    try:
+        config = json.loads(text)
+    except RecursionError as error:  # "[[[[...]]]]" a few thousand deep: json's decoder recurses per level
+        raise ValueError(f"{path}: its JSON nests too deeply; not an effvision tune config") from error
     if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{path}: not an effvision tune config (format {found!r})")

@@ -402,3 +402,16 @@ def test_cli_output_problems_are_found_before_the_search(tmp_path, capsys, probl
     assert message in capsys.readouterr().err
     if problem == "plot exists":
         assert (tmp_path / "a.png").read_bytes() == b"mine"
+
+
+def test_json_nested_too_deeply_is_a_clear_error(tmp_path):
+    """Before: RecursionError from json's decoder, shown as 'maximum recursion depth exceeded'."""
+    from effvision.bounded_config import read_json_object
+
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep.json"
+    path.write_text(deep)
+    with pytest.raises(ValueError, match="nests too deeply"):
+        tune.load_config(path)
+    with pytest.raises(UserError, match="nests JSON too deeply"):
+        read_json_object('{"a": ' + "[" * 8000 + "]" * 8000 + "}", "run/config.json", "config")  # within 16 kB
