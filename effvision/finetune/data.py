@@ -55,7 +55,7 @@ def build_transforms(model: nn.Module, train: bool):
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def classnames_for_message(split_dir: Path) -> list[str]:
+def class_names(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise UserError(
             f"dataset folder {split_dir} does not exist (expected DATA/train/<class>/<image> and DATA/val/...)"
@@ -78,7 +78,7 @@ def check_splits(data_dir: str | Path) -> list[str]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"dataset folder {data_dir} does not exist")
-    train, val = classnames_for_message(data_dir / "train"), classnames_for_message(data_dir / "val")
+    train, val = class_names(data_dir / "train"), class_names(data_dir / "val")
     if train != val:
         only_train = sorted(set(train) - set(val))
         only_val = sorted(set(val) - set(train))
