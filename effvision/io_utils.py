@@ -243,3 +243,14 @@ def check_not_existing(path: str, force: bool) -> None:
     atomically)."""
     if not force and path != STDIO and Path(path).exists():
         raise UserError(f"{path} exists (use --force to overwrite)")
+
+
+def check_output_file(path: str | Path, force: bool) -> None:
+    """Fail before any work unless ``path`` can be written as one file: not a directory, in a folder that exists,
+    and not an existing file unless ``force`` (:func:`check_not_existing`; the write re-checks atomically)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; name the file to write")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: its folder does not exist ({path.parent})")
+    check_not_existing(str(path), force)

@@ -110,12 +110,10 @@ def run(args) -> int:
     check_float32_fits((args.batch, 8, 224, 224), f"a batch of {args.batch} images (input and attention maps)")
     if not args.skip_codecs:  # fail before minutes of work, not after
         from effvision.image_io import output_format
-        from effvision.io_utils import check_not_existing
+        from effvision.io_utils import check_output_file
 
         output_format(args.output)
-        if args.output.is_dir() or not args.output.parent.is_dir():
-            raise UserError(f"cannot write {args.output}: it is a directory, or its folder does not exist")
-        check_not_existing(str(args.output), args.force)
+        check_output_file(args.output, args.force)
     run_token_reduction(args.batch, args.repeats)
     if not args.skip_codecs:
         run_codecs(args.output, args.force)

@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from effvision.export.onnx import check_onnx, export_onnx
+    from effvision.io_utils import check_output_file
 
     if args.img_size is not None and not 1 <= args.img_size <= 8192:
         raise UserError(f"--img-size must be between 1 and 8192 pixels, got {args.img_size}")
@@ -160,12 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if not 7 <= args.opset <= 30:
         raise UserError(f"--opset must be an ONNX opset number (7-30; default 18), got {args.opset}")
     output = Path(args.output)
-    if output.is_dir():
-        raise UserError(f"{output} is a directory; name the .onnx file to write")
-    if output.exists() and not args.force:
-        raise UserError(f"{output} exists (use --force to overwrite)")
-    if not output.parent.is_dir():
-        raise UserError(f"directory {output.parent} does not exist")
+    check_output_file(output, args.force)
     is_codec = ":" in args.model
     model, shape, dynamic_hw = _codec_transform(args) if is_codec else _timm_model(args)
     print(f"exporting {args.model} with input (batch, {', '.join(map(str, shape))})", file=sys.stderr)

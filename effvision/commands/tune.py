@@ -119,15 +119,11 @@ def run(args) -> int:
         raise UserError("--batch-size, --repeats, --final-repeats, --calibration-count and --max-steps must be >= 1")
     output = args.output or Path(f"tune-{args.model}-{args.target.strip().replace(' ', '')}.json")
     plot_path = None if args.no_plot else args.plot or output.with_suffix(".png")
+    from effvision.io_utils import check_output_file
+
     for path in (output, plot_path):  # before the search, which takes minutes
-        if path is None:
-            continue
-        if path.is_dir():
-            raise UserError(f"{path} is a directory; name the file to write")
-        if not path.parent.is_dir():
-            raise UserError(f"directory {path.parent} does not exist")
-        if path.exists() and not args.force:
-            raise UserError(f"{path} exists (use --force to overwrite)")
+        if path is not None:
+            check_output_file(path, args.force)
 
     check_threads(args.threads, minimum=1)
     threads = args.threads or _threads_for_busy_cpu(device.type)
