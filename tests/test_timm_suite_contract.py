@@ -3,6 +3,8 @@ names: ``features_only=True``, torch.fx feature extraction with timm's leaf modu
 tokens itself (CLCA) keeping timm's pre-logits / ``reset_classifier`` semantics, and ``create_model(device=)``
 placing every new part. Tiny (vit_tiny, 224 px) models, random weights."""
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -369,3 +371,20 @@ def test_a_model_pickled_with_the_old_size_check_hook_loads_and_still_checks(tmp
         loaded(torch.randn(1, 3, 160, 160))
     with pytest.raises(ValueError, match="expected 3-channel images"):
         loaded.patch_embed(torch.randn(1, 1, 224, 224))  # the hook itself, on the sub-module alone
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_empty_batch_gives_empty_outputs_as_timm_does(name):
+    """A (0, 3, H, W) batch (e.g. the last, empty shard of a distributed eval) gives (0, classes) logits, like
+    timm's own ViT, in eval and in training mode, and an empty gradient pass; no torch warning either."""
+    model = timm.create_model(name)
+    empty = torch.zeros(0, 3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with torch.no_grad():
+            assert model.eval()(empty).shape == (0, 1000)
+            final, intermediates = model.forward_intermediates(empty, indices=2)
+            assert final.shape[0] == 0 and [t.shape[0] for t in intermediates] == [0, 0]
+        logits = model.train()(empty)
+    assert logits.shape == (0, 1000)
+    logits.sum().backward()

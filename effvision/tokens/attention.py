@@ -132,9 +132,9 @@ def attention_with_statistics(
             cls_logits = cls_logits + mask
         statistics.cls_attention = cls_logits.float().softmax(dim=-1).squeeze(2)
     if "value_norm" in need:
-        statistics.value_norm = v.transpose(1, 2).reshape(batch, tokens, -1).float().norm(dim=-1)
+        statistics.value_norm = v.transpose(1, 2).flatten(2).float().norm(dim=-1)
 
-    out = out.transpose(1, 2).reshape(batch, tokens, -1)
+    out = out.transpose(1, 2).flatten(2)  # (B, N, H*d); flatten, not reshape(-1), so B = 0 works
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:
         out = out * gate

@@ -117,6 +117,8 @@ class PPTPolicy:
 
     def use_pooling(self, significance: torch.Tensor) -> torch.Tensor:
         """(B,) bool: True where the image's score variance is below the threshold (pool)."""
+        if significance.shape[0] == 0:  # torch warns on var() of an empty batch
+            return significance.new_zeros(0, dtype=torch.bool)
         return significance.var(dim=-1) < self.threshold
 
     def select(self, block: int, state: TokenState, stats: AttentionStatistics) -> PerImageChoice | None:
