@@ -350,6 +350,39 @@ def test_layer_decay_scales_each_adapter_as_its_block(name):
     assert scale[id(named["blocks.0.attn.qkv.weight"])] < scale[id(named["blocks.11.attn.qkv.weight"])]
 
 
+@pytest.mark.parametrize(("name", "options", "size"), [
+    ("ppt_vit_tiny_patch16_224", {"r": 50}, {"img_size": 64}),
+    ("tome_vit_tiny_patch16_224", {"r": [8] * 12}, {"img_size": 32}),
+    ("ppt_vit_tiny_patch16_224", {"r": 50}, {"patch_size": 56}),
+])
+def test_a_size_the_reduction_does_not_fit_is_refused_before_anything_changes(name, options, size):
+    """A refused ``set_input_size`` leaves the model as it was (weights, sizes, schedule, outputs); timm's part
+    used to run first, leaving a 64 px patch embedding with a 224 px schedule behind the error."""
+    model = timm.create_model(name, **options).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = effvision.reduction_info(model)
+    x = images(1)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(ValueError, match="too large"):
+        model.set_input_size(**size)
+    assert model.patch_embed.img_size == (224, 224) and model.patch_embed.patch_size == (16, 16)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert effvision.reduction_info(model) == info
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_set_input_size_with_a_new_patch_size_gives_the_model_created_with_it():
+    model = timm.create_model("tome_vit_tiny_patch16_224", r=4).eval()
+    model.set_input_size(img_size=128, patch_size=8)
+    reference = timm.create_model("tome_vit_tiny_patch16_224", r=4, img_size=128, patch_size=8).eval()
+    assert effvision.reduction_info(model)["tokens"] == effvision.reduction_info(reference)["tokens"]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 128, 128)).shape == (1, 1000)
+
+
 def test_set_input_size_on_a_model_that_does_not_record_its_reduction_is_a_clear_error():
     model = timm.create_model("ppt_vit_tiny_patch16_224")
     model.blocks.reduction = None  # as on a reduced model pickled by an older effvision

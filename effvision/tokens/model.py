@@ -166,12 +166,14 @@ class TokenReducedModel:
         matcher["blocks"] = blocks
         return matcher
 
-    def set_input_size(self, *args: Any, **kwargs: Any) -> None:
+    def set_input_size(self, img_size: Any = None, patch_size: Any = None) -> None:
         """timm's, then the reduction's schedule made again for the new patch count (see
-        :func:`effvision.tokens.reduce.refresh_schedule`)."""
-        from effvision.tokens.reduce import refresh_schedule
+        :func:`effvision.tokens.reduce.refresh_schedule`). A size the reduction's options do not fit is
+        refused before anything changes."""
+        from effvision.tokens.reduce import check_schedule_for_size, refresh_schedule
 
-        super().set_input_size(*args, **kwargs)
+        check_schedule_for_size(self, img_size, patch_size)
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
         refresh_schedule(self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -97,15 +99,39 @@ def reduce(model: nn.Module, method: str, *, track_source: bool = False, **optio
     return model
 
 
-def refresh_schedule(model: nn.Module) -> None:
-    """Make a reduced model's policy again for its current patch count (after timm's ``set_input_size``),
-    from the method and options it was reduced with: defaults scale with the patch count, as with
-    ``create_model(img_size=...)``, and given options are checked against it."""
+def _recorded_reduction(model: nn.Module) -> tuple[str, dict]:
     reduction = getattr(model.blocks, "reduction", None)
     if reduction is None:
         raise ValueError("this reduced model does not record how it was reduced (saved by an older effvision): "
                          "create it again with img_size=... instead of set_input_size")
-    method, options = reduction
+    return reduction
+
+
+def check_schedule_for_size(model: nn.Module, img_size=None, patch_size=None) -> None:
+    """Raise the policy's error if the reduction cannot be made for ``set_input_size(img_size, patch_size)``,
+    before timm changes anything (so that a refused size leaves the model as it was). The patch count is
+    counted as timm's ``PatchEmbed`` counts it: each side floor-divided by the patch side."""
+    method, options = _recorded_reduction(model)
+    embed = model.patch_embed
+    patch = embed.patch_size if patch_size is None else _pair(patch_size)
+    size = embed.img_size if img_size is None else _pair(img_size)
+    if size is None or patch is None:
+        return  # dynamic sizes: timm itself decides, and the forward checks each image
+    patches = (size[0] // patch[0]) * (size[1] // patch[1])
+    make_policy(method, dataclasses.replace(model_shape(model), patches=patches), **options)
+
+
+def _pair(value) -> tuple[int, int]:
+    from timm.layers import to_2tuple
+
+    return tuple(to_2tuple(value))
+
+
+def refresh_schedule(model: nn.Module) -> None:
+    """Make a reduced model's policy again for its current patch count (after timm's ``set_input_size``),
+    from the method and options it was reduced with: defaults scale with the patch count, as with
+    ``create_model(img_size=...)``, and given options are checked against it."""
+    method, options = _recorded_reduction(model)
     model.blocks.policy = make_policy(method, model_shape(model), **options)
     model.blocks.example_shapes = _example_shapes(model)
 
