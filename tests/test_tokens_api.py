@@ -62,6 +62,15 @@ def test_any_timm_vit_by_name():
         (lambda: effvision.reduce(make_family("vit"), "ppt", r=4, threshold=float("nan")), "threshold must be"),
         (lambda: effvision.reduce(make_family("vit"), "ppt", r=4, threshold=-1.0), "threshold must be"),
         (lambda: effvision.reduce(make_family("vit"), "ppt", keep_rate=0.5), "not keep_rate"),
+        # option types are checked, not coerced: int(3.7) was block 3, "36" was blocks 3 and 6, True was r=1
+        (lambda: effvision.reduce(make_family("vit"), "ppt", r=4, layers=(3.7,)), "list of block indices"),
+        (lambda: effvision.reduce(make_family("vit"), "topk", layers="24"), "list of block indices"),
+        (lambda: effvision.reduce(make_family("vit"), "topk", layers=3), "list of block indices"),
+        (lambda: effvision.reduce(make_family("vit"), "topk", layers=(True,)), "list of block indices"),
+        (lambda: effvision.reduce(make_family("vit"), "ppt", r=4.0), "non-negative int"),
+        (lambda: effvision.reduce(make_family("vit"), "ppt", r=4, threshold="1e-3"), "threshold must be"),
+        (lambda: effvision.reduce(make_family("vit"), "topk", keep_rate="0.5"), "keep_rate"),
+        (lambda: effvision.reduce(make_family("vit"), "topk", keep_rate=True), "keep_rate"),
         (lambda: effvision.reduce(make_family("no_class_token"), "ppt"), "no class token"),
         (lambda: effvision.reduce(timm.create_model("resnet18"), "tome"), "VisionTransformer"),
         (lambda: effvision.reduce(torch.nn.Linear(3, 3), "ppt"), "VisionTransformer"),
@@ -70,6 +79,16 @@ def test_any_timm_vit_by_name():
 def test_bad_input_raises_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_numpy_scalars_are_accepted_as_option_values():
+    """Options from a config file or a sweep are often numpy scalars; they are ints and reals as Python's are."""
+    import numpy as np
+
+    model = effvision.reduce(make_family("vit"), "ppt", r=np.int64(4), layers=[np.int64(1), 3],
+                             threshold=np.float32(1e-4))
+    policy = model.blocks.policy
+    assert (policy.r, policy.layers, type(policy.r)) == (4, (1, 3), int)
 
 
 def test_wrong_image_size_is_a_clear_value_error():

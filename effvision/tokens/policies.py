@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from effvision.tokens.attention import AttentionStatistics
@@ -213,8 +214,9 @@ def check_tome_r(r: RSchedule, shape: ModelShape) -> list[int]:
 
 
 def check_ppt_r(r: Any, shape: ModelShape) -> int:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+    if not _is_int(r) or r < 0:
         raise ValueError(f"ppt r must be a non-negative int, got {r!r}")
+    r = int(r)
     if r > shape.patches // 2:
         raise ValueError(
             f"r={r} too large: PPT removes at most (N-1)//2 = {shape.patches // 2} of the {shape.patches} patch tokens"
@@ -222,7 +224,18 @@ def check_ppt_r(r: Any, shape: ModelShape) -> int:
     return r
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_layers(layers: Any, shape: ModelShape) -> tuple[int, ...]:
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(map(_is_int, layers)):
+        # int() would have taken 3.7 as block 3 and "36" as blocks 3 and 6
+        raise ValueError(f"reduction layers must be a list of block indices (ints), got {layers!r}")
     layers = tuple(int(layer) for layer in layers)
     bad = [layer for layer in layers if not 0 <= layer < shape.depth]
     if bad:
@@ -233,6 +246,8 @@ def check_layers(layers: Any, shape: ModelShape) -> tuple[int, ...]:
 
 
 def check_threshold(threshold: Any, shape: ModelShape) -> float:
+    if not _is_real(threshold):
+        raise ValueError(f"ppt threshold must be a number >= 0, got {threshold!r}")
     threshold = float(threshold)
     if not threshold >= 0:  # also NaN, which would make every comparison False (always prune, silently)
         raise ValueError(f"ppt threshold must be a number >= 0, got {threshold}")
@@ -240,6 +255,8 @@ def check_threshold(threshold: Any, shape: ModelShape) -> float:
 
 
 def check_keep_rate(keep_rate: Any, shape: ModelShape) -> float:
+    if not _is_real(keep_rate):
+        raise ValueError(f"topk keep_rate must be a number in (0, 1], got {keep_rate!r}")
     keep_rate = float(keep_rate)
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"topk keep_rate must be in (0, 1], got {keep_rate}")
