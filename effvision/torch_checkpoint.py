@@ -20,12 +20,15 @@ from __future__ import annotations
 import collections
 import pickle
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from effvision.errors import UserError
+from effvision.errors import UserError, names_for_message
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -236,4 +239,47 @@ def _check_tensor_backed(key: str, tensor: torch.Tensor, source: str) -> None:
         raise UserError(
             f"{source}: weight {key!r:.80} claims {tuple(tensor.shape)} elements but the file stores only "
             f"{stored} bytes for it (a crafted view)"
+        )
+
+
+@contextmanager
+def recorded_weight_loads() -> Iterator[list]:
+    """Record the result (missing and unexpected keys) of every ``load_state_dict`` call made inside.
+
+    timm loads a model's base weights non-strictly when it adapts the model (a new class count drops the
+    classifier) and only logs what it left out: a file of another architecture would leave it random."""
+    loads: list = []
+    original = nn.Module.load_state_dict
+
+    def recording(module: nn.Module, state_dict, *args, **kwargs):
+        result = original(module, state_dict, *args, **kwargs)
+        loads.append(result)
+        return result
+
+    nn.Module.load_state_dict = recording
+    try:
+        yield loads
+    finally:
+        nn.Module.load_state_dict = original
+
+
+def check_base_weights_loaded(model: nn.Module, loads: list, path: str | Path, name: str) -> None:
+    """Refuse a weights file ``path`` that did not set every weight of the timm model ``name`` it was loaded into
+    (``loads`` from :func:`recorded_weight_loads`). All that may stay random is the classifier timm drops for a
+    new class count (the pretrained cfg's ``classifier``); the adapters and heads a method adds to a base
+    model are built after its weights are loaded, so they are not among the missing keys."""
+    classifiers = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    may_stay = {f"{classifier}.{part}" for classifier in classifiers for part in ("weight", "bias")}
+    if not loads:
+        raise UserError(f"the weights file {path} was not loaded into {name}")
+    missing = [key for result in loads for key in result.missing_keys if key not in may_stay]
+    if missing:
+        unexpected = [key for result in loads for key in result.unexpected_keys]
+        raise UserError(
+            f"the weights file {path} does not fit {name}: it has no weights for {len(missing)} of its tensors "
+            f"({names_for_message(missing, 8)})"
+            + (f", and {len(unexpected)} of its own are not in the model ({names_for_message(unexpected, 8)})"
+               if unexpected else "")
+            + "; they would stay random. Pass the weights of this model or of the timm model it is built on."
         )

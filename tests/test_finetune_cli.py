@@ -298,6 +298,37 @@ def test_a_base_checkpoint_that_does_not_fit_is_a_clear_error(dataset, tmp_path,
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("which", ["another architecture", "blocks left out"])
+def test_a_base_checkpoint_that_leaves_weights_random_is_refused(dataset, tmp_path, capsys, which):
+    """timm loads the base non-strictly for a new class count: a resnet's file, or a ViT file without its blocks,
+    used to train from random frozen weights and report success."""
+    if which == "another architecture":
+        weights = timm.create_model("resnet18", num_classes=3).state_dict()
+        expected = "and 122 of its own are not in the model"
+    else:
+        base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=4,
+                                 num_heads=3)
+        weights = {k: v for k, v in base.state_dict().items() if not k.startswith("blocks.3.")}
+        expected = "'blocks.3.norm1.weight'"
+    path = tmp_path / "base.pth"
+    torch.save(weights, path)
+    assert main(finetune_args(dataset, tmp_path / "run", "--checkpoint", str(path), epochs=1)) == 1
+    err = capsys.readouterr().err
+    assert "does not fit sparse_tuning_vit_tiny_patch16_224: it has no weights for" in err and expected in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "trainable.safetensors").exists()
+
+
+def test_weight_loads_are_recorded_only_inside_the_context():
+    layer = torch.nn.Linear(2, 2)
+    from effvision.torch_checkpoint import recorded_weight_loads
+
+    with recorded_weight_loads() as loads:
+        layer.load_state_dict({"weight": torch.zeros(2, 2)}, strict=False)
+    layer.load_state_dict(layer.state_dict())
+    assert [result.missing_keys for result in loads] == [["bias"]]
+    assert torch.nn.Module.load_state_dict.__name__ == "load_state_dict"
+
+
 def test_a_model_larger_than_this_machine_is_refused_before_it_is_built(dataset, tmp_path, capsys):
     args = ["finetune", str(dataset), "--model", "vit_tiny_patch16_224", "-o", str(tmp_path / "run"), "--workers", "0",
             "--option", "embed_dim=16384", "--option", "depth=256", "--option", "num_heads=16"]  # 3 TB

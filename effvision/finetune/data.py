@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 from torchvision.datasets import ImageFolder
 
-from effvision.errors import UserError
+from effvision.errors import UserError, names_for_message
 
 #: consecutive unreadable training images after which the run stops (a folder of non-images, not a stray file)
 MAX_UNREADABLE_IN_A_ROW = 20
@@ -64,13 +64,6 @@ def class_names(split_dir: Path) -> list[str]:
     if not classes:
         raise UserError(f"dataset folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>)")
     return classes
-
-
-def names_for_message(names: list[str], shown: int = 20) -> str:
-    """``names`` for a message: at most ``shown`` of them, then how many there are (a crafted run may hold 900000)."""
-    if len(names) <= shown:
-        return str(list(names))
-    return f"[{', '.join(repr(name) for name in names[:shown])}, ... ({len(names)} in all)]"
 
 
 def check_splits(data_dir: str | Path) -> list[str]:

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from effvision.bounded_config import Limit, check_timm_model, checked_fields, read_json_object
-from effvision.errors import UserError
+from effvision.errors import UserError, names_for_message
 from effvision.finetune import checkpoint
-from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error, names_for_message
+from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error
 from effvision.io_utils import read_bytes
+from effvision.torch_checkpoint import check_base_weights_loaded, recorded_weight_loads
 from effvision.training import (
     Distributed,
     TimeLimit,
@@ -138,7 +139,8 @@ def create_model(config: FinetuneConfig) -> nn.Module:
         kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(config.checkpoint).resolve()))
     torch.manual_seed(config.seed)
     try:
-        return timm.create_model(config.model, pretrained=pretrained, **kwargs)
+        with recorded_weight_loads() as loads:
+            model = timm.create_model(config.model, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError) as error:
         raise UserError(f"cannot build {config.model} with {config.model_kwargs}: {error}") from error
     except Exception as error:  # noqa: BLE001 - the model built on the meta device, so loading its weights failed
@@ -148,6 +150,9 @@ def create_model(config: FinetuneConfig) -> nn.Module:
             f"cannot load the base checkpoint {config.checkpoint} into {config.model} "
             f"({type(error).__name__}: {str(error)[:500]})"
         ) from error
+    if config.checkpoint is not None:
+        check_base_weights_loaded(model, loads, config.checkpoint, config.model)
+    return model
 
 
 def resolve_device(name: str) -> torch.device:
