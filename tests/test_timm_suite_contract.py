@@ -421,3 +421,24 @@ def test_an_empty_batch_gives_empty_outputs_as_timm_does(name):
         logits = model.train()(empty)
     assert logits.shape == (0, 1000)
     logits.sum().backward()
+
+
+@pytest.mark.parametrize("name", ["ppt_vit_tiny_patch16_224", "tome_vit_tiny_patch16_224"])
+@pytest.mark.parametrize("side", [160, 256])
+def test_dynamic_img_size_maps_have_the_grid_of_the_image_given(name, side):
+    """With ``dynamic_img_size=True`` the NCHW maps (features_only, forward_intermediates) follow the image's
+    patch grid, as timm's: they used the 224 px grid, silently wrong at 256 px and a reshape error at 160.
+    With nothing removed (r=0) they equal the plain timm model's maps."""
+    torch.manual_seed(0)
+    reduced = timm.create_model(name, dynamic_img_size=True, r=0).eval()
+    plain = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True).eval()
+    plain.load_state_dict(reduced.state_dict())
+    x = images(1)[:, :, :side, :side] if side <= 224 else torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        _, maps = reduced.forward_intermediates(x, indices=[5, 11])
+        _, expected = plain.forward_intermediates(x, indices=[5, 11])
+        features = timm.create_model(name, dynamic_img_size=True, features_only=True, out_indices=(-1,)).eval()(x)
+    assert [m.shape for m in maps] == [(1, 192, side // 16, side // 16)] * 2 == [m.shape for m in expected]
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert features[0].shape == (1, 192, side // 16, side // 16)

@@ -276,8 +276,11 @@ class TokenReducedModel:
 
         tokens = [self.norm(s.x) if norm else s.x for s in states]
         prefix_tokens = [t[:, :s.num_prefix] for t, s in zip(tokens, states, strict=True)]
-        if nchw:
-            grid = tuple(self.patch_embed.grid_size)
+        if nchw:  # the grid of this image, as timm's: with dynamic_img_size it is not the grid of img_size
+            if getattr(self, "dynamic_img_size", False):
+                grid = tuple(self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
+            else:
+                grid = tuple(self.patch_embed.grid_size)
             intermediates = [unmerge(t, s.source, grid) for t, s in zip(tokens, states, strict=True)]
         else:
             intermediates = [t[:, s.num_prefix:] for t, s in zip(tokens, states, strict=True)]
