@@ -222,6 +222,47 @@ def test_hooks_can_replace_input_and_output_and_backward_hooks_run():
     assert len(gradients) == 1 and gradients[0].shape == (2, 35, 48)
 
 
+def test_hooks_on_the_attention_modules_fire_with_their_input_and_output_as_in_timm():
+    """timm's block calls ``attn(norm1(x))``; the reduced blocks compute attention from its parts, and used to
+    skip hooks on ``attn`` (timm's AttentionExtract(method='hook') style of reading attention)."""
+    model = tome_vit(seed=11)
+    images = torch.randn(2, 3, 64, 64)
+    seen = []
+    handles = [block.attn.register_forward_hook(lambda m, args, out, i=i: seen.append((i, args[0], out)))
+               for i, block in enumerate(model.blocks)]
+    with torch.no_grad():
+        plain = model(images)
+    schedule = effvision.reduction_info(model)["tokens"]
+    assert [(i, x.shape[1], out.shape) for i, x, out in seen] == [(i, n, (2, n, 48)) for i, n in enumerate(schedule)]
+    first = model.blocks[0]
+    expected_in = first.norm1(model.norm_pre(model._pos_embed(model.patch_embed(images))))
+    torch.testing.assert_close(seen[0][1], expected_in)
+    for handle in handles:
+        handle.remove()
+    handle = model.blocks[5].attn.register_forward_hook(lambda m, args, out: out * 0)  # output replaced
+    with torch.no_grad():
+        changed = model(images)
+    handle.remove()
+    assert not torch.allclose(changed, plain)
+
+
+def test_an_attention_module_with_another_forward_is_refused_not_skipped():
+    from timm.layers.attention import Attention
+
+    class ZeroAttention(Attention):
+        def forward(self, x, attn_mask=None):
+            return torch.zeros_like(x)
+
+    model = tome_vit(seed=12)
+    old = model.blocks[2].attn
+    model.blocks[2].attn = ZeroAttention(48, num_heads=3)
+    with pytest.raises(ValueError, match=r"blocks\[2\].attn: ZeroAttention.*another forward would be skipped"):
+        model(torch.randn(1, 3, 64, 64))
+    model.blocks[2].attn = old
+    with pytest.raises(ValueError, match=r"blocks\[0\].attn: DiffAttention"):
+        timm.create_model("tome_vit_tiny_patch16_224", attn_layer="diff")
+
+
 # ---------------------------------------------------------------- pickle, deepcopy, grad checkpointing
 def test_torch_save_and_pickle_round_trips_are_exact():
     model = effvision.reduce(make_family("deit_distilled", seed=10), "ppt", r=8, layers=(1, 3), track_source=True)

@@ -16,6 +16,7 @@ Policies often need more than the output:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,16 +40,35 @@ def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return size.log().to(dtype)[:, None, None, :]
 
 
-def check_attention_module(attn: nn.Module) -> None:
+@functools.cache
+def timm_attention_forwards() -> frozenset:
+    """The ``forward`` functions of timm's attention classes that :func:`attention_with_statistics` computes
+    from their parts: ``Attention``, ``EvaAttention`` and ``AttentionRope``."""
+    from timm.layers.attention import Attention, AttentionRope
+    from timm.models.eva import EvaAttention
+
+    return frozenset((Attention.forward, EvaAttention.forward, AttentionRope.forward))
+
+
+def check_attention_module(attn: nn.Module, where: str = "") -> None:
     """Raise ValueError unless ``attn`` is timm's self-attention (``Attention``, ``EvaAttention`` or
-    ``AttentionRope``): a fused qkv projection or separate q/k/v projections."""
+    ``AttentionRope``, or a subclass keeping their ``forward``): a fused qkv projection or separate q/k/v
+    projections. The reduced blocks compute attention from these parts and never call ``attn.forward``, so
+    another forward (timm's ``DiffAttention``, a user's replacement) would be skipped silently."""
+    name = type(attn).__name__
+    if type(attn).forward not in timm_attention_forwards():
+        raise ValueError(
+            f"unsupported attention module {where}{name}: token reduction computes timm's Attention / "
+            f"EvaAttention / AttentionRope from their parts (qkv, norms, proj), so a module with another "
+            f"forward would be skipped; hooks on the attention module do run"
+        )
     required = ("num_heads", "head_dim", "scale", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
     missing = [name for name in required if not hasattr(attn, name)]
     fused = isinstance(getattr(attn, "qkv", None), nn.Linear)
     separate = all(isinstance(getattr(attn, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj"))
     if missing or not (fused or separate):
         raise ValueError(
-            f"unsupported attention module {type(attn).__name__}: token reduction needs timm's "
+            f"unsupported attention module {where}{name}: token reduction needs timm's "
             f"Attention / EvaAttention / AttentionRope (missing {missing or ['qkv or q/k/v projections']})"
         )
 

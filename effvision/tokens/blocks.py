@@ -10,7 +10,13 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.utils.hooks import BackwardHook
 
-from effvision.tokens.attention import AttentionStatistics, attention_with_statistics, size_bias
+from effvision.tokens.attention import (
+    AttentionStatistics,
+    attention_with_statistics,
+    check_attention_module,
+    size_bias,
+    timm_attention_forwards,
+)
 from effvision.tokens.state import TokenState
 from effvision.tokens.token_map import PerImageChoice, TokenMap, apply_token_map
 
@@ -277,9 +283,22 @@ class TokenReducingBlocks(nn.Sequential):
         rope = state.rope_embedding(index)
         num_prefix = state.num_prefix
 
+        attn = block.attn
+        if type(attn).forward not in timm_attention_forwards():  # replaced after the model was reduced
+            check_attention_module(attn, f"blocks[{index}].attn: ")
+
         def attention_part(x: Tensor, bias: Tensor | None, rope: Tensor | None):
-            out, stats = attention_with_statistics(block.attn, block.norm1(x), bias, need, rope, num_prefix)
-            return x + block.drop_path1(layer_scale(block, 1, out)), stats
+            if not has_hooks(attn):
+                out, stats = attention_with_statistics(attn, block.norm1(x), bias, need, rope, num_prefix)
+                return x + block.drop_path1(layer_scale(block, 1, out)), stats
+            found = {}  # hooks on the attention module see its input and output, as in timm's block
+
+            def run(h: Tensor) -> Tensor:
+                out, found["stats"] = attention_with_statistics(attn, h, bias, need, rope, num_prefix)
+                return out
+
+            out = call_with_hooks(attn, run, block.norm1(x))
+            return x + block.drop_path1(layer_scale(block, 1, out)), found["stats"]
 
         def mlp_part(x: Tensor) -> Tensor:
             return x + block.drop_path2(layer_scale(block, 2, block.mlp(block.norm2(x))))

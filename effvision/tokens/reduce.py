@@ -31,7 +31,7 @@ def _check_vit(model: nn.Module) -> None:
         raise ValueError("token reduction of Eva models needs patch_drop_rate=0 and a fixed image size")
     for index, block in enumerate(model.blocks):
         if hasattr(block, "attn"):
-            check_attention_module(block.attn)
+            check_attention_module(block.attn, f"blocks[{index}].attn: ")
         else:
             raise ValueError(f"block {index} ({type(block).__name__}) has no self-attention module")
 
