@@ -165,6 +165,19 @@ def test_freeze_helper_reports_and_can_be_reapplied(adapter):
     assert report["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize(("global_pool", "pool_parts"), [("token", set()), ("avg", {"fc_norm"}),
+                                                       ("map", {"attn_pool"})])
+def test_the_pooling_parts_of_timms_head_train_with_it(global_pool, pool_parts):
+    """With global_pool='avg' or 'map' timm builds fc_norm / attn_pool new in front of the classifier; they
+    were frozen at their initialisation (a random attention pool). With the class token nothing changes."""
+    model = timm.create_model("sparse_tuning_vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4,
+                              embed_dim=48, num_heads=3, num_classes=5, layers=(1, 2), global_pool=global_pool)
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"dense_adapters", "head"} | pool_parts
+    frozen = {name.split(".")[0] for name, p in model.named_parameters() if not p.requires_grad}
+    assert {"blocks", "patch_embed"} <= frozen and not frozen & pool_parts
+
+
 @pytest.mark.parametrize("adapter", ["released", "dense"])
 def test_sparse_tuning_with_clca_exports(adapter):
     model = timm.create_model("clca_sparse_tuning_vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4,

@@ -19,8 +19,12 @@ from effvision.peft.released_adapter import ReleasedAdapters
 from effvision.tokens.blocks import TokenReducingBlocks
 from effvision.tokens.reduce import default_layers, reduce
 
-# parameter-name prefixes that train in parameter-efficient fine-tuning
-TRAINABLE_PREFIXES = ("dense_adapters.", "clca_cache.", "head.", "head_dist.")
+# parameter-name prefixes that train in parameter-efficient fine-tuning: the adapters, CLCA's cache, and timm's
+# classifier head as its forward_head runs it. The released code trains the adapters and `head` of a ViT
+# pooled by its class token, where `fc_norm` is an identity and there is no `attn_pool`; with
+# global_pool="avg" or "map", timm builds those two new for the head, and frozen at their initialisation they
+# would leave a random attention pool in front of the classifier.
+TRAINABLE_PREFIXES = ("dense_adapters.", "clca_cache.", "head.", "head_dist.", "fc_norm.", "attn_pool.")
 
 
 ADAPTERS = ("released", "dense")
