@@ -202,3 +202,13 @@ def test_clca_model_with_carriers_exports():
     x = images()
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_training_on_one_image_is_a_clear_error_and_eval_takes_one_image():
+    """BatchNorm (as released) cannot train on one image; its own message named no cause."""
+    model = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), carriers=1)
+    with pytest.raises(ValueError, match="training needs 2 or more images a batch"):
+        model.train()(images(batch=1))
+    assert model.train()(images(batch=2)).shape == (2, 7)
+    with torch.no_grad():
+        assert model.eval()(images(batch=1)).shape == (1, 7)

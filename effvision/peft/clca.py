@@ -58,6 +58,11 @@ class CrossLayerAggregationHead(nn.Module):
             raise ValueError(
                 f"the aggregation head takes (B, {self.num_layers}, D) CLS tokens, got {tuple(cls_tokens.shape)}"
             )
+        if not traced and self.training and cls_tokens.shape[0] == 1:  # BatchNorm's own error names no cause
+            raise ValueError(
+                "CLCA's aggregation head normalises over the batch (BatchNorm1d, as the released code): training "
+                "needs 2 or more images a batch; one image works in eval mode"
+            )
         x = self.norm_in(cls_tokens.transpose(1, 2))  # (B, D, L)
         x = self.act(self.norm_mid(self.depthwise(x)))  # (B, 2D, 1)
         return x.flatten(1) if pre_logits else self.pointwise(x).flatten(1)
