@@ -196,3 +196,22 @@ def test_torch_compile_runs_the_reduction_in_eval_and_training():
     model.train()
     compiled(x).logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["tome_vit_tiny_patch16_224", "clca_ppt_vit_tiny_patch16_224",
+                                  "ppt_eva02_tiny_patch14_224"])
+def test_a_script_module_cast_to_bfloat16_after_scripting_equals_the_cast_model(name):
+    """The traces take every dtype from tensors (type_as, new_ones), not as constants: a script module cast after
+    scripting failed with 'mixed dtype (CPU): expect parameter to have scalar type of Float'."""
+    model = model_of(name)
+    size = model.pretrained_cfg["input_size"][1:]
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3)).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    scripted.to(torch.bfloat16)
+    with torch.no_grad():
+        got = scripted(x)
+        expected = model.to(torch.bfloat16)(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -193,7 +193,7 @@ class CrossLayerCache(nn.Module):
         if self.average:
             cached.append(x[:, prefix:].mean(dim=1, keepdim=True))
         if self.carriers:
-            cached.append(self._membership(state).transpose(1, 2).to(x.dtype) @ x)
+            cached.append(self._membership(state).transpose(1, 2).type_as(x) @ x)
         if block - 1 not in self.layers:
             return state.replace(extras={**state.extras, CACHE_KEY: tuple(cached)})
         state = insert_prefix_tokens(state, torch.cat(cached, dim=1))

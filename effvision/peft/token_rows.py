@@ -46,7 +46,7 @@ def insert_prefix_tokens(state: TokenState, tokens: Tensor) -> TokenState:
     source = state.source
     if source is not None:
         source = insert(source, source.new_zeros(batch, count, source.shape[2]))
-    x = insert(state.x, tokens.to(state.x.dtype))
+    x = insert(state.x, tokens.type_as(state.x))
     return state.replace(x=x, size=size, source=source, num_prefix=prefix + count)
 
 
@@ -57,4 +57,4 @@ def append_tokens(state: TokenState, tokens: Tensor) -> TokenState:
     source = state.source
     if source is not None:
         source = torch.cat([source, source.new_zeros(batch, count, source.shape[2])], dim=1)
-    return state.replace(x=torch.cat([state.x, tokens.to(state.x.dtype)], dim=1), size=size, source=source)
+    return state.replace(x=torch.cat([state.x, tokens.type_as(state.x)], dim=1), size=size, source=source)

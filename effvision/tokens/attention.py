@@ -33,11 +33,14 @@ class AttentionStatistics:
     value_norm: Tensor | None = None
 
 
-def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """Additive key bias log(size), (B, 1, 1, N), or None when all sizes are one."""
+def size_bias(size: Tensor | None, like: Tensor) -> Tensor | None:
+    """Additive key bias log(size), (B, 1, 1, N), in the dtype of ``like``, or None when all sizes are one.
+
+    Dtypes here and below are taken from tensors (``type_as``), not as ``x.dtype`` values: a TorchScript
+    trace would keep those as constants, and a script module cast to bfloat16 after tracing then failed."""
     if size is None:
         return None
-    return size.log().to(dtype)[:, None, None, :]
+    return size.log().type_as(like)[:, None, None, :]
 
 
 @functools.cache
@@ -131,7 +134,7 @@ def attention_with_statistics(
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         content_keys = content_keys.repeat_interleave(groups, dim=1)
-    mask = None if bias is None else bias.to(q.dtype)
+    mask = None if bias is None else bias.type_as(q)
 
     if getattr(attn, "fused_attn", True):
         out = F.scaled_dot_product_attention(

@@ -279,7 +279,7 @@ class TokenReducingBlocks(nn.Sequential):
                 state = before(index, state)
         reduces = self.policy.output_tokens(index, state.num_tokens, state.num_prefix) < state.num_tokens
         need = self.policy.needs if reduces else frozenset()
-        bias = size_bias(state.size, state.x.dtype) if self.policy.proportional_attention else None
+        bias = size_bias(state.size, state.x) if self.policy.proportional_attention else None
         rope = state.rope_embedding(index)
         num_prefix = state.num_prefix
 

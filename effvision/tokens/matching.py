@@ -93,7 +93,7 @@ def topk_with_fused_token(cls_attention: Tensor, num_prefix: int, keep_rate: flo
     rest_weight = cls_attention.gather(1, rest)
     fused_slot = num_prefix + num_keep
     keep_index = torch.cat([prefix, top + num_prefix, rest[:, :1] + num_prefix], dim=1)
-    ones = torch.ones(batch, num_prefix + num_keep, device=cls_attention.device, dtype=rest_weight.dtype)
+    ones = rest_weight.new_ones(batch, num_prefix + num_keep)
     keep_weight = torch.cat([ones, rest_weight[:, :1]], dim=1)
     src_index = rest[:, 1:] + num_prefix
     dst_index = torch.full_like(src_index, fused_slot)

@@ -62,7 +62,7 @@ class TokenState:
         """Token sizes as a (B, N) float32 tensor (ones when not tracked yet)."""
         if self.size is not None:
             return self.size
-        return torch.ones(self.x.shape[:2], device=self.x.device, dtype=torch.float32)
+        return self.x.new_ones(self.x.shape[:2], dtype=torch.float32)
 
     def rope_embedding(self, block: int) -> Tensor | None:
         """RoPE of the patch tokens at ``block``: (B, 1, N - P, D), or (B, heads, N - P, D) for mixed

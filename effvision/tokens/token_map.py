@@ -37,8 +37,8 @@ class TokenMap:
 
     def features(self, t: Tensor) -> Tensor:
         """Apply the weighted map to a per-token tensor (B, N, C) -> (B, M, C)."""
-        keep_weight = None if self.keep_weight is None else self.keep_weight.to(t.dtype)
-        src_weight = None if self.src_weight is None else self.src_weight.to(t.dtype)
+        keep_weight = None if self.keep_weight is None else self.keep_weight.type_as(t)
+        src_weight = None if self.src_weight is None else self.src_weight.type_as(t)
         return merge_tokens(t, self.keep_index, self.src_index, self.dst_index, keep_weight, src_weight)
 
     def sums(self, t: Tensor) -> Tensor:
