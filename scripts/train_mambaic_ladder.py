@@ -14,8 +14,8 @@ The shipped files were trained in that order, in two sessions: the first two sta
 third from the shipped file with ``--init``. q1-q5 were trained under an earlier numbering, one less, and each
 stage's seed is its Q, so to replay them bit for bit pass Q-1 and rename the files. q6 was trained (1000 steps)
 but is not shipped: on the corpus's test photos it loses to JPEG at the same size by 1.28 dB, on 8 of the 9
-photos where JPEG can make a file that size (bench/results/codec-rd-cpu.md). The shipped q4 and q5 then had their
-entropy models alone fine-tuned on whole 16x16 latents (scripts/init_mambaic_klt.py --config lite --init ...
+photos where JPEG can make a file that size (bench/results/codec-rd-cpu.md). All five shipped qualities then had
+their entropy models alone fine-tuned on whole 16x16 latents (scripts/init_mambaic_klt.py --config lite --init ...
 --latent-crop 16; the recipe is in each file's metadata and in bench/results/codec-rd-cpu.md).
 
 ``--config wide`` trains the upper rungs in the ``wide`` config (100 latent channels; a ``lite`` ``--init`` is
