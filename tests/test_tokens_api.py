@@ -89,6 +89,9 @@ def test_numpy_scalars_are_accepted_as_option_values():
                              threshold=np.float32(1e-4))
     policy = model.blocks.policy
     assert (policy.r, policy.layers, type(policy.r)) == (4, (1, 3), int)
+    assert effvision.reduce(make_family("vit"), "topk", layers=np.arange(1, 4)).blocks.policy.layers == (1, 2, 3)
+    with pytest.raises(ValueError, match="list of block indices"):
+        effvision.reduce(make_family("vit"), "topk", layers=np.array([1.5, 2.0]))
 
 
 def test_wrong_image_size_is_a_clear_value_error():

@@ -233,6 +233,8 @@ def _is_real(value: Any) -> bool:
 
 
 def check_layers(layers: Any, shape: ModelShape) -> tuple[int, ...]:
+    if isinstance(layers, np.ndarray) and layers.ndim == 1:
+        layers = list(layers)  # a sweep's integer array: its items are numpy ints
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(map(_is_int, layers)):
         # int() would have taken 3.7 as block 3 and "36" as blocks 3 and 6
         raise ValueError(f"reduction layers must be a list of block indices (ints), got {layers!r}")
