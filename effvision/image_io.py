@@ -24,6 +24,7 @@ so the command line can reject a bad image, or answer ``--help``, before it impo
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 MAX_PIXELS = 1 << 26
 #: largest image file read (1 GiB)
 MAX_FILE_BYTES = 1 << 30
+#: the Pillow formats :func:`open_image` reads (a camera's multi-picture JPEG opens as JPEG). Pillow knows
+#: about 40: some decode inside ``Image.open``, before any size check (an ICO entry holding a 12000x12000 PNG
+#: took 1 GB), and EPS would run Ghostscript
+READ_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM", "GIF", "AVIF")
+#: most scans a JPEG may have. Each scan is a pass over the whole image (about 40 ms at 64 MP here), and a
+#: file can repeat one of 95 bytes: 1000 scans took 37 s, so a 10 MB file could stall any command for an hour.
+#: Progressive JPEGs of common encoders have about 10.
+MAX_JPEG_SCANS = 100
 #: the modes :func:`normalize_mode` returns, which the ``.evc`` container stores
 STORED_MODES = ("RGB", "L", "RGBA", "LA")
 #: output suffix -> Pillow format that :func:`save_image` writes
@@ -77,19 +86,35 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=READ_FORMATS)
         try:
             check_pixels(image.height, image.width, max_pixels)
+            _check_jpeg_scans(image, data)
         except UserError as error:
             raise UserError(f"{name}: {error}") from None
         image.load()
-        return ImageOps.exif_transpose(image)
+        try:
+            return ImageOps.exif_transpose(image)
+        except (struct.error, TypeError, KeyError) as error:  # a tag whose type does not fit its value
+            raise UserError(f"{name}: corrupt EXIF orientation data ({type(error).__name__}: {error})") from None
     except UnidentifiedImageError as error:
-        raise UserError(f"{name}: not an image file (or not a format Pillow can read)") from error
+        raise UserError(
+            f"{name}: not an image file, or not one of the formats read ({', '.join(READ_FORMATS)})"
+        ) from error
     except Image.DecompressionBombError as error:
         raise UserError(f"{name}: too large for Pillow to decode ({error})") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise UserError(f"{name}: corrupt or truncated image ({error})") from error
+
+
+def _check_jpeg_scans(image: Image.Image, data: bytes) -> None:
+    """Refuse a JPEG with more than :data:`MAX_JPEG_SCANS` scans, counted before decoding. A scan starts with
+    an SOS marker (FF DA); inside entropy-coded data every FF byte is followed by 00, so the count is exact
+    but for markers inside metadata (an EXIF thumbnail's own scans), which only add to it."""
+    if image.format in ("JPEG", "MPO"):
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise UserError(f"a JPEG with {scans} scans (at most {MAX_JPEG_SCANS}; each is a pass over the image)")
 
 
 def normalize_mode(image: Image.Image) -> Image.Image:

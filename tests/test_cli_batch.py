@@ -81,7 +81,8 @@ def test_encode_goes_on_after_bad_inputs_and_reports_each_once(tmp_path, capsys)
     assert code == 1
     assert error_lines(capsys) == [
         f"effvision encode: error: {missing}: no such file",
-        f"effvision encode: error: {images / 'b.png'}: not an image file (or not a format Pillow can read)",
+        f"effvision encode: error: {images / 'b.png'}: not an image file, or not one of the formats read "
+        "(PNG, JPEG, BMP, TIFF, WEBP, PPM, GIF, AVIF)",
         f"effvision encode: error: {images / 'c.png'}: RuntimeError: cannot encode black "
         "(run with --debug for details)",
     ]

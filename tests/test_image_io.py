@@ -126,3 +126,61 @@ def test_save_image_refuses_unknown_formats_and_keeps_existing_files(tmp_path):
     with pytest.raises(UserError, match="exists"):
         save_image(Image.new("RGB", (1, 1)), tmp_path / "out.png")
     assert (tmp_path / "out.png").read_bytes() == b"keep"
+
+
+def progressive_jpeg_with_repeated_scans(repeats: int, side: int = 64) -> bytes:
+    """A valid progressive JPEG whose last scan (a refinement pass) is repeated ``repeats`` more times."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True, quality=50)
+    data = buffer.getvalue()
+    position, scans = 2, []
+    while data[position + 1] != 0xD9:  # walk the marker segments up to EOI
+        marker = data[position + 1]
+        end = position + 2 + struct.unpack(">H", data[position + 2:position + 4])[0]
+        if marker == 0xDA:  # entropy-coded data runs to the next marker that is not FF00 or RSTn
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+            scans.append((position, end))
+        position = end
+    start, stop = scans[-1]
+    return data[:stop] + data[start:stop] * repeats + data[stop:]
+
+
+def test_a_jpeg_with_more_scans_than_any_encoder_writes_is_refused_before_decoding():
+    """Each scan is a pass over the image: 1000 repeats of a 95-byte scan took 37 s at 64 MP."""
+    from effvision.image_io import MAX_JPEG_SCANS
+
+    normal = progressive_jpeg_with_repeated_scans(0)
+    assert open_image(normal).size == (64, 64)
+    crafted = progressive_jpeg_with_repeated_scans(MAX_JPEG_SCANS)
+    with Image.open(io.BytesIO(crafted)) as image:
+        image.load()  # Pillow itself decodes it: the file is valid, only its scan count is hostile
+    with pytest.raises(UserError, match=f"scans \\(at most {MAX_JPEG_SCANS}"):
+        open_image(crafted)
+
+
+def test_formats_outside_the_read_list_are_refused_before_pillow_decodes_them():
+    """An ICO entry may hold a PNG that Pillow decodes inside Image.open (1 GB for a 420 kB file); EPS would
+    run Ghostscript."""
+    entry = png_header_only(4, 4)
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(entry), 22) + entry
+    with pytest.raises(UserError, match="not one of the formats read"):
+        open_image(ico)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "TGA")
+    with pytest.raises(UserError, match="not one of the formats read"):
+        open_image(buffer.getvalue())
+
+
+def test_an_exif_tag_whose_type_does_not_fit_its_value_is_a_clear_error():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate
+    exif[0x010F] = "camera"  # Make, ASCII
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 24)).save(buffer, "JPEG", exif=exif)
+    data = buffer.getvalue()
+    assert data.count(b"\x01\x0f\x00\x02") == 1
+    crafted = data.replace(b"\x01\x0f\x00\x02", b"\x01\x08\x00\x02")  # Make -> CellWidth, a SHORT tag
+    with pytest.raises(UserError, match="photo.jpg: corrupt EXIF"):
+        open_image(crafted, name="photo.jpg")
+    assert open_image(data).size == (24, 20)  # the intact file is turned upright
