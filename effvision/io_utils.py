@@ -148,6 +148,13 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def check_regular_file(path: str | Path, what: str = "file") -> None:
+    """A :class:`UserError` unless ``path`` is a regular file: a FIFO makes every reader (``safe_open``,
+    ``torch.load``) block forever, and a device may never end."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path} does not exist or is not a regular file")
+
+
 def read_bytes(path: str | Path, max_bytes: int) -> bytes:
     """Read a whole file (or stdin for ``"-"``), refusing anything larger than ``max_bytes``."""
     if str(path) == STDIO:

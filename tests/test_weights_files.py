@@ -65,3 +65,23 @@ def test_tune_checkpoint_that_is_a_fifo_is_an_error_not_a_hang(tmp_path, capsys)
     assert main(["tune", "deit_tiny_patch16_224", "--target", "2x", "--checkpoint", str(tmp_path / "fifo.pth"),
                  "-o", str(tmp_path / "a.json")]) == 1
     assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_safetensors_readers_refuse_a_fifo_instead_of_blocking(tmp_path, capsys):
+    """safe_open waits for a writer forever: train-codec --init / train-vqgan --init / --checkpoint hung."""
+    from effvision.codecs.mambaic.checkpoint import load_checkpoint
+    from effvision.codecs.vqgan.model import VQGANCodec
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="does not exist or is not a regular file"):
+        load_checkpoint(fifo)
+    with pytest.raises(UserError, match="do not exist or are not a regular file"):
+        VQGANCodec.load(fifo)
+    (tmp_path / "photos").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(tmp_path / "photos" / "a.png")
+    assert main(["train-codec", "--data", str(tmp_path / "photos"), "--init", str(fifo), "--steps", "1",
+                 "--out", str(tmp_path / "run")]) == 1
+    assert "is not a regular file" in capsys.readouterr().err

@@ -63,6 +63,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
     from effvision.errors import UserError
 
+    if not Path(path).is_file():  # load_file blocks on a FIFO
+        raise UserError(f"{path} does not exist or is not a regular file")
     saved = load_file(str(path))
     own = model.state_dict()
     unknown = sorted(set(saved) - set(own))

@@ -461,6 +461,8 @@ class VQGANCodec(CompressionModel):
         from safetensors import safe_open
 
         source = str(path)
+        if not Path(source).is_file():  # safe_open blocks on a FIFO
+            raise _user_error(f"VQGAN weights {path} do not exist or are not a regular file")
         try:
             with safe_open(source, framework="pt") as handle:
                 metadata = handle.metadata() or {}
