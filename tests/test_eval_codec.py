@@ -111,6 +111,34 @@ def test_eval_codec_writes_json_markdown_and_plot(image_dir: Path, two_quality_c
     assert "BD-rate" in report and "BD-PSNR" in report
     assert Path(f"{out}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert document["machine"]["cpus"] >= 1
+    assert sorted(p.name for p in tmp_path.glob("*rd*")) == ["rd.json", "rd.md", "rd.png"]  # no temp file left
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown", "--plot"])
+def test_existing_reports_are_kept_without_force_and_checked_before_the_evaluation(
+        image_dir: Path, two_quality_codec, tmp_path: Path, capsys, monkeypatch, option) -> None:
+    from effvision.codecs import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated before the output check"))
+    kept = tmp_path / "kept.out"
+    kept.write_text("a report of last week")
+    base = ["eval-codec", "--data", str(image_dir), "--codec", two_quality_codec, "--classical", "jpeg"]
+    assert main([*base, option, str(kept)]) == 1
+    assert "--force" in capsys.readouterr().err and kept.read_text() == "a report of last week"
+    assert main([*base, option, str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_the_plot_is_written_through_a_fresh_temp_name_not_a_planted_symlink(
+        image_dir: Path, two_quality_codec, tmp_path: Path) -> None:
+    """The plot went to the fixed name .NAME.tmp.png, following a symlink planted there."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".rd.png.tmp.png").symlink_to(victim)
+    assert main(["eval-codec", "--data", str(image_dir), "--codec", two_quality_codec, "--classical", "jpeg",
+                 "--plot", str(tmp_path / "rd.png")]) == 0
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_learned_rows_come_from_real_evc_files(image_dir: Path, two_quality_codec) -> None:

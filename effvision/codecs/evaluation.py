@@ -652,9 +652,12 @@ def markdown_report(evaluation: Evaluation) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rd_plot(evaluation: Evaluation, path: str | Path) -> None:
-    """PSNR and MS-SSIM vs bpp (log axis): classical curves (Pareto fronts of the means) and learned ladders."""
+def rd_plot(evaluation: Evaluation, path: str | Path, force: bool = True) -> None:
+    """PSNR and MS-SSIM vs bpp (log axis): classical curves (Pareto fronts of the means) and learned ladders.
+    Written atomically (:func:`effvision.io_utils.atomic_path`); an existing ``path`` only with ``force``."""
     import matplotlib
+
+    from effvision.io_utils import atomic_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -677,11 +680,11 @@ def rd_plot(evaluation: Evaluation, path: str | Path) -> None:
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle(f"mean over {len(evaluation.images)} images")
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temp, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    temp.replace(path)
+    try:
+        with atomic_path(path, force=force) as temp:  # a fresh temp name: a fixed one followed planted symlinks
+            figure.savefig(temp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(figure)
 
 
 # ------------------------------------------------------------------------------------------ ladder picture

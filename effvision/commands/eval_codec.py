@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="F", help="write the full evaluation (every row) as JSON")
     parser.add_argument("--markdown", type=Path, metavar="F", help="write the tables as markdown")
     parser.add_argument("--plot", type=Path, metavar="F.png", help="RD plot (PSNR and MS-SSIM vs bpp)")
+    parser.add_argument("--force", action="store_true", help="replace existing --json/--markdown/--plot files")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="learned codec device")
 
 
@@ -56,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--quality/--checkpoint apply to one codec; pass a single --codec")
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
+    from effvision.io_utils import check_output_file
+
     for path in (args.json, args.markdown, args.plot):
-        if path is not None and not path.parent.is_dir():
-            raise UserError(f"{path}: folder {path.parent} does not exist")
+        if path is not None:  # before the evaluation, which takes minutes
+            check_output_file(path, args.force)
 
     from effvision.image_io import list_images, open_image
 
@@ -113,12 +116,12 @@ def run(args: argparse.Namespace) -> int:
         document = {"command": shlex.join(["effvision", *sys.argv[1:]]), "machine": evaluation.machine_description(),
                     **result.as_dict()}
         text = json.dumps(evaluation.json_safe(document), indent=1, allow_nan=False)  # strict JSON: "inf" strings
-        atomic_write_bytes(args.json, (text + "\n").encode(), force=True)
+        atomic_write_bytes(args.json, (text + "\n").encode(), force=args.force)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
-        atomic_write_bytes(args.markdown, report.encode(), force=True)
+        atomic_write_bytes(args.markdown, report.encode(), force=args.force)
         print(f"wrote {args.markdown}", file=sys.stderr)
     if args.plot:
-        evaluation.rd_plot(result, args.plot)
+        evaluation.rd_plot(result, args.plot, force=args.force)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
