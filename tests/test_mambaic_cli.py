@@ -54,6 +54,8 @@ def test_train_codec_minutes_stops_with_a_model_and_a_state_to_resume(tmp_path: 
     (["--crop", "1000000"], "--crop must be between 1 and 8192"),  # was: a 12 TB allocation
     (["--batch-size", "4096", "--crop", "8192"], "at most a quarter of this machine's memory"),
     (["--save-every", "0"], "--save-every must be at least 1"),  # was: ZeroDivisionError at step 1
+    # the input batch is 0.75 GiB, but a training step on it would need hundreds (was: an allocator error)
+    (["--batch-size", "1", "--crop", "8192"], "a training step on 1 crops of 8192 px needs about"),
 ])
 def test_train_codec_options_no_training_can_run_are_clear_errors(tmp_path: Path, capsys, option, message) -> None:
     (tmp_path / "data").mkdir()
@@ -79,3 +81,54 @@ def test_training_images_are_held_to_a_memory_budget(tmp_path: Path) -> None:
         load_image_folder(tmp_path, budget_bytes=3 * 40 * 50 * 3 * 4 - 1)
     with pytest.raises(UserError, match="no image of at least 41x41"):
         load_image_folder(tmp_path, minimum_side=41)
+
+
+def _one_image_folder(folder: Path, side: int = 64) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)).save(folder / "a.png")
+    return folder
+
+
+def test_a_run_in_the_output_folder_is_continued_or_replaced_only_when_asked(tmp_path: Path, capsys) -> None:
+    """Without --resume a new run overwrote train_state.pt and model.safetensors of the run already there."""
+    data = _one_image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"last week's model")
+    base = ["train-codec", "--data", str(data), "--steps", "1", "--crop", "32", "--batch-size", "1", "--device", "cpu"]
+    assert main([*base, "--out", str(run)]) == 1
+    assert "already holds a run (model.safetensors): pass --resume" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == b"last week's model"
+    (tmp_path / "a-file").write_text("x")
+    assert main([*base, "--out", str(tmp_path / "a-file")]) == 1
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert main([*base, "--out", str(run), "--force"]) == 0
+    assert (run / "model.safetensors").read_bytes() != b"last week's model"
+
+
+def test_validation_images_too_large_to_validate_whole_are_refused_before_training(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    """Validation runs whole images after the first steps: an 8000x8000 PNG failed there, losing the run."""
+    from effvision import bounded_config
+
+    monkeypatch.setattr(bounded_config, "physical_memory_bytes", lambda: 2**30)  # a 1 GiB machine
+    data = _one_image_folder(tmp_path / "data")
+    val = _one_image_folder(tmp_path / "val", side=1024)
+    arguments = ["train-codec", "--data", str(data), "--val-data", str(val), "--steps", "1", "--crop", "32",
+                 "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert main(arguments) == 1
+    assert "validating a whole 1024x1024 image" in capsys.readouterr().err
+
+
+def test_validation_keeps_no_autograd_graph() -> None:
+    from effvision.codecs.mambaic import MambaIC
+    from effvision.codecs.mambaic.train import validate
+
+    model = MambaIC("lite")
+    seen = []
+    model.g_s.register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    metrics = validate(model, [torch.rand(3, 64, 64)], 0.013, "mse", "cpu")
+    assert seen == [False] and set(metrics) == {"loss", "bpp", "psnr"}

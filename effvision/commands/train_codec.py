@@ -23,6 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("runs/mambaic"), help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    parser.add_argument("--force", action="store_true", help="start a new run in OUT, replacing the run there")
     parser.add_argument("--init", type=Path, help="start from this MambaIC safetensors checkpoint")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; default)")
     parser.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
@@ -53,8 +54,17 @@ def run(args) -> int:
     for name in ("val_every", "save_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    _check_output_folder(args.out, args.resume, args.force)
+    with torch.device("meta"):  # the config's size, for the memory estimates below
+        sized = MambaIC(args.config)
+    _check_fits(sized.training_memory_bytes(args.batch_size, args.crop),
+                f"a training step on {args.batch_size} crops of {args.crop} px")
     train_images = load_image_folder(args.data)
     val_images = load_image_folder(args.val_data) if args.val_data else []
+    if val_images:  # validated whole, one image at a time, after the first steps: check now
+        largest = max(val_images, key=lambda image: image.shape[-2] * image.shape[-1])
+        _check_fits(sized.decode_memory_bytes(tuple(largest.shape[-2:])),
+                    f"validating a whole {largest.shape[-1]}x{largest.shape[-2]} image (crop the --val-data images)")
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.init, expected_config=args.config) if args.init else MambaIC(args.config)
     settings = TrainSettings(
@@ -69,3 +79,26 @@ def run(args) -> int:
         print(f"stopped by --minutes at step {history[-1]['step']} of {args.steps}; continue with --resume")
     print(f"wrote {args.out / 'model.safetensors'}")
     return 0
+
+
+def _check_output_folder(out: Path, resume: bool, force: bool) -> None:
+    """Before any work: OUT must be a folder (or not exist yet), and a run there is continued with --resume or
+    replaced with --force, never overwritten by accident."""
+    from effvision.errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    held = [name for name in ("train_state.pt", "model.safetensors") if (out / name).exists()]
+    if held and not (resume or force):
+        raise UserError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue it or --force to "
+                        "start over")
+
+
+def _check_fits(needed: int, what: str) -> None:
+    from effvision.bounded_config import physical_memory_bytes
+    from effvision.errors import UserError
+
+    budget = physical_memory_bytes() // 2
+    if needed > budget:
+        raise UserError(f"{what} needs about {needed / 2**30:.1f} GiB; this machine allows {budget / 2**30:.1f} "
+                        "GiB (half its memory)")
