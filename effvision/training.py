@@ -182,8 +182,9 @@ def resume_training_state(
     optional: Iterable[str] = (),
 ) -> dict | None:
     """Load the state at ``path`` into ``parts`` (see :func:`restore`) and return it (for its step and other
-    values); None, with the parts untouched, when ``path`` is None or no such file exists."""
-    if path is None or not Path(path).is_file():
+    values); None, with the parts untouched, when ``path`` is None or no such file exists (anything else there,
+    a FIFO or a folder, is a :class:`UserError` from :func:`load_training_state`)."""
+    if path is None or not os.path.lexists(path):
         return None
     state = load_training_state(path, map_location)
     restore(state, parts, optional)

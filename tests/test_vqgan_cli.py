@@ -94,3 +94,47 @@ def test_options_no_training_can_run_are_clear_errors_before_any_image_is_read(t
     assert main(["train-vqgan", str(folder), "-o", str(tmp_path / "x.safetensors"), "--crop", "32", *option]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_existing_output_is_kept_without_force_and_checked_before_training(image_dir, tmp_path, capsys):
+    """train-vqgan -o replaced an existing file after the training (and a folder failed only then)."""
+    out = tmp_path / "codec.safetensors"
+    out.write_bytes(b"last week's codec")
+    args = [str(image_dir), "--crop", "32", "--batch-size", "2", "--steps", "1"]
+    assert main(["train-vqgan", *args, "-o", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == b"last week's codec"
+    assert main(["train-vqgan", *args, "-o", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["train-vqgan", *args, "-o", str(out), "--force"]) == 0
+    assert VQGANCodec.load(out).codebook_size > 0
+
+
+def test_a_training_checkpoint_that_is_a_fifo_is_an_error_not_a_fresh_start(image_dir, tmp_path, capsys):
+    """--resume with a FIFO as --checkpoint started from scratch and replaced the FIFO with a file."""
+    import os
+    import stat
+
+    fifo = tmp_path / "state.train.pt"
+    os.mkfifo(fifo)
+    assert main(["train-vqgan", str(image_dir), "-o", str(tmp_path / "x.safetensors"), "--crop", "32",
+                 "--batch-size", "2", "--steps", "1", "--checkpoint", str(fifo), "--resume"]) == 1
+    assert "is not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_index_model_fitting_encodes_large_images_in_tiles(monkeypatch):
+    """A whole 2048 px image took 3.6 GB to encode; tiles keep the index map's shape (and the whole map when one
+    tile holds the image)."""
+    import effvision.codecs.vqgan.model as vqgan_model
+    from effvision.codecs.vqgan.model import load_demo_codec
+
+    codec = load_demo_codec(k=16)
+    image = torch.rand(3, 80, 96)
+    whole = codec.encode_indices(image[None])[0]
+    assert torch.equal(codec._tiled_indices(image, 96), whole)
+    calls = []
+    original = codec.encode_indices
+    monkeypatch.setattr(codec, "encode_indices", lambda x: calls.append(tuple(x.shape[-2:])) or original(x))
+    tiled = codec._tiled_indices(image, 32)
+    assert tiled.shape == whole.shape and max(calls) == (32, 32) and len(calls) == 9
+    assert vqgan_model.FIT_TILE_CELLS * vqgan_model.CELL == 1024

@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restorer-steps", type=int, default=0, help="also train the lost-index restorer")
     parser.add_argument("--checkpoint", type=Path, help="training checkpoint (default: OUTPUT.train.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT (--resume replaces it too)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -75,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("gan_start", "restorer_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    from effvision.io_utils import check_output_file
+
+    check_output_file(args.output, args.force or args.resume)  # before the training, which takes hours
     torch.manual_seed(args.seed)
     codec = _initial_codec(args)  # before the images are read: a bad config or checkpoint fails at once
     images = load_image_folder(args.data, minimum_side=args.crop, uint8=True)
@@ -98,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
         train_restorer(codec.restorer, codec.reference_maps, codec.vq.quantize.embedding.weight.detach(),
                        steps=args.restorer_steps, seed=args.seed,
                        checkpoint_path=checkpoint.with_suffix(".restorer.pt"), resume=args.resume)
-    codec.save(args.output)
+    codec.save(args.output, force=args.force or args.resume)
     print(f"wrote {args.output} (K={codec.codebook_size})")
     return 0

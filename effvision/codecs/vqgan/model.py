@@ -50,6 +50,8 @@ from effvision.errors import UserError
 from effvision.io_utils import atomic_path
 
 CELL = 16
+#: fit_index_model encodes training images in tiles of this many cells (1024 px) at most
+FIT_TILE_CELLS = 64
 CONTEXT_GROUPS = 8
 CODERS = ("learned", "fixed")
 #: a file may mark at most this share of a tile's indices lost: restoration costs no bytes, so this keeps
@@ -139,7 +141,7 @@ class VQGANCodec(CompressionModel):
         cells = crop // CELL
         maps = []
         for image in images:
-            indices = self.encode_indices(image[None])[0]
+            indices = self._tiled_indices(image, max(cells, FIT_TILE_CELLS) * CELL)
             for top in range(0, indices.shape[0] - cells + 1, cells):
                 for left in range(0, indices.shape[1] - cells + 1, cells):
                     maps.append(indices[top : top + cells, left : left + cells])
@@ -147,6 +149,19 @@ class VQGANCodec(CompressionModel):
             raise ValueError(f"no reference image is at least {crop}x{crop} pixels")
         self.reference_maps = torch.stack(maps)
         self._fit_index_model_to_references()
+
+    def _tiled_indices(self, image: Tensor, tile: int) -> Tensor:
+        """(3, H, W) -> its (h, w) index map, encoded in ``tile`` px tiles (whole when it fits in one): a whole
+        2048 px image took 3.6 GB to encode, so a folder of large photos could not be fitted."""
+        height, width = image.shape[-2:]
+        if height <= tile and width <= tile:
+            return self.encode_indices(image[None])[0]
+        rows = [
+            torch.cat([self.encode_indices(image[None, :, top:top + tile, left:left + tile])[0]
+                       for left in range(0, width, tile)], dim=1)
+            for top in range(0, height, tile)
+        ]
+        return torch.cat(rows, dim=0)
 
     def update(self, scale_table=None, force: bool = False, update_quantiles: bool = False) -> bool:
         """compressai's hook: (re)build the index model's CDFs from the reference maps."""
@@ -437,8 +452,9 @@ class VQGANCodec(CompressionModel):
         check_finite(state, str(path))
         self.vq.load_state_dict(state)
 
-    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> None:
-        """Write weights (``dtype``), reference maps and configs to a safetensors file, atomically."""
+    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16, force: bool = True) -> None:
+        """Write weights (``dtype``), reference maps and configs to a safetensors file, atomically (an existing
+        ``path`` is replaced only with ``force``)."""
         from safetensors.torch import save_file
 
         tensors = {f"vq.{k}": v.detach().to(dtype).contiguous() for k, v in self.vq.state_dict().items()}
@@ -450,7 +466,7 @@ class VQGANCodec(CompressionModel):
             restorer_state = self.restorer.state_dict().items()
             tensors.update({f"restorer.{k}": v.detach().to(dtype).contiguous() for k, v in restorer_state})
             metadata["restorer_config"] = json.dumps(self.restorer.config)
-        with atomic_path(path) as temp:
+        with atomic_path(path, force=force) as temp:
             save_file(tensors, temp, metadata=metadata)
 
     @classmethod
