@@ -186,9 +186,40 @@ def resume_training_state(
     a FIFO or a folder, is a :class:`UserError` from :func:`load_training_state`)."""
     if path is None or not os.path.lexists(path):
         return None
+    from effvision.errors import UserError
+
     state = load_training_state(path, map_location)
-    restore(state, parts, optional)
+    try:  # the file may be crafted or another run's: any mismatch is one line naming it (strict loads list keys)
+        if not isinstance(state, dict):
+            raise TypeError(f"a {type(state).__name__}, not a dict")
+        restore(state, parts, optional)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+        raise UserError(f"{path} is not a training state of this run ({type(error).__name__}: "
+                        f"{str(error)[:300]})") from error
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"{path}: its step {step!r:.40} is not an integer >= 0")
+    _check_restored_numbers(parts, path)
     return state
+
+
+def _check_restored_numbers(parts: Mapping[str, Stateful], source) -> None:
+    """:class:`UserError` unless every restored learning rate and beta is a finite number >= 0 and every
+    floating weight is finite: a NaN there trained every step and failed only when the model was saved."""
+    from effvision.errors import UserError
+
+    for name, part in parts.items():
+        if isinstance(part, torch.optim.Optimizer):
+            for group in part.param_groups:
+                numbers = [group.get("lr"), *group.get("betas", ())]
+                if not all(isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                           for v in numbers):
+                    raise UserError(f"{source}: {name}'s learning rate / betas {numbers!r:.80} are not all finite "
+                                    "and >= 0")
+        elif isinstance(part, torch.nn.Module):
+            for key, tensor in part.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise UserError(f"{source}: {name} weight {key} is not finite")
 
 
 def progress_bar(iterable: Iterable | None = None, show: bool = True, **tqdm_options):

@@ -60,6 +60,38 @@ def test_resume_continues_from_the_saved_step(tmp_path: Path) -> None:
     assert (tmp_path / "model.safetensors").is_file()
 
 
+def _nan_lr(state):
+    state["optimizer"]["param_groups"][0]["lr"] = float("nan")
+
+
+def _nan_weight(state):
+    name = next(key for key, value in state["model"].items() if value.is_floating_point())
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+
+
+@pytest.mark.parametrize(("craft", "message"), [
+    (_nan_lr, "learning rate / betas"),  # trained every step on NaN and failed only at the save
+    (_nan_weight, "is not finite"),
+    (lambda state: state.update(step=-5), "is not an integer >= 0"),  # ran 8 steps instead of 3
+    (lambda state: state.update(step=float("nan")), "is not an integer >= 0"),
+    (lambda state: state.pop("optimizer"), r"is not a training state of this run \(KeyError"),
+    (lambda state: state.update(model={f"extra.{i}": torch.zeros(1) for i in range(100_000)}),
+     r"is not a training state of this run \(RuntimeError"),  # an 8.9 MB message listed every key
+])
+def test_a_crafted_training_state_is_one_clear_error(tmp_path: Path, craft, message) -> None:
+    from effvision.errors import UserError
+
+    settings = TrainSettings(steps=1, batch_size=1, crop=64, progress=False, save_every=1)
+    train(MambaIC(TINY), _images(1), settings, out_dir=tmp_path)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    craft(state)
+    torch.save(state, tmp_path / "train_state.pt")
+    settings.steps = 3
+    with pytest.raises(UserError, match=message) as error:
+        train(MambaIC(TINY), _images(1), settings, out_dir=tmp_path, resume=True)
+    assert str(tmp_path / "train_state.pt") in str(error.value) and len(str(error.value)) < 600
+
+
 def test_time_limit_stops_after_the_current_step_and_saves_it(tmp_path: Path) -> None:
     settings = TrainSettings(steps=50, batch_size=1, crop=64, progress=False, save_every=100, max_seconds=0.0)
     history = train(MambaIC(TINY), _images(1), settings, out_dir=tmp_path)
