@@ -271,3 +271,13 @@ def test_bd_rate_leaves_out_lossless_points() -> None:
     test = [(0.1, 26.0), (0.2, 29.0), (0.4, 32.0)]
     expected = evaluation.bd_rate(anchor, test)
     assert evaluation.bd_rate([*anchor, (1.6, math.inf)], [*test, (0.5, math.nan)]) == pytest.approx(expected)
+
+
+def test_the_images_held_for_the_evaluation_are_bounded_before_they_are_all_read(
+        image_dir: Path, two_quality_codec, capsys, monkeypatch) -> None:
+    """24 copies of a 187 kB 8000x8000 PNG took 5 GB before any work (MemoryError)."""
+    from effvision import bounded_config
+
+    monkeypatch.setattr(bounded_config, "physical_memory_bytes", lambda: 4 * (48 * 64 * 3 + 1))  # one image fits
+    assert main(["eval-codec", "--data", str(image_dir), "--codec", two_quality_codec, "--classical", "jpeg"]) == 1
+    assert "passed at image 2 of 2" in capsys.readouterr().err

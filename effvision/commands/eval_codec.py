@@ -63,10 +63,19 @@ def run(args: argparse.Namespace) -> int:
         if path is not None:  # before the evaluation, which takes minutes
             check_output_file(path, args.force)
 
+    from effvision.bounded_config import physical_memory_bytes
     from effvision.image_io import list_images, open_image
 
     paths = list_images(args.data)[: args.limit]
-    images = [(path.name, open_image(path)) for path in paths]
+    images, held, budget = [], 0, physical_memory_bytes() // 4
+    for count, path in enumerate(paths, start=1):  # all are held for the evaluation: bound their decoded size
+        image = open_image(path)
+        held += image.width * image.height * len(image.getbands())
+        if held > budget:
+            raise UserError(f"the images of {args.data} take more than a quarter of this machine's memory decoded "
+                            f"({budget / 2**30:.1f} GiB, passed at image {count} of {len(paths)}); evaluate fewer "
+                            "(--limit) or smaller images")
+        images.append((path.name, image))
     from effvision.codecs.metrics import MIN_SSIM_SIDE
 
     for path, (_, image) in zip(paths, images, strict=True):
