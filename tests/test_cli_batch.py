@@ -181,3 +181,4 @@ def test_threads_out_of_range_are_a_clear_error(tmp_path, capsys, command, threa
 def test_a_max_pixels_below_one_is_a_clear_error(tmp_path, capsys, limit):
     assert cli.main(["decode", str(tmp_path / "x.evc"), "--max-pixels", limit]) == 1
     assert f"--max-pixels must be 1 or more, got {limit}" in capsys.readouterr().err
+

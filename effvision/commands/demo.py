@@ -13,12 +13,14 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from effvision.commands import int_in
+
 HELP = "run the built-in demo: PPT-DeiT-S vs DeiT-S speed, and the shipped codecs on a built-in photo"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per timed batch (default 8)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed batches per model, median reported")
+    parser.add_argument("--repeats", type=int_in(1, 1000), default=5, help="timed batches per model, median reported")
     parser.add_argument("--output", "-o", type=Path, default=Path("effvision-demo.png"),
                         help="side-by-side comparison image to write (.png, .webp, ...; default effvision-demo.png)")
     parser.add_argument("--skip-codecs", action="store_true", help="only run the token-reduction part")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from effvision.commands import MAX_EFFORT, int_in
+
 HELP = "compress images into .evc files with a learned codec"
 
 
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--effort",
-        type=int,
+        type=int_in(0, MAX_EFFORT),
         default=0,
         metavar="N",
         help="refine what is coded for each image with N optimisation steps (MambaIC: the latents, for smaller "

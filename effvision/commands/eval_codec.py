@@ -12,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from effvision.commands import MAX_EFFORT, int_in
+
 HELP = "rate-distortion of a learned codec's qualities vs JPEG/WebP/AVIF/JPEG XL: matched bytes, BD-rate, RD plot"
 
 DEFAULT_CLASSICAL = ("jpeg", "webp", "avif", "jxl")
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classical", nargs="+", metavar="NAME",
                         help="classical codecs: jpeg webp avif jxl avif-down webp-down (default: jpeg webp avif "
                              "jxl, plus avif-down webp-down with vqgan)")
-    parser.add_argument("--effort", nargs="+", type=int, default=[0], metavar="N",
+    parser.add_argument("--effort", nargs="+", type=int_in(0, MAX_EFFORT), default=[0], metavar="N",
                         help="encoder-side refinement steps to evaluate (MambaIC latents, VQGAN indices; each "
                         "N > 0 is its own curve NAME-effortN; default 0)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 
+from effvision.commands import MAX_SEED, int_in
 from effvision.errors import UserError
 
 HELP = "fine-tune a timm/effvision model (e.g. sparse_tuning_vit_base_patch16_224) on DATA/train, report val top-1"
@@ -38,7 +39,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output after its last epoch")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from effvision.commands import MAX_SEED, int_in
+
 HELP = "train a MambaIC learned codec on a folder of images (random crops; torchrun for several processes)"
 
 
@@ -27,7 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--init", type=Path, help="start from this MambaIC safetensors checkpoint")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; default)")
     parser.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     parser.add_argument("--minutes", type=float, help="stop after this many minutes of wall time, writing the "
                         "checkpoint and model as at the last step (--resume continues)")
 

@@ -16,6 +16,7 @@ import copy
 import math
 from pathlib import Path
 
+from effvision.commands import MAX_SEED, int_in
 from effvision.errors import UserError
 
 HELP = "train or fine-tune a VQGAN codec (K-means codebook clustering, index model, lost-index restorer)"
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="training checkpoint (default: OUTPUT.train.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--force", action="store_true", help="replace an existing OUTPUT (--resume replaces it too)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
 
 
 def _initial_codec(args: argparse.Namespace):

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from effvision.commands import MAX_SEED, int_in
+
 HELP = "measure token-reduction settings on this device and pick, per method, the most faithful one meeting a target"
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -40,7 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="PNG plot (default: the config's name with .png)")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     parser.add_argument("--force", action="store_true", help="overwrite an existing config")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
 
 
 def _create_model(args):
