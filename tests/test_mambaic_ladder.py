@@ -71,3 +71,14 @@ def test_upper_rungs_of_any_known_config_count_as_qualities(monkeypatch) -> None
     names = ["lite-q1", "lite-q2", "wide-q6", "wide160-q7", "unknownconfig-q8", "lite-demo", "paper-q9x"]
     monkeypatch.setattr(adapters, "shipped_weights", lambda codec: {n: Path(f"{n}.safetensors") for n in names})
     assert mambaic.shipped_qualities() == {1: "lite-q1", 2: "lite-q2", 6: "wide-q6", 7: "wide160-q7"}
+
+
+@pytest.mark.parametrize("quality", ["2", True, 2.0, torch.tensor(2)])
+def test_a_quality_that_is_not_an_int_is_refused(quality) -> None:
+    """load(quality="2") loaded q2 by the text of the weights' name."""
+
+    with pytest.raises(UserError, match="quality must be an integer"):
+        mambaic.load(quality=quality)
+    with pytest.raises(UserError, match="quality must be an integer"):
+        load_codec("vqgan", quality=quality)
+    assert mambaic.load(quality=np.int64(2)).config.name == "lite"

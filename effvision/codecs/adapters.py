@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
 import re
 import struct
 from pathlib import Path
@@ -123,6 +124,13 @@ class CompressAIImageCodec(ImageCodec):
 
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+def check_quality(quality) -> None:
+    """A :class:`UserError` unless ``quality`` is None or an int (numpy's too; not a bool, a string or a tensor:
+    "2" used to load quality 2 by the text of its name)."""
+    if quality is not None and (isinstance(quality, bool) or not isinstance(quality, numbers.Integral)):
+        raise UserError(f"quality must be an integer, got {quality!r:.40} ({type(quality).__name__})")
+
+
 #: the shipped MambaIC quality used when none is asked for (lambda = 0.013, compressai's middle quality).
 #: The ladder numbers qualities as compressai's zoo does (MSE): q1..q5 are lambda 0.0018, 0.0035, 0.0067,
 #: 0.013 and 0.025 (compressai's q6, 0.0483, was trained but loses to JPEG and is not shipped).
@@ -172,7 +180,7 @@ def select_weights(
     if quality is None:
         config_id = next(iter(shipped))
         return shipped[config_id], config_id
-    matches = [name for name in shipped if name.endswith(f"q{quality}")]
+    matches = [name for name in shipped if name.endswith(f"q{quality}")]  # quality checked an int by the loaders
     if not matches:
         raise UserError(f"no shipped {codec} weights for quality {quality}; shipped: {', '.join(shipped)}")
     return shipped[matches[0]], matches[0]
@@ -191,6 +199,7 @@ def load_mambaic(
     """
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
 
+    check_quality(quality)
     nothing_asked = quality is None and checkpoint is None and config_id is None and not pretrained
     if nothing_asked and f"lite-q{MAMBAIC_DEFAULT_QUALITY}" in shipped_weights("mambaic"):
         quality = MAMBAIC_DEFAULT_QUALITY
@@ -222,6 +231,7 @@ def load_vqgan(
             config_id, _, k = config_id.rpartition("-k")
             clustered_k = int(k)
         elif config_id is None and quality is not None:
+            check_quality(quality)
             if quality not in QUALITY_TO_K:
                 raise UserError(f"VQGAN quality must be one of {sorted(QUALITY_TO_K)} (codebook sizes), got {quality}")
             clustered_k, quality = QUALITY_TO_K[quality], None
