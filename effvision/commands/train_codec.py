@@ -57,13 +57,19 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     _check_output_folder(args.out, args.resume, args.force)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        on_cpu = torch.device(device).type == "cpu"  # the estimates are of CPU float32 runs, against this machine
+    except RuntimeError as error:
+        raise UserError(f"--device {device!r} is not a device ({error})") from None
     with torch.device("meta"):  # the config's size, for the memory estimates below
         sized = MambaIC(args.config)
-    _check_fits(sized.training_memory_bytes(args.batch_size, args.crop),
-                f"a training step on {args.batch_size} crops of {args.crop} px")
+    if on_cpu:
+        _check_fits(sized.training_memory_bytes(args.batch_size, args.crop),
+                    f"a training step on {args.batch_size} crops of {args.crop} px")
     train_images = load_image_folder(args.data)
     val_images = load_image_folder(args.val_data) if args.val_data else []
-    if val_images:  # validated whole, one image at a time, after the first steps: check now
+    if val_images and on_cpu:  # validated whole, one image at a time, after the first steps: check now
         largest = max(val_images, key=lambda image: image.shape[-2] * image.shape[-1])
         _check_fits(sized.decode_memory_bytes(tuple(largest.shape[-2:])),
                     f"validating a whole {largest.shape[-1]}x{largest.shape[-2]} image (crop the --val-data images)")
@@ -74,7 +80,6 @@ def run(args) -> int:
         lr=args.lr, final_lr=args.final_lr, val_every=args.val_every, save_every=args.save_every, seed=args.seed,
         amp=not args.no_amp, max_seconds=None if args.minutes is None else 60 * args.minutes,
     )
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     history = train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume,
                     device=device)
     if history and history[-1]["step"] < args.steps:
