@@ -215,3 +215,18 @@ def test_a_script_module_cast_to_bfloat16_after_scripting_equals_the_cast_model(
         expected = model.to(torch.bfloat16)(x)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tome_vit_tiny_patch16_224", "ppt_vit_tiny_patch16_224",
+                                  "clca_ppt_vit_tiny_patch16_224", "tome_eva02_tiny_patch14_224"])
+def test_the_traces_name_no_device(name):
+    """Index tensors follow the input's device (index_range, new_ones): arange(..., device=x.device) was kept in
+    the trace as the CPU, so a script module moved to CUDA would have made its indices on the CPU."""
+    model = model_of(name, track_source=True) if name.startswith("tome") else model_of(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    devices = [node for trace in (scripted.inference, scripted.training_forward)
+               for node in trace.inlined_graph.nodes()
+               if node.kind() == "prim::Constant" and str(node.output().type()) == "Device"]
+    assert devices == []

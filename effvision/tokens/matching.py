@@ -11,11 +11,12 @@ import math
 import torch
 from torch import Tensor
 
+from effvision.tokens.state import index_range
 from effvision.tokens.token_map import TokenMap
 
 
-def _prefix_index(batch: int, num_prefix: int, device: torch.device) -> Tensor:
-    return torch.arange(num_prefix, device=device).expand(batch, num_prefix)
+def _prefix_index(batch: int, num_prefix: int, like: Tensor) -> Tensor:
+    return index_range(0, num_prefix, 1, like).expand(batch, num_prefix)
 
 
 def bipartite_soft_matching(metric: Tensor, sizes: Tensor, num_prefix: int, r: int) -> TokenMap:
@@ -34,9 +35,8 @@ def bipartite_soft_matching(metric: Tensor, sizes: Tensor, num_prefix: int, r: i
     Output order: prefix tokens, unmerged A tokens (in sequence order), all B tokens (in sequence order).
     """
     batch, tokens, _ = metric.shape
-    device = metric.device
-    a_positions = torch.arange(num_prefix + (num_prefix % 2), tokens, 2, device=device)
-    b_positions = torch.arange(num_prefix + 1 - (num_prefix % 2), tokens, 2, device=device)
+    a_positions = index_range(num_prefix + (num_prefix % 2), tokens, 2, metric)
+    b_positions = index_range(num_prefix + 1 - (num_prefix % 2), tokens, 2, metric)
     if r > a_positions.numel():
         raise ValueError(f"cannot merge r={r} tokens: only {a_positions.numel()} tokens in set A")
 
@@ -50,7 +50,7 @@ def bipartite_soft_matching(metric: Tensor, sizes: Tensor, num_prefix: int, r: i
     num_unmerged = unmerged_a.shape[1]
     keep_index = torch.cat(
         [
-            _prefix_index(batch, num_prefix, device),
+            _prefix_index(batch, num_prefix, metric),
             a_positions[unmerged_a],
             b_positions.expand(batch, -1),
         ],
@@ -73,7 +73,7 @@ def prune_by_score(scores: Tensor, num_prefix: int, num_keep: int) -> TokenMap:
     """
     batch = scores.shape[0]
     top = scores.topk(num_keep, dim=-1, sorted=True).indices + num_prefix
-    keep_index = torch.cat([_prefix_index(batch, num_prefix, scores.device), top], dim=1)
+    keep_index = torch.cat([_prefix_index(batch, num_prefix, scores), top], dim=1)
     return TokenMap(keep_index)
 
 
@@ -87,7 +87,7 @@ def topk_with_fused_token(cls_attention: Tensor, num_prefix: int, keep_rate: flo
     num_keep = math.ceil(keep_rate * patches)
     order = cls_attention.argsort(dim=-1, descending=True)
     top, rest = order[:, :num_keep], order[:, num_keep:]
-    prefix = _prefix_index(batch, num_prefix, cls_attention.device)
+    prefix = _prefix_index(batch, num_prefix, cls_attention)
     if rest.shape[1] == 0:
         return TokenMap(torch.cat([prefix, top + num_prefix], dim=1))
     rest_weight = cls_attention.gather(1, rest)

@@ -9,6 +9,14 @@ import torch
 from torch import Tensor
 
 
+def index_range(start: int, stop: int, step: int, like: Tensor) -> Tensor:
+    """``torch.arange(start, stop, step)`` (int64) on the device of ``like``, built from ``like.new_ones`` so
+    that a TorchScript trace follows the device of its input: ``arange(..., device=x.device)`` is kept in a
+    trace as a constant, and a script module moved to another device would still make its indices there."""
+    count = len(range(start, stop, step))
+    return start + step * (like.new_ones(count, dtype=torch.long).cumsum(0) - 1)
+
+
 @dataclass
 class TokenState:
     """Tokens of a batch between two transformer blocks.
@@ -49,9 +57,9 @@ class TokenState:
         batch, tokens = x.shape[:2]
         source = position = None
         if track_source:
-            source = torch.eye(tokens, device=x.device, dtype=torch.float32).expand(batch, -1, -1)
+            source = torch.diag_embed(x.new_ones(tokens, dtype=torch.float32)).expand(batch, -1, -1)
         if rope is not None:
-            position = torch.arange(tokens, device=x.device).expand(batch, -1)
+            position = index_range(0, tokens, 1, x).expand(batch, -1)
         return cls(x=x, size=None, source=source, num_prefix=num_prefix, position=position, rope=rope)
 
     @property
