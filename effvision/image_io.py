@@ -108,13 +108,38 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
 
 
 def _check_jpeg_scans(image: Image.Image, data: bytes) -> None:
-    """Refuse a JPEG with more than :data:`MAX_JPEG_SCANS` scans, counted before decoding. A scan starts with
-    an SOS marker (FF DA); inside entropy-coded data every FF byte is followed by 00, so the count is exact
-    but for markers inside metadata (an EXIF thumbnail's own scans), which only add to it."""
-    if image.format in ("JPEG", "MPO"):
-        scans = data.count(b"\xff\xda")
-        if scans > MAX_JPEG_SCANS:
-            raise UserError(f"a JPEG with {scans} scans (at most {MAX_JPEG_SCANS}; each is a pass over the image)")
+    """Refuse, before decoding, a JPEG with more than :data:`MAX_JPEG_SCANS` scans, or a Huffman-coded one too
+    short for the size it declares.
+
+    A scan starts with an SOS marker (FF DA); inside entropy-coded data every FF byte is followed by 00, so the
+    count is exact but for markers inside metadata (an EXIF thumbnail's own scans), which only add to it. A
+    Huffman code is at least one bit, so a complete Huffman-coded JPEG holds at least one bit per 8x8 luma
+    block (its DC difference); libjpeg fills what is missing with grey, so a 1.5 kB file declaring 8000x8000
+    decoded to 64 MP of grey (arithmetic-coded JPEGs, SOF9-SOF15, are not held to this)."""
+    if image.format not in ("JPEG", "MPO"):
+        return
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise UserError(f"a JPEG with {scans} scans (at most {MAX_JPEG_SCANS}; each is a pass over the image)")
+    frame = _first_jpeg_frame_marker(data)
+    blocks = -(-image.width // 8) * -(-image.height // 8)
+    if frame in (0xC0, 0xC1, 0xC2, 0xC3) and 8 * len(data) < blocks:
+        raise UserError(f"truncated JPEG: it declares {image.width}x{image.height} pixels ({blocks} blocks of 8x8) "
+                        f"but holds only {len(data)} bytes")
+
+
+def _first_jpeg_frame_marker(data: bytes) -> int | None:
+    """The second byte of the first SOF marker (C0-CF but for DHT C4, JPG C8 and DAC CC), walking the marker
+    segments from the start (each length-prefixed) up to the first scan; None if there is none."""
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker == 0xDA:
+            return None
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
 
 
 def normalize_mode(image: Image.Image) -> Image.Image:

@@ -184,3 +184,21 @@ def test_an_exif_tag_whose_type_does_not_fit_its_value_is_a_clear_error():
     with pytest.raises(UserError, match="photo.jpg: corrupt EXIF"):
         open_image(crafted, name="photo.jpg")
     assert open_image(data).size == (24, 20)  # the intact file is turned upright
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_huffman_jpeg_too_short_for_its_declared_size_is_refused(progressive):
+    """A 16x16 JPEG whose frame header says 8000x8000 decoded to 64 MP of grey (libjpeg fills what is missing).
+    A complete Huffman-coded JPEG holds at least a bit per 8x8 luma block: the smallest files Pillow writes
+    (one grey, quality 1, optimised tables) are well above that bound."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (100, 150, 200)).save(buffer, "JPEG", progressive=progressive)
+    data = buffer.getvalue()
+    frame = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    crafted = data[:frame + 5] + struct.pack(">HH", 8000, 8000) + data[frame + 9:]
+    with pytest.raises(UserError, match="truncated JPEG: it declares 8000x8000 pixels"):
+        open_image(crafted)
+    for mode in ("L", "RGB"):
+        smallest = io.BytesIO()
+        Image.new(mode, (1024, 1024), 128).save(smallest, "JPEG", quality=1, optimize=True, progressive=progressive)
+        assert open_image(smallest.getvalue()).size == (1024, 1024)
