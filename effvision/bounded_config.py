@@ -209,13 +209,19 @@ def physical_memory_bytes() -> int:
 
 def check_float32_fits(shape: Sequence[int], what: str) -> None:
     """A :class:`UserError` when a float32 tensor of ``shape`` (``what``, e.g. "a batch of 16 crops of 256 px")
-    would take more than a quarter of this machine's memory: an option or a folder asks for it before any
-    allocation (a larger request would be killed by the OS, or swap for hours, instead of a clear error)."""
-    needed = 4 * math.prod(int(n) for n in shape)
-    budget = physical_memory_bytes() // 4
+    would take more than a quarter of this machine's memory (:func:`check_memory_fits`)."""
+    check_memory_fits(4 * math.prod(int(n) for n in shape), what)
+
+
+def check_memory_fits(needed: int, what: str, share: int = 4) -> None:
+    """A :class:`UserError` when ``needed`` bytes (``what`` needs them) exceed ``1/share`` of this machine's memory:
+    an option or a folder asks for them before any allocation (a larger request would be killed by the OS, or
+    swap for hours, instead of a clear error)."""
+    budget = physical_memory_bytes() // share
     if needed > budget:
+        portion = {2: "half", 4: "a quarter"}.get(share, f"1/{share}")
         raise UserError(
-            f"{what} would take {needed / 2**30:.1f} GiB; at most a quarter of this machine's memory "
+            f"{what} would take {needed / 2**30:.1f} GiB; at most {portion} of this machine's memory "
             f"({budget / 2**30:.1f} GiB) is allowed"
         )
 

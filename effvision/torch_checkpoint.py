@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from effvision.errors import UserError, names_for_message
+from effvision.io_utils import check_regular_file
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -205,8 +206,7 @@ def check_weights_file(path: str | Path) -> None:
     ``.safetensors`` file stores every tensor's bytes and safetensors checks its header, so only its kind is
     checked. The file is read twice (here, then by the library)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist or is not a regular file")
+    check_regular_file(path, "weights file")
     if path.suffix.lower() == ".safetensors":
         return
     pending: list[tuple[Any, str, int]] = [(load_torch_checkpoint(path), "", 0)]

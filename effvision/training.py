@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -154,10 +153,9 @@ def save_training_state(path: str | os.PathLike, state: dict) -> None:
 def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """A dict written by :func:`save_training_state`, loaded with ``weights_only=True`` (a :class:`UserError`
     if ``path`` is not a regular file: ``torch.load`` would block on a FIFO)."""
-    if not Path(path).is_file():
-        from effvision.errors import UserError
+    from effvision.io_utils import check_regular_file
 
-        raise UserError(f"training state {path} does not exist or is not a regular file")
+    check_regular_file(path, "training state")
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -39,6 +39,7 @@ def run(args) -> int:
 
     import torch
 
+    from effvision.bounded_config import check_memory_fits
     from effvision.codecs.mambaic.checkpoint import load_checkpoint
     from effvision.codecs.mambaic.model import CONFIGS, MambaIC
     from effvision.codecs.mambaic.train import TrainSettings, train
@@ -65,14 +66,15 @@ def run(args) -> int:
     with torch.device("meta"):  # the config's size, for the memory estimates below
         sized = MambaIC(args.config)
     if on_cpu:
-        _check_fits(sized.training_memory_bytes(args.batch_size, args.crop),
-                    f"a training step on {args.batch_size} crops of {args.crop} px")
+        check_memory_fits(sized.training_memory_bytes(args.batch_size, args.crop),
+                          f"a training step on {args.batch_size} crops of {args.crop} px", share=2)
     train_images = load_image_folder(args.data)
     val_images = load_image_folder(args.val_data) if args.val_data else []
     if val_images and on_cpu:  # validated whole, one image at a time, after the first steps: check now
         largest = max(val_images, key=lambda image: image.shape[-2] * image.shape[-1])
-        _check_fits(sized.decode_memory_bytes(tuple(largest.shape[-2:])),
-                    f"validating a whole {largest.shape[-1]}x{largest.shape[-2]} image (crop the --val-data images)")
+        check_memory_fits(sized.decode_memory_bytes(tuple(largest.shape[-2:])),
+                          f"validating a whole {largest.shape[-1]}x{largest.shape[-2]} image (crop the --val-data "
+                          "images)", share=2)
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.init, expected_config=args.config) if args.init else MambaIC(args.config)
     settings = TrainSettings(
@@ -99,13 +101,3 @@ def _check_output_folder(out: Path, resume: bool, force: bool) -> None:
     if held and not (resume or force):
         raise UserError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue it or --force to "
                         "start over")
-
-
-def _check_fits(needed: int, what: str) -> None:
-    from effvision.bounded_config import physical_memory_bytes
-    from effvision.errors import UserError
-
-    budget = physical_memory_bytes() // 2
-    if needed > budget:
-        raise UserError(f"{what} needs about {needed / 2**30:.1f} GiB; this machine allows {budget / 2**30:.1f} "
-                        "GiB (half its memory)")

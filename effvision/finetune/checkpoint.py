@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from effvision.io_utils import atomic_path
+from effvision.io_utils import atomic_path, check_regular_file
 
 CONFIG = "config.json"
 WEIGHTS = "trainable.safetensors"
@@ -63,8 +63,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
     from effvision.errors import UserError
 
-    if not Path(path).is_file():  # load_file blocks on a FIFO
-        raise UserError(f"{path} does not exist or is not a regular file")
+    check_regular_file(path, "weights file")  # load_file blocks on a FIFO
     saved = load_file(str(path))
     own = model.state_dict()
     unknown = sorted(set(saved) - set(own))

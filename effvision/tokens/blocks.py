@@ -288,16 +288,14 @@ class TokenReducingBlocks(nn.Sequential):
             check_attention_module(attn, f"blocks[{index}].attn: ")
 
         def attention_part(x: Tensor, bias: Tensor | None, rope: Tensor | None):
-            if not has_hooks(attn):
-                out, stats = attention_with_statistics(attn, block.norm1(x), bias, need, rope, num_prefix)
-                return x + block.drop_path1(layer_scale(block, 1, out)), stats
-            found = {}  # hooks on the attention module see its input and output, as in timm's block
+            found = {}
 
             def run(h: Tensor) -> Tensor:
                 out, found["stats"] = attention_with_statistics(attn, h, bias, need, rope, num_prefix)
                 return out
 
-            out = call_with_hooks(attn, run, block.norm1(x))
+            h = block.norm1(x)  # hooks on the attention module see its input and output, as in timm's block
+            out = call_with_hooks(attn, run, h) if has_hooks(attn) else run(h)
             return x + block.drop_path1(layer_scale(block, 1, out)), found["stats"]
 
         def mlp_part(x: Tensor) -> Tensor:
