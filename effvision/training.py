@@ -187,18 +187,27 @@ def resume_training_state(
     from effvision.errors import UserError
 
     state = load_training_state(path, map_location)
-    try:  # the file may be crafted or another run's: any mismatch is one line naming it (strict loads list keys)
+    restore_checked(state, parts, path, optional)
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"{path}: its step {step!r:.40} is not an integer >= 0")
+    return state
+
+
+def restore_checked(state: Any, parts: Mapping[str, Stateful], source, optional: Iterable[str] = ()) -> None:
+    """:func:`restore` of a state read from ``source``, which may be crafted or another run's: a state that is no
+    dict or whose parts do not load is one :class:`UserError` naming the file (cut short: a strict load lists
+    every key), and so are restored numbers that are not finite (:func:`_check_restored_numbers`)."""
+    from effvision.errors import UserError
+
+    try:
         if not isinstance(state, dict):
             raise TypeError(f"a {type(state).__name__}, not a dict")
         restore(state, parts, optional)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
-        raise UserError(f"{path} is not a training state of this run ({type(error).__name__}: "
+        raise UserError(f"{source} is not a training state of this run ({type(error).__name__}: "
                         f"{str(error)[:300]})") from error
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise UserError(f"{path}: its step {step!r:.40} is not an integer >= 0")
-    _check_restored_numbers(parts, path)
-    return state
+    _check_restored_numbers(parts, source)
 
 
 def _check_restored_numbers(parts: Mapping[str, Stateful], source) -> None:

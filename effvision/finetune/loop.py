@@ -29,7 +29,7 @@ from effvision.training import (
     cosine_factor,
     load_training_state,
     progress_bar,
-    restore,
+    restore_checked,
     save_training_state,
     state_dicts,
 )
@@ -244,15 +244,15 @@ def restore_run_state(state: dict, parts: dict, config: FinetuneConfig, source: 
     NaN weights and reported success)."""
     import math
 
+    restore_checked(state, parts, source)  # the optimizer's learning rates and betas are checked there
     try:
-        restore(state, parts)
         history, epochs_done = list(state["history"]), state["epochs_done"]
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+    except (KeyError, TypeError) as error:
         raise UserError(f"{source} is not a training state of this run ({type(error).__name__}: "
                         f"{str(error)[:200]})") from error
     if isinstance(epochs_done, bool) or not isinstance(epochs_done, int) or not 0 <= epochs_done <= config.epochs:
         raise UserError(f"{source}: {epochs_done!r:.40} epochs done, outside [0, {config.epochs}]")
-    rates = [*parts["scheduler"].base_lrs, *(group["lr"] for group in parts["optimizer"].param_groups)]
+    rates = parts["scheduler"].base_lrs  # the schedule restarts from these
     if not all(isinstance(rate, float | int) and math.isfinite(rate) and rate >= 0 for rate in rates):
         raise UserError(f"{source}: learning rates {rates!r:.80} are not all finite and >= 0")
     return history, epochs_done
