@@ -442,3 +442,23 @@ def test_dynamic_img_size_maps_have_the_grid_of_the_image_given(name, side):
     for got, want in zip(maps, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert features[0].shape == (1, 192, side // 16, side // 16)
+
+
+@pytest.mark.parametrize("name", ["ppt_vit_tiny_patch16_224", "tome_vit_tiny_patch16_224"])
+def test_attention_extract_by_hooks_gives_each_blocks_reduced_attention(name):
+    """timm's ``AttentionExtract(method="hook")`` reads ``attn_drop``'s input: the attention probabilities, which
+    a timm ViT computes only with fused attention off. Reduced blocks pass theirs through the same module, on the
+    tokens each block has. (``method="fx"`` cannot see inside the reduction: it is one fx leaf.)"""
+    from timm.utils import AttentionExtract
+
+    model = timm.create_model(name).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    with torch.no_grad():
+        maps = AttentionExtract(model, method="hook")(images())
+    assert list(maps) == [f"blocks.{i}.attn.attn_drop" for i in range(12)]
+    tokens = [m.shape[-1] for m in maps.values()]
+    assert tokens[0] == 197 and tokens[-1] < 197 and tokens == sorted(tokens, reverse=True)
+    for attention in maps.values():
+        assert attention.shape[:2] == (2, 3) and attention.shape[-2] == attention.shape[-1]
+        torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:-1]))
