@@ -5,15 +5,19 @@ Every image effvision reads (``encode``, training, evaluation) goes through :fun
 
 * **Size.** At most :data:`MAX_PIXELS` pixels (64 Mi, e.g. 8192 x 8192; a 12 MP photo is about a fifth of
   it), checked from the file header before any pixel is decoded, and files of at most
-  :data:`MAX_FILE_BYTES`. The decoder's ``--max-pixels`` default is the same limit.
+  :data:`MAX_FILE_BYTES`. The decoder's ``--max-pixels`` default is the same limit. Structures Pillow parses
+  piece by piece in Python are bounded before it does: JPEG scans, PNG chunks, Netpbm header length, TIFF
+  strips and tiles.
 * **Orientation.** An EXIF orientation tag is applied to the pixels: ``.evc`` keeps no metadata, and the
   decoded image should look as the original is shown.
 * **Modes.** Everything becomes 8 bits per channel in one of RGB, L, RGBA, LA (:data:`STORED_MODES`):
   palette images become RGB, or RGBA when they have a transparent colour; 1-bit becomes L (0 / 255);
-  high-bit-depth grayscale is *scaled*, not clipped, to 8 bits: 16-bit (``I;16*``) from 0..65535; 32-bit
-  integer and float (``I``, ``F``) from 0..65535 when any value exceeds 255, else from 0..255, except a
-  float image whose values all lie in [0, 1], taken as unit range (negative and non-finite values become
-  0); CMYK, YCbCr, LAB, HSV become RGB.
+  high-bit-depth grayscale is *scaled*, not clipped, to 8 bits: 16-bit (``I;16*``) and 16-bit Netpbm
+  (which Pillow opens as ``I`` scaled to its maximum value) from 0..65535; other 32-bit integer and float
+  (``I``, ``F``) from 0..65535 when any value exceeds 255, else from 0..255, except a float image whose
+  values all lie in [0, 1], taken as unit range (negative and non-finite values become 0); CMYK, YCbCr, LAB,
+  HSV become RGB. A PNG's transparent colour (tRNS) of a grey or RGB image becomes an alpha channel (LA,
+  RGBA), as it does for a palette image.
 * **Alpha.** Codecs code RGB and the container keeps alpha losslessly beside it; training and evaluation
   (:func:`to_rgb_array`; :func:`rgb_image` for fine-tuning's torchvision transforms) composite alpha onto white.
 
@@ -34,7 +38,9 @@ from effvision.errors import UserError
 from effvision.io_utils import STDIO, atomic_write_bytes, read_bytes
 
 #: suffixes of the image files taken from a folder or glob (lower case)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+IMAGE_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".gif", ".avif",
+)
 #: largest image read or decoded, in pixels: 2**26 (8192 x 8192); as float32 RGB that is 768 MiB
 MAX_PIXELS = 1 << 26
 #: largest image file read (1 GiB)
@@ -47,6 +53,16 @@ READ_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM", "GIF", "AVIF")
 #: file can repeat one of 95 bytes: 1000 scans took 37 s, so a 10 MB file could stall any command for an hour.
 #: Progressive JPEGs of common encoders have about 10.
 MAX_JPEG_SCANS = 100
+#: most chunks a PNG may have, plus one per 2 KiB of file: Pillow reads chunks one by one in Python (about
+#: 3 us each; 2 million empty chunks, 24 MB, took 6 s and, as private chunks, 290 MB). Real encoders write
+#: IDAT chunks of 8 KiB or more and a few dozen others.
+MAX_PNG_CHUNKS = 4096
+#: longest PBM/PGM/PPM/PFM header (comments included): Pillow parses it byte by byte (a 20 MB comment took 6 s)
+MAX_PPM_HEADER_BYTES = 1 << 16
+#: fewest pixels a TIFF strip or tile may hold on average, beyond one strip per row: Pillow keeps a Python entry
+#: of about 340 bytes per strip or tile, built inside ``Image.open`` (an 8 MB file of 1-row strips of an 8 px
+#: wide image took 680 MB, a 16 MB file of 1x1 tiles 1.4 GB and 24 s to encode)
+MIN_TIFF_SEGMENT_PIXELS = 256
 #: the modes :func:`normalize_mode` returns, which the ``.evc`` container stores
 STORED_MODES = ("RGB", "L", "RGBA", "LA")
 #: output suffix -> Pillow format that :func:`save_image` writes
@@ -78,11 +94,17 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     Raises:
         UserError: missing, larger than :data:`MAX_FILE_BYTES` or ``max_pixels``, not an image, corrupt.
     """
-    if isinstance(source, bytes):
-        data, name = source, name or "image"
-    else:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data, name = bytes(source), name or "image"
+    elif isinstance(source, str | Path):
         name = name or str(source)
         data = read_bytes(source, MAX_FILE_BYTES)
+    else:
+        raise TypeError(f"open_image takes a path, '-' or bytes, not {type(source).__name__}")
+    try:
+        _check_container_structure(data)
+    except UserError as error:
+        raise UserError(f"{name}: {error}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
@@ -94,7 +116,8 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             raise UserError(f"{name}: {error}") from None
         image.load()
         try:
-            return ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+            return image
         except (struct.error, TypeError, KeyError) as error:  # a tag whose type does not fit its value
             raise UserError(f"{name}: corrupt EXIF orientation data ({type(error).__name__}: {error})") from None
     except UnidentifiedImageError as error:
@@ -142,15 +165,127 @@ def _first_jpeg_frame_marker(data: bytes) -> int | None:
     return None
 
 
+def _check_container_structure(data: bytes) -> None:
+    """Refuse, before Pillow parses it, a PNG, PBM/PGM/PPM/PFM or TIFF file whose structure would cost time or
+    memory out of proportion to its pixels (:data:`MAX_PNG_CHUNKS`, :data:`MAX_PPM_HEADER_BYTES`,
+    :data:`MIN_TIFF_SEGMENT_PIXELS`); other files pass."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        _check_png_chunks(data)
+    elif len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456fF":
+        _check_ppm_header(data)
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        _check_tiff_segments(data)
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Walk the chunk headers (length, type; then data and CRC) up to IEND and bound their number."""
+    limit = MAX_PNG_CHUNKS + len(data) // 2048
+    position, chunks = 8, 0
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        chunks += 1
+        if chunks > limit:
+            raise UserError(f"a PNG of {len(data)} bytes with more than {limit} chunks (each is parsed on its own)")
+        if kind == b"IEND":
+            return
+        position += 12 + length
+
+
+def _check_ppm_header(data: bytes) -> None:
+    """The header of a Netpbm file (magic, width, height, and but for PBM a maximum value, with ``#`` comments
+    and whitespace between them) must end within :data:`MAX_PPM_HEADER_BYTES`."""
+    needed = 2 if data[1:2] in b"14" else 3
+    head, position, tokens = data[:MAX_PPM_HEADER_BYTES], 2, 0
+    while tokens < needed:
+        while position < len(head) and head[position:position + 1] in b" \t\r\n\x0b\x0c":
+            position += 1
+        if position >= len(head):
+            break
+        if head[position:position + 1] == b"#":
+            end = head.find(b"\n", position)
+            position = len(head) if end < 0 else end + 1
+            continue
+        while position < len(head) and head[position:position + 1] not in b" \t\r\n\x0b\x0c#":
+            position += 1
+        tokens += 1
+    if tokens < needed and len(data) > len(head):
+        raise UserError(f"a Netpbm header longer than {MAX_PPM_HEADER_BYTES} bytes (comments included)")
+
+
+#: TIFF tags that hold one entry per strip or tile: StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+_TIFF_SEGMENT_TAGS = (273, 279, 324, 325)
+
+
+def _check_tiff_segments(data: bytes) -> None:
+    """Bound the strips or tiles the first directory (IFD0) declares, from its entries' counts, to one per row
+    or one per :data:`MIN_TIFF_SEGMENT_PIXELS` pixels, whichever is more, times the planes (PlanarConfiguration
+    2 stores each sample in its own). Classic and BigTIFF; a directory that cannot be read is left to Pillow."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    try:
+        if big:
+            (offset,) = struct.unpack_from(order + "Q", data, 8)
+            (entries,) = struct.unpack_from(order + "Q", data, offset)
+            entry_size, start, layout = 20, offset + 8, order + "HHQ8s"
+        else:
+            (offset,) = struct.unpack_from(order + "I", data, 4)
+            (entries,) = struct.unpack_from(order + "H", data, offset)
+            entry_size, start, layout = 12, offset + 2, order + "HHI4s"
+        if entries > 65535:
+            raise UserError(f"a TIFF directory of {entries} entries")
+        values: dict[int, tuple[int, int, bytes]] = {}
+        for index in range(entries):
+            tag, kind, count, value = struct.unpack_from(layout, data, start + index * entry_size)
+            values[tag] = (kind, count, value)
+    except struct.error:
+        return
+    width, height = _tiff_number(values.get(256), order), _tiff_number(values.get(257), order)
+    if not width or not height:
+        return
+    planes = 1
+    if _tiff_number(values.get(284), order) == 2:  # planar: each sample stored apart
+        planes = max(1, min(_tiff_number(values.get(277), order) or 1, 4))
+    pixels = min(width * height, MAX_PIXELS)
+    limit = max(min(height, 1 << 16), pixels // MIN_TIFF_SEGMENT_PIXELS) * planes
+    for tag in _TIFF_SEGMENT_TAGS:
+        if tag in values and values[tag][1] > limit:
+            raise UserError(f"a {width}x{height} TIFF declaring {values[tag][1]} strips or tiles (at most {limit}: "
+                            f"one a row or one per {MIN_TIFF_SEGMENT_PIXELS} pixels)")
+
+
+def _tiff_number(entry: tuple[int, int, bytes] | None, order: str) -> int:
+    """The value of a one-number SHORT (3), LONG (4) or LONG8 (16) entry, stored in the entry itself; 0 else."""
+    if entry is None or entry[1] != 1:
+        return 0
+    kind, _, value = entry
+    formats = {3: "H", 4: "I", 16: "Q"}
+    if kind not in formats or struct.calcsize(formats[kind]) > len(value):
+        return 0
+    return struct.unpack_from(order + formats[kind], value)[0]
+
+
 def normalize_mode(image: Image.Image) -> Image.Image:
     """The image in one of :data:`STORED_MODES`, 8 bits per channel (rules in the module docstring)."""
-    if image.mode in STORED_MODES:
+    if image.mode in ("RGBA", "LA"):
         return image
     if image.mode in ("P", "PA"):
         transparent = image.mode == "PA" or "transparency" in image.info
         return image.convert("RGBA" if transparent else "RGB")
+    transparent = image.info.get("transparency")  # a PNG's tRNS colour: those pixels are see-through
     if image.mode in _HIGH_BIT_DEPTH_MODES:
-        return Image.fromarray(_grayscale_to_8_bits(image), "L")
+        grey = Image.fromarray(_grayscale_to_8_bits(image), "L")
+        if isinstance(transparent, int) and not isinstance(transparent, bool):
+            import numpy as np
+
+            alpha = Image.fromarray(np.where(np.asarray(image) == transparent, 0, 255).astype(np.uint8), "L")
+            return Image.merge("LA", (grey, alpha))
+        return grey
+    if image.mode in ("1", "L") and isinstance(transparent, int) and not isinstance(transparent, bool):
+        return image.convert("L").convert("LA") if image.mode == "1" else image.convert("LA")
+    if image.mode == "RGB" and isinstance(transparent, tuple):
+        return image.convert("RGBA")
+    if image.mode in STORED_MODES:
+        return image
     if image.mode == "1":
         return image.convert("L")
     if image.mode in ("La", "LA"):
@@ -165,15 +300,16 @@ def _grayscale_to_8_bits(image: Image.Image):
 
     values = np.asarray(image)
     floating = values.dtype.kind == "f"
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0, copy=False)
     top = float(values.max(initial=0.0))
-    if image.mode.startswith("I;16"):
-        scale = 65535.0  # the bit depth is known
+    if image.mode.startswith("I;16") or image.format == "PPM" and not floating:
+        scale = 65535.0  # the bit depth is known (Pillow scales a Netpbm maximum value to 65535)
     elif floating and top <= 1.0:
         scale = 1.0
     else:
         scale = 65535.0 if top > 255 else 255.0
-    return np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)
+    values *= 255.0 / scale
+    return np.clip(np.rint(values, out=values), 0, 255, out=values).astype(np.uint8)
 
 
 def rgb_image(image: Image.Image) -> Image.Image:
@@ -225,15 +361,18 @@ def output_format(path: str | Path) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def save_image(image: Image.Image, path: str | Path, force: bool = False) -> None:
+def save_image(image: Image.Image, path: str | Path, force: bool = False) -> str:
     """Write ``image`` in the format its suffix names (:data:`OUTPUT_FORMATS`; ``"-"``: PNG on stdout),
-    atomically; alpha is dropped for formats without it. An existing file is kept unless ``force``."""
+    atomically and losslessly (WebP too); alpha is dropped for formats without it. An existing file is kept
+    unless ``force``. Returns the mode written."""
     image_format = output_format(path)
     if image_format in _FORMATS_WITHOUT_ALPHA and image.mode in ("RGBA", "LA"):
         image = image.convert(image.mode[:-1])
+    options = {"lossless": True, "exact": True} if image_format == "WEBP" else {}  # Pillow's default is lossy
     buffer = io.BytesIO()
-    image.save(buffer, format=image_format)
+    image.save(buffer, format=image_format, **options)
     atomic_write_bytes(path, buffer.getvalue(), force=force)
+    return image.mode
 
 
 def list_images(directory: str | Path) -> list[Path]:

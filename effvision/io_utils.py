@@ -242,7 +242,17 @@ def output_paths(inputs: list[str], output: str | None, suffix: str, patterns: I
     duplicates = {d for d in destinations if destinations.count(d) > 1}
     if duplicates:
         raise UserError(f"several inputs would write {sorted(duplicates)[0]}; use separate output folders")
+    for source, destination in zip(inputs, destinations, strict=True):
+        if STDIO not in (source, destination) and _same_file(source, destination):
+            raise UserError(f"{destination} is the input {source} itself (even with --force it is not replaced)")
     return destinations
+
+
+def _same_file(first: str, second: str) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one does not exist (yet): not the same file
+        return False
 
 
 def check_not_existing(path: str, force: bool) -> None:

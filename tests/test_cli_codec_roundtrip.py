@@ -216,3 +216,15 @@ def test_fingerprint_mismatch_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(LosslessCodec, "fingerprint", lambda self: b"other weights")
     assert cli.main(["decode", str(tmp_path / "x.evc"), "-o", str(tmp_path / "out.png")]) == 1
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_an_output_that_is_the_input_itself_is_refused_even_with_force(tmp_path, capsys):
+    """``encode b.png -o b.png --force`` replaced the source image with .evc bytes."""
+    random_image("RGB", 8, 8).save(tmp_path / "b.png")
+    original = (tmp_path / "b.png").read_bytes()
+    (tmp_path / "link.png").symlink_to(tmp_path / "b.png")
+    for output in ("b.png", "link.png"):
+        argv = ["encode", str(tmp_path / "b.png"), "-o", str(tmp_path / output), "--codec", "lossless-test", "--force"]
+        assert cli.main(argv) == 1
+        assert "is the input" in capsys.readouterr().err
+    assert (tmp_path / "b.png").read_bytes() == original

@@ -278,6 +278,33 @@ def test_the_images_held_for_the_evaluation_are_bounded_before_they_are_all_read
     """24 copies of a 187 kB 8000x8000 PNG took 5 GB before any work (MemoryError)."""
     from effvision import bounded_config
 
-    monkeypatch.setattr(bounded_config, "physical_memory_bytes", lambda: 4 * (48 * 64 * 3 + 1))  # one image fits
+    monkeypatch.setattr(bounded_config, "physical_memory_bytes", lambda: 4 * (48 * 64 * 4 + 1))  # one RGB image fits
     assert main(["eval-codec", "--data", str(image_dir), "--codec", two_quality_codec, "--classical", "jpeg"]) == 1
     assert "passed at image 2 of 2" in capsys.readouterr().err
+
+
+def test_eval_codec_measures_16_bit_and_transparent_images_as_encode_codes_them(
+        tmp_path: Path, two_quality_codec) -> None:
+    """eval-codec took ``convert("RGB")`` of the file as opened: a 16-bit grey PNG clipped to near-white, and
+    alpha dropped instead of composited onto white, so its figures were of another image than encode codes."""
+    rng = np.random.default_rng(1)
+    grey = _photo_like(rng)[..., 0]
+    alpha = rng.integers(0, 256, grey.shape, dtype=np.uint8)
+    twins = {"8-bit": tmp_path / "eight", "16-bit": tmp_path / "sixteen"}
+    for folder in twins.values():
+        folder.mkdir()
+    Image.fromarray(grey).save(twins["8-bit"] / "grey.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(twins["16-bit"] / "grey.png")  # the same picture
+    rgba = np.dstack([np.repeat(grey[..., None], 3, axis=2), alpha])
+    Image.fromarray(rgba, "RGBA").save(twins["16-bit"] / "rgba.png")
+    on_white = (grey.astype(np.float32) * alpha + 255.0 * (255 - alpha)) / 255.0
+    Image.fromarray(np.repeat(np.rint(on_white).astype(np.uint8)[..., None], 3, axis=2)).save(
+        twins["8-bit"] / "rgba.png")
+    rows = {}
+    for label, folder in twins.items():
+        out = tmp_path / f"{label}.json"
+        assert main(["eval-codec", "--data", str(folder), "--codec", two_quality_codec, "--classical", "jpeg",
+                     "--json", str(out)]) == 0
+        learned = json.loads(out.read_text())["rows"]["learned"]
+        rows[label] = [(r["image"], r["bytes"], round(r["psnr"], 2)) for r in learned]
+    assert rows["16-bit"] == rows["8-bit"]

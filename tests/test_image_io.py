@@ -11,7 +11,9 @@ from PIL import Image
 from effvision.errors import UserError
 from effvision.image_io import (
     MAX_PIXELS,
+    MAX_PPM_HEADER_BYTES,
     check_pixels,
+    list_images,
     normalize_mode,
     open_image,
     save_image,
@@ -110,7 +112,8 @@ def test_rgb_array_composites_alpha_on_white_and_replicates_gray():
     assert opaque[0, 0].tolist() == [np.float32(100) / np.float32(255)] * 3
 
 
-@pytest.mark.parametrize(("suffix", "mode"), [(".png", "RGBA"), (".bmp", "RGB"), (".ppm", "RGB"), (".tiff", "RGBA")])
+@pytest.mark.parametrize(("suffix", "mode"),
+                         [(".png", "RGBA"), (".bmp", "RGB"), (".ppm", "RGB"), (".tiff", "RGBA"), (".webp", "RGBA")])
 def test_save_image_writes_the_suffix_format_dropping_alpha_where_it_has_none(tmp_path, suffix, mode):
     pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 4), dtype=np.uint8)
     save_image(Image.fromarray(pixels, "RGBA"), tmp_path / f"out{suffix}")
@@ -202,3 +205,117 @@ def test_a_huffman_jpeg_too_short_for_its_declared_size_is_refused(progressive):
         smallest = io.BytesIO()
         Image.new(mode, (1024, 1024), 128).save(smallest, "JPEG", quality=1, optimize=True, progressive=progressive)
         assert open_image(smallest.getvalue()).size == (1024, 1024)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def grey_tiff(width: int, height: int, *, rows_per_strip: int | None = None, tile: int | None = None) -> bytes:
+    """An uncompressed 8-bit grey little-endian TIFF in strips of ``rows_per_strip`` rows, or square tiles."""
+    if tile is None:
+        rows = rows_per_strip or height
+        segments = -(-height // rows)
+        sizes = [width * min(rows, height - i * rows) for i in range(segments)]
+        layout = [(278, 4, 1, rows)]
+        offsets_tag, counts_tag = 273, 279
+    else:
+        segments = -(-width // tile) * -(-height // tile)
+        sizes = [tile * tile] * segments
+        layout = [(322, 4, 1, tile), (323, 4, 1, tile)]
+        offsets_tag, counts_tag = 324, 325
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (277, 3, 1, 1), *layout, (offsets_tag, 4, segments, None), (counts_tag, 4, segments, None)]
+    arrays_at = 8 + 2 + 12 * len(entries) + 4  # header, directory, then the two arrays, then the pixels
+    offsets = np.cumsum([arrays_at + 8 * segments] + sizes[:-1]).astype("<u4")
+    arrays = {offsets_tag: offsets.tobytes(), counts_tag: np.asarray(sizes, "<u4").tobytes()}
+    directory, extra = struct.pack("<H", len(entries)), b""
+    for tag, kind, count, value in sorted(entries):
+        if value is None and count == 1:
+            field = arrays[tag]
+        elif value is None:
+            field = struct.pack("<I", arrays_at + len(extra))
+            extra += arrays[tag]
+        else:
+            field = struct.pack("<H" if kind == 3 else "<I", value).ljust(4, b"\0")
+        directory += struct.pack("<HHI", tag, kind, count) + field
+    body = bytes(range(256)) * (-(-sum(sizes) // 256))
+    arrays_bytes = extra.ljust(8 * segments, b"\0")
+    return b"II*\0" + struct.pack("<I", 8) + directory + b"\0" * 4 + arrays_bytes + body[:sum(sizes)]
+
+
+def test_a_tiff_in_reasonable_strips_or_tiles_reads_as_its_pixels():
+    expected = None
+    for data in (grey_tiff(64, 48), grey_tiff(64, 48, rows_per_strip=1), grey_tiff(64, 48, tile=16)):
+        image = open_image(data)
+        assert (image.mode, image.size) == ("L", (64, 48))
+        if "tile" not in image.info and expected is None:
+            expected = np.asarray(image)
+    assert np.array_equal(np.asarray(open_image(grey_tiff(64, 48, rows_per_strip=1))), expected)
+
+
+@pytest.mark.parametrize(("size", "layout"), [((8, 400000), {"rows_per_strip": 1}), ((128, 64), {"tile": 1})])
+def test_a_tiff_of_more_strips_or_tiles_than_its_pixels_need_is_refused_before_pillow_parses_it(size, layout):
+    """Pillow builds a Python entry of about 340 bytes for every strip or tile inside ``Image.open``: an 8 MB
+    file of an 8 px wide image in 1-row strips took 680 MB, 1x1 tiles of a 2 MP image 1.4 GB and 24 s."""
+    with pytest.raises(UserError, match="strips or tiles"):
+        open_image(grey_tiff(*size, **layout))
+
+
+def test_a_png_of_many_tiny_chunks_is_refused_before_pillow_walks_them():
+    """Pillow parses chunks one by one in Python, and keeps private ones: 2 million empty chunks (24 MB) took
+    6 s and 290 MB."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    assert open_image(data).getpixel((0, 0)) == (10, 20, 30)
+    flooded = data[:33] + png_chunk(b"prVt", b"") * 6000 + data[33:]
+    with pytest.raises(UserError, match="chunks"):
+        open_image(flooded)
+
+
+def test_a_netpbm_header_longer_than_any_real_one_is_refused():
+    """Pillow reads a Netpbm header byte by byte: a 20 MB comment took 6 s."""
+    pixels = bytes(range(12))
+    assert open_image(b"P5\n# a comment\n4 3\n255\n" + pixels).size == (4, 3)
+    with pytest.raises(UserError, match="Netpbm header"):
+        open_image(b"P5\n#" + b"x" * MAX_PPM_HEADER_BYTES + b"\n4 3\n255\n" + pixels)
+
+
+def test_a_16_bit_netpbm_image_is_scaled_from_its_bit_depth_not_its_values():
+    """A dark 16-bit PGM (every value at most 255) was taken as 8-bit and came out bright."""
+    values = [0, 10, 100, 255]
+    pgm = b"P5\n2 2\n65535\n" + b"".join(v.to_bytes(2, "big") for v in values)
+    assert np.asarray(normalize_mode(open_image(pgm))).ravel().tolist() == [0, 0, 0, 1]
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(values, np.uint16).reshape(2, 2)).save(buffer, "PNG")  # the same as a PNG
+    assert np.asarray(normalize_mode(open_image(buffer.getvalue()))).ravel().tolist() == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize(("mode", "colour", "transparent", "stored"),
+                         [("L", 90, 90, "LA"), ("RGB", (1, 2, 3), (1, 2, 3), "RGBA"), ("I;16", 3000, 3000, "LA")])
+def test_a_png_transparent_colour_becomes_alpha_for_grey_and_rgb_images(mode, colour, transparent, stored):
+    """tRNS was kept only for palette images: grey and RGB images came out opaque."""
+    image = Image.new(mode, (3, 2), colour)
+    image.putpixel((0, 0), 7 if mode != "RGB" else (7, 7, 7))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=transparent)
+    opened = normalize_mode(open_image(buffer.getvalue()))
+    assert opened.mode == stored
+    alpha = np.asarray(opened)[..., -1]
+    assert alpha[0, 0] == 255 and (alpha.ravel()[1:] == 0).all()
+    assert (to_rgb_array(opened)[0, 1] == 1.0).all()  # see-through pixels composite onto white
+
+
+def test_avif_files_are_found_in_folders_as_they_are_read(tmp_path):
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "photo.avif")
+    assert list_images(tmp_path) == [tmp_path / "photo.avif"]
+    assert open_image(tmp_path / "photo.avif").size == (16, 16)
+
+
+def test_open_image_takes_paths_and_bytes_and_refuses_anything_else():
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, "PNG")
+    assert open_image(bytearray(buffer.getvalue())).size == open_image(memoryview(buffer.getvalue())).size == (2, 2)
+    with pytest.raises(TypeError, match="path"):
+        open_image(np.zeros((2, 2, 3), np.uint8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,27 @@ def test_the_shipped_weights_know_their_lambda_and_effort_needs_a_codec_that_ref
 
     with pytest.raises(UserError, match="no encoder-side refinement"):
         CompressAIImageCodec(NoRefinement(), "plain", "t").with_effort(3)
+
+
+
+BAD_IMAGES = [
+    (lambda: np.zeros((1, 3, 64, 64), np.float32), TypeError, "torch.Tensor"),
+    (lambda: torch.rand(3, 64, 64), ValueError, r"\(B, 3, H, W\)"),
+    (lambda: torch.rand(1, 4, 64, 64), ValueError, r"\(B, 3, H, W\)"),
+    (lambda: torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, "floating-point"),
+    (lambda: torch.full((1, 3, 64, 64), float("nan")), ValueError, "NaN"),
+    (lambda: torch.rand(1, 3, 64, 64) * 255, ValueError, "divide 8-bit images by 255"),
+]
+
+
+@pytest.mark.parametrize(("images", "error", "message"), BAD_IMAGES)
+def test_compress_refuses_what_is_not_a_batch_of_images_in_unit_range(tiny_model, images, error, message):
+    """Before: a NaN image was blamed on the weights ("the weights are corrupt"), a 3-D or integer tensor failed
+    deep inside the transforms, and 0..255 input was coded, as another, saturated image."""
+    with pytest.raises(error, match=message):
+        tiny_model.compress(images())
+
+
+def test_compress_takes_another_float_dtype_as_the_models(tiny_model):
+    x = torch.rand(1, 3, 64, 64)
+    assert tiny_model.compress(x.double())["strings"] == tiny_model.compress(x)["strings"]

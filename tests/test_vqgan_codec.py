@@ -10,6 +10,7 @@ from effvision.codecs.vqgan.index_coding import HEADER, CorruptStreamError
 from effvision.codecs.vqgan.model import VQGANCodec
 from effvision.codecs.vqgan.restoration import IndexRestorer
 from effvision.errors import UserError
+from tests.test_mambaic_codec import BAD_IMAGES
 
 TINY = VQGANConfig(ch=32, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(), resolution=32,
                    z_channels=32, embed_dim=8, n_embed=64, name="tiny")
@@ -205,3 +206,10 @@ def test_tiles_whose_index_maps_hold_one_or_two_indices_encode_and_decode(tmp_pa
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         assert Image.open(decoded).size == (60, 40)
+
+
+@pytest.mark.parametrize(("images", "error", "message"), BAD_IMAGES)
+def test_compress_refuses_what_is_not_a_batch_of_images_in_unit_range(codec, images, error, message):
+    """Before: NaN images coded silently into a valid file of garbage; 0..255 input coded as another image."""
+    with pytest.raises(error, match=message):
+        codec.compress(images())

@@ -91,6 +91,30 @@ class ImageCodec(ABC):
 
 
 FINGERPRINT_BYTES = 16
+#: how far outside [0, 1] an image given to a codec may stray (a resampling filter's overshoot) before it is
+#: refused; 0..255 input, the usual mistake, codes without error but as another, saturated image
+IMAGE_RANGE_SLACK = 0.05
+
+
+def check_image_batch(x: object) -> None:
+    """Refuse, with a ``TypeError`` or ``ValueError`` naming the problem, what a codec's ``compress`` cannot
+    code as images: anything but a (B, 3, H, W) floating-point tensor of finite values in [0, 1]
+    (within :data:`IMAGE_RANGE_SLACK`). Before, a NaN image was blamed on the weights, a 3-D or integer
+    tensor failed deep inside the model, and a 0..255 image was coded as another."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), not {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor in [0, 1], got {x.dtype}")
+    if x.numel() == 0:
+        return  # each codec says what it needs (at least a pixel)
+    low, high = torch.aminmax(x.detach())
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise ValueError("images hold NaN or infinite values")
+    if low < -IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
+        raise ValueError(f"image values must lie in [0, 1], got [{float(low):.4g}, {float(high):.4g}] "
+                         "(divide 8-bit images by 255)")
 
 
 def fingerprint_module(module: torch.nn.Module, config_id: str) -> bytes:

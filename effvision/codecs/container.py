@@ -255,7 +255,12 @@ def _take(data: bytes, offset: int, size: int, what: str) -> tuple[bytes, int]:
 
 
 def parse(data: bytes) -> Container:
-    """Parse a complete ``.evc`` file held in memory. Raises :class:`ContainerError` on any defect."""
+    """Parse a complete ``.evc`` file held in memory (bytes, bytearray or memoryview). Raises
+    :class:`ContainerError` on any defect."""
+    if isinstance(data, bytearray | memoryview):
+        data = bytes(data)
+    elif not isinstance(data, bytes):
+        raise TypeError(f"parse takes the file's bytes, not {type(data).__name__}")
     if len(data) > MAX_FILE_BYTES:
         raise ContainerError(f"file larger than {MAX_FILE_BYTES} bytes")
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:

@@ -35,6 +35,7 @@ from PIL import Image
 
 from effvision.codecs.metrics import ms_ssim, psnr
 from effvision.errors import UserError
+from effvision.image_io import rgb_image
 
 MATCH_TOLERANCE = 0.25
 DOWNSCALE_FACTORS = (2, 3, 4)
@@ -535,7 +536,7 @@ def evaluate(
     for point in ladders:
         _warm_up(point)
     for name, image in tqdm(images, desc="eval-codec", unit="img", disable=not progress):
-        image = image.convert("RGB")
+        image = rgb_image(image)  # 16-bit scaled, alpha onto white, as training
         pixels = np.asarray(image)
         runs = _ClassicalRuns(name, pixels)
         for point in ladders:
@@ -709,7 +710,7 @@ class LadderPanel:
 def ladder_panels(image: Image.Image, ladder: Sequence[LearnedCodec], name: str = "image") -> list[LadderPanel]:
     """Every point of ``ladder`` on ``image`` through a real ``.evc`` file, and the JPEG whose size is
     closest to that file (Pillow, quality 1-95): what the ladder picture shows."""
-    image = image.convert("RGB")
+    image = rgb_image(image)  # 16-bit scaled, alpha onto white, as training
     runs = _ClassicalRuns(name, np.asarray(image))
     jpeg = CLASSICAL["jpeg"]
     panels = []

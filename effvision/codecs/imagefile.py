@@ -134,6 +134,11 @@ def encode_image(
         tile_size: side of the square tiles (default ``codec.tile_size``; a multiple of its alignment).
         progress: show a progress bar over the tiles on stderr (for images of several tiles).
     """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"encode_image takes a PIL image (effvision.image_io.open_image reads one), not "
+                        f"{type(image).__name__}")
+    if tile_size is not None and (not isinstance(tile_size, int) or isinstance(tile_size, bool)):
+        raise TypeError(f"tile_size must be an int, got {tile_size!r}")
     image = normalize_mode(image)
     width, height = image.size
     if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):

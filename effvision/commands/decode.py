@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         metavar="OUT|DIR",
-        help=f"output image ({', '.join(OUTPUT_FORMATS)}; one input), directory, or - for stdout "
-        "(default: beside each input, .png)",
+        help=f"output image ({', '.join(OUTPUT_FORMATS)}, all lossless; BMP and PPM drop alpha; one input), "
+        "directory, or - for stdout (default: beside each input, .png)",
     )
     parser.add_argument("--checkpoint", metavar="F", help="codec weights the files were encoded with")
     parser.add_argument("--pretrained", action="store_true",
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
             set_codec_threads(max(tile.height * tile.width for tile in container.tiles), args.threads)
             image = decode_image(container, codec, max_pixels=args.max_pixels, progress=len(inputs) < 2)
-            save_image(image, destination, force=args.force)
-            progress.write(f"{source} -> {destination}: {image.width}x{image.height} {image.mode}", file=sys.stderr)
+            mode = save_image(image, destination, force=args.force)  # BMP and PPM drop alpha
+            progress.write(f"{source} -> {destination}: {image.width}x{image.height} {mode}", file=sys.stderr)
     return batch.exit_code
 

@@ -75,9 +75,9 @@ def run_token_reduction(batch: int, repeats: int) -> None:
 def run_codecs(output: Path, force: bool) -> None:
     from effvision.codecs.evaluation import ladder_panels, ladder_picture, learned_ladder
     from effvision.errors import UserError
-    from effvision.image_io import open_image, save_image
+    from effvision.image_io import open_image, rgb_image, save_image
 
-    photo = open_image(demo_image_path()).convert("RGB")
+    photo = rgb_image(open_image(demo_image_path()))
     print(f"\n== Codecs on the built-in photo ({photo.width}x{photo.height}; scikit-image's astronaut, which the "
           "shipped MambaIC qualities saw in training) ==")
     print("each shipped quality through a real .evc file, beside the JPEG of the closest file size")

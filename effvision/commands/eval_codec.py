@@ -66,13 +66,13 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(path, args.force)
 
     from effvision.bounded_config import physical_memory_bytes
-    from effvision.image_io import list_images, open_image
+    from effvision.image_io import list_images, open_image, rgb_image
 
     paths = list_images(args.data)[: args.limit]
     images, held, budget = [], 0, physical_memory_bytes() // 4
     for count, path in enumerate(paths, start=1):  # all are held for the evaluation: bound their decoded size
-        image = open_image(path)
-        held += image.width * image.height * len(image.getbands())
+        image = rgb_image(open_image(path))  # what is measured: 16-bit scaled, alpha onto white, as training sees
+        held += image.width * image.height * 4  # Pillow keeps RGB in 4 bytes a pixel
         if held > budget:
             raise UserError(f"the images of {args.data} take more than a quarter of this machine's memory decoded "
                             f"({budget / 2**30:.1f} GiB, passed at image {count} of {len(paths)}); evaluate fewer "

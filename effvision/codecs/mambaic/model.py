@@ -29,6 +29,7 @@ from compressai.models import CompressionModel
 from torch import Tensor, nn
 
 from effvision.bounded_config import Limit
+from effvision.codecs.base import check_image_batch
 from effvision.codecs.mambaic.context import SliceContext, anchor_mask
 from effvision.codecs.mambaic.vss import VSSBlock
 from effvision.codecs.progress import refinement_steps
@@ -359,6 +360,8 @@ class MambaIC(CompressionModel):
         ``effort`` > 0 refines the latents for this image first (:meth:`refine_latents`, that many steps) under
         ``lmbda`` (default: the λ the weights were trained for, ``self.rd_lambda``); decoding is unchanged.
         """
+        check_image_batch(x)
+        x = x.to(self.entropy_bottleneck.quantiles.dtype)
         height, width = x.shape[-2:]
         y = self.g_a(self.pad(x))
         z = self.h_a(y)

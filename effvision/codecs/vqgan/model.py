@@ -30,6 +30,7 @@ from compressai.models import CompressionModel
 from torch import Tensor
 
 from effvision.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
+from effvision.codecs.base import check_image_batch
 from effvision.codecs.rans import SYMBOL_SLACK_BITS, min_stream_bytes
 from effvision.codecs.vqgan.colour_band import check_colour_band, decode_colour_band, encode_colour_band
 from effvision.codecs.vqgan.config import CONFIG_LIMITS, VQGANConfig
@@ -238,6 +239,8 @@ class VQGANCodec(CompressionModel):
         also decodes, to see the colour error it corrects). ``effort`` > 0 refines the indices for this image
         with that many gradient steps (:mod:`.refine`; same decoder, same format, slower encoding).
         """
+        check_image_batch(x)
+        x = x.to(self.vq.quantize.embedding.weight.dtype)
         model = self._coder_model(coder)
         if not isinstance(effort, int) or effort < 0:
             raise _user_error(f"effort must be a non-negative integer, got {effort!r}")
