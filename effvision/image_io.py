@@ -178,16 +178,20 @@ def _check_container_structure(data: bytes) -> None:
 
 
 def _check_png_chunks(data: bytes) -> None:
-    """Walk the chunk headers (length, type; then data and CRC) up to IEND and bound their number."""
+    """Walk the chunk headers (length, type; then data and CRC) as far as Pillow reads them for the first frame
+    (to IEND; an animated PNG's to the next frame's fcTL) and bound their number."""
     limit = MAX_PNG_CHUNKS + len(data) // 2048
-    position, chunks = 8, 0
+    position, chunks, animated, seen_image_data = 8, 0, False, False
     while position + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
         chunks += 1
         if chunks > limit:
             raise UserError(f"a PNG of {len(data)} bytes with more than {limit} chunks (each is parsed on its own)")
-        if kind == b"IEND":
+        if kind == b"IEND" or kind == b"fcTL" and animated and seen_image_data:
             return
+        if kind == b"acTL" and length >= 4 and position + 12 <= len(data):
+            animated = struct.unpack_from(">I", data, position + 8)[0] > 1  # Pillow's is_animated
+        seen_image_data = seen_image_data or kind == b"IDAT"
         position += 12 + length
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from effvision.errors import UserError
 from effvision.image_io import (
     MAX_PIXELS,
+    MAX_PNG_CHUNKS,
     MAX_PPM_HEADER_BYTES,
     check_pixels,
     list_images,
@@ -269,9 +270,21 @@ def test_a_png_of_many_tiny_chunks_is_refused_before_pillow_walks_them():
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "PNG")
     data = buffer.getvalue()
     assert open_image(data).getpixel((0, 0)) == (10, 20, 30)
-    flooded = data[:33] + png_chunk(b"prVt", b"") * 6000 + data[33:]
-    with pytest.raises(UserError, match="chunks"):
-        open_image(flooded)
+    for flooded in (data[:33] + png_chunk(b"prVt", b"") * 6000 + data[33:],  # before the image data
+                    data[:-12] + png_chunk(b"tEXt", b"a\0b") * 6000 + data[-12:]):  # after it, before IEND
+        with pytest.raises(UserError, match="chunks"):
+            open_image(flooded)
+
+
+def test_an_animated_png_of_many_frames_opens_at_its_first_frame():
+    """Pillow stops at the next frame's fcTL, so the later frames' chunks are not walked, nor counted."""
+    frames = [Image.new("RGB", (4, 4), (i % 256, 0, 0)) for i in range(3000)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    data = buffer.getvalue()
+    assert 2 * data.count(b"fdAT") > MAX_PNG_CHUNKS + len(data) // 2048  # fcTL + fdAT a frame: over the bound
+    image = open_image(data)
+    assert image.size == (4, 4) and image.getpixel((0, 0)) == (0, 0, 0)
 
 
 def test_a_netpbm_header_longer_than_any_real_one_is_refused():
