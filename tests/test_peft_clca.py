@@ -209,6 +209,36 @@ def test_training_on_one_image_is_a_clear_error_and_eval_takes_one_image():
     model = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), carriers=1)
     with pytest.raises(ValueError, match="training needs 2 or more images a batch"):
         model.train()(images(batch=1))
+    with pytest.raises(RuntimeError):  # what timm's benchmark.py records per model instead of stopping on
+        model.train()(images(batch=1))
     assert model.train()(images(batch=2)).shape == (2, 7)
     with torch.no_grad():
         assert model.eval()(images(batch=1)).shape == (1, 7)
+
+
+def test_split_batch_norm_takes_the_heads_norms_and_keeps_their_statistics():
+    """timm's ``--aug-splits 2 --split-bn`` turns every batch norm into a ``SplitBatchNorm2d``, the head's
+    BatchNorm1d included: it failed with "expected 4D input (got 3D input)"."""
+    import copy
+
+    from timm.layers import SplitBatchNorm2d, convert_splitbn_model
+
+    model = randomize_head(add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3))))
+    split = convert_splitbn_model(copy.deepcopy(model), 2)
+    assert isinstance(split.head.norm_in, SplitBatchNorm2d) and isinstance(split.head.norm_mid, SplitBatchNorm2d)
+    x = images(batch=4)
+    with torch.no_grad():
+        torch.testing.assert_close(split.eval()(x), model.eval()(x))
+        split.train()(x)  # the first half updates the main statistics, the second the auxiliary ones
+        model.train()(x[:2])
+        torch.testing.assert_close(split.head.norm_mid.running_mean, model.head.norm_mid.running_mean)
+        torch.testing.assert_close(split.head.norm_in.running_var, model.head.norm_in.running_var)
+
+
+def test_a_global_pool_the_clca_head_cannot_apply_is_refused_when_the_model_is_made():
+    """timm's ``--gp avg`` was silently ignored on CLCA models (the head pools the class tokens itself);
+    ``reset_classifier(global_pool="avg")`` already refused it."""
+    with pytest.raises(ValueError, match="global_pool='avg'"):
+        timm.create_model("clca_ppt_vit_tiny_patch16_224", global_pool="avg")
+    assert timm.create_model("clca_ppt_vit_tiny_patch16_224", global_pool="token").global_pool == ""
+    assert timm.create_model("clca_ppt_vit_tiny_patch16_224", global_pool="avg", clca_head=False).global_pool == "avg"

@@ -462,3 +462,38 @@ def test_attention_extract_by_hooks_gives_each_blocks_reduced_attention(name):
     for attention in maps.values():
         assert attention.shape[:2] == (2, 3) and attention.shape[-2] == attention.shape[-1]
         torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:-1]))
+
+
+@pytest.mark.parametrize("name", ["ppt_deit_tiny_patch16_224", "sparse_tuning_vit_tiny_patch16_224",
+                                  "clca_ppt_vit_tiny_patch16_224"])
+def test_a_weights_file_loads_at_another_image_size_as_into_the_base(name, tmp_path):
+    """timm's train.py ``--pretrained --pretrained-path F --img-size 64`` (the file folded into the resolved cfg
+    by ``resolve_model_input_args``): the position embedding is resampled to the model's grid, as the base
+    model's own builder does. It failed with a ``pos_embed`` size mismatch on every registered name."""
+    from timm.models import resolve_model_input_args
+
+    arch = timm.get_pretrained_cfg(name).hf_hub_id.removeprefix("timm/").split(".")[0]
+    path, state = tiny_base_weights(tmp_path, arch)
+    overlay = dict(file=str(path), num_classes=-1)
+    model = timm.create_model(**resolve_model_input_args(name, {"img_size": 64}, pretrained=True, num_classes=3,
+                                                         pretrained_cfg_overlay=overlay))
+    base = timm.create_model(**resolve_model_input_args(arch, {"img_size": 64}, pretrained=True, num_classes=3,
+                                                        pretrained_cfg_overlay=overlay))
+    assert model.pos_embed.shape == base.pos_embed.shape == (1, 1 + 16, 192)
+    assert torch.equal(model.pos_embed, base.pos_embed)
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, state["blocks.3.mlp.fc1.weight"])
+
+
+@pytest.mark.parametrize("name", ["tome_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224"])
+def test_a_model_saved_for_the_hub_loads_at_another_image_size(name, tmp_path):
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5)
+    save_for_hf(model, tmp_path / "saved")
+    restored = timm.create_model(f"local-dir:{tmp_path / 'saved'}", pretrained=True, img_size=96).eval()
+    assert restored.pos_embed.shape == (1, 1 + 36, 192)
+    assert torch.equal(restored.head.pointwise.weight if "clca" in name else restored.head.weight,
+                       model.head.pointwise.weight if "clca" in name else model.head.weight)
+    with torch.no_grad():
+        assert restored(torch.randn(1, 3, 96, 96)).shape == (1, 5)

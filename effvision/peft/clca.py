@@ -30,6 +30,19 @@ CLS_KEY = "clca_cls"
 INIT_STD = 0.02
 
 
+class BatchTooSmallError(ValueError, RuntimeError):
+    """A training batch too small for batch normalisation. A ``ValueError`` as PyTorch's own, and a
+    ``RuntimeError`` too, which timm's benchmark.py records per model (and retries) instead of stopping on."""
+
+
+def batch_norm_1d(norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm`` on (B, C, L) ``x``. A 2-D batch norm in its place (timm's ``--split-bn`` turns every batch norm
+    into a ``SplitBatchNorm2d``) gets (B, C, L, 1): the same statistics, over the batch and L."""
+    if isinstance(norm, nn.BatchNorm2d):
+        return norm(x.unsqueeze(-1)).squeeze(-1)
+    return norm(x)
+
+
 class CrossLayerAggregationHead(nn.Module):
     """Classifier over ``num_layers`` CLS tokens: (B, L, D) -> (B, num_classes), or (B, 2D) when
     ``num_classes == 0``.
@@ -59,12 +72,12 @@ class CrossLayerAggregationHead(nn.Module):
                 f"the aggregation head takes (B, {self.num_layers}, D) CLS tokens, got {tuple(cls_tokens.shape)}"
             )
         if not traced and self.training and cls_tokens.shape[0] == 1:  # BatchNorm's own error names no cause
-            raise ValueError(
+            raise BatchTooSmallError(
                 "CLCA's aggregation head normalises over the batch (BatchNorm1d, as the released code): training "
                 "needs 2 or more images a batch; one image works in eval mode"
             )
-        x = self.norm_in(cls_tokens.transpose(1, 2))  # (B, D, L)
-        x = self.act(self.norm_mid(self.depthwise(x)))  # (B, 2D, 1)
+        x = batch_norm_1d(self.norm_in, cls_tokens.transpose(1, 2))  # (B, D, L)
+        x = self.act(batch_norm_1d(self.norm_mid, self.depthwise(x)))  # (B, 2D, 1)
         return x.flatten(1) if pre_logits else self.pointwise(x).flatten(1)
 
     def reset_classifier(self, num_classes: int) -> None:

@@ -54,6 +54,10 @@ def create_clca_model(method: str, base_name: str, pretrained: bool = False, **k
     clca_options = take_options(kwargs, CLCA_OPTIONS)
     clca = dict(head=clca_options.pop("clca_head", True), cache=clca_options.pop("clca_cache", True),
                 **clca_options)
+    # timm's --gp was silently unused; "" is what the head sets (a saved model's config carries it)
+    if clca["head"] and kwargs.get("global_pool") not in (None, "token", ""):
+        raise ValueError(f"CLCA's aggregation head pools the class tokens of several blocks itself; "
+                         f"global_pool={kwargs['global_pool']!r} cannot apply (leave it unset, or clca_head=False)")
     if method == "sparse_tuning":
         freeze = kwargs.pop("freeze", True)
         model = create_sparse_tuning_model(base_name, pretrained, freeze=False, **kwargs)

@@ -164,8 +164,23 @@ def create_registered(name: str, build, pretrained: bool, kwargs: dict) -> nn.Mo
 
     features = take_options(kwargs, FEATURE_OPTIONS)
     model = build(pretrained=False, **kwargs)
-    load_pretrained(model, model.pretrained_cfg, num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3))
+    load_pretrained(model, model.pretrained_cfg, num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3),
+                    filter_fn=base_checkpoint_filter(model))
     return features_or_model(model, features)
+
+
+def base_checkpoint_filter(model: nn.Module):
+    """timm's checkpoint filter for the model's base class, as its builder passes it to ``load_pretrained``:
+    position embeddings (and patch embeddings) resampled to the model's grid, other layouts converted. Without
+    it, a checkpoint loaded into a model made at another ``img_size`` (timm's train.py ``--pretrained-path``
+    with ``--img-size 64``) failed on ``pos_embed``'s shape."""
+    from functools import partial
+
+    from timm.models import eva, vision_transformer
+
+    if isinstance(model, eva.Eva):
+        return eva.checkpoint_filter_fn
+    return partial(vision_transformer.checkpoint_filter_fn, adapt_layer_scale=True)  # as timm's DeiT builder
 
 
 def _make_entrypoint(method: str, base_name: str):
