@@ -108,25 +108,26 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's "Corrupt EXIF data" and the like: it goes on
             image = Image.open(io.BytesIO(data), formats=READ_FORMATS)
-        try:
-            check_pixels(image.height, image.width, max_pixels)
-            _check_jpeg_scans(image, data)
-        except UserError as error:
-            raise UserError(f"{name}: {error}") from None
-        image.load()
-        try:
-            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
-            return image
-        except (struct.error, TypeError, KeyError) as error:  # a tag whose type does not fit its value
-            raise UserError(f"{name}: corrupt EXIF orientation data ({type(error).__name__}: {error})") from None
+            try:
+                check_pixels(image.height, image.width, max_pixels)
+                _check_jpeg_scans(image, data)
+            except UserError as error:
+                raise UserError(f"{name}: {error}") from None
+            image.load()
+            try:
+                ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+                return image
+            except (struct.error, TypeError, KeyError) as error:  # a tag whose type does not fit its value
+                raise UserError(f"{name}: corrupt EXIF orientation data ({type(error).__name__}: {error})") from None
     except UnidentifiedImageError as error:
         raise UserError(
             f"{name}: not an image file, or not one of the formats read ({', '.join(READ_FORMATS)})"
         ) from error
     except Image.DecompressionBombError as error:
         raise UserError(f"{name}: too large for Pillow to decode ({error})") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as error:  # RuntimeError: libavif's
         raise UserError(f"{name}: corrupt or truncated image ({error})") from error
 
 
