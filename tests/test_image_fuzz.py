@@ -3,7 +3,8 @@
 Every image a user passes may be crafted. Valid files of every format read (PNG, JPEG, TIFF, WebP, GIF, BMP,
 PPM, AVIF; several modes and compressions) get random byte edits, overwrites, deletions and insertions. A
 mutant that Pillow or its C libraries fail on in another way (libavif's RuntimeError was one) would reach the
-user as a traceback. Run under an address-space cap, so a mutant that asks for gigabytes fails here too.
+user as a traceback. Run under an address-space cap (4 GiB above the test process's), so a mutant that asks
+for gigabytes fails here too.
 """
 
 import io
@@ -45,10 +46,17 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(data)
 
 
+def address_space_in_use() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+
+
 @pytest.fixture
 def capped_memory():
+    """At most 4 GiB more address space than this test process already has, while a test runs."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, hard))
+    cap = address_space_in_use() + (4 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     yield
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
