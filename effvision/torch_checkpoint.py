@@ -269,8 +269,14 @@ def check_base_weights_loaded(model: nn.Module, loads: list, path: str | Path, n
     new class count (the pretrained cfg's ``classifier``); the adapters and heads a method adds to a base
     model are built after its weights are loaded, so they are not among the missing keys. A model class
     that loads through a ``load_state_dict`` of its own without calling torch's records nothing, and passes."""
-    classifiers = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    from timm.models import get_pretrained_cfg
+
+    # the model's own classifier, and its base's, which timm dropped when it loaded the base before a method
+    # replaced the head (CLCA's classifier is head.pointwise; the base's head was the one dropped)
+    registered = get_pretrained_cfg(name.split(".")[0])
+    named = [(getattr(model, "pretrained_cfg", None) or {}).get("classifier"),
+             registered.classifier if registered is not None else None]
+    classifiers = [c for entry in named if entry for c in ((entry,) if isinstance(entry, str) else entry)]
     may_stay = {f"{classifier}.{part}" for classifier in classifiers for part in ("weight", "bias")}
     missing = [key for result in loads for key in result.missing_keys if key not in may_stay]
     if missing:

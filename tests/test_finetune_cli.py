@@ -418,3 +418,14 @@ def test_class_lists_in_messages_are_cut_to_twenty_names(dataset, tmp_path, caps
     assert main(["evaluate", str(run)]) == 1
     err = capsys.readouterr().err
     assert "... (5000 in all)]" in err and len(err) < 2000, err[:300]
+
+
+@pytest.mark.parametrize("model", ["clca_ppt_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224"])
+def test_a_clca_model_fine_tunes_from_its_bases_weights(dataset, tmp_path, model):
+    """The README's CLCA recipe (``--checkpoint`` the base's weights): timm drops the base's 1000-class head
+    for the new class count, and CLCA then replaces that head; the check that no base weight stays random
+    allowed only CLCA's own classifier (head.pointwise) to be missing, so every such run was refused."""
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+    path = tmp_path / "base.pth"
+    torch.save(base.state_dict(), path)
+    assert main(finetune_args(dataset, tmp_path / "run", "--checkpoint", str(path), model=model, epochs=1)) == 0
