@@ -65,6 +65,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         module = _load(name)
         command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command_parser)
+        # also after the command (`effvision encode ... --debug`), as the error lines suggest it
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                    help="show full tracebacks on errors")
         command_parser.set_defaults(_module=module)
     return parser
 

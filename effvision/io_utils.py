@@ -226,6 +226,8 @@ def output_paths(inputs: list[str], output: str | None, suffix: str, patterns: I
         directory = Path(output)
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory} is not a directory (several inputs need an output directory)")
+        if not directory.exists() and directory.suffix.lower() == suffix:
+            raise UserError(f"several inputs need an output directory; {directory} is named like one output file")
         if STDIO in inputs:
             raise UserError("'-' (stdin) needs an output file, not a directory")
         try:

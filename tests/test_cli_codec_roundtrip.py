@@ -202,6 +202,10 @@ def test_debug_flag_shows_the_traceback(tmp_path, capsys):
     (tmp_path / "bad.evc").write_bytes(b"nope")
     assert cli.main(["--debug", "info", str(tmp_path / "bad.evc")]) == 1
     assert "Traceback" in capsys.readouterr().err
+    assert cli.main(["info", str(tmp_path / "bad.evc"), "--debug"]) == 1  # after the command too
+    assert "Traceback" in capsys.readouterr().err
+    assert cli.main(["info", str(tmp_path / "bad.evc")]) == 1
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_unknown_codec_lists_the_available_ones(tmp_path, capsys):

@@ -70,9 +70,12 @@ def _load_codec(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from effvision.cli import Batch, check_threads
+    from effvision.errors import UserError
     from effvision.image_io import IMAGE_SUFFIXES, open_image
     from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths
 
@@ -81,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     missing: list[str] = []
     inputs = expand_inputs(args.inputs, IMAGE_SUFFIXES, errors=missing)
     outputs = output_paths(inputs, args.output, ".evc", args.inputs)
+    for destination in outputs:  # .evc bytes under an image's name would look like a broken image
+        if Path(destination).suffix.lower() in IMAGE_SUFFIXES:
+            raise UserError(f"{destination}: encode writes .evc files, not images; name the output .evc")
     progress = tqdm(list(zip(inputs, outputs, strict=True)), desc="encode", unit="img", disable=len(inputs) < 2,
                     file=sys.stderr)
     batch = Batch(args.command, args.debug, write=lambda line: progress.write(line, file=sys.stderr))
