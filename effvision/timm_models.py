@@ -50,3 +50,31 @@ def run_script(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(run_script(sys.argv[1:]))
+
+
+def weights_download_error(model_name: str, error: BaseException):
+    """A :class:`~effvision.errors.UserError` that says which file timm could not fetch for ``model_name``'s
+    pretrained weights, and what to do offline, when ``error`` is a download failure (Hugging Face Hub errors,
+    network and file-system errors); ``None`` for any other error (a wrong argument, a shape mismatch)."""
+    from effvision.errors import UserError
+
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        hub_errors: tuple = (HfHubHTTPError, LocalEntryNotFoundError)
+    except ImportError:  # pragma: no cover - huggingface_hub is a timm dependency
+        hub_errors = ()
+    network = any(word in type(error).__name__ for word in ("Connect", "Timeout", "HTTP"))
+    if not (isinstance(error, (OSError, *hub_errors)) or network):
+        return None
+    import timm
+
+    cfg = timm.get_pretrained_cfg(model_name.split(".")[0]) if "/" not in model_name else None
+    source = (f"{cfg.hf_hub_id} on the Hugging Face Hub" if cfg is not None and cfg.hf_hub_id
+              else (cfg.url if cfg is not None and cfg.url else "its hub repository"))
+    return UserError(
+        f"could not get the pretrained weights of {model_name} from {source} ({type(error).__name__}: "
+        f"{str(error)[:300]}). Offline: fetch them where there is a network (`huggingface-cli download "
+        f"{cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id else '<repo>'}`) and copy the Hugging Face cache "
+        "(~/.cache/huggingface/hub, or $HF_HOME), set HF_HUB_OFFLINE=1 to skip the retries, or pass the weights "
+        "file with --checkpoint FILE"
+    )

@@ -139,3 +139,18 @@ def test_a_directory_as_output_and_a_checkpoint_that_does_not_fit_are_clear_erro
     assert cli.main(argv) == 1
     err = capsys.readouterr().err  # before: only "Error(s) in loading state_dict for VisionTransformer:"
     assert "Missing key(s) in state_dict" in err and "size mismatch for pos_embed" in err
+
+
+def test_pretrained_without_network_names_the_weights_and_what_to_do(monkeypatch, tmp_path, capsys):
+    """Offline, ``export --pretrained`` printed a bare LocalEntryNotFoundError."""
+    import timm.models._hub as timm_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the disk cache")
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", offline)
+    assert cli.main(["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--pretrained"]) == 1
+    err = capsys.readouterr().err
+    assert "could not get the pretrained weights of deit_tiny_patch16_224" in err
+    assert "timm/deit_tiny_patch16_224.fb_in1k" in err and "--checkpoint" in err and "Traceback" not in err

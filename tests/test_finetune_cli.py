@@ -429,3 +429,18 @@ def test_a_clca_model_fine_tunes_from_its_bases_weights(dataset, tmp_path, model
     path = tmp_path / "base.pth"
     torch.save(base.state_dict(), path)
     assert main(finetune_args(dataset, tmp_path / "run", "--checkpoint", str(path), model=model, epochs=1)) == 0
+
+
+def test_pretrained_without_network_names_the_weights_and_what_to_do(dataset, monkeypatch, tmp_path, capsys):
+    """Offline, ``finetune --pretrained`` printed a bare LocalEntryNotFoundError."""
+    import timm.models._hub as timm_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the disk cache")
+
+    monkeypatch.setattr(timm_hub, "hf_hub_download", offline)
+    assert main(finetune_args(dataset, tmp_path / "run", "--pretrained", epochs=1)) == 1
+    err = capsys.readouterr().err
+    assert "could not get the pretrained weights of sparse_tuning_vit_tiny_patch16_224" in err
+    assert "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in err and "Traceback" not in err

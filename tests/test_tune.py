@@ -271,7 +271,8 @@ def test_cli_pretrained_without_network_is_a_clear_error(monkeypatch, tmp_path, 
     argv = ["tune", "deit_tiny_patch16_224", "--target", "2x", "--pretrained", "-o", str(tmp_path / "a.json")]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "could not get pretrained weights" in err and "--checkpoint" in err
+    assert "could not get the pretrained weights of deit_tiny_patch16_224" in err and "--checkpoint" in err
+    assert "timm/deit_tiny_patch16_224.fb_in1k" in err and "HF_HUB_OFFLINE=1" in err
 
 
 @pytest.mark.gpu

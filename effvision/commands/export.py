@@ -59,6 +59,13 @@ def _timm_model(args: argparse.Namespace):
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except TypeError as error:
         raise UserError(f"{args.model}: {error}") from error
+    except Exception as error:
+        from effvision.timm_models import weights_download_error
+
+        download = weights_download_error(args.model, error) if args.pretrained else None
+        if download is None:
+            raise
+        raise download from error
     if args.checkpoint:
         try:
             model.load_state_dict(_load_state_dict(args.checkpoint))

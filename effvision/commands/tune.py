@@ -63,11 +63,11 @@ def _create_model(args):
     try:
         model = timm.create_model(args.model, **kwargs)
     except Exception as error:  # noqa: BLE001 - hub / file errors come in many types; all mean "no weights"
-        if args.pretrained:
-            raise UserError(
-                f"could not get pretrained weights for {args.model} (they are downloaded from the Hugging Face "
-                f"Hub: no network? use --checkpoint FILE or random weights): {type(error).__name__}: {error}"
-            ) from error
+        from effvision.timm_models import weights_download_error
+
+        download = weights_download_error(args.model, error) if args.pretrained else None
+        if download is not None:
+            raise download from error
         raise UserError(f"could not create {args.model}: {type(error).__name__}: {error}") from error
     return model, kwargs
 

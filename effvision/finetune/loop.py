@@ -145,7 +145,12 @@ def create_model(config: FinetuneConfig) -> nn.Module:
         raise UserError(f"cannot build {config.model} with {config.model_kwargs}: {error}") from error
     except Exception as error:  # noqa: BLE001 - the model built on the meta device, so loading its weights failed
         if config.checkpoint is None:
-            raise
+            from effvision.timm_models import weights_download_error
+
+            download = weights_download_error(config.model, error) if pretrained else None
+            if download is None:
+                raise
+            raise download from error
         raise UserError(
             f"cannot load the base checkpoint {config.checkpoint} into {config.model} "
             f"({type(error).__name__}: {str(error)[:500]})"
