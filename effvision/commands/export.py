@@ -23,9 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", type=int, metavar="Q", help="codec transforms: shipped quality preset")
     parser.add_argument("--img-size", type=int, default=None, metavar="N", help="input size (default: model's)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
-    parser.add_argument("--check", action="store_true", help="compare with onnxruntime (batch 1 and 5)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="--check fails above this max abs diff")
+    parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                        help="torch.onnx exporter (default torchscript)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare with onnxruntime: random batches of 1 and 5, plus 3 real photos (or a batch "
+                        "of 2 at another size for a dynamic-size export)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="--check fails above this max abs diff (default 1e-4)")
+
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 

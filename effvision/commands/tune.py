@@ -42,7 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="PNG plot (default: the config's name with .png)")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     parser.add_argument("--force", action="store_true", help="overwrite an existing config")
-    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0,
+                        help="seed of the calibration crops and flips (default 0)")
 
 
 def _create_model(args):
