@@ -184,8 +184,8 @@ def train(
             )
         if distributed.main and state_path is not None and (last or (step + 1) % settings.save_every == 0):
             save_training_state(state_path, state_dicts(parts, step=step + 1))
-        if last:
-            break
+        if last and step + 1 < settings.steps:  # the time limit (a break stops tqdm's count one short, so the
+            break  # last step ends the loop itself)
     if distributed.main and out_dir is not None:
         model.update(force=True)
         save_checkpoint(model, Path(out_dir) / "model.safetensors", extra={"lambda": str(settings.lmbda)})

@@ -205,8 +205,8 @@ def train_autoencoder(
         last = step + 1 == settings.steps or time_limit.expired()
         if checkpoint_path is not None and ((step + 1) % settings.checkpoint_every == 0 or last):
             save_training_state(checkpoint_path, state_dicts(parts, step=step + 1))
-        if last:
-            break
+        if last and step + 1 < settings.steps:  # the time limit (a break stops tqdm's count one short, so the
+            break  # last step ends the loop itself)
     model.eval()
     return stats
 
