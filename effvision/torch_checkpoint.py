@@ -132,6 +132,57 @@ ALLOW_LIST_PICKLE.Unpickler = AllowListUnpickler
 ALLOW_LIST_PICKLE.load = _load_with_allow_list
 
 
+#: most records a torch.save archive may hold: it writes one per tensor storage plus a few; Python's zipfile
+#: keeps about 500 bytes per record, and a 1 GB file could declare 20 million
+MAX_ARCHIVE_RECORDS = 1 << 18
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickle of torch's magic number
+
+
+def check_torch_archive(path: str | Path, what: str = "checkpoint") -> None:
+    """Refuse, before ``torch.load`` allocates anything, a ``torch.save`` file whose layout lets a few bytes
+    claim gigabytes:
+
+    * the legacy format (before PyTorch 1.6): torch allocates each storage at the size the pickle declares and
+      then reads only the storages the file lists, so a 349-byte file claimed gigabytes, and what it did not
+      fill came back as the process's own heap memory;
+    * a zip archive declaring more uncompressed bytes than it holds (``torch.save`` stores records
+      uncompressed; a 66 kB deflated ``data.pkl`` ran the unpickler for minutes, a 4 MB record took 5 GB);
+    * more than :data:`MAX_ARCHIVE_RECORDS` records.
+    """
+    import struct
+    import zipfile
+
+    path = Path(path)
+    check_regular_file(path, what)
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        head = file.read(len(_LEGACY_MAGIC))
+        if head.startswith(_LEGACY_MAGIC):
+            raise UserError(f"{path}: a torch.save file of the legacy format (PyTorch < 1.6), which can claim memory "
+                            "it does not hold; load it with a recent PyTorch where you trust it and save it again")
+        if not head.startswith(b"PK\x03\x04"):
+            return  # not a torch.save file at all: torch.load says so
+        file.seek(max(0, size - (1 << 16) - 22))
+        tail = file.read()
+        end = tail.rfind(b"PK\x05\x06")
+        records = struct.unpack_from("<H", tail, end + 10)[0] if end >= 0 and end + 12 <= len(tail) else 0
+        if records == 0xFFFF and end >= 20 and tail[end - 20:end - 16] == b"PK\x06\x07":  # zip64
+            file.seek(struct.unpack_from("<Q", tail, end - 12)[0])
+            record = file.read(56)
+            records = struct.unpack_from("<Q", record, 32)[0] if record[:4] == b"PK\x06\x06" else records
+    if records > MAX_ARCHIVE_RECORDS:
+        raise UserError(f"{path}: an archive of {records} records (a torch.save file has one per tensor storage; "
+                        f"at most {MAX_ARCHIVE_RECORDS})")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as error:
+        raise UserError(f"{path}: not a readable torch.save archive ({error})") from None
+    if declared > size:
+        raise UserError(f"{path}: its records declare {declared} bytes in a file of {size} (torch.save stores them "
+                        "uncompressed; a compressed record can inflate to gigabytes)")
+
+
 def load_torch_checkpoint(path: str | Path) -> Any:
     """The object in a ``torch.save`` file, loaded on the CPU without running code from the file.
 
@@ -142,6 +193,7 @@ def load_torch_checkpoint(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    check_torch_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -153,9 +153,9 @@ def save_training_state(path: str | os.PathLike, state: dict) -> None:
 def load_training_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """A dict written by :func:`save_training_state`, loaded with ``weights_only=True`` (a :class:`UserError`
     if ``path`` is not a regular file: ``torch.load`` would block on a FIFO)."""
-    from effvision.io_utils import check_regular_file
+    from effvision.torch_checkpoint import check_torch_archive
 
-    check_regular_file(path, "training state")
+    check_torch_archive(path, "training state")  # a regular file, no legacy format, no compressed records
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -85,3 +85,52 @@ def test_safetensors_readers_refuse_a_fifo_instead_of_blocking(tmp_path, capsys)
     assert main(["train-codec", "--data", str(tmp_path / "photos"), "--init", str(fifo), "--steps", "1",
                  "--out", str(tmp_path / "run")]) == 1
     assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_a_legacy_format_torch_file_is_refused_before_torch_allocates_its_storages(tmp_path):
+    """torch allocates a legacy file's storages at the sizes its pickle declares and fills only those the file
+    lists: a 349-byte file claimed 7 GB, and the unfilled bytes came back as the process's own heap."""
+    from effvision.torch_checkpoint import load_torch_checkpoint
+    from effvision.training import load_training_state
+
+    path = tmp_path / "old.pth"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    for load in (load_torch_checkpoint, check_weights_file, load_training_state):
+        with pytest.raises(UserError, match="legacy format"):
+            load(path)
+    torch.save({"w": torch.ones(3)}, path)  # the same, as torch.save writes it since PyTorch 1.6
+    assert torch.equal(load_torch_checkpoint(path)["w"], torch.ones(3))
+
+
+def test_a_torch_archive_with_compressed_records_is_refused_before_they_inflate(tmp_path):
+    """torch.save stores records uncompressed; a 66 kB deflated data.pkl ran torch's unpickler for 37 s, a 4 MB
+    deflated tensor record inflated to 5 GB before torch compared its size."""
+    import io
+    import zipfile
+
+    from effvision.torch_checkpoint import load_torch_checkpoint
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("/data/0"):  # the tensor record, padded with 4 MB of zeros, deflated
+                archive.writestr(info.filename, data + bytes(1 << 22), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                archive.writestr(info.filename, data)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(UserError, match="declare .* bytes in a file of"):
+        load_torch_checkpoint(path)
+
+
+def test_a_torch_archive_of_too_many_records_is_refused(tmp_path, monkeypatch):
+    from effvision import torch_checkpoint
+
+    path = tmp_path / "many.pth"
+    torch.save({f"w{i}": torch.zeros(1) for i in range(10)}, path)  # a record per storage
+    monkeypatch.setattr(torch_checkpoint, "MAX_ARCHIVE_RECORDS", 8)
+    with pytest.raises(UserError, match="records"):
+        torch_checkpoint.load_torch_checkpoint(path)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from effvision.errors import UserError
 from effvision.peft.clca import CrossLayerAggregationHead
 from effvision.peft.released_adapter import ReleasedAdapters
-from effvision.torch_checkpoint import tensor_state_dict
+from effvision.torch_checkpoint import check_torch_archive, tensor_state_dict
 
 CONTAINER_KEYS = ("model", "state_dict", "module", "model_state")
 ADAPTER_LAYERS = ("down1", "down2", "up1", "down3", "up2")
@@ -37,6 +37,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     ``module.`` prefix), loaded with ``weights_only=True``."""
     if Path(path).exists() and not Path(path).is_file():  # torch.load would block on a FIFO
         raise ValueError(f"{path}: not a regular file")
+    if Path(path).exists():
+        try:  # no legacy format, no compressed records: both let a few bytes claim gigabytes
+            check_torch_archive(path)
+        except UserError as error:
+            raise ValueError(str(error)) from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
