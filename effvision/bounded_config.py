@@ -130,21 +130,28 @@ def shape_mismatches(
     keys ending in ``resizable`` may differ in shape (entropy-coder tables rebuilt after loading)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        return f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+    if missing or unexpected:  # names cut to 80 characters: a crafted file's 20 MB name made a 20 MB message
+        return (f"{len(missing)} missing keys (e.g. {[f'{key:.80}' for key in missing[:3]]}), "
+                f"{len(unexpected)} unexpected (e.g. {[f'{key:.80}' for key in unexpected[:3]]})")
     for key, shape in found.items():
         if tuple(shape) != tuple(expected[key]) and not key.endswith(resizable):
-            return f"{key} has shape {tuple(shape)}, the model expects {tuple(expected[key])}"
+            return f"{key:.80} has shape {tuple(shape)}, the model expects {tuple(expected[key])}"
     return None
 
 
 def check_finite(tensors: Mapping[str, Tensor], source: str) -> None:
-    """A :class:`UserError` naming the first floating-point tensor of ``tensors`` holding NaN or infinity."""
+    """A :class:`UserError` naming the first tensor of ``tensors`` that is complex, or floating-point holding NaN
+    or infinity as float32, the dtype the models load it in (a float64 1e300 is finite until then, and a complex
+    NaN is not floating-point: both decoded to black images)."""
     import torch
 
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"{source}: weight {key} holds NaN or infinite values")
+        if tensor.is_complex():
+            raise UserError(f"{source}: weight {key!r:.80} is complex ({tensor.dtype}); model weights are real")
+        if tensor.is_floating_point():
+            values = tensor if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) else tensor.float()
+            if not bool(torch.isfinite(values).all()):
+                raise UserError(f"{source}: weight {key!r:.80} holds NaN or infinite values (as float32)")
 
 
 #: timm options that size a ViT, bounded before timm builds anything (a depth of 10^6 would spend minutes building

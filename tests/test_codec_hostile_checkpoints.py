@@ -76,6 +76,22 @@ def nan_weights(metadata, tensors):
     tensors[key] = torch.full_like(tensors[key], float("nan"))
 
 
+def complex_nan_weights(metadata, tensors):
+    """A complex NaN is not floating-point: it passed the NaN check and was cast to float32 NaN on loading."""
+    key = next(k for k, v in tensors.items() if v.is_floating_point() and v.dim() > 1)
+    tensors[key] = torch.full(tensors[key].shape, complex(float("nan"), 0), dtype=torch.complex64)
+
+
+def float64_overflow_weights(metadata, tensors):
+    """1e300 is finite in float64 and infinite in the float32 the model loads it as."""
+    key = next(k for k, v in tensors.items() if v.is_floating_point() and v.dim() > 1)
+    tensors[key] = torch.full(tensors[key].shape, 1e300, dtype=torch.float64)
+
+
+def extra_tensor_with_a_long_name(metadata, tensors):
+    tensors["x" * 100_000] = torch.zeros(1)
+
+
 def keep_two_gaussian_tables(metadata, tensors):
     for key in ("_quantized_cdf", "_cdf_length", "_offset"):
         tensors[f"gaussian_conditional.{key}"] = tensors[f"gaussian_conditional.{key}"][:2].clone()
@@ -115,6 +131,9 @@ MAMBAIC_CASES = {
     "lambda not a number": (set_metadata("lambda", "abc"), "lambda metadata must be"),
     "lambda NaN": (set_metadata("lambda", "nan"), "lambda metadata must be"),
     "NaN weights": (nan_weights, "holds NaN or infinite values"),
+    "complex NaN weights": (complex_nan_weights, "is complex"),
+    "float64 beyond float32": (float64_overflow_weights, r"holds NaN or infinite values \(as float32\)"),
+    "a 100 kB tensor name": (extra_tensor_with_a_long_name, r"1 unexpected \(e.g. \['x{80}'\]\)"),
     # compressai's C++ encoder trusted these: it read past a row, divided by zero (SIGFPE), or segfaulted
     "CDF lengths past their rows": (
         lambda m, t: t["entropy_bottleneck._cdf_length"].fill_(10**5), "entropy tables are corrupt"),
@@ -127,7 +146,8 @@ MAMBAIC_CASES = {
     "a median of 10^9": (lambda m, t: t["entropy_bottleneck.quantiles"][:, 0, 1].fill_(1e9), "medians up to 1e"),
 }
 #: cases whose shapes fit the config: the model is built, then its values are refused
-BUILT = {"NaN weights", "CDF lengths past their rows", "flat CDF rows", "fewer CDF rows than scales", "negative scales",
+BUILT = {"NaN weights", "complex NaN weights", "float64 beyond float32", "CDF lengths past their rows",
+         "flat CDF rows", "fewer CDF rows than scales", "negative scales",
          "no tables, 10^9 wide quantiles", "no tables, a median of 10^9", "a median of 10^9"}
 
 
@@ -173,6 +193,8 @@ VQGAN_CASES = {
     "2-D index maps": (
         lambda m, t: t.__setitem__("reference_maps", t["reference_maps"][0]), r"must be \(N, h, w\)"),
     "NaN weights": (nan_weights, "holds NaN or infinite values"),
+    "complex NaN weights": (complex_nan_weights, "is complex"),
+    "float64 beyond float32": (float64_overflow_weights, r"holds NaN or infinite values \(as float32\)"),
 }
 
 
