@@ -155,6 +155,23 @@ def check_regular_file(path: str | Path, what: str = "file") -> None:
         raise UserError(f"{what} {path} does not exist or is not a regular file")
 
 
+#: largest safetensors header (the JSON that lists the tensors) read: a real one takes about 150 bytes a tensor;
+#: safetensors turns each entry into Python objects, about 20 times its bytes (1.5 million entries, 2 GB, 18 s)
+MAX_SAFETENSORS_HEADER_BYTES = 16 << 20
+
+
+def check_safetensors_file(path: str | Path, what: str = "weights file") -> None:
+    """A regular file (:func:`check_regular_file`) whose safetensors header is at most
+    :data:`MAX_SAFETENSORS_HEADER_BYTES`; what else the header says, safetensors checks itself."""
+    check_regular_file(path, what)
+    with Path(path).open("rb") as handle:
+        prefix = handle.read(8)
+    if len(prefix) == 8 and int.from_bytes(prefix, "little") > MAX_SAFETENSORS_HEADER_BYTES:
+        raise UserError(f"{what} {path} is not a safetensors file we read: it declares a header of "
+                        f"{int.from_bytes(prefix, 'little')} bytes (at most {MAX_SAFETENSORS_HEADER_BYTES}; a real "
+                        "one takes about 150 bytes a tensor)")
+
+
 def read_bytes(path: str | Path, max_bytes: int) -> bytes:
     """Read a whole file (or stdin for ``"-"``), refusing anything larger than ``max_bytes``."""
     if str(path) == STDIO:

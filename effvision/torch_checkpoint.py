@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from effvision.errors import UserError, names_for_message
-from effvision.io_utils import check_regular_file
+from effvision.io_utils import check_regular_file, check_safetensors_file
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -260,6 +260,7 @@ def check_weights_file(path: str | Path) -> None:
     path = Path(path)
     check_regular_file(path, "weights file")
     if path.suffix.lower() == ".safetensors":
+        check_safetensors_file(path, "weights file")
         return
     pending: list[tuple[Any, str, int]] = [(load_torch_checkpoint(path), "", 0)]
     walked = 0

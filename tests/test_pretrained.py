@@ -365,3 +365,14 @@ def test_zoo_style_load_returns_the_official_model_ready_to_code(hub):
     x = torch.rand(1, 3, 64, 64)
     coded = model.compress(x)
     assert model.decompress(coded["strings"], coded["shape"])["x_hat"].shape == x.shape
+
+
+@pytest.mark.parametrize("content", ["[" * 200_000 + "]" * 200_000, " " * (1 << 17)])
+def test_a_planted_record_that_nests_deeply_or_is_large_is_a_clear_error(hub, tmp_path, content):
+    """A record of 200000 nested brackets ended in a RecursionError with no hint to delete it."""
+    hub.publish("authors/tiny-mambaic", "checkpoint0.025.pth.tar", mambaic_release())
+    record = tmp_path / "cache/mambaic/test-official-mambaic.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(content)
+    with pytest.raises(UserError, match="is not an effvision pretrained-weights record .*; delete it"):
+        fetch_pretrained("test-official-mambaic")

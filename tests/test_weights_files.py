@@ -134,3 +134,18 @@ def test_a_torch_archive_of_too_many_records_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch_checkpoint, "MAX_ARCHIVE_RECORDS", 8)
     with pytest.raises(UserError, match="records"):
         torch_checkpoint.load_torch_checkpoint(path)
+
+
+def test_a_safetensors_header_larger_than_any_real_one_is_refused_before_safetensors_parses_it(tmp_path):
+    """safetensors turns every header entry into Python objects (about 20 times its bytes): a 99 MB header of
+    1.5 million zero-size tensors took 2 GB and 18 s before the shape check refused the file."""
+    from effvision.codecs.mambaic.checkpoint import load_checkpoint
+    from effvision.codecs.vqgan.model import VQGANCodec
+    from effvision.io_utils import MAX_SAFETENSORS_HEADER_BYTES
+
+    path = tmp_path / "huge-header.safetensors"
+    path.write_bytes((MAX_SAFETENSORS_HEADER_BYTES + 1).to_bytes(8, "little") + b"{" + b" " * 1000)
+    for load in (check_weights_file, load_checkpoint, VQGANCodec.load):
+        with pytest.raises(UserError, match="declares a header of"):
+            load(path)
+    assert main(["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--checkpoint", str(path)]) == 1

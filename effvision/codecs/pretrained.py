@@ -162,15 +162,21 @@ def _where_to_get(entry: PretrainedWeights) -> str:
     return f"download {Path(filename).name} from {origins} and place it at {placed_path(entry)}"
 
 
+#: largest pretrained-weights record read from the cache
+MAX_RECORD_BYTES = 1 << 16
+
+
 def _read_record(entry: PretrainedWeights) -> dict | None:
     path = record_path(entry)
     if not path.is_file():
         return None
-    try:
+    try:  # a record is a few hundred bytes; a planted one may be large or nest deeply
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
         record = json.loads(path.read_text())
         if record.get("format") != RECORD_FORMAT or not isinstance(record.get("source_sha256"), str):
             raise ValueError("unknown layout")
-    except (OSError, ValueError, AttributeError) as error:
+    except (OSError, ValueError, AttributeError, RecursionError) as error:
         raise UserError(f"{path} is not an effvision pretrained-weights record ({error}); delete it") from error
     return record
 

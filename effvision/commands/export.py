@@ -41,6 +41,9 @@ def _load_state_dict(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
+        from effvision.io_utils import check_safetensors_file
+
+        check_safetensors_file(path, "checkpoint")  # a huge header costs gigabytes in safetensors
         try:
             return load_file(path)
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is the user's file problem

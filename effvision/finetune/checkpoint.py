@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from effvision.io_utils import atomic_path, check_regular_file
+from effvision.io_utils import atomic_path, check_safetensors_file
 
 CONFIG = "config.json"
 WEIGHTS = "trainable.safetensors"
@@ -63,7 +63,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
     from effvision.errors import UserError
 
-    check_regular_file(path, "weights file")  # load_file blocks on a FIFO
+    check_safetensors_file(path, "weights file")  # load_file blocks on a FIFO; a huge header costs GBs
     saved = load_file(str(path))
     own = model.state_dict()
     unknown = sorted(set(saved) - set(own))

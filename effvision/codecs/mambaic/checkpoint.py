@@ -26,7 +26,7 @@ from effvision.bounded_config import check_finite, meta_state_shapes, read_confi
 from effvision.codecs.mambaic.model import CONFIG_LIMITS, CONFIGS, MAX_CODED_MAGNITUDE, MambaIC, MambaICConfig
 from effvision.codecs.rans import cdf_table_problem
 from effvision.errors import UserError
-from effvision.io_utils import atomic_path, check_regular_file
+from effvision.io_utils import atomic_path, check_safetensors_file
 
 FORMAT = "effvision-mambaic"
 #: entropy-coder tables whose size a file may choose (update() rebuilds them after loading)
@@ -234,7 +234,7 @@ def read_checkpoint_config(path: str | Path) -> tuple[MambaICConfig, dict[str, s
     against :data:`~effvision.codecs.mambaic.model.CONFIG_LIMITS` (the file may be crafted)."""
     from safetensors import safe_open
 
-    check_regular_file(path, "checkpoint")  # safe_open blocks on a FIFO
+    check_safetensors_file(path, "checkpoint")  # safe_open blocks on a FIFO; a huge header costs GBs
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -48,7 +48,7 @@ from effvision.codecs.vqgan.kmeans import kmeans
 from effvision.codecs.vqgan.restoration import RESTORER_LIMITS, IndexRestorer
 from effvision.codecs.vqgan.taming import VQModel, taming_state_dict
 from effvision.errors import UserError
-from effvision.io_utils import atomic_path
+from effvision.io_utils import atomic_path, check_safetensors_file
 
 CELL = 16
 #: fit_index_model encodes training images in tiles of this many cells (1024 px) at most
@@ -482,6 +482,10 @@ class VQGANCodec(CompressionModel):
         source = str(path)
         if not Path(source).is_file():  # safe_open blocks on a FIFO
             raise _user_error(f"VQGAN weights {path} do not exist or are not a regular file")
+        try:  # a huge header costs gigabytes in safe_open
+            check_safetensors_file(source, "VQGAN weights")
+        except UserError as error:
+            raise _user_error(str(error)) from None
         try:
             with safe_open(source, framework="pt") as handle:
                 metadata = handle.metadata() or {}
