@@ -145,6 +145,7 @@ def check_torch_archive(path: str | Path, what: str = "checkpoint") -> None:
     * the legacy format (before PyTorch 1.6): torch allocates each storage at the size the pickle declares and
       then reads only the storages the file lists, so a 349-byte file claimed gigabytes, and what it did not
       fill came back as the process's own heap memory;
+    * anything else that is not a zip archive (torch's tar format is unchecked too);
     * a zip archive declaring more uncompressed bytes than it holds (``torch.save`` stores records
       uncompressed; a 66 kB deflated ``data.pkl`` ran the unpickler for minutes, a 4 MB record took 5 GB);
     * more than :data:`MAX_ARCHIVE_RECORDS` records.
@@ -160,8 +161,9 @@ def check_torch_archive(path: str | Path, what: str = "checkpoint") -> None:
         if head.startswith(_LEGACY_MAGIC):
             raise UserError(f"{path}: a torch.save file of the legacy format (PyTorch < 1.6), which can claim memory "
                             "it does not hold; load it with a recent PyTorch where you trust it and save it again")
-        if not head.startswith(b"PK\x03\x04"):
-            return  # not a torch.save file at all: torch.load says so
+        if not head.startswith(b"PK\x03\x04"):  # torch.load would also try its tar format, unchecked here
+            raise UserError(f"{path} is not a readable PyTorch checkpoint: torch.save writes a zip archive (since "
+                            "PyTorch 1.6), and this file is none")
         file.seek(max(0, size - (1 << 16) - 22))
         tail = file.read()
         end = tail.rfind(b"PK\x05\x06")

@@ -148,9 +148,9 @@ def load_released_checkpoint(model: nn.Module, path: str | Path) -> dict:
                 problems.append(f"{key}: shape {tuple(value.shape)} matches no part of this model")
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     problems += [f"missing from the file: {name}" for name in sorted(trainable - set(assigned))]
-    if problems:  # at most 20 lines, each cut: a crafted file of 200000 keys made a 51 MB message
-        shown = [f"{problem:.200}" for problem in problems[:20]]
-        more = [f"... ({len(problems)} problems in all)"] if len(problems) > 20 else []
+    if problems:  # at most 100 lines, each cut: a crafted file of 200000 keys made a 51 MB message
+        shown = [f"{problem:.200}" for problem in problems[:100]]
+        more = [f"... ({len(problems)} problems in all)"] if len(problems) > 100 else []
         raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(shown + more))
     model.load_state_dict(assigned, strict=False)
     return {"by_name": sorted(set(assigned) - set(mapping)), "by_structure": mapping}
