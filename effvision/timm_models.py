@@ -16,6 +16,10 @@ from __future__ import annotations
 import runpy
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from effvision.errors import UserError
 
 USAGE = "usage: python -m effvision.timm_models SCRIPT.py [SCRIPT ARGUMENTS...]\n\n" \
         "Runs a timm script (train.py, validate.py, benchmark.py, ...) with effvision's model names registered."
@@ -52,7 +56,7 @@ if __name__ == "__main__":
     sys.exit(run_script(sys.argv[1:]))
 
 
-def weights_download_error(model_name: str, error: BaseException):
+def weights_download_error(model_name: str, error: BaseException) -> UserError | None:
     """A :class:`~effvision.errors.UserError` that says which file timm could not fetch for ``model_name``'s
     pretrained weights, and what to do offline, when ``error`` is a download failure (Hugging Face Hub errors,
     network and file-system errors); ``None`` for any other error (a wrong argument, a shape mismatch)."""
