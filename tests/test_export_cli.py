@@ -128,6 +128,12 @@ def test_a_model_whose_outputs_are_nan_fails_the_check(tmp_path, capsys):
             "--checkpoint", str(tmp_path / "nan.pth")]
     assert cli.main(argv) == 1
     assert "gives NaN or infinite outputs" in capsys.readouterr().err
+    # the file that failed its check is not left behind, nor does it replace a good one with --force
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]
+    (tmp_path / "deit.onnx").write_bytes(b"a good export")
+    assert cli.main([*argv, "--force"]) == 1
+    assert (tmp_path / "deit.onnx").read_bytes() == b"a good export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deit.onnx", "nan.pth"]
 
 
 def test_a_directory_as_output_and_a_checkpoint_that_does_not_fit_are_clear_errors(tmp_path, capsys):

@@ -277,7 +277,7 @@ def test_a_crafted_run_config_is_a_clear_error_before_anything_is_built(dataset,
 def test_resuming_a_run_with_a_crafted_config_is_a_clear_error(dataset, tmp_path, capsys):
     run = crafted_run(tmp_path, dataset, _set("workers", -1))
     capsys.readouterr()
-    assert main(finetune_args(dataset, run, "--resume", epochs=2)) == 1
+    assert main(finetune_args(dataset, run, "--resume", epochs=1)) == 1
     assert "workers must be an integer in [0, 64]" in capsys.readouterr().err
 
 
@@ -444,3 +444,42 @@ def test_pretrained_without_network_names_the_weights_and_what_to_do(dataset, mo
     err = capsys.readouterr().err
     assert "could not get the pretrained weights of sparse_tuning_vit_tiny_patch16_224" in err
     assert "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["NaN", "empty", "integers"])
+def test_evaluate_refuses_damaged_trained_weights(dataset, tmp_path, capsys, damage):
+    """NaN weights, a file holding no weights, or integer weights were loaded and scored (exit 0)."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    assert main(finetune_args(dataset, run, epochs=1)) == 0
+    weights = load_file(str(run / "trainable.safetensors"))
+    if damage == "NaN":
+        weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
+    elif damage == "empty":
+        weights = {}
+    else:
+        weights = {k: v.long() if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, str(run / "trainable.safetensors"))
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "trainable.safetensors" in err and "Traceback" not in err
+
+
+def test_resume_without_the_training_state_is_refused_when_trained_weights_exist(dataset, tmp_path, capsys):
+    """The run restarted at epoch 0 over the trained weights and exited 0."""
+    run = tmp_path / "run"
+    assert main(finetune_args(dataset, run, epochs=1)) == 0
+    (run / "training_state.pt").unlink()
+    weights = (run / "trainable.safetensors").read_bytes()
+    assert main(finetune_args(dataset, run, "--resume", epochs=1)) == 1
+    assert "no training_state.pt" in capsys.readouterr().err
+    assert (run / "trainable.safetensors").read_bytes() == weights
+
+
+def test_a_plain_timm_cnn_fine_tunes(dataset, tmp_path):
+    """--help offers any timm name; resnet18 failed with "'ResNet' object has no attribute 'patch_embed'"."""
+    argv = ["finetune", str(dataset), "--model", "resnet18", "-o", str(tmp_path / "run"), "--epochs", "1",
+            "--batch-size", "16", "--workers", "0", "--option", "num_classes=3"]
+    assert main([a for a in argv if a not in ("--option", "num_classes=3")]) == 0

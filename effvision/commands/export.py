@@ -163,10 +163,8 @@ def _real_images(shape: tuple[int, ...], model) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from effvision.export.onnx import check_onnx, export_onnx
-    from effvision.io_utils import check_output_file
+    from effvision.export.onnx import export_onnx
+    from effvision.io_utils import atomic_path, check_output_file
 
     if args.img_size is not None and not 1 <= args.img_size <= 8192:
         raise UserError(f"--img-size must be between 1 and 8192 pixels, got {args.img_size}")
@@ -179,15 +177,30 @@ def run(args: argparse.Namespace) -> int:
     is_codec = ":" in args.model
     model, shape, dynamic_hw = _codec_transform(args) if is_codec else _timm_model(args)
     print(f"exporting {args.model} with input (batch, {', '.join(map(str, shape))})", file=sys.stderr)
-    export_onnx(model, output, (1, *shape), opset=args.opset, dynamic_hw=dynamic_hw, exporter=args.exporter)
-    if dynamic_hw and not _dynamic_size_works(model, output, shape, args.atol):
-        # Some transforms (e.g. MambaIC's window attention / selective scan) trace size-specific reshapes.
-        print(f"note: {args.model} does not export with a dynamic height/width; fixed at {shape[1:]}", file=sys.stderr)
-        dynamic_hw = False
-        export_onnx(model, output, (1, *shape), opset=args.opset, dynamic_hw=False, exporter=args.exporter)
-    print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
-    if not args.check:
-        return 0
+    # written and checked beside the output, moved into place only when the check passes: a failed check left
+    # its file behind, and with --force replaced a good one
+    with atomic_path(output, force=args.force) as temp:
+        temp = Path(temp)
+        export_onnx(model, temp, (1, *shape), opset=args.opset, dynamic_hw=dynamic_hw, exporter=args.exporter)
+        if dynamic_hw and not _dynamic_size_works(model, temp, shape, args.atol):
+            # Some transforms (e.g. MambaIC's window attention / selective scan) trace size-specific reshapes.
+            print(f"note: {args.model} does not export with a dynamic height/width; fixed at {shape[1:]}",
+                  file=sys.stderr)
+            dynamic_hw = False
+            export_onnx(model, temp, (1, *shape), opset=args.opset, dynamic_hw=False, exporter=args.exporter)
+        size = temp.stat().st_size
+        if args.check:
+            _check_export(args, model, temp, shape, dynamic_hw)
+    print(f"wrote {output} ({size / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def _check_export(args: argparse.Namespace, model, path: Path, shape: tuple, dynamic_hw: bool) -> None:
+    """``--check``: the exported file in onnxruntime against the model; a :class:`UserError` when they differ."""
+    import torch
+
+    from effvision.export.onnx import check_onnx
+
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(b, *shape, generator=generator) for b in (1, 5)]
     if dynamic_hw:
@@ -195,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         batches.append(torch.randn(2, *_other_size(shape), generator=generator))
     elif shape[0] == 3:
         batches += _real_images(shape, model)
-    result = check_onnx(model, output, batches)
+    result = check_onnx(model, path, batches)
     for batch in result["batches"]:
         print(f"check input {tuple(batch['shape'])}: max abs diff {batch['max_abs_diff']:.3g}")
     agreement = result["top1_agreement"]
@@ -205,4 +218,3 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model} gives NaN or infinite outputs (its weights?): the check compares nothing")
     if result["max_abs_diff"] > args.atol:
         raise UserError(f"onnxruntime output differs by {result['max_abs_diff']:.3g} > --atol {args.atol}")
-    return 0

@@ -58,18 +58,29 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load ``trainable.safetensors`` into ``model``; every saved key must exist with the same shape."""
+    """Load ``trainable.safetensors`` into ``model``: it must hold every trainable weight of the model (what
+    :func:`save_weights` writes), each with the model's shape and a floating-point dtype, finite, and nothing
+    else. A crafted or damaged file (NaN weights, no weights, integers) was loaded and scored as if trained."""
     from safetensors.torch import load_file
 
-    from effvision.errors import UserError
+    from effvision.bounded_config import check_finite
+    from effvision.errors import UserError, names_for_message
 
     check_safetensors_file(path, "weights file")  # load_file blocks on a FIFO; a huge header costs GBs
-    saved = load_file(str(path))
+    try:
+        saved = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise UserError(f"{path} is not a readable safetensors file ({error})") from error
     own = model.state_dict()
     unknown = sorted(set(saved) - set(own))
     if unknown:
-        raise UserError(f"{path} does not fit this model: unknown weights {unknown[:5]}")
-    bad = [name for name, t in saved.items() if t.shape != own[name].shape]
+        raise UserError(f"{path} does not fit this model: unknown weights {names_for_message(unknown, 5)}")
+    missing = sorted(set(trainable_state_dict(model)) - set(saved))
+    if missing:
+        raise UserError(f"{path} does not fit this model: it lacks trained weights {names_for_message(missing, 5)}")
+    bad = [name for name, t in saved.items() if t.shape != own[name].shape or t.is_floating_point()
+           != own[name].is_floating_point()]
     if bad:
-        raise UserError(f"{path} does not fit this model: shape mismatch for {bad[:5]}")
+        raise UserError(f"{path} does not fit this model: shape or dtype mismatch for {names_for_message(bad, 5)}")
+    check_finite(saved, str(path))
     model.load_state_dict(saved, strict=False)

@@ -28,7 +28,12 @@ class UnreadableImageWarning(UserWarning):
 
 
 def model_image_size(model: nn.Module) -> tuple[int, int]:
-    size = model.patch_embed.img_size
+    """The image size the model is built for: its patch embedding's (ViTs), else its pretrained config's input
+    size (any other timm model, e.g. ``resnet18``, which has no ``patch_embed``)."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None:
+        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-2:])
     return (size, size) if isinstance(size, int) else tuple(size)
 
 

@@ -236,9 +236,12 @@ def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict |
     current = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
     differences = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
     if differences:
-        details = ", ".join(f"{key}: run {saved.get(key)!r}, now {current[key]!r}" for key in differences)
+        details = ", ".join(f"{key}: run {saved.get(key)!r:.200}, now {current[key]!r:.200}" for key in differences)
         raise UserError(f"cannot resume {output} with a different config ({details})")
     state_path = output / checkpoint.STATE
+    if not state_path.exists() and (output / checkpoint.WEIGHTS).exists():  # it would train from scratch over them
+        raise UserError(f"cannot resume {output}: it holds trained weights but no {checkpoint.STATE} (their optimizer "
+                        "and epoch); start a new run in another folder")
     return load_training_state(state_path) if state_path.exists() else None
 
 
