@@ -124,6 +124,8 @@ class CompressAIImageCodec(ImageCodec):
 
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
 def check_quality(quality) -> None:
     """A :class:`UserError` unless ``quality`` is None or an int (numpy's too; not a bool, a string or a tensor:
     "2" used to load quality 2 by the text of its name)."""
