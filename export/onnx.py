@@ -8,8 +8,12 @@ time of :mod:`effvision.export`.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -41,6 +45,40 @@ def _dynamic_shapes(example: torch.Tensor, dynamic_batch: bool, dynamic_hw: bool
             else:
                 shapes[axis] = torch.export.Dim(label, min=1, max=65535)
     return {"x": shapes}
+
+
+@contextlib.contextmanager
+def _native_output_dropped_on_error() -> Iterator[None]:
+    """Hold what is written to file descriptors 1 and 2 meanwhile; on success it is written out, on an error it
+    is dropped. The TorchScript exporter prints its whole IR graph (hundreds of lines, on stdout) before raising,
+    which buried the one line saying what failed (e.g. an operator the opset lacks)."""
+    streams = ((1, sys.stdout), (2, sys.stderr))
+    try:
+        for _, stream in streams:
+            stream.flush()
+        saved = [os.dup(fd) for fd, _ in streams]
+    except (OSError, ValueError, AttributeError):  # no real descriptors (an embedding host): nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        held = (out, err)
+        for (fd, _), file in zip(streams, held, strict=True):
+            os.dup2(file.fileno(), fd)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            for (fd, stream), file, original in zip(streams, held, saved, strict=True):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()  # Python's own buffered text of this span goes with it
+                os.dup2(original, fd)
+                os.close(original)
+                if not failed:
+                    file.seek(0)
+                    text = file.read()
+                    if text:
+                        stream.write(text.decode(errors="replace"))
 
 
 class _SingleInput(nn.Module):
@@ -79,7 +117,8 @@ def export_onnx(
         dynamic_hw: also make height/width symbolic (convolutional codec transforms).
         hw_multiple: with ``dynamic_hw`` and the dynamo exporter, height/width are multiples of this.
         exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``) or ``"dynamo"``
-            (``torch.export`` based). Both are checked by the tests for every registered reduced model.
+            (``torch.export`` based). Both are checked by the tests for every registered reduced model. Both
+            write one self-contained file (the weights inside it, so the model must stay under protobuf's 2 GB).
         input_name / output_name: graph input/output names.
         overwrite: replace an existing file (``False`` raises ``FileExistsError``).
 
@@ -102,6 +141,9 @@ def export_onnx(
                 options = dict(
                     dynamo=True,
                     verbose=False,
+                    # weights inside the file: by default they went to "<temporary name>.data" beside it, which
+                    # the move into place left behind as a hidden file the moved model still pointed to
+                    external_data=False,
                     dynamic_shapes=_dynamic_shapes(example, dynamic_batch, dynamic_hw, hw_multiple),
                 )
             else:
@@ -110,15 +152,16 @@ def export_onnx(
                     do_constant_folding=True,
                     dynamic_axes=_dynamic_axes([input_name, output_name], dynamic_batch, dynamic_hw, example.dim()),
                 )
-            torch.onnx.export(
-                wrapped,
-                (example,),
-                temp_name,
-                input_names=[input_name],
-                output_names=[output_name],
-                opset_version=opset,
-                **options,
-            )
+            with _native_output_dropped_on_error():
+                torch.onnx.export(
+                    wrapped,
+                    (example,),
+                    temp_name,
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    opset_version=opset,
+                    **options,
+                )
     finally:
         model.to(device).train(was_training)
     return path

@@ -160,3 +160,18 @@ def test_pretrained_without_network_names_the_weights_and_what_to_do(monkeypatch
     err = capsys.readouterr().err
     assert "could not get the pretrained weights of deit_tiny_patch16_224" in err
     assert "timm/deit_tiny_patch16_224.fb_in1k" in err and "--checkpoint" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--opset", "7"], "at opset 7 (torchscript exporter): ONNX export failed on expand"),
+    (["--img-size", "7"], "with input (batch, 3, 7, 7) at opset 18"),
+])
+def test_an_export_torch_cannot_make_is_one_clear_line(tmp_path, capfd, option, message):
+    """An operator the opset lacks, or an input smaller than the patch: one line saying so, not a bare torch
+    error after the exporter's whole IR graph (hundreds of lines, printed on stdout)."""
+    argv = ["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--img-size", "32", *option]
+    assert cli.main(argv) == 1
+    captured = capfd.readouterr()
+    assert message in captured.err and "cannot export deit_tiny_patch16_224" in captured.err
+    assert "graph(" not in captured.out + captured.err and len((captured.out + captured.err).splitlines()) <= 3
+    assert list(tmp_path.iterdir()) == []

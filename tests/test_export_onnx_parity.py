@@ -116,3 +116,15 @@ def test_export_restores_training_mode(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Dropout()).train()
     export_onnx(model, tmp_path / "m.onnx", (1, 3, 8, 8))
     assert model.training
+
+
+def test_dynamo_export_is_one_self_contained_file(tmp_path):
+    """The dynamo exporter put the weights in "<temporary name>.data" beside the file: the move into place left
+    that hidden file behind, and the model moved elsewhere alone lost its weights."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=IMG_SIZE, depth=2).eval()
+    export_onnx(model, tmp_path / "deit.onnx", (1, 3, IMG_SIZE, IMG_SIZE), exporter="dynamo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deit.onnx"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "deit.onnx").rename(elsewhere / "deit.onnx")
+    assert check_onnx(model, elsewhere / "deit.onnx", batches(2))["max_abs_diff"] <= ATOL

@@ -163,7 +163,6 @@ def _real_images(shape: tuple[int, ...], model) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvision.export.onnx import export_onnx
     from effvision.io_utils import atomic_path, check_output_file
 
     if args.img_size is not None and not 1 <= args.img_size <= 8192:
@@ -181,18 +180,35 @@ def run(args: argparse.Namespace) -> int:
     # its file behind, and with --force replaced a good one
     with atomic_path(output, force=args.force) as temp:
         temp = Path(temp)
-        export_onnx(model, temp, (1, *shape), opset=args.opset, dynamic_hw=dynamic_hw, exporter=args.exporter)
+        _export(args, model, temp, shape, dynamic_hw)
         if dynamic_hw and not _dynamic_size_works(model, temp, shape, args.atol):
             # Some transforms (e.g. MambaIC's window attention / selective scan) trace size-specific reshapes.
             print(f"note: {args.model} does not export with a dynamic height/width; fixed at {shape[1:]}",
                   file=sys.stderr)
             dynamic_hw = False
-            export_onnx(model, temp, (1, *shape), opset=args.opset, dynamic_hw=False, exporter=args.exporter)
+            _export(args, model, temp, shape, dynamic_hw)
         size = temp.stat().st_size
         if args.check:
             _check_export(args, model, temp, shape, dynamic_hw)
     print(f"wrote {output} ({size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
+
+
+def _export(args: argparse.Namespace, model, path: Path, shape: tuple, dynamic_hw: bool) -> None:
+    """:func:`export_onnx`; a model that cannot run at this size, or an operator the opset lacks, is a
+    :class:`UserError` naming the model, size, opset and exporter (torch raises ``RuntimeError`` for both)."""
+    from effvision.export.onnx import export_onnx
+
+    try:
+        export_onnx(model, path, (1, *shape), opset=args.opset, dynamic_hw=dynamic_hw, exporter=args.exporter)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(error).__name__
+        reason = reason if len(reason) <= 400 else reason[:400] + " ..."
+        raise UserError(
+            f"cannot export {args.model} with input (batch, {', '.join(map(str, shape))}) at opset {args.opset} "
+            f"({args.exporter} exporter): {reason}"
+        ) from error
 
 
 def _check_export(args: argparse.Namespace, model, path: Path, shape: tuple, dynamic_hw: bool) -> None:
