@@ -128,3 +128,52 @@ def test_torch_export_and_model_still_usable(method):
         exported = torch.export.export(clone_model(model), (images,))
         torch.testing.assert_close(exported.module()(images), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(images), expected)
+
+
+def test_reducing_a_reduced_model_again_is_refused():
+    """A second reduce() replaced the blocks: the first schedule, Sparse-Tuning's adapters (still parameters,
+    never run) and CLCA's wiring were silently lost."""
+    model = timm.create_model("sparse_tuning_deit_small_patch16_224", depth=4, embed_dim=64, num_heads=2,
+                              img_size=64, patch_size=8)
+    extensions = model.blocks.extensions
+    with pytest.raises(ValueError, match="already token-reduced"):
+        effvision.reduce(model, "ppt", r=8, layers=(1, 2))
+    assert model.blocks.extensions == extensions and extensions
+    tome = effvision.reduce(timm.create_model("vit_tiny_patch16_224", depth=4, img_size=64), "tome", r=4)
+    with pytest.raises(ValueError, match=r"already token-reduced \(tome\)"):
+        effvision.reduce(tome, "topk", keep_rate=0.5, layers=(1,))
+    assert effvision.reduction_info(tome)["tokens"] == [17, 13, 9, 5]
+
+
+def test_a_block_that_overrides_forward_is_refused():
+    """The reduced blocks recompute timm's Block forward from its parts: an override was dropped silently
+    (its output differed from the base model's by 0.3 with nothing reduced)."""
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    class ScaledBlock(Block):
+        def forward(self, x, **kwargs):
+            return 0.5 * super().forward(x, **kwargs)
+
+    class PlainSubclass(Block):
+        pass
+
+    with pytest.raises(ValueError, match="overrides forward"):
+        effvision.reduce(VisionTransformer(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                                           block_fn=ScaledBlock), "tome", r=0)
+    effvision.reduce(VisionTransformer(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                                       block_fn=PlainSubclass), "tome", r=2)
+
+
+def test_a_hybrid_cnn_stem_vit_reduces():
+    """The image check took the channel count from the patch projection, which in a hybrid ViT sees the CNN's
+    features: every forward failed with "expected 64-channel images"."""
+    base = timm.create_model("vit_tiny_r_s16_p8_224", depth=3, embed_dim=64, num_heads=2, img_size=128).eval()
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = base(images)
+        assert torch.equal(effvision.reduce(clone_model(base), "tome", r=0)(images), expected)
+        reduced = effvision.reduce(clone_model(base), "tome", r=6)
+        assert reduced(images).shape == expected.shape
+    assert effvision.reduction_info(reduced)["tokens"] == [17, 11, 6]
+    with pytest.raises(ValueError, match="expected images"):
+        reduced(torch.randn(3, 128, 128))

@@ -95,6 +95,19 @@ def check_block(block: nn.Module, index: int) -> None:
             f"block {index} ({type(block).__name__}) is not a pre-norm timm ViT Block (missing {missing}); "
             "token reduction supports timm's VisionTransformer Block and Eva's pre-norm EvaBlock"
         )
+    if type(block).forward not in _known_block_forwards():  # the reduced blocks compute timm's forward themselves
+        raise ValueError(
+            f"block {index} ({type(block).__name__}) overrides forward(); token reduction recomputes timm's "
+            "Block / EvaBlock forward from the block's parts, so what the override does would be lost"
+        )
+
+
+def _known_block_forwards() -> tuple[Callable, ...]:
+    """The block forwards :class:`TokenReducingBlocks` reproduces (subclasses that keep them are fine)."""
+    from timm.models.eva import EvaBlock
+    from timm.models.vision_transformer import Block
+
+    return (Block.forward, EvaBlock.forward)
 
 
 def layer_scale(block: nn.Module, branch: int, y: Tensor) -> Tensor:

@@ -110,6 +110,8 @@ def check_image_size(patch_embed: nn.Module, x: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(getattr(x, 'shape', ()))}")
     channels = getattr(getattr(patch_embed, "proj", None), "in_channels", x.shape[1])
+    if getattr(patch_embed, "backbone", None) is not None:  # a hybrid (CNN stem) ViT: proj sees the CNN's features
+        channels = x.shape[1]  # and the stem checks its own input
     if x.shape[1] != channels:
         raise ValueError(f"expected {channels}-channel images, got {x.shape[1]} channels")
     expected = tuple(patch_embed.img_size)

@@ -86,6 +86,13 @@ def reduce(model: nn.Module, method: str, *, track_source: bool = False, **optio
     """
     if not isinstance(method, str):
         raise ValueError(f"method must be a string, got {type(method).__name__}")
+    if isinstance(getattr(model, "blocks", None), TokenReducingBlocks):
+        # reducing again replaced the blocks: the first schedule, and adapters / CLCA attached to them, were lost
+        done = getattr(model.blocks, "reduction", None)
+        raise ValueError(
+            f"the model is already token-reduced{f' ({done[0]})' if done else ''}; reduce a plain timm ViT "
+            "(methods compose through the registered names, e.g. clca_ppt_*, or sparse_tuning(reduction=...))"
+        )
     _check_vit(model)
     register_fx_leaf()
     policy = make_policy(method, model_shape(model), **options)
