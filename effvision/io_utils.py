@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -109,8 +110,26 @@ def atomic_write_bytes(path: str | Path, data: bytes, force: bool = False) -> No
     atomic_write(path, lambda handle: handle.write(data), force=force)
 
 
+def check_replaceable(path: str | Path) -> None:
+    """A :class:`UserError` when ``path`` exists as something other than a regular file or a symbolic link (a
+    device, pipe or socket): moving a file into place replaces the entry itself, so ``-o /dev/null --force``
+    run as root turned the null device into a plain file for every process on the machine."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # missing (or unreadable: the write itself then says why)
+        return
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path} is a directory; name the file to write")
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise UserError(
+            f"{path} is not a regular file (a device, pipe or socket) and is never replaced; write to a file, "
+            f"or to {STDIO} (standard output) where the command offers it"
+        )
+
+
 def _move_into_place(temp_name: str, path: Path, force: bool) -> None:
     if force:
+        check_replaceable(path)
         os.replace(temp_name, path)
         return
     try:
@@ -277,7 +296,10 @@ def _same_file(first: str, second: str) -> bool:
 def check_not_existing(path: str, force: bool) -> None:
     """Fail before any work when the output ``path`` exists and ``force`` is off (the write re-checks
     atomically)."""
-    if not force and path != STDIO and Path(path).exists():
+    if path == STDIO:
+        return
+    check_replaceable(path)
+    if not force and Path(path).exists():
         raise UserError(f"{path} exists (use --force to overwrite)")
 
 

@@ -125,6 +125,27 @@ def test_file_created_during_the_write_is_not_clobbered(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.evc"]
 
 
+def test_a_device_pipe_or_socket_is_never_replaced_even_with_force(tmp_path):
+    """Moving a file into place replaces the entry itself: ``export ... /dev/null --force`` run as root turned
+    the null device into a plain file for every process on the machine. A FIFO stands in for the device."""
+    import stat
+
+    from effvision.io_utils import check_not_existing, check_output_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for check in (lambda: check_output_file(fifo, True), lambda: check_not_existing(str(fifo), True),
+                  lambda: atomic_write_bytes(fifo, b"new", force=True)):
+        with pytest.raises(UserError, match="not a regular file"):
+            check()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    (tmp_path / "file").write_bytes(b"old")  # a regular file and a link are still replaced with force
+    os.symlink(tmp_path / "file", tmp_path / "link")
+    atomic_write_bytes(tmp_path / "file", b"new", force=True)
+    atomic_write_bytes(tmp_path / "link", b"linked", force=True)
+    assert (tmp_path / "file").read_bytes() == b"new" and (tmp_path / "link").read_bytes() == b"linked"
+
+
 def test_successful_write_has_the_exact_bytes(tmp_path):
     atomic_write_bytes(tmp_path / "out.evc", b"complete")
     assert (tmp_path / "out.evc").read_bytes() == b"complete"
