@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -144,12 +146,34 @@ class Batch:
         return 1 if self.failures else 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler) raised in the main thread, so that it unwinds like
+    Ctrl-C: temporary files are removed and training loops stop as they do on Ctrl-C. Python's default for
+    SIGTERM ends the process at once and left half-written temporary files behind."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+
+    def raise_terminated(signum, frame) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_named(argv))
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():
+        with _terminate_as_interrupt(), warnings.catch_warnings():
             # compressai calls torch.jit.script when imported; that deprecation is not the user's concern.
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
             return int(args._module.run(args) or 0)
@@ -158,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print_error(args.command, str(error))
         return 1
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

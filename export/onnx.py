@@ -9,6 +9,7 @@ time of :mod:`effvision.export`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import tempfile
@@ -82,14 +83,44 @@ def _native_output_dropped_on_error() -> Iterator[None]:
 
 
 class _SingleInput(nn.Module):
-    """Names the forward argument ``x`` so dynamic shapes can refer to it whatever the model calls it."""
+    """Names the forward argument ``x`` so dynamic shapes can refer to it whatever the model calls it, and
+    refuses outputs that are not one tensor (a dict or tuple exported as its first entry only)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        output = self.model(x)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"export_onnx needs a model with one tensor out; this one returns {type(output).__name__} "
+                "(wrap it in a module that returns the tensor to export)"
+            )
+        return output
+
+
+def _float_eval_copy(model: nn.Module) -> nn.Module:
+    """The model as exported and compared: a copy, in eval mode, on the CPU, with float32 weights. The
+    caller's model is never touched (restoring its state afterwards reset every sub-module's train/eval flag
+    to the root's, and a bfloat16 model could not take the float32 example at all)."""
+    return copy.deepcopy(model).float().to("cpu").eval()
+
+
+def _check_symbolic_batch(path: str, input_name: str) -> None:
+    """A RuntimeError when the exported graph's input has a fixed batch size (torch.export specialises an
+    axis it sees at size 1, and may specialise others, without an error)."""
+    import onnx
+
+    graph = onnx.load(path).graph
+    for value in graph.input:
+        if value.name == input_name:
+            batch = value.type.tensor_type.shape.dim[0]
+            if not batch.dim_param:
+                raise RuntimeError(
+                    f"the exporter fixed the batch size at {batch.dim_value}: this model does not export with "
+                    "a dynamic batch (try the other exporter, or dynamic_batch=False)"
+                )
 
 
 def export_onnx(
@@ -109,11 +140,12 @@ def export_onnx(
     """Export ``model`` (one tensor in, one tensor out) to an ONNX file, atomically.
 
     Args:
-        model: any module; exported in eval mode on the CPU with fp32 weights (its state is restored).
+        model: any module with one tensor out; a copy of it is exported, in eval mode, on the CPU, with
+            float32 weights (the model itself is not changed).
         path: destination ``.onnx`` file; written to a temporary file first, then renamed.
         input_shape: example input shape, e.g. ``(1, 3, 224, 224)``.
         opset: ONNX opset version.
-        dynamic_batch: make axis 0 of the input and output symbolic.
+        dynamic_batch: make axis 0 of the input and output symbolic (a RuntimeError if the exporter cannot).
         dynamic_hw: also make height/width symbolic (convolutional codec transforms).
         hw_multiple: with ``dynamic_hw`` and the dynamo exporter, height/width are multiples of this.
         exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``) or ``"dynamo"``
@@ -130,40 +162,40 @@ def export_onnx(
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(path)
-    was_training = model.training
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    wrapped = _SingleInput(model).eval().to("cpu")
-    example = torch.randn(*input_shape)
-    try:
-        with atomic_path(path) as temp_name, torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
-            if exporter == "dynamo":
-                options = dict(
-                    dynamo=True,
-                    verbose=False,
-                    # weights inside the file: by default they went to "<temporary name>.data" beside it, which
-                    # the move into place left behind as a hidden file the moved model still pointed to
-                    external_data=False,
-                    dynamic_shapes=_dynamic_shapes(example, dynamic_batch, dynamic_hw, hw_multiple),
-                )
-            else:
-                options = dict(
-                    dynamo=False,
-                    do_constant_folding=True,
-                    dynamic_axes=_dynamic_axes([input_name, output_name], dynamic_batch, dynamic_hw, example.dim()),
-                )
-            with _native_output_dropped_on_error():
-                torch.onnx.export(
-                    wrapped,
-                    (example,),
-                    temp_name,
-                    input_names=[input_name],
-                    output_names=[output_name],
-                    opset_version=opset,
-                    **options,
-                )
-    finally:
-        model.to(device).train(was_training)
+    wrapped = _SingleInput(_float_eval_copy(model))
+    shape = list(input_shape)
+    if exporter == "dynamo" and dynamic_batch and shape[0] == 1:
+        shape[0] = 2  # torch.export specialises an axis it sees at size 1: the batch came out fixed at 1
+    example = torch.randn(*shape)
+    with atomic_path(path) as temp_name, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation/tracer warnings
+        if exporter == "dynamo":
+            options = dict(
+                dynamo=True,
+                verbose=False,
+                # weights inside the file: by default they went to "<temporary name>.data" beside it, which
+                # the move into place left behind as a hidden file the moved model still pointed to
+                external_data=False,
+                dynamic_shapes=_dynamic_shapes(example, dynamic_batch, dynamic_hw, hw_multiple),
+            )
+        else:
+            options = dict(
+                dynamo=False,
+                do_constant_folding=True,
+                dynamic_axes=_dynamic_axes([input_name, output_name], dynamic_batch, dynamic_hw, example.dim()),
+            )
+        with _native_output_dropped_on_error():
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                temp_name,
+                input_names=[input_name],
+                output_names=[output_name],
+                opset_version=opset,
+                **options,
+            )
+        if dynamic_batch:
+            _check_symbolic_batch(temp_name, input_name)
     return path
 
 
@@ -182,7 +214,7 @@ def check_onnx(
     *,
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> dict:
-    """Run ``model`` (PyTorch, fp32, CPU, eval) and the ONNX file on the same inputs and compare.
+    """Run ``model`` (a float32 copy in eval mode on the CPU, as exported) and the ONNX file on the same inputs.
 
     Args:
         model: the module that was exported.
@@ -199,27 +231,23 @@ def check_onnx(
 
     session = OrtModel(path, providers=providers)
     batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    was_training = model.training
-    model.eval()
+    reference = _SingleInput(_float_eval_copy(model))  # as exported; the model itself is not changed
     max_diff, agree, images, logits, finite = 0.0, 0, 0, True, True
     per_batch = []
-    try:
-        for batch in batches:
-            with torch.no_grad():
-                expected = model(batch.float()).float()
-            actual = session(batch.float())
-            if actual.shape != expected.shape:
-                raise ValueError(f"ONNX output shape {tuple(actual.shape)} != PyTorch {tuple(expected.shape)}")
-            diff = max_abs_difference(actual, expected)
-            finite = finite and bool(torch.isfinite(expected).all())
-            per_batch.append({"batch": batch.shape[0], "shape": list(batch.shape), "max_abs_diff": diff})
-            max_diff = max(max_diff, diff)
-            images += batch.shape[0]
-            logits = logits and expected.dim() == 2
-            if expected.dim() == 2:
-                agree += (actual.argmax(1) == expected.argmax(1)).sum().item()
-    finally:
-        model.train(was_training)
+    for batch in batches:
+        with torch.no_grad():
+            expected = reference(batch.float().cpu()).float()
+        actual = session(batch.float())
+        if actual.shape != expected.shape:
+            raise ValueError(f"ONNX output shape {tuple(actual.shape)} != PyTorch {tuple(expected.shape)}")
+        diff = max_abs_difference(actual, expected)
+        finite = finite and bool(torch.isfinite(expected).all())
+        per_batch.append({"batch": batch.shape[0], "shape": list(batch.shape), "max_abs_diff": diff})
+        max_diff = max(max_diff, diff)
+        images += batch.shape[0]
+        logits = logits and expected.dim() == 2
+        if expected.dim() == 2:
+            agree += (actual.argmax(1) == expected.argmax(1)).sum().item()
     return {
         "max_abs_diff": max_diff,
         "top1_agreement": agree / images if logits else None,

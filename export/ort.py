@@ -26,6 +26,8 @@ class OrtModel:
     ) -> None:
         import onnxruntime
 
+        if not Path(path).is_file():  # onnxruntime says "Protobuf parsing failed" of a folder
+            raise FileNotFoundError(f"{path}: no such ONNX file (or not a regular file)")
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

@@ -128,3 +128,39 @@ def test_dynamo_export_is_one_self_contained_file(tmp_path):
     elsewhere.mkdir()
     (tmp_path / "deit.onnx").rename(elsewhere / "deit.onnx")
     assert check_onnx(model, elsewhere / "deit.onnx", batches(2))["max_abs_diff"] <= ATOL
+
+
+def test_dynamo_keeps_the_batch_axis_dynamic_for_a_codec_transform(tmp_path):
+    """torch.export specialises an axis it sees at size 1: MambaIC's hyper-analysis exported from a batch-1
+    example took batch 1 only, silently (onnxruntime: "Got: 5 Expected: 1")."""
+    from effvision.codecs.base import load_codec
+
+    hyper_analysis = load_codec("mambaic", quality=1).model.h_a
+    export_onnx(hyper_analysis, tmp_path / "h_a.onnx", (1, 50, 4, 4), exporter="dynamo")
+    assert onnx.load(str(tmp_path / "h_a.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert check_onnx(hyper_analysis, tmp_path / "h_a.onnx", torch.randn(5, 50, 4, 4))["max_abs_diff"] <= ATOL
+
+
+def test_export_and_check_leave_the_model_as_it_was(tmp_path):
+    """Restoring the root's mode reset every sub-module's flag to it (a frozen-BN patch embed came back in
+    training mode); a bfloat16 model could not take the float32 example at all."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=1).train()
+    model.patch_embed.eval()
+    model = model.to(torch.bfloat16)
+    export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32))
+    result = check_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 32, 32))
+    assert result["max_abs_diff"] <= ATOL and result["finite"]
+    assert model.training and not model.patch_embed.training and model.blocks[0].training
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_model_without_one_tensor_out_and_a_folder_as_onnx_file_are_clear_errors(tmp_path):
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return {"a": x * 2, "b": x}
+
+    with pytest.raises(TypeError, match="one tensor out; this one returns dict"):
+        export_onnx(Pair(), tmp_path / "pair.onnx", (1, 3, 4, 4))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="no such ONNX file"):
+        OrtModel(tmp_path)

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("output", metavar="OUT.onnx", help="destination file")
     parser.add_argument("--checkpoint", metavar="F", help="weights (.safetensors or .pth) for the model/codec")
-    parser.add_argument("--pretrained", action="store_true", help="timm models: download the hub weights")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="download the official weights (timm's hub weights, or the codec's release)")
     parser.add_argument("--quality", type=int, metavar="Q", help="codec transforms: shipped quality preset")
     parser.add_argument("--img-size", type=int, default=None, metavar="N", help="input size (default: model's)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
@@ -92,7 +93,7 @@ def _codec_transform(args: argparse.Namespace):
     from effvision.codecs.base import load_codec
 
     codec_name, _, transform = args.model.partition(":")
-    codec = load_codec(codec_name, quality=args.quality, checkpoint=args.checkpoint)
+    codec = load_codec(codec_name, quality=args.quality, checkpoint=args.checkpoint, pretrained=args.pretrained)
     network = getattr(codec, "model", None)
     if network is None:
         raise UserError(f"codec {codec_name!r} has no torch model to export")
@@ -117,6 +118,8 @@ def _codec_transform(args: argparse.Namespace):
     inputs, output = seen[0]
     if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
         raise UserError(f"{transform} is not a one-tensor-in, one-tensor-out transform; pick a sub-module")
+    print(f"{transform} takes a {tuple(inputs[0].shape[1:])} input for a {size}x{size} image (the codec pads "
+          "images itself)", file=sys.stderr)
     return module.to("cpu").eval(), tuple(inputs[0].shape[1:]), True
 
 
@@ -171,20 +174,34 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--atol must be a finite number >= 0, got {args.atol}")
     if not 7 <= args.opset <= 30:
         raise UserError(f"--opset must be an ONNX opset number (7-30; default 18), got {args.opset}")
+    if args.output == "-":
+        raise UserError("export writes an ONNX file; name it (standard output, -, is not offered)")
     output = Path(args.output)
     check_output_file(output, args.force)
     is_codec = ":" in args.model
+    if not is_codec and args.quality is not None:
+        raise UserError("--quality picks a codec's shipped weights (MODEL = CODEC:TRANSFORM); not for timm models")
+    if is_codec and sum((args.quality is not None, args.checkpoint is not None, args.pretrained)) > 1:
+        raise UserError("a codec's weights come from one of --quality, --checkpoint or --pretrained")
     model, shape, dynamic_hw = _codec_transform(args) if is_codec else _timm_model(args)
     print(f"exporting {args.model} with input (batch, {', '.join(map(str, shape))})", file=sys.stderr)
     # written and checked beside the output, moved into place only when the check passes: a failed check left
     # its file behind, and with --force replaced a good one
     with atomic_path(output, force=args.force) as temp:
         temp = Path(temp)
-        _export(args, model, temp, shape, dynamic_hw)
-        if dynamic_hw and not _dynamic_size_works(model, temp, shape, args.atol):
-            # Some transforms (e.g. MambaIC's window attention / selective scan) trace size-specific reshapes.
-            print(f"note: {args.model} does not export with a dynamic height/width; fixed at {shape[1:]}",
-                  file=sys.stderr)
+        fixed = not dynamic_hw
+        if dynamic_hw:
+            try:
+                _export(args, model, temp, shape, dynamic_hw)
+                fixed = not _dynamic_size_works(model, temp, shape, args.atol)
+            except UserError as error:  # e.g. the dynamo exporter refuses the dynamic shapes
+                fixed = True
+                print(f"note: {error}", file=sys.stderr)
+        if fixed:
+            if dynamic_hw:
+                # Some transforms (e.g. MambaIC's window attention / selective scan) trace size-specific reshapes.
+                print(f"note: {args.model} does not export with a dynamic height/width; fixed at {shape[1:]}",
+                      file=sys.stderr)
             dynamic_hw = False
             _export(args, model, temp, shape, dynamic_hw)
         size = temp.stat().st_size
@@ -201,14 +218,26 @@ def _export(args: argparse.Namespace, model, path: Path, shape: tuple, dynamic_h
 
     try:
         export_onnx(model, path, (1, *shape), opset=args.opset, dynamic_hw=dynamic_hw, exporter=args.exporter)
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = lines[0] if lines else type(error).__name__
-        reason = reason if len(reason) <= 400 else reason[:400] + " ..."
+    except Exception as error:  # noqa: BLE001 - the exporters raise RuntimeError, IndexError, ... of the model
+        other = "dynamo" if args.exporter == "torchscript" else "torchscript"
         raise UserError(
             f"cannot export {args.model} with input (batch, {', '.join(map(str, shape))}) at opset {args.opset} "
-            f"({args.exporter} exporter): {reason}"
+            f"({args.exporter} exporter): {_export_failure(error)} (--exporter {other} may export it)"
         ) from error
+
+
+def _export_failure(error: BaseException) -> str:
+    """One line for what made the export fail: the exception torch's message is about (the dynamo exporter
+    wraps it in a report of several lines, with terminal colour codes), its first line, at most 400 chars."""
+    import re
+
+    cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else ""
+    if not isinstance(cause, RuntimeError) or not reason:  # e.g. IndexError: list index out of range
+        reason = f"{type(cause).__name__}: {reason}" if reason else type(cause).__name__
+    return reason if len(reason) <= 400 else reason[:400] + " ..."
 
 
 def _check_export(args: argparse.Namespace, model, path: Path, shape: tuple, dynamic_hw: bool) -> None:
