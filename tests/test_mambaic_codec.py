@@ -69,9 +69,10 @@ def test_pad_reaches_alignment_with_edge_values() -> None:
     assert torch.equal(padded[..., :65, 40], x[..., :, 2])
 
 
-def test_bits_per_pixel_counts_every_string() -> None:
-    strings = [[b"ab", b"c"], [b"defg"]]
-    assert bits_per_pixel(strings, 2, 4) == 8 * 7 / 8
+def test_bits_per_pixel_counts_every_string_per_image() -> None:
+    strings = [[b"ab", b"c"], [b"defg", b"h"]]  # two streams, two images
+    assert bits_per_pixel(strings, 2, 4) == 8 * 8 / (2 * 8)
+    assert bits_per_pixel([[b"ab"], [b"defg"]], 2, 4) == bits_per_pixel([[b"ab"] * 2, [b"defg"] * 2], 2, 4)
 
 
 def test_paper_config_has_the_released_parameter_count() -> None:
@@ -176,3 +177,39 @@ def test_compress_refuses_what_is_not_a_batch_of_images_in_unit_range(tiny_model
 def test_compress_takes_another_float_dtype_as_the_models(tiny_model):
     x = torch.rand(1, 3, 64, 64)
     assert tiny_model.compress(x.double())["strings"] == tiny_model.compress(x)["strings"]
+
+
+def test_coding_a_model_left_in_training_mode_is_deterministic() -> None:
+    """compressai users call compress straight after a training loop: with stochastic depth on, encoder and
+    decoder computed different means and a valid stream decoded as "corrupt data"."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = MambaIC(replace(TINY, drop_path_rate=0.5))
+    model.update()
+    model.train()
+    model.g_a.eval()  # a sub-module's own flag is given back too
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    first, second = model.compress(x), model.compress(x)
+    assert first["strings"] == second["strings"]
+    decoded = model.decompress(first["strings"], first["shape"])["x_hat"]
+    assert torch.equal(decoded, model.eval().decompress(first["strings"], first["shape"])["x_hat"])
+    model.train()
+    model.g_a.eval()
+    model.compress(x)
+    assert model.training and model.g_s.training and not model.g_a.training
+
+
+def test_refinement_under_inference_mode_and_the_lambda_a_saved_file_keeps(tiny_model, tmp_path) -> None:
+    """compress(effort=N) under torch.inference_mode() failed ("element 0 of tensors does not require grad");
+    save_checkpoint dropped the training lambda, so the loaded model could not refine at all."""
+    from effvision.codecs.mambaic.checkpoint import load_checkpoint, save_checkpoint
+
+    tiny_model.rd_lambda = 0.0067
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    expected = tiny_model.compress(x, effort=2)["strings"]
+    with torch.inference_mode():
+        assert tiny_model.compress(x, effort=2)["strings"] == expected
+    save_checkpoint(tiny_model, tmp_path / "tiny.safetensors")
+    loaded = load_checkpoint(tmp_path / "tiny.safetensors", TINY)
+    assert loaded.rd_lambda == 0.0067 and loaded.compress(x, effort=2)["strings"] == expected

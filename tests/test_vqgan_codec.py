@@ -213,3 +213,27 @@ def test_compress_refuses_what_is_not_a_batch_of_images_in_unit_range(codec, ima
     """Before: NaN images coded silently into a valid file of garbage; 0..255 input coded as another image."""
     with pytest.raises(error, match=message):
         codec.compress(images())
+
+
+def test_state_dict_round_trips_into_a_fresh_codec_and_refits_its_index_model(codec):
+    """reference_maps has the shape of the maps it holds: a fresh codec refused another's state dict ("size
+    mismatch for reference_maps"), and a load of same-shaped maps kept coding with the previous index model."""
+    fresh = VQGANCodec(TINY, restorer=IndexRestorer(8, dim=32, depth=1, heads=2)).eval()
+    fresh.load_state_dict(codec.state_dict())
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    assert fresh.compress(x)["strings"] == codec.compress(x)["strings"]
+    other = dict(codec.state_dict(), reference_maps=torch.zeros(6, 4, 4, dtype=torch.long))
+    fresh.load_state_dict(other)  # every reference index 0: the refitted model makes index 0 cheap
+    assert fresh.index_model.probabilities()[:, 0].min() > codec.index_model.probabilities()[:, 0].max()
+    with pytest.raises(ValueError, match=r"codebook indices in \[0, 64\)"):
+        fresh.load_state_dict(dict(other, reference_maps=torch.full((1, 2, 2), 64)))
+
+
+def test_aux_loss_is_a_tensor_and_refinement_works_under_inference_mode(codec):
+    """aux_loss() returned the int 0 (no .backward(), no .item()); compress(effort=N) under
+    torch.inference_mode() failed as no gradient could be taken."""
+    assert isinstance(codec.aux_loss(), torch.Tensor) and float(codec.aux_loss()) == 0.0
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    expected = codec.compress(x, effort=2)["strings"]
+    with torch.inference_mode():
+        assert codec.compress(x, effort=2)["strings"] == expected

@@ -16,10 +16,11 @@ author only writes the model and a loader.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -115,6 +116,31 @@ def check_image_batch(x: object) -> None:
     if low < -IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
         raise ValueError(f"image values must lie in [0, 1], got [{float(low):.4g}, {float(high):.4g}] "
                          "(divide 8-bit images by 255)")
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """Run the block with every sub-module of ``module`` in eval mode, then give each its own flag back.
+
+    Coding must be deterministic: a model left in training mode after a training loop (compressai users
+    call ``compress`` straight after one) applied stochastic depth while coding, so the encoder and the
+    decoder computed different means and a valid stream decoded as "corrupt data"."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+
+
+@contextlib.contextmanager
+def gradients_available() -> Iterator[None]:
+    """Leave ``torch.inference_mode`` for the block (encoder-side refinement takes gradient steps; inside it
+    ``enable_grad`` cannot give them: "element 0 of tensors does not require grad"). Pass tensors made in
+    inference mode through ``.clone()`` inside the block."""
+    with torch.inference_mode(False):
+        yield
 
 
 def fingerprint_module(module: torch.nn.Module, config_id: str) -> bytes:

@@ -224,7 +224,10 @@ def save_checkpoint(
         k: (v.detach().to("cpu").half() if k in parameters else v.detach().to("cpu")).contiguous().clone()
         for k, v in model.state_dict().items()
     }
-    metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict()), **(extra or {})}
+    metadata = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}
+    if getattr(model, "rd_lambda", None) is not None:  # what encoder-side refinement needs (it was dropped)
+        metadata["lambda"] = repr(float(model.rd_lambda))
+    metadata.update(extra or {})
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata=metadata)
 

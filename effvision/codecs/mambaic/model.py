@@ -29,7 +29,7 @@ from compressai.models import CompressionModel
 from torch import Tensor, nn
 
 from effvision.bounded_config import Limit
-from effvision.codecs.base import check_image_batch
+from effvision.codecs.base import check_image_batch, evaluating, gradients_available
 from effvision.codecs.mambaic.context import SliceContext, anchor_mask
 from effvision.codecs.mambaic.vss import VSSBlock
 from effvision.codecs.progress import refinement_steps
@@ -195,8 +195,11 @@ def ste_round(x: Tensor) -> Tensor:
 
 
 def bits_per_pixel(strings: list[list[bytes]], height: int, width: int) -> float:
-    """Real rate: 8 x total bytes of every string, per pixel of one image."""
-    return 8.0 * sum(len(s) for part in strings for s in part) / (height * width)
+    """Real rate of :meth:`MambaIC.compress`'s ``strings`` (one list per stream, one ``bytes`` per image):
+    8 x the bytes of every string, per pixel, the mean over the batch's images (as compressai's evaluation
+    counts per image; it summed the batch, so two copies of an image read twice its rate)."""
+    images = max((len(part) for part in strings), default=1) or 1
+    return 8.0 * sum(len(s) for part in strings for s in part) / (images * height * width)
 
 
 class MambaIC(CompressionModel):
@@ -361,6 +364,13 @@ class MambaIC(CompressionModel):
         ``lmbda`` (default: the λ the weights were trained for, ``self.rd_lambda``); decoding is unchanged.
         """
         check_image_batch(x)
+        if effort > 0 and torch.is_inference_mode_enabled():
+            with gradients_available():
+                return self.compress(x.clone(), effort, lmbda)
+        with evaluating(self):
+            return self._compress(x, effort, lmbda)
+
+    def _compress(self, x: Tensor, effort: int, lmbda: float | None) -> dict:
         x = x.to(self.entropy_bottleneck.quantiles.dtype)
         height, width = x.shape[-2:]
         y = self.g_a(self.pad(x))
@@ -449,6 +459,10 @@ class MambaIC(CompressionModel):
         if height <= 0 or width <= 0:
             raise ValueError(f"invalid image shape {tuple(shape)}")
         use_checked_decoder(self)
+        with evaluating(self):
+            return self._decompress(strings, height, width)
+
+    def _decompress(self, strings: list[list[bytes]], height: int, width: int) -> dict:
         padded_h, padded_w = height + (-height % ALIGNMENT), width + (-width % ALIGNMENT)
         z_hat = self.entropy_bottleneck.decompress(strings[-1], (padded_h // ALIGNMENT, padded_w // ALIGNMENT))
         parts = iter(strings[:-1])

@@ -80,7 +80,7 @@ class IndexEntropyModel:
 
     def __init__(self, k: int, groups: Tensor | None = None, counts: Tensor | None = None, prior: float = 8.0):
         self.k = k
-        self.groups = None if groups is None else groups.long()
+        self.groups = None if groups is None else groups.long().cpu()  # the tables live on the CPU (rANS)
         self.num_contexts = 1 if groups is None else int(self.groups.max()) + 2
         self.prior = prior
         self.counts = torch.zeros(self.num_contexts, k, dtype=torch.float64) if counts is None else counts.double()
@@ -90,7 +90,7 @@ class IndexEntropyModel:
         """(..., h, w) indices -> (..., h, w) context ids."""
         if self.groups is None:
             return torch.zeros_like(indices)
-        above = self.groups[indices[..., :-1, :]] + 1
+        above = self.groups[indices[..., :-1, :].cpu()].to(indices.device) + 1  # CUDA indices into a CPU table
         first_row = torch.zeros_like(indices[..., :1, :])
         return torch.cat([first_row, above], dim=-2)
 
@@ -115,7 +115,8 @@ class IndexEntropyModel:
     def likelihoods(self, indices: Tensor) -> Tensor:
         """Model probability of every index in (..., h, w)."""
         table = self.probabilities().to(torch.float32)
-        return table[self.contexts(indices), indices]
+        on_cpu = indices.cpu()
+        return table[self.contexts(on_cpu), on_cpu].to(indices.device)
 
     def _build_cdfs(self) -> None:
         from compressai._CXX import pmf_to_quantized_cdf

@@ -30,7 +30,7 @@ from compressai.models import CompressionModel
 from torch import Tensor
 
 from effvision.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
-from effvision.codecs.base import check_image_batch
+from effvision.codecs.base import check_image_batch, evaluating, gradients_available
 from effvision.codecs.rans import SYMBOL_SLACK_BITS, min_stream_bytes
 from effvision.codecs.vqgan.colour_band import check_colour_band, decode_colour_band, encode_colour_band
 from effvision.codecs.vqgan.config import CONFIG_LIMITS, VQGANConfig
@@ -116,6 +116,7 @@ class VQGANCodec(CompressionModel):
         if reference_maps is None:
             reference_maps = torch.zeros(0, 1, 1, dtype=torch.long)
         self.register_buffer("reference_maps", reference_maps.long())
+        self.register_load_state_dict_post_hook(VQGANCodec._refit_after_load)
         self.index_model: IndexEntropyModel | None = None
         if self.reference_maps.numel():
             self._fit_index_model_to_references()
@@ -164,6 +165,32 @@ class VQGANCodec(CompressionModel):
         ]
         return torch.cat(rows, dim=0)
 
+    def aux_loss(self) -> Tensor:
+        """compressai's auxiliary loss: zero, as a tensor (the VQGAN has no entropy bottleneck whose quantiles
+        train; compressai's examples/train.py therefore does not apply: train it with ``effvision train-vqgan``)."""
+        return self.reference_maps.new_zeros((), dtype=torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # reference_maps has the shape of the maps it holds (compressai resizes its CDF buffers the same way):
+        # another codec's state dict failed with "size mismatch for reference_maps: [1152, 8, 8] vs [0, 1, 1]"
+        incoming = state_dict.get(prefix + "reference_maps")
+        if isinstance(incoming, Tensor) and incoming.dim() == 3:
+            self.reference_maps = self.reference_maps.new_zeros(incoming.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @staticmethod
+    def _refit_after_load(module: VQGANCodec, incompatible_keys) -> None:
+        """After ``load_state_dict``: the index model is refitted to the loaded reference maps (it kept coding
+        with the previous ones until ``update()``), which must hold indices of this codebook."""
+        maps = module.reference_maps
+        if maps.numel() and (int(maps.min()) < 0 or int(maps.max()) >= module.codebook_size):
+            raise ValueError(f"reference_maps must hold codebook indices in [0, {module.codebook_size})")
+        module.index_model = None
+        if maps.numel():
+            module._fit_index_model_to_references()
+
     def update(self, scale_table=None, force: bool = False, update_quantiles: bool = False) -> bool:
         """compressai's hook: (re)build the index model's CDFs from the reference maps."""
         if self.reference_maps.numel():
@@ -210,7 +237,7 @@ class VQGANCodec(CompressionModel):
         if self.index_model is not None:
             likelihoods = self.index_model.likelihoods(indices)
         else:
-            likelihoods = torch.full(indices.shape, 1.0 / self.codebook_size)
+            likelihoods = torch.full(indices.shape, 1.0 / self.codebook_size, device=indices.device)
         return {
             "x_hat": ((x_hat + 1) / 2)[..., :h, :w],
             "likelihoods": {"indices": likelihoods},
@@ -240,12 +267,19 @@ class VQGANCodec(CompressionModel):
         with that many gradient steps (:mod:`.refine`; same decoder, same format, slower encoding).
         """
         check_image_batch(x)
-        x = x.to(self.vq.quantize.embedding.weight.dtype)
         model = self._coder_model(coder)
         if not isinstance(effort, int) or effort < 0:
             raise _user_error(f"effort must be a non-negative integer, got {effort!r}")
         if not isinstance(chunks, int) or chunks < 1:
             raise _user_error(f"chunks must be a positive integer, got {chunks!r}")
+        if effort > 0 and torch.is_inference_mode_enabled():
+            with gradients_available():
+                return self.compress(x.clone(), coder, chunks, colour, effort)
+        with evaluating(self):
+            return self._compress(x, model, chunks, colour, effort)
+
+    def _compress(self, x: Tensor, model: IndexEntropyModel | None, chunks: int, colour: bool, effort: int) -> dict:
+        x = x.to(self.vq.quantize.embedding.weight.dtype)
         indices = self.encode_indices(x) if not effort else self.refine_indices(x, effort, colour)
         bands = chunk_rows(indices.shape[1], chunks)
         strings = [
@@ -398,6 +432,10 @@ class VQGANCodec(CompressionModel):
         ``lost``: indices to restore instead of trusting the stream, as a bool mask (h, w) or (B, h, w) of the
         index map, or one bool per chunk (a missing chunk's bytes may be ``b""``).
         """
+        with evaluating(self):
+            return self._decompress(strings, shape, lost)
+
+    def _decompress(self, strings: list, shape: tuple[int, int], lost) -> dict:
         index_strings, colour_bands, lost = self._split_strings(strings, lost)
         indices = self._decode_index_strings(index_strings, shape, lost)
         # the colour bands are decoded (and a corrupt one refused) before the expensive VQGAN decoder runs;
