@@ -80,10 +80,31 @@ def resolve_backend(
 poison_outputs = False
 
 
+def check_index(index: Tensor, name: str, batch: int, limit: int, width: int | None = None) -> None:
+    """Before a Triton launch, which reads through ``index`` without bounds checks: an integer (batch, M)
+    tensor (M = ``width`` when given) whose values lie in [0, ``limit``). Type and shape errors are raised at
+    once; out-of-range values by a device-side assertion (no host synchronisation; on the CPU at once).
+    Before, such indices read memory past the input's buffer and returned it as tokens."""
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {index.dtype}")
+    if index.dim() != 2 or index.shape[0] != batch or (width is not None and index.shape[1] != width):
+        wanted = f"({batch}, {'M' if width is None else width})"
+        raise ValueError(f"{name} must have shape {wanted}, got {tuple(index.shape)}")
+    if index.numel():
+        torch._assert_async(((index >= 0) & (index < limit)).all(), f"{name} holds values outside [0, {limit})")
+
+
+def check_shape(value: Tensor | None, name: str, shape: tuple[int, ...]) -> None:
+    """A ``ValueError`` unless ``value`` is None or has exactly ``shape`` (a Triton kernel reads it by it)."""
+    if value is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+
+
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Allocate a kernel output: uninitialised, or NaN-filled when ``poison_outputs`` is set."""
-    if poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if poison_outputs:  # integers have no NaN: their most negative value, as unlikely a real result
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -98,7 +119,8 @@ class _FastForwardReferenceBackward(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    def backward(ctx, *output_grads):
+    @torch.autograd.function.once_differentiable  # the reference runs without a graph of its own: a second
+    def backward(ctx, *output_grads):  # derivative is a clear error, not "element 0 ... does not require grad"
         needs = ctx.needs_input_grad[2:]
         with torch.enable_grad():
             leaves = [

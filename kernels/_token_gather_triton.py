@@ -7,6 +7,7 @@ its size. Pure data movement: output dtypes equal input dtypes, values are copie
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -43,6 +44,10 @@ def gather_tokens_triton(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gather rows of ``x`` (B, N, C), ``size`` (B, N) and ``source`` (B, N, K) by ``index`` (B, M)."""
     batch, n_tokens, channels = x.shape
+    _dispatch.check_index(index, "index", batch, n_tokens)
+    _dispatch.check_shape(size, "size", (batch, n_tokens))
+    if source is not None:
+        _dispatch.check_shape(source, "source", (batch, n_tokens, source.shape[-1]))
     n_out = index.shape[1]
     source_width = 0 if source is None else source.shape[-1]
     device = x.device
@@ -53,6 +58,8 @@ def gather_tokens_triton(
         source_out = _dispatch.new_output((batch, n_out, source_width), source.dtype, device)
     widest = max(channels, source_width)
     if batch * n_out == 0 or widest == 0:
+        if size_out is not None and batch * n_out:  # no launch: the sizes are still the gathered ones
+            size_out.copy_(torch.gather(size, 1, index))
         return x_out, size_out, source_out
     block = min(triton.next_power_of_2(widest), MAX_BLOCK)
     _gather_kernel[(batch * n_out, triton.cdiv(widest, block))](

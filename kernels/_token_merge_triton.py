@@ -70,7 +70,7 @@ def sources_by_destination(
     """Reorder the source lists by destination, keeping list order within a destination (stable).
 
     Returns (sources, weights, bounds): the sources of destination ``j`` in batch row ``b`` are
-    ``sources[b, bounds[b, j]:bounds[b, j + 1]]``. Destinations outside ``[0, n_out)`` get no slot.
+    ``sources[b, bounds[b, j]:bounds[b, j + 1]]`` (destinations are checked to lie in ``[0, n_out)``).
     """
     order = torch.argsort(dst_index, dim=1, stable=True)
     sorted_dst = dst_index.gather(1, order).contiguous()
@@ -83,13 +83,27 @@ def sources_by_destination(
 
 def _launch(x, keep_index, src_index, dst_index, keep_weight, src_weight, size):
     batch, n_tokens, channels = x.shape
+    _dispatch.check_index(keep_index, "keep_index", batch, n_tokens)
     n_out = keep_index.shape[1]
+    if (src_index is None) != (dst_index is None):
+        raise ValueError("src_index and dst_index go together: pass both or neither")
     n_src = 0 if src_index is None else src_index.shape[1]
+    if src_index is not None:
+        _dispatch.check_index(src_index, "src_index", batch, n_tokens)
+        _dispatch.check_index(dst_index, "dst_index", batch, n_out, width=n_src)  # no destination is dropped
+    _dispatch.check_shape(keep_weight, "keep_weight", (batch, n_out))
+    _dispatch.check_shape(src_weight, "src_weight", (batch, n_src))
+    _dispatch.check_shape(size, "size", (batch, n_tokens))
     has_src = n_src > 0
     x = x.contiguous()
     out = _dispatch.new_output((batch, n_out, channels), x.dtype, x.device)
     out_size = _dispatch.new_output((batch, n_out), size.dtype, x.device) if size is not None else None
     if batch * n_out == 0 or channels == 0:
+        if out_size is not None and batch * n_out:  # no launch: the merged sizes are still the sums
+            merged = torch.gather(size, 1, keep_index)
+            if has_src:
+                merged = merged.scatter_add(1, dst_index, torch.gather(size, 1, src_index))
+            out_size.copy_(merged)
         return out, out_size
     sources = weights = bounds = None
     if has_src:

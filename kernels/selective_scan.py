@@ -30,8 +30,19 @@ from . import _dispatch
 REFERENCE_CHUNK = 256
 
 
-def check_scan_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
-    """Raise ``ValueError`` naming the first input whose shape does not fit the others."""
+def check_scan_shapes(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first input whose shape does not fit the others (``D`` and
+    ``delta_bias`` are (dim,), ``z`` is u's shape: the PyTorch path broadcast other shapes silently and the
+    Triton kernel read past their buffers)."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, dim, length); got {tuple(u.shape)}, {tuple(delta.shape)}")
     batch, dim, length = u.shape
@@ -48,6 +59,9 @@ def check_scan_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor)
             )
     if B.shape != C.shape:
         raise ValueError(f"B and C must have the same shape; got {tuple(B.shape)} and {tuple(C.shape)}")
+    for name, value, expected in (("D", D, (dim,)), ("delta_bias", delta_bias, (dim,)), ("z", z, tuple(u.shape))):
+        if value is not None and tuple(value.shape) != expected:
+            raise ValueError(f"{name} must have shape {expected} for u {tuple(u.shape)}; got {tuple(value.shape)}")
 
 
 def _grouped(bc: Tensor) -> Tensor:
@@ -196,7 +210,7 @@ def selective_scan(
     ``backend``: "auto" (Triton on CUDA tensors when Triton is importable, else PyTorch), "torch",
     "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or "mamba_ssm" (when installed).
     """
-    check_scan_shapes(u, delta, A, B, C)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     chosen = _dispatch.resolve_backend(
         backend,
         (u, delta, A, B, C, D, z, delta_bias),
@@ -210,7 +224,7 @@ def selective_scan(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
             return_last_state=return_last_state,
         )
-    if chosen == "triton":
+    if chosen == "triton" and A.shape[1] > 0:  # a state of width 0 has no block to launch: the reference
         from ._selective_scan_triton import selective_scan_triton
 
         out, last_state = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -54,10 +54,11 @@ def size_weighted_merge_ref(
     x: Tensor, size: Tensor, keep_index: Tensor, src_index: Tensor, dst_index: Tensor
 ) -> tuple[Tensor, Tensor]:
     """PyTorch reference of the size-weighted merge; ``size`` is (B, N). Returns (merged, merged_size)."""
-    size32 = size.float()
-    source_size = torch.gather(size32, 1, src_index)
-    merged_size = torch.gather(size32, 1, keep_index).scatter_add(1, dst_index, source_size)
-    merged = merge_tokens_ref(x.float() * size32.unsqueeze(-1), keep_index, src_index, dst_index)
+    accumulate = torch.promote_types(x.dtype, torch.float32)  # float32 for half types, float64 kept
+    size_acc = size.to(accumulate)
+    source_size = torch.gather(size_acc, 1, src_index)
+    merged_size = torch.gather(size_acc, 1, keep_index).scatter_add(1, dst_index, source_size)
+    merged = merge_tokens_ref(x.to(accumulate) * size_acc.unsqueeze(-1), keep_index, src_index, dst_index)
     return (merged / merged_size.unsqueeze(-1)).to(x.dtype), merged_size.to(size.dtype)
 
 
@@ -85,6 +86,8 @@ def merge_tokens(
     ``backend``: "auto" (Triton on CUDA tensors when Triton is importable, else PyTorch), "torch", or
     "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
     """
+    if (src_index is None) != (dst_index is None):
+        raise ValueError("src_index and dst_index go together: pass both or neither")
     inputs = (x, keep_index, src_index, dst_index, keep_weight, src_weight)
     if resolve_backend(backend, inputs, "merge_tokens") == "torch":
         return merge_tokens_ref(*inputs)

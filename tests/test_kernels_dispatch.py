@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from effvision.kernels import _dispatch, merge_tokens, merge_tokens_ref, selective_scan
+from effvision.kernels import _dispatch, merge_tokens, merge_tokens_ref, selective_scan, size_weighted_merge_ref
 
 CUDA_TENSOR = SimpleNamespace(device=torch.device("cuda"))  # stands in for a CUDA tensor on a CPU machine
 
@@ -93,3 +93,24 @@ def test_scan_rejects_groups_that_do_not_divide_channels():
     inputs["B"] = inputs["C"] = torch.randn(1, 3, 2, 5)  # 4 channels, 3 groups
     with pytest.raises(ValueError, match="divisible by groups"):
         selective_scan(**inputs)
+
+
+@pytest.mark.parametrize("option", ["D", "delta_bias", "z"])
+def test_scan_refuses_a_D_z_or_delta_bias_of_another_shape(option):
+    """The PyTorch path broadcast them silently and the Triton kernel read past their buffers."""
+    batch, dim, state, length = 2, 4, 3, 5
+    u, delta = torch.randn(batch, dim, length), torch.rand(batch, dim, length)
+    A, B, C = -torch.rand(dim, state), torch.randn(batch, state, length), torch.randn(batch, state, length)
+    wrong = {"D": torch.ones(1), "delta_bias": torch.zeros(1), "z": torch.randn(batch, dim, 1)}
+    with pytest.raises(ValueError, match=f"{option} must have shape"):
+        selective_scan(u, delta, A, B, C, backend="torch", **{option: wrong[option]})
+
+
+def test_size_weighted_merge_reference_keeps_float64():
+    x, size = torch.randn(1, 5, 3, dtype=torch.float64), torch.rand(1, 5, dtype=torch.float64) + 0.5
+    keep, src, dst = torch.tensor([[0, 1]]), torch.tensor([[2, 3, 4]]), torch.tensor([[0, 1, 1]])
+    merged, merged_size = size_weighted_merge_ref(x, size, keep, src, dst)
+    expected = torch.stack([(x[0, [0, 2]] * size[0, [0, 2], None]).sum(0) / size[0, [0, 2]].sum(),
+                            (x[0, [1, 3, 4]] * size[0, [1, 3, 4], None]).sum(0) / size[0, [1, 3, 4]].sum()])
+    assert merged.dtype == torch.float64 and torch.allclose(merged[0], expected, rtol=1e-14, atol=0)
+    assert torch.allclose(merged_size[0], torch.stack([size[0, [0, 2]].sum(), size[0, [1, 3, 4]].sum()]), rtol=1e-14)

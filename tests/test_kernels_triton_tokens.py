@@ -176,3 +176,44 @@ def test_gather_gradient_scatters_back_to_kept_rows():
     (grad,) = torch.autograd.grad(x_out, x, grad_out)
     expected = torch.zeros_like(x).scatter(1, index[..., None].expand(-1, -1, 4), grad_out)
     assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("index, error", [
+    (torch.tensor([[0, 6], [0, 1]]), "index holds values outside"),
+    (torch.tensor([[0, -1], [0, 1]]), "index holds values outside"),
+    (torch.tensor([[0, 1]]), r"index must have shape \(2, M\)"),
+    (torch.tensor([[0.0, 1.0], [0.0, 1.0]]), "index must be an integer tensor"),
+])
+def test_gather_refuses_indices_the_kernel_would_read_past_the_buffer_with(index, error):
+    """The Triton gather read memory past x for such indices and returned it as tokens."""
+    x = torch.randn(2, 6, 5)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=error):
+        gather_tokens(x, index, backend="triton")
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("keep_index", torch.tensor([[0, 9, 2], [1, 2, 3]]), "keep_index holds values outside"),
+    ("src_index", torch.tensor([[4, 8], [4, 5]]), "src_index holds values outside"),
+    ("dst_index", torch.tensor([[0, 3], [1, 2]]), r"dst_index holds values outside \[0, 3\)"),
+    ("dst_index", None, "src_index and dst_index go together"),
+    ("src_weight", torch.ones(2, 3), r"src_weight must have shape \(2, 2\)"),
+])
+def test_merge_refuses_indices_and_shapes_the_kernel_cannot_take(field, value, error):
+    """Out-of-range keep/src indices read another row or past the buffer; an out-of-range destination
+    dropped its source silently (the reference raises)."""
+    inputs = dict(keep_index=torch.tensor([[0, 1, 2], [1, 2, 3]]), src_index=torch.tensor([[4, 5], [4, 5]]),
+                  dst_index=torch.tensor([[0, 2], [1, 2]]), src_weight=torch.ones(2, 2))
+    inputs[field] = value
+    with pytest.raises((RuntimeError, ValueError), match=error):
+        merge_tokens(torch.randn(2, 6, 4), backend="triton", **inputs)
+
+
+def test_sizes_are_computed_when_there_are_no_channels_to_launch_for():
+    """With zero channels the launch was skipped and the size outputs returned uninitialised."""
+    size = torch.rand(2, 6) + 0.5
+    keep, src = random_partition(2, 6, 3)
+    dst = torch.randint(0, 3, src.shape)
+    empty = torch.randn(2, 6, 0)
+    expected = size_weighted_merge_ref(empty, size, keep, src, dst)[1]
+    assert torch.equal(size_weighted_merge(empty, size, keep, src, dst, backend="triton")[1], expected)
+    assert torch.equal(gather_tokens(empty, keep, size, backend="triton")[1], torch.gather(size, 1, keep))
