@@ -293,6 +293,47 @@ def _same_file(first: str, second: str) -> bool:
         return False
 
 
+def check_outputs_distinct(outputs: dict[str, str | Path | None], inputs: Iterable[str | Path] = ()) -> None:
+    """Before any work: a :class:`UserError` when two outputs (option -> path) name one file (the second write
+    failed after minutes of work, or with ``--force`` replaced the first), or when an output is one of the
+    ``inputs`` (replaced even with ``--force``, which is for outputs)."""
+    named = [(option, Path(path)) for option, path in outputs.items() if path is not None and str(path) != STDIO]
+    for index, (first_option, first) in enumerate(named):
+        for second_option, second in named[index + 1 :]:
+            if os.path.abspath(first) == os.path.abspath(second) or _same_file(str(first), str(second)):
+                raise UserError(f"{first_option} and {second_option} name the same file ({first})")
+    existing = {}
+    for option, path in named:
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue  # not there yet: no input can be it
+        existing[(status.st_dev, status.st_ino)] = (option, path)
+    if not existing:
+        return
+    for source in inputs:
+        try:
+            status = os.stat(source)
+        except OSError:
+            continue
+        hit = existing.get((status.st_dev, status.st_ino))
+        if hit is not None:
+            raise UserError(f"{hit[0]} {hit[1]} is one of the inputs ({source}); it is never overwritten")
+
+
+#: figure formats written by suffix (matplotlib's, without a backend beyond Agg)
+FIGURE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+
+def figure_format(path: str | Path) -> str:
+    """The matplotlib format of a plot file by its suffix (a ``.svg`` name got PNG bytes); a
+    :class:`UserError` for any other suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise UserError(f"{path}: plots are written as {', '.join(FIGURE_FORMATS)}; name the file with one of them")
+    return FIGURE_FORMATS[suffix]
+
+
 def check_not_existing(path: str, force: bool) -> None:
     """Fail before any work when the output ``path`` exists and ``force`` is off (the write re-checks
     atomically)."""

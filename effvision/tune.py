@@ -564,7 +564,7 @@ class TuneResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from effvision.io_utils import atomic_path
+        from effvision.io_utils import atomic_path, figure_format
 
         required = self.target.required_speedup(self.base_seconds)
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
@@ -599,7 +599,7 @@ class TuneResult:
         figure.tight_layout()
         path = Path(path)
         with atomic_path(path, force=force) as temp_name:
-            figure.savefig(temp_name, format="png", dpi=110)
+            figure.savefig(temp_name, format=figure_format(path), dpi=110)
         plt.close(figure)
         return path
 

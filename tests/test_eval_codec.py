@@ -308,3 +308,42 @@ def test_eval_codec_measures_16_bit_and_transparent_images_as_encode_codes_them(
         learned = json.loads(out.read_text())["rows"]["learned"]
         rows[label] = [(r["image"], r["bytes"], round(r["psnr"], 2)) for r in learned]
     assert rows["16-bit"] == rows["8-bit"]
+
+
+def test_outputs_that_are_an_input_or_each_other_are_refused_before_the_evaluation(
+        image_dir: Path, two_quality_codec, tmp_path: Path, capsys, monkeypatch) -> None:
+    """--json onto an input photo with --force replaced the photo; --json and --markdown naming one file
+    failed after the whole evaluation (or, with --force, the markdown replaced the JSON); --json - mixed the
+    JSON into the report on standard output."""
+    from effvision.codecs import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated before the output check"))
+    photo = image_dir / "a.png"
+    before = photo.read_bytes()
+    base = ["eval-codec", "--data", str(image_dir), "--codec", two_quality_codec, "--classical", "jpeg", "--force"]
+    for options, message in (
+        (["--json", str(photo)], "is one of the inputs"),
+        (["--json", str(tmp_path / "r.out"), "--markdown", str(tmp_path / "r.out")], "name the same file"),
+        (["--json", "-"], "--json writes a file"),
+        (["--plot", str(tmp_path / "rd.gif")], "plots are written as .png, .svg, .pdf"),
+    ):
+        assert main([*base, *options]) == 1
+        assert message in capsys.readouterr().err
+    assert photo.read_bytes() == before and not (tmp_path / "r.out").exists()
+
+
+def test_photos_of_one_name_in_two_subfolders_are_two_images_and_repeats_count_once(
+        tmp_path: Path, two_quality_codec) -> None:
+    """Images were keyed by file name: a/x.png and b/x.png merged into one row set (the matched table then
+    mixed their numbers); --quality 1 1 evaluated the point twice and counted it as two images."""
+    rng = np.random.default_rng(1)
+    for folder in ("a", "b"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.fromarray(_photo_like(rng)).save(tmp_path / "data" / folder / "x.png")
+    out = tmp_path / "rd.json"
+    assert main(["eval-codec", "--data", str(tmp_path / "data"), "--codec", two_quality_codec, "--quality", "1", "1",
+                 "--effort", "0", "0", "--classical", "jpeg", "--json", str(out), "--plot",
+                 str(tmp_path / "rd.svg")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["image"], r["setting"]) for r in rows["learned"]] == [("a/x.png", "q1"), ("b/x.png", "q1")]
+    assert b"<svg" in (tmp_path / "rd.svg").read_bytes()[:400]

@@ -416,3 +416,26 @@ def test_json_nested_too_deeply_is_a_clear_error(tmp_path):
         tune.load_config(path)
     with pytest.raises(UserError, match="nests JSON too deeply"):
         read_json_object('{"a": ' + "[" * 8000 + "]" * 8000 + "}", "run/config.json", "config")  # within 16 kB
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-o", "t.png"], "-o and --plot name the same file"),
+    (["-o", "t.json", "--plot", "t.json"], "-o and --plot name the same file"),
+    (["-o", "t.json", "--plot", "p.png", "--no-plot"], "--no-plot skips"),
+    (["-o", "t.json", "--plot", "p.bmp"], "plots are written as"),
+    (["-o", "t.json", "--device", "bogus"], "--device 'bogus' is not a device"),
+])
+def test_cli_outputs_and_options_that_cannot_both_hold_are_refused_before_the_search(
+        tmp_path, capsys, monkeypatch, options, message):
+    """`-o t.png` made the default plot the config's own name: after the search the config was refused, or with
+    --force replaced by the plot; --plot with --no-plot was ignored; a bad --device was torch's raw error."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "deit_tiny_patch16_224", "--target", "2x", *options]) == 1
+    assert message in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_is_not_a_vit_is_a_clear_error(tmp_path, capsys):
+    assert main(["tune", "resnet18", "--target", "2x", "-o", str(tmp_path / "t.json"), "--no-plot"]) == 1
+    assert "token reduction needs a timm VisionTransformer" in capsys.readouterr().err
+    assert main(["reduce-info", "resnet18"]) == 1
+    assert "got ResNet" in capsys.readouterr().err

@@ -653,16 +653,24 @@ def markdown_report(evaluation: Evaluation) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: one colour per learned curve, in order (every ladder but the first was drawn in one colour: a VQGAN and its
+#: --effort curve could not be told apart); distinct from matplotlib's default cycle of the classical curves
+_LEARNED_COLOURS = ("black", "crimson", "darkviolet", "saddlebrown", "teal", "darkorange", "navy", "olive")
+
+
 def rd_plot(evaluation: Evaluation, path: str | Path, force: bool = True) -> None:
     """PSNR and MS-SSIM vs bpp (log axis): classical curves (Pareto fronts of the means) and learned ladders.
     Written atomically (:func:`effvision.io_utils.atomic_path`); an existing ``path`` only with ``force``."""
     import matplotlib
 
-    from effvision.io_utils import atomic_path
+    from effvision.io_utils import atomic_path, figure_format
 
+    file_format = figure_format(path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
+    learned_colours = dict(zip(evaluation.learned_names(), _LEARNED_COLOURS * 4, strict=False))
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for metric, axis in zip(("psnr", "ms_ssim"), axes, strict=True):
         for name in evaluation.classical_names():
@@ -671,19 +679,21 @@ def rd_plot(evaluation: Evaluation, path: str | Path, force: bool = True) -> Non
         for name in evaluation.learned_names():
             points = evaluation.mean_curve(evaluation.learned, name)
             axis.plot([p["bpp"] for p in points], [p[metric] for p in points], marker="o", markersize=8,
-                      linewidth=2, color="black" if name == "mambaic" else "crimson", label=name)
+                      linewidth=2, color=learned_colours.get(name, "crimson"), label=name)
             for p in points:
                 axis.annotate(p["setting"], (p["bpp"], p[metric]), textcoords="offset points", xytext=(5, -10),
                               fontsize=8)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the 2x..9x labels ran together
         axis.set_xlabel("bpp (file bytes)")
         axis.set_ylabel("PSNR (dB)" if metric == "psnr" else "MS-SSIM")
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle(f"mean over {len(evaluation.images)} images")
+    count = len(evaluation.images)
+    figure.suptitle(f"mean over {count} image{'s' if count != 1 else ''}")
     try:
         with atomic_path(path, force=force) as temp:  # a fresh temp name: a fixed one followed planted symlinks
-            figure.savefig(temp, format="png", dpi=110, bbox_inches="tight")
+            figure.savefig(temp, format=file_format, dpi=110, bbox_inches="tight")
     finally:
         plt.close(figure)
 

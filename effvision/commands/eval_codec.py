@@ -21,7 +21,8 @@ EXTREME_CLASSICAL = ("avif-down", "webp-down")  # added by default for the extre
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="folder of images (e.g. 768x512 test photos)")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="folder of images, subfolders included (e.g. 768x512 test photos)")
     parser.add_argument("--codec", nargs="+", default=["mambaic"], metavar="NAME",
                         help="learned codec(s): mambaic, vqgan (default mambaic)")
     rate = parser.add_mutually_exclusive_group()
@@ -40,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted by name)")
     parser.add_argument("--json", type=Path, metavar="F", help="write the full evaluation (every row) as JSON")
     parser.add_argument("--markdown", type=Path, metavar="F", help="write the tables as markdown")
-    parser.add_argument("--plot", type=Path, metavar="F.png", help="RD plot (PSNR and MS-SSIM vs bpp)")
+    parser.add_argument("--plot", type=Path, metavar="F.png",
+                        help="RD plot (PSNR and MS-SSIM vs bpp; .png, .svg or .pdf)")
     parser.add_argument("--force", action="store_true", help="replace existing --json/--markdown/--plot files")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="learned codec device")
 
@@ -59,16 +61,26 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--quality/--checkpoint apply to one codec; pass a single --codec")
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
-    from effvision.io_utils import check_output_file
+    from effvision.io_utils import STDIO, check_output_file, check_outputs_distinct, figure_format
 
-    for path in (args.json, args.markdown, args.plot):
+    outputs = {"--json": args.json, "--markdown": args.markdown, "--plot": args.plot}
+    for option, path in outputs.items():
+        if path is not None and str(path) == STDIO:
+            raise UserError(f"{option} writes a file (the report itself goes to standard output); name the file")
         if path is not None:  # before the evaluation, which takes minutes
             check_output_file(path, args.force)
+    if args.plot is not None:
+        figure_format(args.plot)
+    # the same value twice was evaluated twice and counted as two images' worth of rows
+    args.quality = None if args.quality is None else list(dict.fromkeys(args.quality))
+    args.effort = list(dict.fromkeys(args.effort))
+    args.checkpoint = list({str(path.resolve()): path for path in args.checkpoint}.values())
 
     from effvision.bounded_config import physical_memory_bytes
     from effvision.image_io import list_images, open_image, rgb_image
 
     paths = list_images(args.data)[: args.limit]
+    check_outputs_distinct(outputs, paths)
     images, held, budget = [], 0, physical_memory_bytes() // 4
     for count, path in enumerate(paths, start=1):  # all are held for the evaluation: bound their decoded size
         image = rgb_image(open_image(path))  # what is measured: 16-bit scaled, alpha onto white, as training sees
@@ -77,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"the images of {args.data} take more than a quarter of this machine's memory decoded "
                             f"({budget / 2**30:.1f} GiB, passed at image {count} of {len(paths)}); evaluate fewer "
                             "(--limit) or smaller images")
-        images.append((path.name, image))
+        images.append((path.relative_to(args.data).as_posix(), image))  # a/x.png and b/x.png are two images
     from effvision.codecs.metrics import MIN_SSIM_SIDE
 
     for path, (_, image) in zip(paths, images, strict=True):

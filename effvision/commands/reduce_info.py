@@ -33,11 +33,13 @@ def run(args) -> int:
     import torch
 
     from effvision.bounded_config import check_timm_options
+    from effvision.tokens.reduce import check_vit_class
 
     check_timm_options(options)
     try:  # the schedule needs the model's structure, not its weights: built on the meta device, it allocates nothing
         with torch.device("meta"):
             model = timm.create_model(args.model, **options)
+        check_vit_class(model)  # a ResNet said "'ResNet' object has no attribute 'patch_embed'"
         info = effvision.reduction_info(model)
     except (ValueError, TypeError, AttributeError) as error:
         raise UserError(str(error)) from error

@@ -106,7 +106,10 @@ def run(args) -> int:
         target = tune.Target.parse(args.target)
     except ValueError as error:
         raise UserError(str(error)) from error
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise UserError(f"--device {args.device!r} is not a device (cpu, cuda or cuda:N)") from error
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device available")
@@ -121,9 +124,15 @@ def run(args) -> int:
     if batch_size < 1 or repeats < 1 or final_repeats < 1 or args.calibration_count < 1 or args.max_steps < 1:
         raise UserError("--batch-size, --repeats, --final-repeats, --calibration-count and --max-steps must be >= 1")
     output = args.output or Path(f"tune-{args.model}-{args.target.strip().replace(' ', '')}.json")
+    if args.no_plot and args.plot is not None:
+        raise UserError("--plot names a plot that --no-plot skips; pass one of them")
     plot_path = None if args.no_plot else args.plot or output.with_suffix(".png")
-    from effvision.io_utils import check_output_file
+    from effvision.io_utils import check_output_file, check_outputs_distinct, figure_format
 
+    # `-o t.png` made the default plot the config's own name: the config was replaced by the plot (with --force)
+    check_outputs_distinct({"-o": output, "--plot": plot_path}, [args.checkpoint] if args.checkpoint else [])
+    if plot_path is not None:
+        figure_format(plot_path)
     for path in (output, plot_path):  # before the search, which takes minutes
         if path is not None:
             check_output_file(path, args.force)
@@ -134,6 +143,12 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     model, model_kwargs = _create_model(args)
+    try:
+        from effvision.tokens.reduce import check_vit_class
+
+        check_vit_class(model)
+    except ValueError as error:
+        raise UserError(f"{args.model}: {error}") from error
     model = model.eval().to(device)
     data_config = timm.data.resolve_data_config({}, model=model)
     check_float32_fits((batch_size, *data_config["input_size"]), f"--batch-size {batch_size} (the timed batch)")

@@ -18,7 +18,8 @@ METHODS = tuple(POLICIES)
 __all__ = ["METHODS", "default_layers", "forward_tokens", "model_shape", "reduce", "reduction_info"]
 
 
-def _check_vit(model: nn.Module) -> None:
+def check_vit_class(model: nn.Module) -> None:
+    """A ValueError unless ``model`` is a timm VisionTransformer or Eva (what token reduction works on)."""
     from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
@@ -27,6 +28,12 @@ def _check_vit(model: nn.Module) -> None:
             f"token reduction needs a timm VisionTransformer (ViT, DeiT, DeiT-3, CLIP ViT, DINOv2...) or Eva "
             f"(EVA-02, RoPE ViTs), got {type(model).__name__}"
         )
+
+
+def _check_vit(model: nn.Module) -> None:
+    from timm.models.eva import Eva
+
+    check_vit_class(model)
     if isinstance(model, Eva) and (model.patch_drop is not None or model.dynamic_img_size):
         raise ValueError("token reduction of Eva models needs patch_drop_rate=0 and a fixed image size")
     for index, block in enumerate(model.blocks):
