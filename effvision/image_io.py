@@ -115,7 +115,11 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 _check_jpeg_scans(image, data)
             except UserError as error:
                 raise UserError(f"{name}: {error}") from None
+            # Pillow opens a 16-bit grey + alpha PNG as RGBA: it was coded in colour and came back tinted
+            grey_alpha = image.format == "PNG" and bool(image.tile) and image.tile[0].args == "LA;16B"
             image.load()
+            if grey_alpha and image.mode == "RGBA":
+                image = image.convert("LA")  # R = G = B: the grey level exactly
             try:
                 ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
                 return image
@@ -315,6 +319,31 @@ def _grayscale_to_8_bits(image: Image.Image):
         scale = 65535.0 if top > 255 else 255.0
     values *= 255.0 / scale
     return np.clip(np.rint(values, out=values), 0, 255, out=values).astype(np.uint8)
+
+
+def what_is_not_kept(image: Image.Image) -> list[str]:
+    """What coding ``image`` (as :func:`open_image` returned it) leaves out, for a note to the user: later
+    frames of an animation, and an ICC colour profile other than sRGB (the pixel values are coded as they are,
+    and the decoded image has no profile, so a wide-gamut photo is shown with duller colours)."""
+    notes = []
+    try:  # is_animated looks for a second frame only (n_frames would walk a crafted file's every frame)
+        animated = getattr(image, "is_animated", False) is True
+    except Exception:  # noqa: BLE001 - a broken second frame: the first one is all that is read anyway
+        animated = False
+    if animated:
+        notes.append("only the first frame of the animation is coded")
+    profile = image.info.get("icc_profile")
+    if profile:
+        description = "an unreadable one"
+        try:
+            from PIL import ImageCms
+
+            description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(profile))).strip()
+        except Exception:  # noqa: BLE001 - a broken profile is still a profile we do not keep
+            pass
+        if "srgb" not in description.lower():
+            notes.append(f"its colour profile ({description[:60]}) is not stored: decoded, it shows as sRGB")
+    return notes
 
 
 def rgb_image(image: Image.Image) -> Image.Image:

@@ -241,7 +241,15 @@ def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str], errors: list
         found.extend(matches)
     if found.count(STDIO) > 1:
         raise UserError("'-' (stdin) can be given only once")
-    return list(dict.fromkeys(found))
+    unique: dict[object, str] = {}
+    for name in found:  # the same file by two names (rgb.png ./rgb.png, a link) is one input
+        try:
+            status = os.stat(name) if name != STDIO else None
+            key = name if status is None else (status.st_dev, status.st_ino)
+        except OSError:
+            key = name
+        unique.setdefault(key, name)
+    return list(unique.values())
 
 
 def output_paths(inputs: list[str], output: str | None, suffix: str, patterns: Iterable[str] = ()) -> list[str]:

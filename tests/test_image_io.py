@@ -343,3 +343,46 @@ def test_an_avif_whose_image_data_cannot_be_decoded_is_a_clear_error():
     payload = data.find(b"mdat") + 4
     with pytest.raises(UserError, match="corrupt or truncated"):
         open_image(data[:payload] + bytes(len(data) - payload))
+
+
+def _png(width: int, height: int, depth: int, colour_type: int, raw_rows: bytes, extra: bytes = b"") -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", zlib.compress(raw_rows))
+            + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_grey_and_alpha_png_stays_grey():
+    """Pillow opens it as RGBA: it was coded in colour and came back tinted (grey 0 as (4, 0, 3))."""
+    rows = b"".join(b"\x00" + b"".join(struct.pack(">HH", 257 * (17 * x), 65535 - 4096 * y) for x in range(4))
+                    for y in range(3))
+    image = open_image(_png(4, 3, 16, 4, rows))
+    assert image.mode == "LA"
+    assert np.asarray(image)[..., 0].tolist() == [[0, 17, 34, 51]] * 3
+
+
+def test_what_coding_leaves_out_is_said(tmp_path):
+    from PIL import ImageCms
+
+    from effvision.image_io import what_is_not_kept
+
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert what_is_not_kept(open_image(tmp_path / "anim.gif")) == ["only the first frame of the animation is coded"]
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    frames[0].save(tmp_path / "lab.png", icc_profile=lab)
+    frames[0].save(tmp_path / "srgb.png", icc_profile=srgb)
+    assert "colour profile" in what_is_not_kept(open_image(tmp_path / "lab.png"))[0]
+    assert what_is_not_kept(open_image(tmp_path / "srgb.png")) == []
+
+
+def test_one_file_named_twice_is_one_input(tmp_path, monkeypatch):
+    from effvision.io_utils import expand_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rgb.png").write_bytes(b"x")
+    (tmp_path / "link.png").symlink_to(tmp_path / "rgb.png")
+    assert expand_inputs(["rgb.png", "./rgb.png", "link.png"], (".png",)) == ["rgb.png"]

@@ -213,3 +213,14 @@ def test_refinement_under_inference_mode_and_the_lambda_a_saved_file_keeps(tiny_
     save_checkpoint(tiny_model, tmp_path / "tiny.safetensors")
     loaded = load_checkpoint(tmp_path / "tiny.safetensors", TINY)
     assert loaded.rd_lambda == 0.0067 and loaded.compress(x, effort=2)["strings"] == expected
+
+
+def test_one_refinement_step_is_one_candidate(tiny_model: MambaIC) -> None:
+    """The loss was scored before each step only, so the last step's latents were never candidates:
+    effort 1 coded exactly what effort 0 did, after spending the refinement time."""
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        y = tiny_model.g_a(tiny_model.pad(x))
+        z = tiny_model.h_a(y)
+    refined_y, _ = tiny_model.refine_latents(x, y, z, lmbda=0.01, steps=1)
+    assert not torch.equal(refined_y, y)

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from effvision.cli import Batch, check_threads
     from effvision.errors import UserError
-    from effvision.image_io import IMAGE_SUFFIXES, open_image
+    from effvision.image_io import IMAGE_SUFFIXES, open_image, what_is_not_kept
     from effvision.io_utils import atomic_write_bytes, check_not_existing, expand_inputs, output_paths
 
     check_threads(args.threads)
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             image = open_image(source)
         if image is None:
             continue
+        for note in what_is_not_kept(image):
+            progress.write(f"note: {source}: {note}", file=sys.stderr)
         if codec is None:
             codec = _load_codec(args)  # a failure here ends the run: no input could be encoded
             if args.effort:

@@ -338,16 +338,22 @@ class MambaIC(CompressionModel):
         y, z = y.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([y, z], lr=REFINE_LR)
         best = (float("inf"), y.detach().clone(), z.detach().clone())
+        def scored() -> Tensor:
+            nonlocal best
+            out = self._forward_from_latents(y, z, x.shape[-2:], relaxed=True)
+            bits = sum(-torch.log2(p.clamp_min(1e-9)).sum() for p in out["likelihoods"].values())
+            loss = lmbda * 255**2 * F.mse_loss(out["x_hat"], x) + bits / pixels
+            if loss.item() < best[0]:
+                best = (loss.item(), y.detach().clone(), z.detach().clone())
+            return loss
+
         with torch.enable_grad():
             for _ in refinement_steps(steps, "refine latents"):
-                out = self._forward_from_latents(y, z, x.shape[-2:], relaxed=True)
-                bits = sum(-torch.log2(p.clamp_min(1e-9)).sum() for p in out["likelihoods"].values())
-                loss = lmbda * 255**2 * F.mse_loss(out["x_hat"], x) + bits / pixels
-                if loss.item() < best[0]:
-                    best = (loss.item(), y.detach().clone(), z.detach().clone())
+                loss = scored()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            scored()  # the last step's latents are candidates too (effort 1 coded exactly what effort 0 did)
         return best[1], best[2]
 
     def _round(self, y: Tensor, means: Tensor, relaxed: bool) -> Tensor:
