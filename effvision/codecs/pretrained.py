@@ -198,6 +198,11 @@ def _download(entry: PretrainedWeights, download: bool) -> Path:
     except ImportError as error:
         raise UserError(f"huggingface_hub is not installed (pip install huggingface_hub); or {_where_to_get(entry)}") \
             from error
+    import logging
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its "Retrying in 8s [Retry 4/5]" lines: the error below says it once
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision, local_files_only=local_only))
     except Exception as error:  # noqa: BLE001 - network, authentication, missing-file and offline errors alike
@@ -210,6 +215,8 @@ def _download(entry: PretrainedWeights, download: bool) -> Path:
             reason = f"download from {repo} failed ({type(error).__name__}: {first_line})"
         message = f"cannot get {entry.description} ({entry.config_id}): {reason}; {_where_to_get(entry)}"
         raise UserError(message) from error
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _convert(entry: PretrainedWeights, source: Path, destination: Path) -> None:
