@@ -483,3 +483,59 @@ def test_a_plain_timm_cnn_fine_tunes(dataset, tmp_path):
     argv = ["finetune", str(dataset), "--model", "resnet18", "-o", str(tmp_path / "run"), "--epochs", "1",
             "--batch-size", "16", "--workers", "0", "--option", "num_classes=3"]
     assert main([a for a in argv if a not in ("--option", "num_classes=3")]) == 0
+
+
+def test_false_in_any_case_is_false_and_a_non_boolean_switch_is_refused(dataset, tmp_path, capsys):
+    """freeze=false was the string "false", which is true: the backbone stayed frozen without a word."""
+    from effvision.commands.finetune import parse_options
+
+    assert parse_options(["freeze=false", "average=TRUE", "inner=None", "keep_rate=0.5"]) == {
+        "freeze": False, "average": True, "inner": None, "keep_rate": 0.5}
+    with pytest.raises(ValueError, match="clca_cache must be True or False"):
+        timm.create_model("clca_topk_vit_tiny_patch16_224", clca_cache="no", img_size=32, patch_size=8,
+                          embed_dim=48, depth=4, num_heads=3, layers=(1, 2))
+    run = tmp_path / "run"
+    assert main(finetune_args(dataset, run, "--option", "freeze=False", epochs=1)) == 0
+    assert any(name.startswith("blocks.") for name in load_file(str(run / "trainable.safetensors")))
+
+
+def test_a_run_folder_works_from_another_directory_and_resumes_with_another_spelling(
+        dataset, tmp_path, monkeypatch, capsys):
+    """The data path was stored as typed: evaluating from elsewhere failed ("cannot read images from data/val"),
+    and --resume with the absolute spelling of the same folder was refused as a different config."""
+    monkeypatch.chdir(dataset.parent)
+    run = tmp_path / "run"
+    assert main(finetune_args(Path(dataset.name), run, epochs=1)) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(run)]) == 0
+    old_style = json.loads((run / "config.json").read_text())
+    old_style["data"] = os.path.relpath(dataset, run.parent)  # a run written before paths were resolved
+    (run / "config.json").write_text(json.dumps(old_style))
+    config = loop.read_run_config(run / "config.json")
+    config.data = str(dataset)
+    assert loop.prepare_output(config, run, resume=True) is not None
+
+
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(dataset, tmp_path, monkeypatch):
+    """With --workers 0 the crops and flips drew from torch's global generator, which a resumed run had not
+    advanced as far: its weights came out different."""
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    assert main(finetune_args(dataset, whole, epochs=2)) == 0
+    real_epoch = loop.train_one_epoch
+
+    def stop_at_epoch_two(*args, **kwargs):
+        if args[6] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", stop_at_epoch_two)
+    torch.manual_seed(123)  # whatever the process did before must not matter
+    assert main(finetune_args(dataset, interrupted, epochs=2)) == 130
+    monkeypatch.setattr(loop, "train_one_epoch", real_epoch)
+    torch.manual_seed(456)
+    assert main(finetune_args(dataset, interrupted, "--resume", epochs=2)) == 0
+    expected = load_file(str(whole / "trainable.safetensors"))
+    resumed = load_file(str(interrupted / "trainable.safetensors"))
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from effvision.commands import MAX_SEED, int_in
 from effvision.errors import UserError
@@ -11,12 +12,17 @@ HELP = "fine-tune a timm/effvision model (e.g. sparse_tuning_vit_base_patch16_22
 
 
 def parse_options(items: list[str] | None) -> dict:
-    """``key=value`` pairs; values are Python literals (``0.7``, ``(3,6,9)``, ``True``) or plain strings."""
+    """``key=value`` pairs; values are Python literals (``0.7``, ``(3,6,9)``, ``True``), ``true``/``false``/``none``
+    in any case (``freeze=false`` was the string "false", which is true), or plain strings."""
+    words = {"true": True, "false": False, "none": None}
     options = {}
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
             raise UserError(f"model option {item!r} is not key=value")
+        if text.strip().lower() in words:
+            options[key] = words[text.strip().lower()]
+            continue
         try:
             options[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -52,8 +58,10 @@ def run(args) -> int:
     from effvision.finetune.loop import FinetuneConfig, run_finetune
 
     config = FinetuneConfig(
-        data=str(args.data), model=args.model, model_kwargs=parse_options(args.option),
-        pretrained=args.pretrained, checkpoint=args.checkpoint, epochs=args.epochs, batch_size=args.batch_size,
+        # resolved: the run folder is evaluated and resumed from other working directories too
+        data=str(Path(args.data).resolve()), model=args.model, model_kwargs=parse_options(args.option),
+        pretrained=args.pretrained, epochs=args.epochs, batch_size=args.batch_size,
+        checkpoint=None if args.checkpoint is None else str(Path(args.checkpoint).resolve()),
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
         workers=args.workers, device=args.device,
     )

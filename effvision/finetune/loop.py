@@ -222,6 +222,20 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: 
     return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": elapsed, "stopped": False}
 
 
+#: config fields that name files: the same file spelt another way (relative, absolute) is no difference
+PATH_FIELDS = ("data", "checkpoint")
+
+
+def _same_path(saved, current, run_folder: Path) -> bool:
+    """Whether two config values name one file or folder (earlier runs stored paths as typed, relative to the
+    folder they were started from: such a path is also tried relative to the run folder's parent)."""
+    if not isinstance(saved, str) or not isinstance(current, str):
+        return False
+    here = Path(current).resolve()
+    candidates = [Path(saved), run_folder.parent / saved]
+    return any(Path(candidate).resolve() == here for candidate in candidates)
+
+
 def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict | None:
     """Check the run folder; returns the training state to resume from (None: fresh run)."""
     config_path = output / checkpoint.CONFIG
@@ -234,7 +248,8 @@ def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict |
         raise UserError(f"nothing to resume: {config_path} does not exist")
     saved = json.loads(json.dumps(asdict(read_run_config(config_path))))
     current = json.loads(json.dumps(asdict(config)))  # as saved: tuples become lists
-    differences = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
+    differences = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
+                   and not (key in PATH_FIELDS and _same_path(saved.get(key), current[key], config_path.parent))]
     if differences:
         details = ", ".join(f"{key}: run {saved.get(key)!r:.200}, now {current[key]!r:.200}" for key in differences)
         raise UserError(f"cannot resume {output} with a different config ({details})")
@@ -344,6 +359,9 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
             if sampler is not None:
                 sampler.set_epoch(epoch)
             generator.manual_seed(config.seed + epoch)  # same order whether or not the run was resumed
+            # augmentation in this process (--workers 0) draws from torch's global generator: seeded per epoch
+            # too, or a resumed run drew other crops and flips than an uninterrupted one
+            torch.manual_seed(config.seed + epoch + distributed.rank * 1_000_003)
             stats = train_one_epoch(trained, train_loader, optimizer, scheduler, scaler, device, epoch, show, stop)
             if stats["stopped"]:
                 stopped = True

@@ -270,6 +270,9 @@ def add_clca(
     """
     from effvision.tokens.blocks import TokenReducingBlocks
 
+    for name, value in (("head", head), ("cache", cache), ("average", average), ("recover_last", recover_last)):
+        if not isinstance(value, bool):  # "false" is a true string: the cache was built anyway
+            raise ValueError(f"{name} must be True or False, got {value!r:.40} ({type(value).__name__})")
     if not isinstance(model.blocks, TokenReducingBlocks):
         raise ValueError("CLCA needs a token-reduced model: call effvision.reduce(model, method, ...) first")
     if not (head or cache):

@@ -26,6 +26,16 @@ SPARSE_TUNING_OPTIONS = ("bottleneck", "reduction", "freeze", "adapter", "inner"
 CLCA_OPTIONS = ("clca_head", "clca_cache", "carriers", "cache_layers", "average", "recover_last")
 
 
+#: options that must be True or False ("false", a string, is true: freeze="false" froze the backbone)
+BOOLEAN_OPTIONS = ("freeze", "clca_head", "clca_cache", "average", "recover_last", "track_source")
+
+
+def _check_booleans(kwargs: dict) -> None:
+    for name in BOOLEAN_OPTIONS:
+        if name in kwargs and not isinstance(kwargs[name], bool):
+            raise ValueError(f"{name} must be True or False, got {kwargs[name]!r:.40} ({type(kwargs[name]).__name__})")
+
+
 def _base(base_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     if not timm.is_model(base_name):
         raise ValueError(f"unknown timm model {base_name!r}")
@@ -34,6 +44,7 @@ def _base(base_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
 
 def create_sparse_tuning_model(base_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(base_name)`` as a Sparse-Tuning model (frozen, dense adapters, top-k 0.7)."""
+    _check_booleans(kwargs)
     features = take_options(kwargs, FEATURE_OPTIONS)
     reduction_options = take_options(kwargs, METHOD_OPTIONS)
     options = take_options(kwargs, SPARSE_TUNING_OPTIONS)
@@ -50,6 +61,7 @@ def create_clca_model(method: str, base_name: str, pretrained: bool = False, **k
     """
     if method not in CLCA_METHODS:
         raise ValueError(f"unknown CLCA base method {method!r}; choose one of {', '.join(CLCA_METHODS)}")
+    _check_booleans(kwargs)
     features = take_options(kwargs, FEATURE_OPTIONS)
     clca_options = take_options(kwargs, CLCA_OPTIONS)
     clca = dict(head=clca_options.pop("clca_head", True), cache=clca_options.pop("clca_cache", True),
