@@ -215,6 +215,22 @@ def test_refinement_under_inference_mode_and_the_lambda_a_saved_file_keeps(tiny_
     assert loaded.rd_lambda == 0.0067 and loaded.compress(x, effort=2)["strings"] == expected
 
 
+def test_refinement_gives_the_same_file_every_time_and_leaves_the_global_generator_alone(tiny_model) -> None:
+    """The relaxed rate's noise came from torch's global generator: the same image and effort gave another file
+    on every call (and moved the caller's random stream)."""
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    files = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        files.add(b"".join(s for part in tiny_model.compress(x, effort=12, lmbda=0.05)["strings"] for s in part))
+    assert len(files) == 1
+    torch.manual_seed(1)
+    untouched = torch.rand(3)
+    torch.manual_seed(1)
+    tiny_model.compress(x, effort=2, lmbda=0.05)
+    assert torch.equal(torch.rand(3), untouched)
+
+
 def test_one_refinement_step_is_one_candidate(tiny_model: MambaIC) -> None:
     """The loss was scored before each step only, so the last step's latents were never candidates:
     effort 1 coded exactly what effort 0 did, after spending the refinement time."""

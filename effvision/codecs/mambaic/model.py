@@ -189,6 +189,10 @@ def _linspace(stop: float, count: int) -> list[float]:
     return [stop * i / (count - 1) for i in range(count)]
 
 
+#: seed of the noise encoder-side refinement draws (a fixed one: refined files are reproducible)
+REFINE_SEED = 0
+
+
 def ste_round(x: Tensor) -> Tensor:
     """Round in the forward pass, identity gradient."""
     return torch.round(x) - x.detach() + x
@@ -338,6 +342,7 @@ class MambaIC(CompressionModel):
         y, z = y.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([y, z], lr=REFINE_LR)
         best = (float("inf"), y.detach().clone(), z.detach().clone())
+
         def scored() -> Tensor:
             nonlocal best
             out = self._forward_from_latents(y, z, x.shape[-2:], relaxed=True)
@@ -347,7 +352,11 @@ class MambaIC(CompressionModel):
                 best = (loss.item(), y.detach().clone(), z.detach().clone())
             return loss
 
-        with torch.enable_grad():
+        # the relaxed rate draws uniform noise: from a fixed seed, in a forked generator, so the same image and
+        # effort give the same file every time (it drew from the global generator) and the caller's is untouched
+        devices = [y.device] if y.device.type == "cuda" else []
+        with torch.enable_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(REFINE_SEED)
             for _ in refinement_steps(steps, "refine latents"):
                 loss = scored()
                 optimizer.zero_grad(set_to_none=True)
