@@ -84,6 +84,8 @@ class Target:
         if number <= 0:
             raise ValueError(f"target {text!r} must be positive")
         if unit == "x":
+            if number <= 1:  # the unreduced model meets it: the search would pick "no reduction"
+                raise ValueError(f"target {text!r}: a speed-up must be above 1x (1x is the unreduced model)")
             return cls("speedup", number)
         return cls("latency", number / 1000.0 if unit == "ms" else number)
 

@@ -132,3 +132,20 @@ def test_validation_keeps_no_autograd_graph() -> None:
     model.g_s.register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
     metrics = validate(model, [torch.rand(3, 64, 64)], 0.013, "mse", "cpu")
     assert seen == [False] and set(metrics) == {"loss", "bpp", "psnr"}
+
+
+def test_decoding_with_other_weights_says_which_weights_decode_it(tmp_path: Path, capsys) -> None:
+    """The message said "pass the checkpoint it was encoded with" also when the file was written with the shipped
+    weights, where the remedy is to pass no --checkpoint at all."""
+    import numpy as np
+    from PIL import Image
+
+    assets = Path(__file__).resolve().parents[1] / "effvision" / "assets"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert main(["encode", str(tmp_path / "a.png"), "--quality", "1"]) == 0
+    capsys.readouterr()
+    argv = ["decode", str(tmp_path / "a.evc"), "-o", str(tmp_path / "b.png"), "--checkpoint",
+            str(assets / "mambaic-lite-q2.safetensors")]
+    assert main(argv) == 1
+    assert "no --checkpoint for shipped or --pretrained weights" in capsys.readouterr().err
+    assert main(argv[:4]) == 0

@@ -55,7 +55,7 @@ def test_target_parses_speedups_and_latencies(text, kind, value):
     assert (target.kind, target.value) == (kind, pytest.approx(value))
 
 
-@pytest.mark.parametrize("text", ["fast", "1.8", "0x", "-2x", "12 fps"])
+@pytest.mark.parametrize("text", ["fast", "1.8", "0x", "-2x", "12 fps", "0.5x", "1x"])
 def test_target_rejects_other_text(text):
     with pytest.raises(ValueError, match="target"):
         tune.Target.parse(text)

@@ -234,7 +234,8 @@ def plan_decode(container: Container, codec: ImageCodec, max_pixels: int = MAX_P
     if codec.fingerprint() != container.fingerprint:
         raise UserError(
             f"file was written by different {container.codec}/{container.config_id} weights "
-            "(fingerprint mismatch); pass the checkpoint it was encoded with"
+            "(fingerprint mismatch); decode it with the weights it was encoded with: --checkpoint FILE for a "
+            "file written with --checkpoint, no --checkpoint for shipped or --pretrained weights"
         )
     padded_h, padded_w = container.padded_size
     if padded_h % codec.alignment or padded_w % codec.alignment:
