@@ -243,12 +243,7 @@ def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str], errors: list
         raise UserError("'-' (stdin) can be given only once")
     unique: dict[object, str] = {}
     for name in found:  # the same file by two names (rgb.png ./rgb.png, a link) is one input
-        try:
-            status = os.stat(name) if name != STDIO else None
-            key = name if status is None else (status.st_dev, status.st_ino)
-        except OSError:
-            key = name
-        unique.setdefault(key, name)
+        unique.setdefault(_file_identity(name) or name, name)
     return list(unique.values())
 
 
@@ -294,11 +289,21 @@ def output_paths(inputs: list[str], output: str | None, suffix: str, patterns: I
     return destinations
 
 
-def _same_file(first: str, second: str) -> bool:
+def _file_identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, links followed; ``None`` for one that does not exist (yet) and for
+    ``-`` (standard input/output). Two names with one identity are one file."""
+    if str(path) == STDIO:
+        return None
     try:
-        return os.path.samefile(first, second)
-    except OSError:  # one does not exist (yet): not the same file
-        return False
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _same_file(first: str | Path, second: str | Path) -> bool:
+    identity = _file_identity(first)
+    return identity is not None and identity == _file_identity(second)
 
 
 def check_outputs_distinct(outputs: dict[str, str | Path | None], inputs: Iterable[str | Path] = ()) -> None:
@@ -308,23 +313,14 @@ def check_outputs_distinct(outputs: dict[str, str | Path | None], inputs: Iterab
     named = [(option, Path(path)) for option, path in outputs.items() if path is not None and str(path) != STDIO]
     for index, (first_option, first) in enumerate(named):
         for second_option, second in named[index + 1 :]:
-            if os.path.abspath(first) == os.path.abspath(second) or _same_file(str(first), str(second)):
+            if os.path.abspath(first) == os.path.abspath(second) or _same_file(first, second):
                 raise UserError(f"{first_option} and {second_option} name the same file ({first})")
-    existing = {}
-    for option, path in named:
-        try:
-            status = os.stat(path)
-        except OSError:
-            continue  # not there yet: no input can be it
-        existing[(status.st_dev, status.st_ino)] = (option, path)
+    # outputs not there yet cannot be an input
+    existing = {identity: (option, path) for option, path in named if (identity := _file_identity(path))}
     if not existing:
         return
     for source in inputs:
-        try:
-            status = os.stat(source)
-        except OSError:
-            continue
-        hit = existing.get((status.st_dev, status.st_ino))
+        hit = existing.get(_file_identity(source))
         if hit is not None:
             raise UserError(f"{hit[0]} {hit[1]} is one of the inputs ({source}); it is never overwritten")
 

@@ -60,8 +60,7 @@ def check_scan_shapes(
     if B.shape != C.shape:
         raise ValueError(f"B and C must have the same shape; got {tuple(B.shape)} and {tuple(C.shape)}")
     for name, value, expected in (("D", D, (dim,)), ("delta_bias", delta_bias, (dim,)), ("z", z, tuple(u.shape))):
-        if value is not None and tuple(value.shape) != expected:
-            raise ValueError(f"{name} must have shape {expected} for u {tuple(u.shape)}; got {tuple(value.shape)}")
+        _dispatch.check_shape(value, name, expected)
 
 
 def _grouped(bc: Tensor) -> Tensor:

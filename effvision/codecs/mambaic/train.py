@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from compressai.losses import RateDistortionLoss
 from torch import Tensor
 
+from effvision.codecs.base import evaluating
 from effvision.codecs.mambaic.checkpoint import save_checkpoint
 from effvision.codecs.mambaic.model import MambaIC
 from effvision.codecs.metrics import ms_ssim_loss, psnr
@@ -95,17 +96,15 @@ def validate(
     model: MambaIC, images: Sequence[Tensor], lmbda: float, metric: str, device: str | torch.device
 ) -> dict[str, float]:
     """Mean loss / estimated bpp / PSNR over whole validation images (eval mode)."""
-    was_training = model.training
-    model.eval()
     totals = {"loss": 0.0, "bpp": 0.0, "psnr": 0.0}
-    for image in images:
-        x = image[None].to(device)
-        out = model(x)
-        losses = rate_distortion_loss(out, x, lmbda, metric)
-        totals["loss"] += float(losses["loss"])
-        totals["bpp"] += float(losses["bpp"])
-        totals["psnr"] += psnr(x, out["x_hat"].clamp(0, 1))
-    model.train(was_training)
+    with evaluating(model):  # every sub-module gets its own mode back, also after an error
+        for image in images:
+            x = image[None].to(device)
+            out = model(x)
+            losses = rate_distortion_loss(out, x, lmbda, metric)
+            totals["loss"] += float(losses["loss"])
+            totals["bpp"] += float(losses["bpp"])
+            totals["psnr"] += psnr(x, out["x_hat"].clamp(0, 1))
     return {k: v / max(1, len(images)) for k, v in totals.items()}
 
 
