@@ -39,6 +39,14 @@ if TYPE_CHECKING:  # torch is imported where a model is built, so that config mo
 MAX_CONFIG_JSON_BYTES = 16 * 1024
 
 
+def check_switches(values: dict[str, object]) -> None:
+    """A ``ValueError`` naming the first of ``values`` (option -> value) that is not ``True`` or ``False``: a
+    string such as ``"false"`` is true, so a switch given as text was silently on."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r:.40} ({type(value).__name__})")
+
+
 @dataclass(frozen=True)
 class Limit:
     """Bounds of one config field: ``kind`` "int" or "float" (``low <= value <= high``), "ints" (a list of

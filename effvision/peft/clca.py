@@ -268,11 +268,10 @@ def add_clca(
         average: cache the average token (the release's default; ``False`` with carriers: carriers only).
         recover_last: with the default ``cache_layers``, also re-inject after the second-to-last block.
     """
+    from effvision.bounded_config import check_switches
     from effvision.tokens.blocks import TokenReducingBlocks
 
-    for name, value in (("head", head), ("cache", cache), ("average", average), ("recover_last", recover_last)):
-        if not isinstance(value, bool):  # "false" is a true string: the cache was built anyway
-            raise ValueError(f"{name} must be True or False, got {value!r:.40} ({type(value).__name__})")
+    check_switches({"head": head, "cache": cache, "average": average, "recover_last": recover_last})
     if not isinstance(model.blocks, TokenReducingBlocks):
         raise ValueError("CLCA needs a token-reduced model: call effvision.reduce(model, method, ...) first")
     if not (head or cache):

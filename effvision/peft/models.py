@@ -16,6 +16,7 @@ from __future__ import annotations
 import timm
 from torch import nn
 
+from effvision.bounded_config import check_switches
 from effvision.peft.clca import add_clca
 from effvision.peft.registry import CLCA_METHODS
 from effvision.peft.sparse_tuning import freeze_for_peft, sparse_tuning
@@ -31,9 +32,7 @@ BOOLEAN_OPTIONS = ("freeze", "clca_head", "clca_cache", "average", "recover_last
 
 
 def _check_booleans(kwargs: dict) -> None:
-    for name in BOOLEAN_OPTIONS:
-        if name in kwargs and not isinstance(kwargs[name], bool):
-            raise ValueError(f"{name} must be True or False, got {kwargs[name]!r:.40} ({type(kwargs[name]).__name__})")
+    check_switches({name: kwargs[name] for name in BOOLEAN_OPTIONS if name in kwargs})
 
 
 def _base(base_name: str, pretrained: bool, kwargs: dict) -> nn.Module:
