@@ -194,7 +194,7 @@ def export_onnx(
                 opset_version=opset,
                 **options,
             )
-        if dynamic_batch:
+        if dynamic_batch and exporter == "dynamo":  # dynamic_axes makes the TorchScript one symbolic by name
             _check_symbolic_batch(temp_name, input_name)
     return path
 
