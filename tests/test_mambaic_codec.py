@@ -115,11 +115,16 @@ def test_effort_zero_is_plain_compression(tiny_model: MambaIC) -> None:
     assert tiny_model.compress(x, effort=0)["strings"] == tiny_model.compress(x)["strings"]
 
 
+def _latents(model: MambaIC, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's unrefined (y, z) for ``x``."""
+    with torch.no_grad():
+        y = model.g_a(model.pad(x))
+        return y, model.h_a(y)
+
+
 def test_refined_latents_lower_the_rd_objective_and_decode_with_the_same_decoder(tiny_model: MambaIC) -> None:
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        y = tiny_model.g_a(tiny_model.pad(x))
-        z = tiny_model.h_a(y)
+    y, z = _latents(tiny_model, x)
     refined_y, refined_z = tiny_model.refine_latents(x, y, z, lmbda=0.01, steps=8)
     assert not torch.equal(refined_y, y)
     assert _relaxed_rd_loss(tiny_model, x, refined_y, refined_z, 0.01) < _relaxed_rd_loss(tiny_model, x, y, z, 0.01)
@@ -235,8 +240,6 @@ def test_one_refinement_step_is_one_candidate(tiny_model: MambaIC) -> None:
     """The loss was scored before each step only, so the last step's latents were never candidates:
     effort 1 coded exactly what effort 0 did, after spending the refinement time."""
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        y = tiny_model.g_a(tiny_model.pad(x))
-        z = tiny_model.h_a(y)
+    y, z = _latents(tiny_model, x)
     refined_y, _ = tiny_model.refine_latents(x, y, z, lmbda=0.01, steps=1)
     assert not torch.equal(refined_y, y)
