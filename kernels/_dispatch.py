@@ -1,14 +1,17 @@
 """Backend selection shared by every kernel's dispatch function.
 
-``auto`` picks Triton for CUDA tensors when Triton is importable and the PyTorch reference otherwise.
-An explicitly requested backend that cannot run raises ``RuntimeError`` saying why; an unknown name
-raises ``ValueError``. Triton is never imported here (importing it is slow); only its presence is checked.
+``auto`` picks Triton for CUDA tensors when Triton is importable and the PyTorch reference otherwise (with
+one warning when Triton is installed but fails to import). An explicitly requested backend that cannot run
+raises ``RuntimeError`` saying why; an unknown name raises ``ValueError``. Triton is imported only when a
+kernel is about to use it (importing it is slow); otherwise only its presence is checked.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import warnings
 from functools import cache
 
 import torch
@@ -19,6 +22,22 @@ from torch import Tensor
 def module_available(name: str) -> bool:
     """True when ``name`` can be imported (checked without importing it)."""
     return importlib.util.find_spec(name) is not None
+
+
+@cache
+def import_failure(name: str) -> str | None:
+    """Why the installed package ``name`` fails to import (a broken or mismatched install), or ``None``
+    when it imports. Called only when a kernel is about to use the package."""
+    try:
+        importlib.import_module(name)
+    except Exception as error:  # a broken install raises anything from ImportError to RuntimeError
+        return f"the {name!r} package is installed but fails to import ({type(error).__name__}: {error})"
+    return None
+
+
+@cache
+def _warn_fallback(operation: str, failure: str) -> None:
+    warnings.warn(f"{operation}: {failure}; using the PyTorch reference instead", RuntimeWarning, stacklevel=4)
 
 
 def triton_interpret_mode() -> bool:
@@ -34,6 +53,9 @@ def triton_unavailable_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
     """Why the Triton backend cannot run on ``tensors``, or ``None`` when it can."""
     if not module_available("triton"):
         return "triton backend needs the 'triton' package, which is not installed"
+    failure = import_failure("triton")
+    if failure is not None:
+        return f"triton backend: {failure}"
     devices = _devices(tensors)
     if devices == {"cuda"}:
         return None
@@ -67,7 +89,10 @@ def resolve_backend(
         return "torch"
     if backend == "auto":
         if _devices(tensors) == {"cuda"} and module_available("triton"):
-            return "triton"
+            failure = import_failure("triton")
+            if failure is None:
+                return "triton"
+            _warn_fallback(operation, failure)
         return "torch"
     reason = triton_unavailable_reason(tensors) if backend == "triton" else extra_backends[backend]
     if reason is not None:

@@ -188,7 +188,8 @@ def selective_scan_ref(
 def _mamba_ssm_unavailable_reason() -> str | None:
     if not _dispatch.module_available("mamba_ssm"):
         return "mamba_ssm backend needs the 'mamba_ssm' package (pip install effvision[gpu])"
-    return None
+    failure = _dispatch.import_failure("mamba_ssm")
+    return None if failure is None else f"mamba_ssm backend: {failure}"
 
 
 def selective_scan(

@@ -114,3 +114,30 @@ def test_size_weighted_merge_reference_keeps_float64():
                             (x[0, [1, 3, 4]] * size[0, [1, 3, 4], None]).sum(0) / size[0, [1, 3, 4]].sum()])
     assert merged.dtype == torch.float64 and torch.allclose(merged[0], expected, rtol=1e-14, atol=0)
     assert torch.allclose(merged_size[0], torch.stack([size[0, [0, 2]].sum(), size[0, [1, 3, 4]].sum()]), rtol=1e-14)
+
+
+def test_a_broken_triton_install_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_dispatch, "module_available", lambda name: True)
+    monkeypatch.setattr(_dispatch, "import_failure", lambda name: f"the {name!r} package fails to import (boom)")
+    _dispatch._warn_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="fails to import .boom.; using the PyTorch reference"):
+        assert _dispatch.resolve_backend("auto", (CUDA_TENSOR,), "op") == "torch"
+    with pytest.raises(RuntimeError, match="triton backend: the 'triton' package fails to import"):
+        _dispatch.resolve_backend("triton", (CUDA_TENSOR,), "op")
+
+
+def test_import_failure_names_the_error_of_a_broken_package(tmp_path, monkeypatch):
+    package = tmp_path / "effvision_broken_test_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise OSError('libcuda.so.1: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    failure = _dispatch.import_failure("effvision_broken_test_package")
+    assert failure is not None and "installed but fails to import (OSError: libcuda.so.1" in failure
+    assert _dispatch.import_failure("json") is None
+
+
+def test_a_broken_mamba_ssm_install_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_dispatch, "module_available", lambda name: True)
+    monkeypatch.setattr(_dispatch, "import_failure", lambda name: f"the {name!r} package fails to import (boom)")
+    with pytest.raises(RuntimeError, match="mamba_ssm backend: the 'mamba_ssm' package fails to import"):
+        selective_scan(**scan_inputs(), backend="mamba_ssm")
