@@ -497,3 +497,37 @@ def test_a_model_saved_for_the_hub_loads_at_another_image_size(name, tmp_path):
                        model.head.pointwise.weight if "clca" in name else model.head.weight)
     with torch.no_grad():
         assert restored(torch.randn(1, 3, 96, 96)).shape == (1, 5)
+
+
+def test_clca_carrier_tokens_are_input_tokens_for_layer_decay_and_weight_decay():
+    """timm's optimizer factory treats CLCA's carrier tokens and their position embedding like ``cls_token`` /
+    ``pos_embed``: the stem's layer-wise rate and no weight decay (they got the head's full rate and decay)."""
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model("clca_topk_vit_tiny_patch16_224", img_size=64, carriers=2, num_classes=3)
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.65)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    stem = group_of[id(named["pos_embed"])]
+    for name in ("clca_cache.carrier_tokens", "clca_cache.carrier_pos_embed"):
+        group = group_of[id(named[name])]
+        assert (group["lr_scale"], group["weight_decay"]) == (stem["lr_scale"], 0.0)
+    assert stem["lr_scale"] < 0.01
+    assert {"clca_cache.carrier_tokens", "clca_cache.carrier_pos_embed", "pos_embed"} <= model.no_weight_decay()
+    plain = timm.create_model("clca_topk_vit_tiny_patch16_224", img_size=64, num_classes=3)  # no carriers
+    assert not any(name.startswith("clca_cache") for name in plain.no_weight_decay())
+
+
+def test_clca_prefix_tokens_of_intermediates_are_the_models_prefix_tokens():
+    """``return_prefix_tokens`` gives (B, num_prefix_tokens, C) after every block, as timm's; CLCA's re-injected
+    cache tokens (protected stream tokens) came back as prefix tokens, (B, 12, C) after block 11."""
+    model = timm.create_model("clca_topk_vit_tiny_patch16_224", img_size=64, num_classes=3).eval()
+    with torch.no_grad():
+        out = model.forward_intermediates(torch.randn(2, 3, 64, 64), indices=[1, 5, 11], return_prefix_tokens=True,
+                                          output_fmt="NLC", intermediates_only=True, return_token_states=True)
+    taken, states = out
+    for (patches, prefix), state in zip(taken, states, strict=True):
+        assert prefix.shape == (2, model.num_prefix_tokens, model.embed_dim)
+        assert torch.equal(prefix, state.x[:, :model.num_prefix_tokens])
+        assert patches.shape[1] == state.num_tokens - state.num_prefix
+    assert states[-1].num_prefix > model.num_prefix_tokens  # the cache tokens are there, in the token states

@@ -146,6 +146,9 @@ class CrossLayerCache(nn.Module):
     followed through every token map.
     """
 
+    #: parameters that enter at the input like ``pos_embed``: no weight decay, the stem's layer-wise lr
+    input_parameters = ("carrier_tokens", "carrier_pos_embed")
+
     def __init__(self, dim: int, layers: tuple[int, ...], depth: int, carriers: int = 0, average: bool = True):
         super().__init__()
         self.layers = tuple(sorted({int(layer) for layer in layers}))

@@ -166,7 +166,25 @@ class TokenReducedModel:
             if per_block:
                 blocks.insert(1, (rf"^{re.escape(name)}\.{re.escape(per_block)}\.(\d+)", None))
         matcher["blocks"] = blocks
+        inputs = [rf"^{re.escape(name)}\.{re.escape(param)}$" for name, param in self._input_parameters()]
+        if inputs:  # CLCA's carrier tokens enter with the patches: scaled as the stem, not as the head
+            matcher["stem"] = "|".join([matcher["stem"], *inputs])
         return matcher
+
+    def _input_parameters(self) -> list[tuple[str, str]]:
+        """(child, parameter) of the extensions' parameters that enter at the input like ``pos_embed``
+        (their ``input_parameters``: CLCA's carrier tokens and their position embedding)."""
+        return [
+            (name, param)
+            for name, module in self.named_children()
+            for param in getattr(module, "input_parameters", ())
+            if getattr(module, param, None) is not None
+        ]
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's, with the extensions' input tokens (CLCA's carriers), which like ``cls_token`` and
+        ``pos_embed`` get no weight decay."""
+        return set(super().no_weight_decay()) | {f"{name}.{param}" for name, param in self._input_parameters()}
 
     def set_input_size(self, img_size: Any = None, patch_size: Any = None) -> None:
         """timm's, then the reduction's schedule made again for the new patch count (see
@@ -277,7 +295,9 @@ class TokenReducedModel:
         final, states = blocks.forward_intermediate_states(state, take_indices, stop_early)
 
         tokens = [self.norm(s.x) if norm else s.x for s in states]
-        prefix_tokens = [t[:, :s.num_prefix] for t, s in zip(tokens, states, strict=True)]
+        # the model's own prefix tokens: CLCA's re-injected cache tokens are protected prefix tokens of the
+        # stream (s.num_prefix counts them) but not prefix tokens of the model (return_token_states has them)
+        prefix_tokens = [t[:, :blocks.num_prefix] for t in tokens]
         if nchw:  # the grid of this image, as timm's: with dynamic_img_size it is not the grid of img_size
             if getattr(self, "dynamic_img_size", False):
                 grid = tuple(self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
