@@ -531,3 +531,26 @@ def test_clca_prefix_tokens_of_intermediates_are_the_models_prefix_tokens():
         assert torch.equal(prefix, state.x[:, :model.num_prefix_tokens])
         assert patches.shape[1] == state.num_tokens - state.num_prefix
     assert states[-1].num_prefix > model.num_prefix_tokens  # the cache tokens are there, in the token states
+
+
+@pytest.mark.parametrize("name", ["sparse_tuning_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224",
+                                  "clca_topk_vit_tiny_patch16_224"])
+def test_a_checkpoint_of_the_whole_model_loads_through_the_overlay_file(name, tmp_path):
+    """timm's train.py ``--pretrained-path`` with a checkpoint of the registered model itself (adapters, the CLCA
+    head): it went to the base ViT and failed strictly ("Unexpected key(s) ... dense_adapters"), although
+    plain timm models and ppt/tome/topk load their own checkpoints this way. Also at another image size."""
+    torch.manual_seed(0)
+    trained = timm.create_model(name, num_classes=3, img_size=64)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)  # adapters and head are no longer their init
+    path = tmp_path / "whole.pth"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    loaded = timm.create_model(name, pretrained=True, num_classes=3, img_size=64,
+                               pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
+    expected = trained.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+    resized = timm.create_model(name, pretrained=True, num_classes=3, img_size=96,
+                                pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
+    assert resized.pos_embed.shape == (1, 1 + 36, 192)
+    assert torch.equal(resized.blocks[2].mlp.fc2.weight, trained.blocks[2].mlp.fc2.weight)

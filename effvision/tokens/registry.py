@@ -144,8 +144,8 @@ def _weight_source(cfg) -> tuple:
 def holds_whole_model(name: str, cfg) -> bool:
     """Whether the weights ``cfg`` points at are a checkpoint of the registered model ``name`` itself rather
     than one of its base's: every source other than the base's registered ones, as timm's ``hf-hub:`` and
-    ``local-dir:`` names give (a model saved with ``push_to_hf_hub`` / ``save_for_hf``). Base weights from a
-    file of one's own go through ``pretrained_cfg_overlay=dict(file=...)``, which the base applies."""
+    ``local-dir:`` names give (a model saved with ``push_to_hf_hub`` / ``save_for_hf``). A file of one's own
+    given as ``pretrained_cfg_overlay=dict(file=...)`` is decided by its keys (:func:`holds_extension_weights`)."""
     from timm.models import get_arch_pretrained_cfgs
 
     return _weight_source(cfg) not in [_weight_source(known) for known in get_arch_pretrained_cfgs(name).values()]
@@ -158,15 +158,38 @@ def create_registered(name: str, build, pretrained: bool, kwargs: dict) -> nn.Mo
     weights the base does not have (adapters, the CLCA head), so the model is built without weights and the
     checkpoint is loaded into all of it, strictly, by timm's ``load_pretrained``."""
     kwargs = with_registered_cfg(name, kwargs)
-    if not (pretrained and holds_whole_model(name, kwargs["pretrained_cfg"])):
+    whole = pretrained and holds_whole_model(name, kwargs["pretrained_cfg"])
+    own_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained and not whole else None
+    if not (whole or own_file):
         return build(pretrained=pretrained, **kwargs)
-    from timm.models import load_pretrained
+    from timm.models import load_pretrained, load_state_dict
 
     features = take_options(kwargs, FEATURE_OPTIONS)
     model = build(pretrained=False, **kwargs)
-    load_pretrained(model, model.pretrained_cfg, num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3),
+    cfg = model.pretrained_cfg
+    if own_file:  # timm's train.py --pretrained-path: base weights, or a checkpoint of this very model
+        state = load_state_dict(own_file)  # timm's loader, as the base's builder would call it
+        if not holds_extension_weights(model, state):
+            del model, state
+            return features_or_model(build(pretrained=True, **kwargs), features)
+        cfg = {**cfg, "state_dict": state}
+    load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=kwargs.get("in_chans", 3),
                     filter_fn=base_checkpoint_filter(model))
     return features_or_model(model, features)
+
+
+def holds_extension_weights(model: nn.Module, state: dict) -> bool:
+    """Whether ``state`` holds weights of the modules an extension added to ``model`` (Sparse-Tuning's adapters,
+    CLCA's cache and head: the children whose class is defined in :mod:`effvision.peft`), so that it is a
+    checkpoint of the whole model, not of its base. Before, such a file given as
+    ``pretrained_cfg_overlay=dict(file=...)`` (timm's train.py ``--pretrained-path``) went to the base and failed."""
+    prefixes = tuple(
+        f"{child}." for child, module in model.named_children() if type(module).__module__.startswith("effvision.peft")
+    )
+    if not prefixes:
+        return False
+    own = set(model.state_dict())
+    return any(key.startswith(prefixes) and key in own for key in state)
 
 
 def base_checkpoint_filter(model: nn.Module):
