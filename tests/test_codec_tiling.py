@@ -86,6 +86,17 @@ def test_tiles_beyond_the_codec_limit_are_refused_at_encode_and_decode(codec, ph
         plan_decode(parse(huge.to_bytes()), codec)
 
 
+def test_a_version_1_file_larger_than_the_tile_limit_is_refused_before_decoding(codec, photo, monkeypatch):
+    """A version-1 file is one tile: a crafted 50 KB one of 2560 x 2560 with valid streams decoded in 4.4 GB and
+    82 s, since the tile limit was checked for version 2 only (here its streams pass by fiat)."""
+    container = encode_image(codec, photo.crop((0, 0, 30, 30)))
+    monkeypatch.setattr(codec, "check_sections", lambda sections, height, width: None)
+    legacy = parse(version1(container, width=2112, height=2112).to_bytes())  # 2112 x 2112 > 2048 x 2048
+    with pytest.raises(UserError, match="2112x2112 exceeds .* limit"):
+        plan_decode(legacy, codec)
+    assert len(plan_decode(parse(version1(container, width=2048, height=2048).to_bytes()), codec)) == 1
+
+
 def test_a_tile_larger_than_the_image_is_declared_as_the_image(codec, photo):
     container = encode_image(codec, photo, tile_size=4096)
     assert (container.tile_width, container.tile_height) == photo.size and len(container.tiles) == 1

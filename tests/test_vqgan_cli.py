@@ -79,6 +79,19 @@ def test_quality_ladder_clusters_the_shipped_codebook_and_decodes_by_config_id()
     assert load_codec("vqgan", quality=4).model.codebook_size == 1024
 
 
+@pytest.mark.parametrize("k", [1, 2, 1023, 17])
+def test_a_config_id_with_a_codebook_no_quality_writes_is_refused(k):
+    """A crafted ``-k1`` file (index bands of 0 bits an index) asked for 64 full-size tile decodes from 1 kB;
+    ``-k1023`` cost a clustering before its fingerprint was checked."""
+    from effvision.codecs.adapters import shipped_weights
+    from effvision.codecs.base import load_codec
+    from effvision.errors import UserError
+
+    base = next(config for config in shipped_weights("vqgan") if "-k" not in config)
+    with pytest.raises(UserError, match=f"to {k}: files of these weights use \\[16, 64, 256, 1024\\]"):
+        load_codec("vqgan", config_id=f"{base}-k{k}")
+
+
 @pytest.mark.parametrize("option, message", [
     (["--batch-size", "100000000"], "--batch-size must be between 1 and 4096"),  # was: a hang drawing 1e8 crops
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),

@@ -240,8 +240,13 @@ def load_vqgan(
     path, config_id = select_weights("vqgan", quality, checkpoint, config_id, pretrained)
     model = VQGANCodec.load(path)
     if clustered_k is not None and clustered_k != model.codebook_size:
-        if not 1 <= clustered_k < model.codebook_size:
-            raise UserError(f"cannot cluster the {model.codebook_size}-entry codebook of {config_id} to {clustered_k}")
+        if clustered_k not in QUALITY_TO_K.values() or clustered_k > model.codebook_size:
+            # only the qualities' codebooks: a crafted K = 1 file (0 bits an index) made a 1 kB file ask for
+            # 64 full-size tile decodes, and any other K costs a clustering before the fingerprint is checked
+            raise UserError(
+                f"cannot cluster the {model.codebook_size}-entry codebook of {config_id} to {clustered_k}: files "
+                f"of these weights use {sorted(QUALITY_TO_K.values())} entries (--quality {sorted(QUALITY_TO_K)})"
+            )
         model = model.cluster(clustered_k, seed=0)
         config_id = f"{config_id}-k{clustered_k}"
     # our colour band (effvision.codecs.vqgan.colour_band, a few hundred bytes) fixes the colour cast of small

@@ -244,7 +244,8 @@ def plan_decode(container: Container, codec: ImageCodec, max_pixels: int = MAX_P
         check_pixels(padded_h, padded_w, max_pixels)
     except UserError as error:
         raise UserError(f"{error} (--max-pixels)") from error
-    if container.version == 1:
+    if container.version == 1:  # one tile: the whole image, under the same tile limit
+        _check_tile_size(codec, padded_h, padded_w, padded_h, padded_w)
         tile = container.tiles[0]
         sections = codec.strip_version1_sections(list(tile.sections), padded_h, padded_w)
         tiles = [Tile(0, 0, padded_h, padded_w, tuple(sections))]
