@@ -348,6 +348,18 @@ def check_not_existing(path: str, force: bool) -> None:
         raise UserError(f"{path} exists (use --force to overwrite)")
 
 
+def check_writable_folder(folder: str | Path) -> None:
+    """Create ``folder`` (and its parents) if missing and write and remove a temporary file in it: a
+    :class:`UserError` before hours of training, not at its first checkpoint (``--out /proc/x`` trained, then
+    failed with "cannot write")."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.remove(_new_temp_file(folder, "write-check"))
+    except OSError as error:
+        raise _write_error(folder, error) from None
+
+
 def check_output_file(path: str | Path, force: bool) -> None:
     """Fail before any work unless ``path`` can be written as one file: not a directory, in a folder that exists,
     and not an existing file unless ``force`` (:func:`check_not_existing`; the write re-checks atomically)."""

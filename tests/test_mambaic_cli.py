@@ -149,3 +149,34 @@ def test_decoding_with_other_weights_says_which_weights_decode_it(tmp_path: Path
     assert main(argv) == 1
     assert "no --checkpoint for shipped or --pretrained weights" in capsys.readouterr().err
     assert main(argv[:4]) == 0
+
+
+def test_train_codec_resume_checks_its_run_and_force_starts_over(tmp_path: Path, capsys) -> None:
+    """--resume with changed settings was taken (--lr ignored, the model labelled with the new --lambda); --resume
+    with nothing to resume started from scratch; --force left the old state for a later --resume to continue; an
+    unwritable --out failed only at the first checkpoint."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), np.uint8)).save(tmp_path / "data" / "a.png")
+    run = tmp_path / "run"
+    arguments = ["train-codec", "--data", str(tmp_path / "data"), "--crop", "32", "--batch-size", "1",
+                 "--device", "cpu", "--config", "lite", "--out", str(run)]
+    assert main([*arguments, "--resume", "--steps", "1"]) == 1
+    assert "there is no" in capsys.readouterr().err and not run.exists()
+    assert main([*arguments, "--steps", "1"]) == 0
+    assert main([*arguments, "--steps", "2", "--resume", "--lambda", "0.5", "--lr", "1e-3"]) == 1
+    error = capsys.readouterr().err
+    assert "--lambda 0.013 -> 0.5" in error and "--lr 0.0001 -> 0.001" in error
+    assert main([*arguments, "--steps", "2", "--resume"]) == 0  # more steps: the same run, continued
+    assert torch.load(run / "train_state.pt", weights_only=True)["step"] == 2
+    assert main([*arguments, "--steps", "2", "--resume", "--force"]) == 1
+    (run / "model.safetensors").unlink()
+    (run / "stale").mkdir()
+    assert main([*arguments, "--steps", "5", "--force", "--minutes", "1e-9"]) == 0  # stopped after its first step
+    assert torch.load(run / "train_state.pt", weights_only=True)["step"] == 1  # not the old run's step 2
+    if Path("/proc/self").is_dir():  # a folder nobody can create, not even root
+        capsys.readouterr()
+        assert main([*arguments[:-1], "/proc/effvision-test-run", "--steps", "1"]) == 1
+        assert "cannot write /proc/effvision-test-run" in capsys.readouterr().err

@@ -116,7 +116,7 @@ def test_resume_reads_a_state_file_with_the_original_keys(tmp_path: Path) -> Non
     history = train(MambaIC(TINY), _images(1), settings, out_dir=tmp_path, resume=True)
     assert [record["step"] for record in history] == [2]
     assert set(torch.load(tmp_path / "train_state.pt", weights_only=True)) == {
-        "model", "optimizer", "aux_optimizer", "step"
+        "model", "optimizer", "aux_optimizer", "step", "settings"  # the settings a resume must share (stored since)
     }
 
 

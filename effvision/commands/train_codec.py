@@ -83,6 +83,7 @@ def run(args) -> int:
         lr=args.lr, final_lr=args.final_lr, val_every=args.val_every, save_every=args.save_every, seed=args.seed,
         amp=not args.no_amp, max_seconds=None if args.minutes is None else 60 * args.minutes,
     )
+    _start_output_folder(args.out, args.force)
     history = train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume,
                     device=device)
     if history and history[-1]["step"] < args.steps:
@@ -102,3 +103,19 @@ def _check_output_folder(out: Path, resume: bool, force: bool) -> None:
     if held and not (resume or force):
         raise UserError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue it or --force to "
                         "start over")
+    if resume and force:
+        raise UserError("--resume continues the run in --out and --force replaces it: pass one of them")
+    if resume and not (out / "train_state.pt").exists():  # it started from scratch without a word
+        raise UserError(f"--resume: there is no {out / 'train_state.pt'} to continue; drop --resume to start a run")
+
+
+def _start_output_folder(out: Path, force: bool) -> None:
+    """Just before training: OUT can be written (checked now, not at the first checkpoint), and with --force the
+    old run's files are gone (a new run stopped before its first checkpoint left the old train_state.pt, which a
+    later --resume continued)."""
+    from effvision.io_utils import check_writable_folder
+
+    check_writable_folder(out)
+    if force:
+        for name in ("train_state.pt", "model.safetensors"):
+            (out / name).unlink(missing_ok=True)

@@ -55,6 +55,29 @@ class TrainSettings:
     max_seconds: float | None = None
 
 
+#: settings a resumed run must share with the run it continues (the steps, the time limit, the validation and
+#: checkpoint intervals and the progress bar may change)
+RESUMED_SETTINGS = ("lmbda", "metric", "batch_size", "crop", "lr", "final_lr", "aux_lr", "clip_grad", "seed")
+
+
+def check_resumed_settings(state: dict, settings: TrainSettings, source) -> None:
+    """:class:`UserError` when ``settings`` differ from those the state at ``source`` was trained with (a
+    changed ``--lambda`` or ``--lr`` on ``--resume`` was taken, or ignored, without a word, and the model was
+    labelled with the new lambda). States written before the settings were stored are not checked."""
+    from effvision.errors import UserError
+
+    stored = state.get("settings")
+    if not isinstance(stored, dict):
+        return
+    flags = {"lmbda": "--lambda", "metric": "--metric", "batch_size": "--batch-size", "crop": "--crop", "lr": "--lr",
+             "final_lr": "--final-lr", "seed": "--seed"}
+    changed = [f"{flags.get(name, name)} {stored[name]!r} -> {getattr(settings, name)!r}" for name in RESUMED_SETTINGS
+               if name in stored and stored[name] != getattr(settings, name)]
+    if changed:
+        raise UserError(f"{source} was trained with other settings ({'; '.join(changed)}): resume with the same "
+                        "ones, or start a new run in another --out")
+
+
 def rate_distortion_loss(output: dict, target: Tensor, lmbda: float, metric: str = "mse") -> dict[str, Tensor]:
     """{"loss", "bpp", "mse"}: bpp = sum(-log2 likelihoods) / pixels; distortion per ``metric``."""
     if metric not in ("mse", "ms-ssim"):
@@ -142,7 +165,10 @@ def train(
     parts = {"model": model, "optimizer": optimizer, "aux_optimizer": aux_optimizer}
     state_path = Path(out_dir) / "train_state.pt" if out_dir is not None else None
     state = resume_training_state(state_path, parts, map_location=device) if resume else None
+    if state is not None:
+        check_resumed_settings(state, settings, state_path)
     start = int(state["step"]) if state is not None else 0
+    stored_settings = {name: getattr(settings, name) for name in RESUMED_SETTINGS}
     net = distributed.wrap(model, find_unused_parameters=True)
     generator = torch.Generator().manual_seed(settings.seed * 1000 + distributed.rank + 7919 * start)
     use_amp = settings.amp and device.type == "cuda"
@@ -182,7 +208,7 @@ def train(
                 f"step {step + 1}: val loss {metrics['loss']:.4f} bpp {metrics['bpp']:.4f} psnr {metrics['psnr']:.2f}"
             )
         if distributed.main and state_path is not None and (last or (step + 1) % settings.save_every == 0):
-            save_training_state(state_path, state_dicts(parts, step=step + 1))
+            save_training_state(state_path, state_dicts(parts, step=step + 1, settings=stored_settings))
         if last and step + 1 < settings.steps:  # the time limit (a break stops tqdm's count one short, so the
             break  # last step ends the loop itself)
     if distributed.main and out_dir is not None:
