@@ -30,6 +30,7 @@ from torch import nn
 
 from effvision.errors import UserError, names_for_message
 from effvision.io_utils import check_regular_file, check_safetensors_file
+from effvision.pickle_scan import check_pickle_cost
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -148,7 +149,9 @@ def check_torch_archive(path: str | Path, what: str = "checkpoint") -> None:
     * anything else that is not a zip archive (torch's tar format is unchecked too);
     * a zip archive declaring more uncompressed bytes than it holds (``torch.save`` stores records
       uncompressed; a 66 kB deflated ``data.pkl`` ran the unpickler for minutes, a 4 MB record took 5 GB);
-    * more than :data:`MAX_ARCHIVE_RECORDS` records.
+    * more than :data:`MAX_ARCHIVE_RECORDS` records;
+    * a pickle whose values nest too deep or expand too far through shared references
+      (:func:`effvision.pickle_scan.check_pickle_cost`): a 300 kB one crashed the process, a 993-byte one hung it.
     """
     import struct
     import zipfile
@@ -178,11 +181,22 @@ def check_torch_archive(path: str | Path, what: str = "checkpoint") -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             declared = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as error:
+            if declared > size:
+                raise UserError(f"{path}: its records declare {declared} bytes in a file of {size} (torch.save stores "
+                                "them uncompressed; a compressed record can inflate to gigabytes)")
+            for info in archive.infolist():  # the pickle torch.load reads (data.pkl) and any other
+                if info.filename.endswith(".pkl"):
+                    with archive.open(info) as pickled:
+                        check_pickle_cost(pickled, str(path))
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError) as error:
         raise UserError(f"{path}: not a readable torch.save archive ({error})") from None
-    if declared > size:
-        raise UserError(f"{path}: its records declare {declared} bytes in a file of {size} (torch.save stores them "
-                        "uncompressed; a compressed record can inflate to gigabytes)")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """``error``'s type and the first line of its message, at most ``limit`` characters (torch's messages run to
+    several lines, and a crafted file can make them megabytes long)."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def load_torch_checkpoint(path: str | Path) -> Any:
@@ -201,7 +215,7 @@ def load_torch_checkpoint(path: str | Path) -> Any:
     except pickle.UnpicklingError:
         pass  # a global outside torch's list: try effvision's allow list (stand-ins for framework classes)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is no checkpoint
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(error)})") from error
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=ALLOW_LIST_PICKLE)
     except RefusedGlobal as error:
@@ -211,7 +225,17 @@ def load_torch_checkpoint(path: str | Path) -> Any:
             "it may run code when unpickled"
         ) from error
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(error)})") from error
+
+
+def _short_repr(value: Any) -> str:
+    """At most about 80 characters of ``value``'s repr, built without walking all of it (``f"{key!r:.80}"`` built
+    the whole repr first: of a crafted key of shared tuples, exponential)."""
+    import reprlib
+
+    short = reprlib.Repr()  # keyword arguments only from Python 3.12
+    short.maxlevel, short.maxtuple, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 4, 4, 4, 80, 80
+    return short.repr(value)[:80]
 
 
 #: real checkpoints wrap their state dict in at most two containers ({"model": {"state_dict": ...}})
@@ -239,7 +263,7 @@ def tensor_state_dict(payload: Any, source: str, containers: tuple[str, ...] = (
     for key, value in payload.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise UserError(
-                f"{source}: its state dict maps {key!r:.80} to a {type(value).__name__}, not a name to a tensor"
+                f"{source}: its state dict maps {_short_repr(key)} to a {type(value).__name__}, not a name to a tensor"
             )
         _check_tensor_backed(key, value, source)
     return payload
@@ -288,11 +312,11 @@ def _check_tensor_backed(key: str, tensor: torch.Tensor, source: str) -> None:
     the file may size) would then allocate gigabytes for a file of a few hundred bytes. Real checkpoints
     never hold such views."""
     if tensor.layout != torch.strided:
-        raise UserError(f"{source}: weight {key!r:.80} is a {tensor.layout} tensor; only dense tensors are read")
+        raise UserError(f"{source}: weight {_short_repr(key)} is a {tensor.layout} tensor; only dense tensors are read")
     stored = tensor.untyped_storage().nbytes()
     if tensor.numel() * tensor.element_size() > stored:
         raise UserError(
-            f"{source}: weight {key!r:.80} claims {tuple(tensor.shape)} elements but the file stores only "
+            f"{source}: weight {_short_repr(key)} claims {tuple(tensor.shape)} elements but the file stores only "
             f"{stored} bytes for it (a crafted view)"
         )
 

@@ -156,7 +156,13 @@ def load_training_state(path: str | os.PathLike, map_location: str | torch.devic
     from effvision.torch_checkpoint import check_torch_archive
 
     check_torch_archive(path, "training state")  # a regular file, no legacy format, no compressed records
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a crafted or foreign file: torch's six lines advise weights_only=False
+        from effvision.errors import UserError
+        from effvision.torch_checkpoint import first_line
+
+        raise UserError(f"{path} is not a readable training state ({first_line(error)})") from None
 
 
 def state_dicts(parts: Mapping[str, Stateful], **values) -> dict:

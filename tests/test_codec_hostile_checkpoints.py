@@ -244,7 +244,7 @@ OFFICIAL_LAYOUT_CASES = {
     "value that is not a tensor": ({"state_dict": {"g_a.0.weight": "x"}}, "maps 'g_a.0.weight' to a str"),
     "state dict that is a list": ({"state_dict": [1, 2]}, "maps 'state_dict' to a list"),
     # before: AttributeError ('dict' object has no attribute 'shape')
-    "state dict that contains itself": (_self_containing(), "nested more than"),
+    "state dict that contains itself": (_self_containing(), "changes a value after sharing it"),  # the pickle scan
     "no dict at all": ([1, 2], "holds no state dict"),
     # one stored number viewed with stride 0 as 2^31 of them: loading it into a resizable buffer, or checking its
     # values, allocated 8 GB for a file of a few hundred bytes
