@@ -270,3 +270,19 @@ def test_tiles_smaller_than_the_codecs_padding_are_refused_both_ways(codec, phot
     with pytest.raises(ContainerError, match="at least 64"):  # 50 px tiles are fine only as the whole image
         plan_decode(parse(retiled(small, 120, 200, 50).to_bytes()), codec)
     assert len(plan_decode(parse(retiled(small, 128, 192, 64).to_bytes()), codec)) == 6
+
+
+def test_a_decoder_that_gives_nan_pixels_is_an_error_not_a_black_image(codec, photo):
+    """Finite but huge synthesis weights (x 1e30) overflow to NaN; clamp kept the NaN and the uint8 cast made it 0,
+    so decode wrote a black image and exited 0."""
+    import copy
+
+    container = parse(encode_image(codec, photo.crop((0, 0, 40, 30))).to_bytes())
+    broken = copy.deepcopy(codec)
+    with torch.no_grad():
+        for name, parameter in broken.model.named_parameters():
+            if name.startswith("g_s.") and parameter.dim() == 4:
+                parameter.mul_(1e30)
+    broken.fingerprint = codec.fingerprint  # the same file, decoded by the broken weights
+    with pytest.raises(UserError, match="NaN or infinite pixels"):
+        decode_image(container, broken)

@@ -147,6 +147,20 @@ def test_a_directory_as_output_and_a_checkpoint_that_does_not_fit_are_clear_erro
     assert "Missing key(s) in state_dict" in err and "size mismatch for pos_embed" in err
 
 
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, capsys):
+    """An ONNX file of NaN weights was written without a word."""
+    import timm
+
+    state = timm.create_model("deit_tiny_patch16_224", img_size=32).state_dict()
+    state["head.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    argv = ["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--img-size", "32", "--checkpoint",
+            str(tmp_path / "nan.pth")]
+    assert cli.main(argv) == 1
+    assert "'head.weight' holds NaN or infinite values" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_pretrained_without_network_names_the_weights_and_what_to_do(monkeypatch, tmp_path, capsys):
     """Offline, ``export --pretrained`` printed a bare LocalEntryNotFoundError."""
     import timm.models._hub as timm_hub

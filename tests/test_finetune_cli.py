@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from effvision.cli import main
+from effvision.errors import UserError
 from effvision.finetune import loop
 from effvision.finetune.data import MAX_UNREADABLE_IN_A_ROW, UnreadableImageWarning, load_rgb
 
@@ -73,6 +74,19 @@ def test_base_weights_come_from_a_local_checkpoint(dataset, tmp_path):
                                  checkpoint=str(path), classes=sorted(COLOURS))
     model = loop.create_model(config)
     torch.testing.assert_close(model.blocks[2].mlp.fc1.weight, base.blocks[2].mlp.fc1.weight)
+
+
+def test_base_weights_that_are_not_finite_are_refused(dataset, tmp_path):
+    """An infinite base weight trained to a NaN loss, and the run was saved (``evaluate`` refused it later)."""
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+    state = base.state_dict()
+    state["blocks.1.attn.qkv.weight"][0, 0] = float("inf")
+    torch.save(state, tmp_path / "base.pth")
+    config = loop.FinetuneConfig(data=str(dataset), model="sparse_tuning_vit_tiny_patch16_224",
+                                 model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3),
+                                 checkpoint=str(tmp_path / "base.pth"), classes=sorted(COLOURS))
+    with pytest.raises(UserError, match="blocks.1.attn.qkv.weight' holds NaN or infinite values"):
+        loop.create_model(config)
 
 
 def test_interrupted_run_resumes_after_its_last_finished_epoch(dataset, tmp_path, monkeypatch):

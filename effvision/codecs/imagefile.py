@@ -301,6 +301,11 @@ def decode_image(
                 raise
             if tuple(tensor.shape) != (3, tile.height, tile.width):
                 raise UserError(f"codec returned shape {tuple(tensor.shape)}, expected {(3, tile.height, tile.width)}")
+            if not bool(torch.isfinite(tensor).all()):  # clamp keeps NaN and uint8 made it 0: a black image, rc 0
+                raise UserError(
+                    f"the {codec.name} decoder gave NaN or infinite pixels (tile at ({tile.left}, {tile.top})): its "
+                    "weights are broken (finite but extreme weights overflow float32)"
+                )
             bottom = min(tile.top + tile.height, container.height)
             right = min(tile.left + tile.width, container.width)
             if bottom > tile.top and right > tile.left:

@@ -46,11 +46,15 @@ def _load_state_dict(path: str) -> dict:
 
         check_safetensors_file(path, "checkpoint")  # a huge header costs gigabytes in safetensors
         try:
-            return load_file(path)
+            state = load_file(path)
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is the user's file problem
             raise UserError(f"{path}: cannot read checkpoint ({error})") from error
-    # no code runs; a dict of named tensors (under "state_dict"/"model"), each backed by the bytes it claims
-    return tensor_state_dict(load_torch_checkpoint(path), path, ("state_dict", "model"))
+    else:  # no code runs; a dict of named tensors (under "state_dict"/"model"), each backed by the bytes it claims
+        state = tensor_state_dict(load_torch_checkpoint(path), path, ("state_dict", "model"))
+    from effvision.bounded_config import check_finite
+
+    check_finite(state, path)  # an ONNX file of NaN weights was written without a word
+    return state
 
 
 def _timm_model(args: argparse.Namespace):

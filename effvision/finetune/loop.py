@@ -157,6 +157,9 @@ def create_model(config: FinetuneConfig) -> nn.Module:
         ) from error
     if config.checkpoint is not None:
         check_base_weights_loaded(model, loads, config.checkpoint, config.model)
+        from effvision.bounded_config import check_finite
+
+        check_finite(model.state_dict(), str(config.checkpoint))  # NaN base weights trained to a NaN loss, saved
     return model
 
 
