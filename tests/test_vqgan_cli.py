@@ -151,3 +151,53 @@ def test_index_model_fitting_encodes_large_images_in_tiles(monkeypatch):
     tiled = codec._tiled_indices(image, 32)
     assert tiled.shape == whole.shape and max(calls) == (32, 32) and len(calls) == 9
     assert vqgan_model.FIT_TILE_CELLS * vqgan_model.CELL == 1024
+
+
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(image_dir, tmp_path):
+    """The crop generator restarted from --seed on --resume, so a resumed run trained on its first crops again."""
+    common = [str(image_dir), "--crop", "32", "--batch-size", "2"]
+    assert main(["train-vqgan", *common, "-o", str(tmp_path / "straight.safetensors"), "--steps", "4"]) == 0
+    assert main(["train-vqgan", *common, "-o", str(tmp_path / "resumed.safetensors"), "--steps", "2"]) == 0
+    assert main(["train-vqgan", *common, "-o", str(tmp_path / "resumed.safetensors"), "--steps", "4", "--resume"]) == 0
+    straight = VQGANCodec.load(tmp_path / "straight.safetensors").vq.state_dict()
+    resumed = VQGANCodec.load(tmp_path / "resumed.safetensors").vq.state_dict()
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+def test_the_time_limit_covers_the_restorer_and_a_resumed_run_retrains_a_stale_one(image_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """--minutes stopped the autoencoder but then ran every restorer step; the resumed run trained the autoencoder
+    on and kept the restorer learnt on the old codes (its checkpoint said it was done)."""
+    from effvision.training import TimeLimit
+
+    out = tmp_path / "codec.safetensors"
+    common = [str(image_dir), "-o", str(out), "--crop", "32", "--batch-size", "2", "--steps", "3",
+              "--restorer-steps", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(TimeLimit, "expired", lambda self: self.seconds is not None)  # out of time at once
+        assert main(["train-vqgan", *common, "--minutes", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "stopped by --minutes at autoencoder step 1 of 3" in printed and "restorer is trained once" in printed
+    assert not (tmp_path / "codec.train.restorer.pt").exists()
+    assert main(["train-vqgan", *common, "--resume"]) == 0
+    state = torch.load(tmp_path / "codec.train.restorer.pt", weights_only=True)
+    assert (state["step"], state["trained_for"]) == (2, 3)
+    assert main(["train-vqgan", *common[:-4], "--steps", "4", "--restorer-steps", "2", "--resume"]) == 0
+    assert "training it afresh" in capsys.readouterr().out  # the autoencoder moved on: step 4 now
+    assert torch.load(tmp_path / "codec.train.restorer.pt", weights_only=True)["trained_for"] == 4
+
+
+def test_resume_needs_a_run_and_a_new_run_does_not_start_over_an_old_one(image_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "codec.safetensors"
+    common = [str(image_dir), "-o", str(out), "--crop", "32", "--batch-size", "2"]
+    assert main(["train-vqgan", *common, "--steps", "1", "--resume"]) == 1
+    assert "there is no" in capsys.readouterr().err  # before: a run from scratch, without a word
+    assert main(["train-vqgan", *common, "--steps", "1"]) == 0
+    out.unlink()
+    assert main(["train-vqgan", *common, "--steps", "2"]) == 1
+    assert "holds a training run: pass --resume" in capsys.readouterr().err
+    assert main(["train-vqgan", *common, "--steps", "2", "--force"]) == 0
+    assert torch.load(tmp_path / "codec.train.pt", weights_only=True)["step"] == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train-vqgan", *common, "--steps", "2", "--force"]) == 1
+    assert "without torchrun" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from effvision.codecs.vqgan.restoration import IndexRestorer
     from effvision.codecs.vqgan.train import RandomCrops, TrainSettings, train_autoencoder, train_restorer
-    from effvision.training import check_training_options, load_image_folder
+    from effvision.training import TimeLimit, check_training_options, load_image_folder
 
     if args.crop < 16 or args.crop % 16:
         raise UserError(f"--crop must be a positive multiple of 16, got {args.crop}")
@@ -77,9 +77,17 @@ def run(args: argparse.Namespace) -> int:
     for name in ("gan_start", "restorer_steps"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    from effvision.io_utils import check_output_file
+    import os
 
+    from effvision.io_utils import check_output_file, check_writable_folder
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank trained the same copy and raced on the same files
+        raise UserError("train-vqgan trains in one process; run it without torchrun (train-codec and finetune "
+                        "train under torchrun)")
     check_output_file(args.output, args.force or args.resume)  # before the training, which takes hours
+    checkpoint = args.checkpoint or args.output.with_suffix(".train.pt")
+    restorer_checkpoint = checkpoint.with_suffix(".restorer.pt")
+    _check_training_checkpoints(checkpoint, restorer_checkpoint, args)
     torch.manual_seed(args.seed)
     codec = _initial_codec(args)  # before the images are read: a bad config or checkpoint fails at once
     images = load_image_folder(args.data, minimum_side=args.crop, uint8=True)
@@ -87,22 +95,48 @@ def run(args: argparse.Namespace) -> int:
         codec = codec.cluster(args.k, seed=args.seed)
         codec.vq = copy.deepcopy(codec.vq)  # fine-tuning must not touch the shared transforms of the source
     mode = args.mode or ("codebook" if args.init is not None or args.k is not None else "full")
-    checkpoint = args.checkpoint or args.output.with_suffix(".train.pt")
+    for folder in {args.output.parent, checkpoint.parent}:  # now, not at the first checkpoint or the end
+        check_writable_folder(folder)
+    if args.force and not args.resume:  # a new run: the old one's states must not be continued by a later --resume
+        checkpoint.unlink(missing_ok=True)
+        restorer_checkpoint.unlink(missing_ok=True)
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mode=mode,
                              restart_dead_every=100 if mode == "full" else 0, max_minutes=args.minutes,
                              gan_weight=args.gan_weight, gan_start=args.gan_start)
     crops = RandomCrops(images, args.crop, seed=args.seed)
+    time_limit = TimeLimit(None if args.minutes is None else 60 * args.minutes)
+    autoencoder_step = 0
     if args.steps:
         stats = train_autoencoder(codec.vq, crops, settings, checkpoint, resume=args.resume)
+        autoencoder_step = stats["step"]
         print(f"autoencoder: step {stats['step']}, L1 {stats['l1']:.4f}, codes used {stats['codes_used']}")
+        if stats["step"] < args.steps:
+            print(f"stopped by --minutes at autoencoder step {stats['step']} of {args.steps}; continue with --resume")
     tensors = [torch.from_numpy(image).permute(2, 0, 1).float() / 255 for image in images]
     codec.fit_index_model(tensors, crop=min(args.crop, 256))
-    if args.restorer_steps:
+    if args.restorer_steps and autoencoder_step < args.steps:  # it would learn codes that the resumed run changes
+        print("the lost-index restorer is trained once the autoencoder has finished (--resume)")
+    elif args.restorer_steps:
         if codec.restorer is None:
             codec.restorer = IndexRestorer(codec.config.embed_dim)
-        train_restorer(codec.restorer, codec.reference_maps, codec.vq.quantize.embedding.weight.detach(),
-                       steps=args.restorer_steps, seed=args.seed,
-                       checkpoint_path=checkpoint.with_suffix(".restorer.pt"), resume=args.resume)
+        left = None if args.minutes is None else max(0.0, 60 * args.minutes - time_limit.elapsed())
+        restored = train_restorer(codec.restorer, codec.reference_maps, codec.vq.quantize.embedding.weight.detach(),
+                                  steps=args.restorer_steps, seed=args.seed, checkpoint_path=restorer_checkpoint,
+                                  resume=args.resume, max_seconds=left, trained_for=autoencoder_step)
+        if restored["step"] < args.restorer_steps:
+            print(f"stopped by --minutes at restorer step {restored['step']} of {args.restorer_steps}; continue "
+                  "with --resume")
     codec.save(args.output, force=args.force or args.resume)
     print(f"wrote {args.output} (K={codec.codebook_size})")
     return 0
+
+
+def _check_training_checkpoints(checkpoint: Path, restorer_checkpoint: Path, args: argparse.Namespace) -> None:
+    """--resume needs a state to continue (it started from scratch without a word), and a new run does not start
+    over another run's states unless --force (a later --resume would have continued the old run)."""
+    held = [path for path in (checkpoint, restorer_checkpoint) if path.exists()]
+    if args.resume and not held:
+        raise UserError(f"--resume: there is no {checkpoint} (nor {restorer_checkpoint.name}) to continue; drop "
+                        "--resume to start a run")
+    if held and not (args.resume or args.force):
+        raise UserError(f"{held[0]} holds a training run: pass --resume to continue it or --force to start over")

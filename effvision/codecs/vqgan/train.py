@@ -158,6 +158,8 @@ def train_autoencoder(
     state = resume_training_state(checkpoint_path, parts, optional=GAN_PARTS) if resume else None
     start = int(state["step"]) if state is not None else 0
     generator = torch.Generator().manual_seed(1234 + start)
+    if state is not None:  # the crops and re-seeding go on where they were (they replayed the first steps' crops)
+        restore_generators(state, {"crop_rng": crops.generator, "reseed_rng": generator}, checkpoint_path)
     usage = torch.zeros(model.config.n_embed, dtype=torch.long)
     stats = {"step": start, "l1": float("nan"), "codebook_loss": float("nan"), "codes_used": 0}
     reseeding = settings.restart_dead_every and settings.mode != "decoder"  # a frozen codebook stays as it is
@@ -204,11 +206,25 @@ def train_autoencoder(
         progress.set_postfix(l1=f"{stats['l1']:.4f}", vq=f"{stats['codebook_loss']:.4f}", used=stats["codes_used"])
         last = step + 1 == settings.steps or time_limit.expired()
         if checkpoint_path is not None and ((step + 1) % settings.checkpoint_every == 0 or last):
-            save_training_state(checkpoint_path, state_dicts(parts, step=step + 1))
+            save_training_state(checkpoint_path, state_dicts(parts, step=step + 1, crop_rng=crops.generator.get_state(),
+                                                             reseed_rng=generator.get_state()))
         if last and step + 1 < settings.steps:  # the time limit (a break stops tqdm's count one short, so the
             break  # last step ends the loop itself)
     model.eval()
     return stats
+
+
+def restore_generators(state: dict, generators: dict[str, torch.Generator], source) -> None:
+    """Set each generator to its state saved under its name in ``state`` (states written before they were saved
+    have none: those generators keep their seeds); a saved state that is not a generator's is a UserError."""
+    from effvision.errors import UserError
+
+    for name, generator in generators.items():
+        if name in state:
+            try:
+                generator.set_state(state[name])
+            except (TypeError, RuntimeError, ValueError) as error:
+                raise UserError(f"{source}: its {name} is not a random generator's state ({error})") from None
 
 
 def train_restorer(
@@ -222,15 +238,33 @@ def train_restorer(
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_every: int = 200,
+    max_seconds: float | None = None,
+    trained_for: int | None = None,
 ) -> dict:
     """MaskGIT-style training: mask a random fraction (cosine schedule) of each (h, w) index map of
-    ``index_maps`` (N, h, w) and minimise cross-entropy on the masked positions."""
+    ``index_maps`` (N, h, w) and minimise cross-entropy on the masked positions.
+
+    ``max_seconds``: stop after the step in progress (the checkpoint is written; ``stats["step"]`` says where).
+    ``trained_for``: a tag of the codes it learns (e.g. the autoencoder's step), stored in the checkpoint; a
+    ``resume`` from a checkpoint with another tag starts afresh, since it learnt other codes."""
+    from effvision.training import load_training_state
+
+    time_limit = TimeLimit(max_seconds)
     optimizer = torch.optim.AdamW(restorer.parameters(), lr=lr, weight_decay=0.01)
-    parts = {"model": restorer, "optimizer": optimizer}
-    state = resume_training_state(checkpoint_path, parts) if resume else None
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    parts = {"model": restorer, "optimizer": optimizer, "schedule": schedule}
+    state = None
+    if resume and checkpoint_path is not None and os.path.lexists(checkpoint_path):
+        stored = load_training_state(checkpoint_path)
+        if isinstance(stored, dict) and stored.get("trained_for") != trained_for:
+            print(f"{checkpoint_path}: that restorer learnt the codes of another autoencoder (step "
+                  f"{stored.get('trained_for')}, now {trained_for}); training it afresh")
+        else:  # the schedule was not saved before: the warm-up then starts again
+            state = resume_training_state(checkpoint_path, parts, optional=("schedule",))
     start = int(state["step"]) if state is not None else 0
     generator = torch.Generator().manual_seed(seed + start)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100))
+    if state is not None:
+        restore_generators(state, {"rng": generator}, checkpoint_path)
     restorer.train()
     stats = {"step": start, "loss": float("nan"), "accuracy": float("nan")}
     progress = progress_bar(range(start, steps), initial=start, total=steps, desc="train-restorer")
@@ -255,7 +289,11 @@ def train_restorer(
         accuracy = (logits[mask].argmax(-1) == maps[mask]).float().mean().item()
         stats = {"step": step + 1, "loss": loss.item(), "accuracy": accuracy}
         progress.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{accuracy:.3f}")
-        if checkpoint_path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            save_training_state(checkpoint_path, state_dicts(parts, step=step + 1))
+        last = step + 1 == steps or time_limit.expired()
+        if checkpoint_path is not None and ((step + 1) % checkpoint_every == 0 or last):
+            save_training_state(checkpoint_path, state_dicts(parts, step=step + 1,
+                                                             rng=generator.get_state(), trained_for=trained_for))
+        if last and step + 1 < steps:
+            break
     restorer.eval()
     return stats
