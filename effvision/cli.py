@@ -168,6 +168,18 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _one_line_for_our_warnings(command: str, format_warning):
+    """``warnings.formatwarning`` that writes effvision's own warnings as one ``effvision COMMAND: warning: ...``
+    line; Python's format added the source line of the caller (torch's DataLoader code for a skipped image)."""
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if category.__module__.startswith("effvision"):
+            return f"effvision {command}: warning: {message}\n"
+        return format_warning(message, category, filename, lineno, line)
+
+    return formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_named(argv))
@@ -176,7 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _terminate_as_interrupt(), warnings.catch_warnings():
             # compressai calls torch.jit.script when imported; that deprecation is not the user's concern.
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-            return int(args._module.run(args) or 0)
+            format_warning = warnings.formatwarning  # catch_warnings does not restore this one
+            warnings.formatwarning = _one_line_for_our_warnings(args.command, format_warning)
+            try:
+                return int(args._module.run(args) or 0)
+            finally:
+                warnings.formatwarning = format_warning
     except UserError as error:
         if args.debug:
             traceback.print_exc()

@@ -553,3 +553,31 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(dataset, tmp_path,
     expected = load_file(str(whole / "trainable.safetensors"))
     resumed = load_file(str(interrupted / "trainable.safetensors"))
     assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+def test_evaluate_and_finetune_options_are_checked_with_clear_errors(dataset, tmp_path, capsys):
+    """``evaluate --batch-size 0`` silently used the run's batch size and -3 was a raw ValueError after the model
+    was built; ``--device gpu`` was torch's RuntimeError; ``finetune -o FILE`` said "cannot write FILE/config.json"."""
+    for value in ("0", "-3"):
+        assert main(["evaluate", str(tmp_path / "no-run"), "--batch-size", value]) == 1
+        assert f"--batch-size must be between 1 and 4096, got {value}" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--device 'gpu' is not a device"):
+        loop.resolve_device("gpu")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(finetune_args(dataset, afile, epochs=1)) == 1
+    assert f"--output {afile} exists and is not a folder" in capsys.readouterr().err
+
+
+def test_an_unreadable_training_image_is_one_warning_line_once(tmp_path):
+    """A folder of three bad files printed about forty lines: each skip again, each with the source line of torch's
+    DataLoader code that Python's warning format adds."""
+    data = write_dataset(tmp_path / "data", per_class=(6, 2))
+    junk = sorted((data / "train" / "red").iterdir())[1]
+    junk.write_bytes(b"not an image at all")
+    command = [sys.executable, "-W", "always", "-m", "effvision", *finetune_args(data, tmp_path / "run", epochs=2)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # -W always: the dataset must not repeat it
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if str(junk) in line or "warnings.warn" in line]
+    assert len(lines) == 1 and "effvision finetune: warning: skipped an unreadable" in lines[0], lines

@@ -101,6 +101,7 @@ class CheckedImageFolder(ImageFolder):
     def __init__(self, root: str, transform, skip_unreadable: bool) -> None:
         super().__init__(root, transform=transform, loader=load_rgb)
         self.skip_unreadable = skip_unreadable
+        self.warned: set[str] = set()  # files already reported as unreadable (per process)
 
     @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
@@ -152,7 +153,11 @@ class CheckedImageFolder(ImageFolder):
             try:
                 return super().__getitem__((index + attempt) % len(self.samples))
             except UserError as error:
-                warnings.warn(f"skipped an unreadable training image: {error}", UnreadableImageWarning, stacklevel=2)
+                path = self.samples[(index + attempt) % len(self.samples)][0]
+                if path not in self.warned:  # once per file (a folder of three bad files printed forty lines)
+                    self.warned.add(path)
+                    warnings.warn(f"skipped an unreadable training image: {error}", UnreadableImageWarning,
+                                  stacklevel=2)
         raise UserError(
             f"{MAX_UNREADABLE_IN_A_ROW} training images in a row could not be read, from "
             f"{self.samples[index % len(self.samples)][0]} on (the warnings above name each one)"

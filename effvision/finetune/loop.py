@@ -166,9 +166,13 @@ def create_model(config: FinetuneConfig) -> nn.Module:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # "gpu": torch's "Expected one of cpu, cuda, ..." traceback
+        raise UserError(f"--device {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA device is available")
-    return torch.device(name)
+    return device
 
 
 def autocast(device: torch.device):
@@ -241,6 +245,8 @@ def _same_path(saved, current, run_folder: Path) -> bool:
 
 def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict | None:
     """Check the run folder; returns the training state to resume from (None: fresh run)."""
+    if output.exists() and not output.is_dir():  # it said "cannot write OUT/config.json: File exists"
+        raise UserError(f"--output {output} exists and is not a folder")
     config_path = output / checkpoint.CONFIG
     if not resume:
         trained = any((output / name).exists() for name in (checkpoint.STATE, checkpoint.WEIGHTS))
@@ -402,6 +408,11 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, batch_size: int |
                  device: str = "auto", show: bool = True) -> float:
     """Top-1 (%) of a saved run on ``data/val`` (default: the run's own data folder)."""
     from torch.utils.data import DataLoader
+
+    from effvision.training import MAX_BATCH_SIZE
+
+    if batch_size is not None and not 1 <= batch_size <= MAX_BATCH_SIZE:  # 0 meant the run's, -3 a raw ValueError
+        raise UserError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
 
     run_dir = Path(run_dir)
     config_path, weights = run_dir / checkpoint.CONFIG, run_dir / checkpoint.WEIGHTS
