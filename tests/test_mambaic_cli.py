@@ -180,3 +180,16 @@ def test_train_codec_resume_checks_its_run_and_force_starts_over(tmp_path: Path,
         capsys.readouterr()
         assert main([*arguments[:-1], "/proc/effvision-test-run", "--steps", "1"]) == 1
         assert "cannot write /proc/effvision-test-run" in capsys.readouterr().err
+
+
+def test_train_codec_says_when_images_are_smaller_than_the_crop(tmp_path: Path, capsys) -> None:
+    """Their crops are edge-padded; that went without a word (train-vqgan refuses such images)."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    Image.fromarray(np.zeros((48, 80, 3), np.uint8)).save(tmp_path / "data" / "a.png")
+    arguments = ["train-codec", "--data", str(tmp_path / "data"), "--steps", "1", "--crop", "64", "--batch-size",
+                 "1", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(arguments) == 0
+    assert "1 of 1 training images are smaller than --crop 64" in capsys.readouterr().out

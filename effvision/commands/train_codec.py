@@ -12,7 +12,8 @@ HELP = "train a MambaIC learned codec on a folder of images (random crops; torch
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="folder of training images")
     parser.add_argument("--val-data", type=Path, help="folder of validation images (whole images)")
-    parser.add_argument("--config", default="lite", help="model config: lite or paper (default lite)")
+    parser.add_argument("--config", default="lite", help="model config: lite, wide, wide160 (lite with 100 / 160 "
+                        "latent channels) or paper (the released 124M-parameter config); default lite")
     parser.add_argument("--lambda", dest="lmbda", type=float, default=0.0130,
                         help="rate-distortion trade-off (default 0.013)")
     parser.add_argument("--metric", choices=("mse", "ms-ssim"), default="mse", help="distortion term")
@@ -70,6 +71,10 @@ def run(args) -> int:
         check_memory_fits(sized.training_memory_bytes(args.batch_size, args.crop),
                           f"a training step on {args.batch_size} crops of {args.crop} px", share=2)
     train_images = load_image_folder(args.data)
+    small = sum(min(image.shape[-2:]) < args.crop for image in train_images)
+    if small:  # random_crops pads them by repeating their edges
+        print(f"note: {small} of {len(train_images)} training images are smaller than --crop {args.crop} on a side; "
+              "their crops are padded by repeating the edge pixels")
     val_images = load_image_folder(args.val_data) if args.val_data else []
     if val_images and on_cpu:  # validated whole, one image at a time, after the first steps: check now
         largest = max(val_images, key=lambda image: image.shape[-2] * image.shape[-1])

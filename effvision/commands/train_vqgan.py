@@ -30,10 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, help="K-means the codebook into K entries before training")
     parser.add_argument("--mode", choices=["full", "codebook"],
                         help="train everything, or only codebook + quant convs (default: codebook with --init)")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=256, help="random crop size in pixels (multiple of 16)")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=1000, help="autoencoder steps (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=8, help="crops a step (default 8)")
+    parser.add_argument("--crop", type=int, default=256,
+                        help="random crop size in pixels (multiple of 16; default 256)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     parser.add_argument("--minutes", type=float, help="stop after this many minutes (a checkpoint is written)")
     parser.add_argument("--gan-weight", type=float, default=0.0,
                         help="weight of the hinge PatchGAN loss (taming uses 0.8 with LPIPS; none by default)")
