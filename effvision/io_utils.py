@@ -185,6 +185,9 @@ def check_safetensors_file(path: str | Path, what: str = "weights file") -> None
     check_regular_file(path, what)
     with Path(path).open("rb") as handle:
         prefix = handle.read(8)
+    if prefix.startswith(b"PK\x03\x04"):  # a torch.save zip: its first bytes read as a header of 10^17 bytes
+        raise UserError(f"{what} {path} is a PyTorch checkpoint (torch.save), not a safetensors file; this reader "
+                        "takes .safetensors files (official releases load through --pretrained, docs/pretrained.md)")
     if len(prefix) == 8 and int.from_bytes(prefix, "little") > MAX_SAFETENSORS_HEADER_BYTES:
         raise UserError(f"{what} {path} is not a safetensors file we read: it declares a header of "
                         f"{int.from_bytes(prefix, 'little')} bytes (at most {MAX_SAFETENSORS_HEADER_BYTES}; a real "

@@ -149,3 +149,13 @@ def test_a_safetensors_header_larger_than_any_real_one_is_refused_before_safeten
         with pytest.raises(UserError, match="declares a header of"):
             load(path)
     assert main(["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--checkpoint", str(path)]) == 1
+
+
+def test_a_pytorch_checkpoint_where_safetensors_are_read_is_named_as_such(tmp_path):
+    """``encode --codec vqgan --checkpoint x.pth`` said the file "declares a header of 578712552184433488 bytes"."""
+    from effvision.errors import UserError
+    from effvision.io_utils import check_safetensors_file
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "x.pth")
+    with pytest.raises(UserError, match="is a PyTorch checkpoint .torch.save., not a safetensors file"):
+        check_safetensors_file(tmp_path / "x.pth", "VQGAN weights")
