@@ -132,6 +132,9 @@ MAMBAIC_CASES = {
     "lambda NaN": (set_metadata("lambda", "nan"), "lambda metadata must be"),
     "NaN weights": (nan_weights, "holds NaN or infinite values"),
     "complex NaN weights": (complex_nan_weights, "is complex"),
+    # load_state_dict casts: a codec of integer weights coded poorly without a word
+    "integer weights": (lambda m, t: t.update({k: v.round().to(torch.int32) for k, v in t.items()
+                                               if k.startswith("g_s.") and v.dim() == 4}), "is torch.int32, the model"),
     "float64 beyond float32": (float64_overflow_weights, r"holds NaN or infinite values \(as float32\)"),
     "a 100 kB tensor name": (extra_tensor_with_a_long_name, r"1 unexpected \(e.g. \['x{80}'\]\)"),
     # compressai's C++ encoder trusted these: it read past a row, divided by zero (SIGFPE), or segfaulted
@@ -146,8 +149,8 @@ MAMBAIC_CASES = {
     "a median of 10^9": (lambda m, t: t["entropy_bottleneck.quantiles"][:, 0, 1].fill_(1e9), "medians up to 1e"),
 }
 #: cases whose shapes fit the config: the model is built, then its values are refused
-BUILT = {"NaN weights", "complex NaN weights", "float64 beyond float32", "CDF lengths past their rows",
-         "flat CDF rows", "fewer CDF rows than scales", "negative scales",
+BUILT = {"NaN weights", "complex NaN weights", "integer weights", "float64 beyond float32",
+         "CDF lengths past their rows", "flat CDF rows", "fewer CDF rows than scales", "negative scales",
          "no tables, 10^9 wide quantiles", "no tables, a median of 10^9", "a median of 10^9"}
 
 

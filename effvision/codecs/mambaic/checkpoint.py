@@ -158,6 +158,10 @@ def _load_into(model: MambaIC, state_dict: dict[str, Tensor], source: str) -> No
     if problem:
         raise UserError(f"{source} does not match MambaIC config {model.config.name!r}: {problem}")
     check_finite(state_dict, source)
+    own = model.state_dict()
+    for key, value in state_dict.items():  # load_state_dict casts: integer weights gave a poor codec without a word
+        if key in own and own[key].is_floating_point() != value.is_floating_point():
+            raise UserError(f"{source}: weight {key:.80} is {value.dtype}, the model's is {own[key].dtype}")
     model.load_state_dict(state_dict)
     _check_entropy_tables(model, source)
 
