@@ -235,12 +235,21 @@ def _check_restored_numbers(parts: Mapping[str, Stateful], source) -> None:
                     raise UserError(f"{source}: {name} weight {key} is not finite")
 
 
+def process_rank() -> int:
+    """This process's rank among torchrun's processes (0 when alone)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def progress_bar(iterable: Iterable | None = None, show: bool = True, **tqdm_options):
-    """A tqdm bar over ``iterable``, shown only when ``show`` and this is rank 0 (or the only process)."""
+    """A tqdm bar over ``iterable``, shown only when ``show`` and this is rank 0 (or the only process). When
+    stderr is no terminal (a log file, a scheduler), it is written at most every 30 s, not at every step."""
+    import sys
+
     from tqdm import tqdm
 
-    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    return tqdm(iterable, disable=not show or rank != 0, **tqdm_options)
+    if not sys.stderr.isatty():
+        tqdm_options.setdefault("mininterval", 30.0)
+    return tqdm(iterable, disable=not show or process_rank() != 0, **tqdm_options)
 
 
 def cosine_factor(step: int, total: int, warmup: int = 0) -> float:

@@ -225,3 +225,17 @@ def test_the_training_module_does_not_import_the_cli() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert ast.literal_eval(result.stdout) == ["effvision.errors", "effvision.io_utils", "effvision.training"]
+
+
+def test_progress_is_rank_zeros_and_sparse_when_stderr_is_no_terminal(monkeypatch):
+    """Not on a terminal, tqdm wrote two carriage-return updates a step into the log; under torchrun, rank 1's
+    command also printed "wrote ..." lines."""
+    from effvision.training import process_rank, progress_bar
+
+    monkeypatch.setenv("RANK", "1")
+    assert process_rank() == 1
+    assert progress_bar(range(3)).disable
+    monkeypatch.setenv("RANK", "0")
+    bar = progress_bar(range(3))  # pytest's stderr is no terminal
+    assert not bar.disable and bar.mininterval == 30.0
+    bar.close()

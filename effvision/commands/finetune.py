@@ -66,6 +66,10 @@ def run(args) -> int:
         workers=args.workers, device=args.device,
     )
     result = run_finetune(config, args.output, resume=args.resume, max_minutes=args.minutes)
+    from effvision.training import process_rank
+
+    if process_rank() != 0:  # under torchrun, rank 0 saved the run and reports it
+        return 0
     if result["stopped"]:
         done = len(result["history"])
         top1 = "" if result["val_top1"] is None else f"; val top-1 after epoch {done}: {result['val_top1']:.2f}%"

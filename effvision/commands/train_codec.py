@@ -91,6 +91,10 @@ def run(args) -> int:
     _start_output_folder(args.out, args.force)
     history = train(model, train_images, settings, out_dir=args.out, val_images=val_images, resume=args.resume,
                     device=device)
+    from effvision.training import process_rank
+
+    if process_rank() != 0:  # under torchrun, rank 0 wrote the files and says so
+        return 0
     if history and history[-1]["step"] < args.steps:
         print(f"stopped by --minutes at step {history[-1]['step']} of {args.steps}; continue with --resume")
     print(f"wrote {args.out / 'model.safetensors'}")
