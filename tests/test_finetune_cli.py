@@ -126,15 +126,15 @@ def test_time_limit_stops_the_run_and_resume_finishes_it(dataset, tmp_path, monk
 
 def test_a_time_limit_must_be_positive(dataset, tmp_path, capsys):
     assert main(finetune_args(dataset, tmp_path / "run", "--minutes", "0")) == 1
-    assert "time limit must be positive" in capsys.readouterr().err
+    assert "--minutes (the time limit) must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--lr", "nan"], "lr must be a number in [1e-12, 10], got nan"),  # was: ValueError from AdamW
-    (["--weight-decay", "nan"], "weight_decay must be a number in [0, 10], got nan"),  # was: ValueError from AdamW
-    (["--warmup-epochs", "-1"], "warmup_epochs must be a number in [0, 1e+06]"),  # was: accepted
-    (["--batch-size", "0"], "batch_size must be an integer in [1, 65536]"),
-    (["--epochs", "0"], "epochs must be an integer in [1, 1e+06]"),
+    (["--lr", "nan"], "--lr must be a number in [1e-12, 10], got nan"),  # was: ValueError from AdamW
+    (["--weight-decay", "nan"], "--weight-decay must be a number in [0, 10], got nan"),  # was: ValueError from AdamW
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be a number in [0, 1e+06]"),  # was: accepted
+    (["--batch-size", "0"], "--batch-size must be an integer in [1, 65536]"),
+    (["--epochs", "0"], "--epochs must be an integer in [1, 1e+06]"),
 ])
 def test_training_options_are_held_to_the_limits_of_a_saved_run(dataset, tmp_path, capsys, option, message):
     assert main(finetune_args(dataset, tmp_path / "run", *option)) == 1
@@ -272,8 +272,8 @@ def _set(key, value, inside=None):
     (_set("img_size", 8192, "model_kwargs"), "has 1048576 tokens per image; at most 16384"),  # was: hours an image
     (_set("depth", 10**6, "model_kwargs"), "depth must be an integer"),  # was: minutes of building blocks
     (_set("nested", {"a": list(range(100))}, "model_kwargs"), "model option nested="),
-    (_set("workers", 100_000), "workers must be an integer in [0, 64]"),  # was: 100000 worker processes
-    (_set("batch_size", "x"), "batch_size must be an integer"),  # was: ValueError from the DataLoader
+    (_set("workers", 100_000), ": workers must be an integer in [0, 64]"),  # was: 100000 worker processes
+    (_set("batch_size", "x"), ": batch_size must be an integer"),  # was: ValueError from the DataLoader
     (_set("classes", []), "classes must be a non-empty list"),
     (_set("pretrained", "yes"), "pretrained must be true or false"),
     (_set("checkpoint", "/etc/passwd"), "cannot load the base checkpoint /etc/passwd"),
@@ -292,7 +292,7 @@ def test_resuming_a_run_with_a_crafted_config_is_a_clear_error(dataset, tmp_path
     run = crafted_run(tmp_path, dataset, _set("workers", -1))
     capsys.readouterr()
     assert main(finetune_args(dataset, run, "--resume", epochs=1)) == 1
-    assert "workers must be an integer in [0, 64]" in capsys.readouterr().err
+    assert "config: workers must be an integer in [0, 64]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("weights,message", [
@@ -355,7 +355,7 @@ def test_too_many_data_loading_workers_are_refused(dataset, tmp_path, capsys):
     args = finetune_args(dataset, tmp_path / "run", epochs=1)
     args[args.index("--workers") + 1] = "1000"
     assert main(args) == 1
-    assert "workers must be an integer in [0, 64], got 1000" in capsys.readouterr().err
+    assert "--workers must be an integer in [0, 64], got 1000" in capsys.readouterr().err
 
 
 def test_a_fifo_base_checkpoint_or_training_state_is_an_error_not_a_hang(dataset, tmp_path, capsys):

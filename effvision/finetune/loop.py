@@ -302,7 +302,7 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
     "stopped" (the time limit ended the run)}.
     """
     if max_minutes is not None and not max_minutes > 0:
-        raise UserError("the time limit must be positive")
+        raise UserError(f"--minutes (the time limit) must be positive, got {max_minutes}")
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
 
@@ -310,7 +310,7 @@ def run_finetune(config: FinetuneConfig, output: str | Path, resume: bool = Fals
 
     for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "workers"):
         try:  # the limits a saved run's config.json is held to (NaN passed "lr <= 0" and reached AdamW)
-            RUN_CONFIG_LIMITS[name].check(name, getattr(config, name))
+            RUN_CONFIG_LIMITS[name].check(f"--{name.replace('_', '-')}", getattr(config, name))  # as typed
         except ValueError as error:
             raise UserError(str(error)) from None
     output = Path(output)
