@@ -92,6 +92,7 @@ def _allowed_globals() -> dict[str, Any]:
         "collections.Counter": collections.Counter,
         "builtins.set": set,
         "builtins.frozenset": frozenset,
+        "builtins.complex": complex,
         "_codecs.encode": __import__("_codecs").encode,  # how protocol-2 pickles store bytes
         "argparse.Namespace": types.SimpleNamespace,
     }
@@ -110,6 +111,8 @@ class AllowListUnpickler(pickle.Unpickler):
     """A ``pickle.Unpickler`` that resolves only allow-listed globals (see the module docstring)."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # Python 2's name, which protocol-2 pickles keep (pickle's own find_class maps it)
+            module = "builtins"
         qualified = f"{module}.{name}"
         if qualified in ALLOWED_GLOBALS:
             return ALLOWED_GLOBALS[qualified]
@@ -175,6 +178,8 @@ def check_torch_archive(path: str | Path, what: str = "checkpoint") -> None:
             file.seek(struct.unpack_from("<Q", tail, end - 12)[0])
             record = file.read(56)
             records = struct.unpack_from("<Q", record, 32)[0] if record[:4] == b"PK\x06\x06" else records
+    if end >= 0 and end + 22 <= len(tail):
+        _check_directory_position(path, tail, end, max(0, size - (1 << 16) - 22))
     if records > MAX_ARCHIVE_RECORDS:
         raise UserError(f"{path}: an archive of {records} records (a torch.save file has one per tensor storage; "
                         f"at most {MAX_ARCHIVE_RECORDS})")
@@ -197,6 +202,28 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     several lines, and a crafted file can make them megabytes long)."""
     text = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _check_directory_position(path: Path, tail: bytes, end: int, base: int) -> None:
+    """The central directory must end where the end record (or torch's zip64 end record) begins. Python's
+    zipfile reads the directory found just before the end record, torch's reader the one at the offset the end
+    record states: a file with two directories showed the pickle scan a harmless ``data.pkl`` and torch a 300,000
+    deep one (a segfault)."""
+    import struct
+
+    directory_size, directory_offset = struct.unpack_from("<II", tail, end + 12)
+    directory_end = base + end  # the end record's position in the file
+    locator = end - 20
+    if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":  # zip64, as torch.save writes
+        zip64_end = struct.unpack_from("<Q", tail, locator + 8)[0]
+        record = tail[zip64_end - base:zip64_end - base + 56] if zip64_end >= base else b""
+        if record[:4] != b"PK\x06\x06" or len(record) < 56:
+            raise UserError(f"{path}: not a readable torch.save archive (a zip64 end record out of place)")
+        directory_size, directory_offset = struct.unpack_from("<QQ", record, 40)
+        directory_end = zip64_end
+    if directory_offset + directory_size != directory_end:
+        raise UserError(f"{path}: not a readable torch.save archive (its central directory is not where its end "
+                        "record says; zip readers would disagree on its contents)")
 
 
 def load_torch_checkpoint(path: str | Path) -> Any:

@@ -39,6 +39,27 @@ def shared_tuples(levels: int) -> bytes:
     return b"\x80\x02}" + body + b"h" + bytes([levels]) + b"K\x01s."
 
 
+def binunicode(text: str) -> bytes:
+    return b"X" + len(text.encode()).to_bytes(4, "little") + text.encode()
+
+
+def hex_doubling(calls: int) -> bytes:
+    """31 chained ``_codecs.encode(x, "hex")`` made 4.7 GB from a few hundred bytes."""
+    pickled = b"\x80\x02c_codecs\nencode\nq\x00" + binunicode("a") + binunicode("latin1") + b"\x86Rq\x01"
+    for call in range(calls):
+        pickled += b"h\x00h" + bytes([call + 1]) + binunicode("hex") + b"\x86Rq" + bytes([call + 2])
+    return pickled + b"."
+
+
+def rehashed(copies: int) -> bytes:
+    """One shared value of 2^20 parts as the key of ``copies`` fresh dicts: each hashes it again (200,000 copies
+    of a 2^22 one took hours)."""
+    body = b")q\x000"
+    for level in range(1, 21):
+        body += b"h" + bytes([level - 1]) + b"h" + bytes([level - 1]) + b"\x86q" + bytes([level]) + b"0"
+    return b"\x80\x02]" + body + b"(" + b"}h\x14K\x01s" * copies + b"e."
+
+
 @pytest.mark.parametrize("pickled, message", [
     (deep_tuple_key(300_000), "nests values more than 100 deep"),
     (deep_tuple_key(20_000), "nests values more than 100 deep"),
@@ -47,6 +68,14 @@ def shared_tuples(levels: int) -> bytes:
     (b"\x80\x02]q\x00h\x00h\x00\x86q\x010K\x01a.", "changes a value after sharing it"),
     (b"\x80\x02}K\x01", "malformed"),
     (b"\x80\x02\xff.", "malformed"),
+    (hex_doubling(31), "_codecs.encode with another encoding than latin1"),
+    (rehashed(100), "more than 67108864 parts in all"),
+    (b"\x80\x02Kxr\x00\x00\x00\x10.", "memo entry 268435456 after 2 opcodes"),  # the C memo array: 2 GB
+    # 1024 references to a 1 MiB string in a persistent id: a 1 GiB repr in torch's error message
+    (b"\x80\x02" + binunicode("A" * (1 << 20)) + b"q\x00(" + b"h\x00" * 1024 + b"tQ.", "more than 16777216 parts"),
+    # a long string as the callable / as a global name: torch searched the error message with a quadratic regex
+    (b"\x80\x02" + binunicode("A" * 40_000) + b")R.", r"calls \(REDUCE\) something that is not a named global"),
+    (b"\x80\x02c" + b"A" * 40_000 + b"\nB\n)R.", "names a global 'AAAA"),
 ])
 def test_a_crafted_pickle_is_refused_at_once_by_every_loader(tmp_path, pickled, message):
     path = archive(tmp_path / "crafted.pth", pickled)
@@ -88,3 +117,39 @@ def test_a_loader_error_is_one_bounded_line(tmp_path):
             load(path)
         message = str(raised.value)
         assert len(message) < 600 and "\n" not in message and "weights_only" not in message
+
+
+def test_an_archive_whose_readers_would_disagree_is_refused(tmp_path):
+    """Two central directories of one size: Python's zipfile (and so the scan) read a harmless data.pkl, torch's
+    reader the 300,000-deep one, and the load segfaulted."""
+    import struct
+    import zlib
+
+    def local(name: bytes, data: bytes) -> bytes:
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0x21, zlib.crc32(data), len(data), len(data),
+                           len(name), 0) + name + data
+
+    def central(name: bytes, data: bytes, offset: int) -> bytes:
+        return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0x21, zlib.crc32(data), len(data),
+                           len(data), len(name), 0, 0, 0, 0, 0, offset) + name
+
+    name, evil, benign = b"archive/data.pkl", deep_tuple_key(300_000), b"\x80\x02}q\x00."
+    out = bytearray(local(name, evil))
+    benign_at = len(out)
+    out += local(name, benign)
+    torch_directory = central(name, evil, 0)
+    zipfile_directory = central(name, benign, benign_at - len(torch_directory))
+    start = len(out)
+    out += torch_directory + zipfile_directory
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(zipfile_directory), start, 0)
+    path = tmp_path / "two-directories.pth"
+    path.write_bytes(bytes(out))
+    assert zipfile.ZipFile(path).read(name.decode()) == benign  # what the scan would have read
+    with pytest.raises(UserError, match="central directory is not where its end record says"):
+        load_torch_checkpoint(path)
+
+
+def test_protocol_2_builtins_load_through_the_allow_list(tmp_path):
+    """Protocol 2 names ``frozenset`` ``__builtin__.frozenset``; the allow list refused it."""
+    torch.save({"classes": frozenset({1, 2}), "weight": torch.zeros(2)}, tmp_path / "f.pth", pickle_protocol=2)
+    assert load_torch_checkpoint(tmp_path / "f.pth")["classes"] == frozenset({1, 2})
