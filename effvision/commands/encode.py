@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int_in(0, MAX_EFFORT),
         default=0,
         metavar="N",
-        help="refine what is coded for each image with N optimisation steps (MambaIC: the latents, for smaller "
-        "files at the same or better quality; VQGAN: the indices, for a closer picture at about the same size); "
+        help="refine what is coded for each image with N optimisation steps (MambaIC: the latents, for a better "
+        "rate-distortion trade-off, measured 0.5-0.6 dB more for 1-5%% more bytes; VQGAN: the indices, for a closer "
+        "picture at about the same size); "
         "encode time grows with N, decoding and the format are unchanged; default 0",
     )
     parser.add_argument(
