@@ -107,3 +107,12 @@ def test_refinement_shows_a_step_bar_only_when_asked(codec, capsys):
     with show_refinement_progress(False):
         assert torch.equal(codec.refine_indices(x, steps=3), refined)  # the bar changes nothing else
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 40), (40, 2)])
+def test_a_tile_thinner_than_ms_ssim_allows_is_refined_on_l1(codec, size):
+    """The last tile of a 1025 px wide photo is 1 px wide: refinement failed ("MS-SSIM needs at least 3x3
+    pixels"), and so did ``encode --codec vqgan --effort 1`` of a 1x1 image."""
+    x = photo_like(5)[..., :size[0], :size[1]].contiguous()
+    out = codec.compress(x, effort=2)
+    assert codec.decompress(out["strings"], out["shape"])["x_hat"].shape[-2:] == size

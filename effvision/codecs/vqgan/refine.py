@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from effvision.codecs.metrics import ms_ssim_loss
+from effvision.codecs.metrics import MIN_SSIM_SIDE, ms_ssim_loss
 from effvision.codecs.progress import refinement_steps
 from effvision.codecs.vqgan.colour_band import low_band_corrected
 
@@ -69,6 +69,9 @@ def refine_indices(vq: nn.Module, x: Tensor, padded: Tensor, steps: int, colour:
     best_indices = quantizer.nearest_indices(start)  # exactly the encoder's own indices
     if steps <= 0:
         return best_indices
+    # MS-SSIM needs 3 x 3 pixels: a thinner tile (the last of a 1025 px wide image) refines on L1 alone (it
+    # failed with "MS-SSIM needs at least 3x3 pixels")
+    structured = min(height, width) >= MIN_SSIM_SIDE
     best_loss = torch.full((x.shape[0],), float("inf"), device=x.device)
     latent = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([latent], lr=LEARNING_RATE)
@@ -83,7 +86,8 @@ def refine_indices(vq: nn.Module, x: Tensor, padded: Tensor, steps: int, colour:
         if colour:
             decoded = low_band_corrected(decoded, x)
         per_image = torch.stack([
-            L1_WEIGHT * (image - reference).abs().mean() + MSSSIM_WEIGHT * ms_ssim_loss(reference, image.clamp(0, 1))
+            L1_WEIGHT * (image - reference).abs().mean()
+            + (MSSSIM_WEIGHT * ms_ssim_loss(reference, image.clamp(0, 1)) if structured else 0.0)
             for image, reference in zip(decoded, x, strict=True)
         ])
         better = per_image.detach() < best_loss
