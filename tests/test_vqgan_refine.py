@@ -116,3 +116,16 @@ def test_a_tile_thinner_than_ms_ssim_allows_is_refined_on_l1(codec, size):
     x = photo_like(5)[..., :size[0], :size[1]].contiguous()
     out = codec.compress(x, effort=2)
     assert codec.decompress(out["strings"], out["shape"])["x_hat"].shape[-2:] == size
+
+
+def test_bars_update_sparsely_when_stderr_is_no_terminal():
+    """Piped or logged, each tile/step update was another carriage-return line mixed into the results."""
+    from effvision.codecs.progress import refinement_steps, show_refinement_progress, tiles_bar
+
+    bar = tiles_bar(4, "decode", show=True)  # pytest's stderr is no terminal
+    assert not bar.disable and bar.mininterval == 30.0
+    bar.close()
+    with show_refinement_progress():
+        steps = refinement_steps(3, "refine")
+        assert not steps.disable and steps.mininterval == 30.0
+        steps.close()

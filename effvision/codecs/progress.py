@@ -30,7 +30,7 @@ def refinement_steps(steps: int, what: str):
     """``range(steps)``, with a transient bar on stderr inside :func:`show_refinement_progress`."""
     from tqdm import tqdm
 
-    return tqdm(range(steps), desc=what, unit="step", leave=False, file=sys.stderr,
+    return tqdm(range(steps), desc=what, unit="step", leave=False, file=sys.stderr, mininterval=_min_interval(),
                 disable=not _SHOW_REFINEMENT.get() or steps < 2)
 
 
@@ -38,4 +38,11 @@ def tiles_bar(total: int, what: str, show: bool):
     """A transient bar over ``total`` tiles on stderr, shown when ``show`` and there are several tiles."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=what, unit="tile", leave=False, disable=not show or total < 2, file=sys.stderr)
+    return tqdm(total=total, desc=what, unit="tile", leave=False, disable=not show or total < 2, file=sys.stderr,
+                mininterval=_min_interval())
+
+
+def _min_interval() -> float:
+    """Seconds between a bar's updates: tqdm's 0.1 on a terminal, 30 when stderr is a log or a pipe (each update
+    is another carriage-return line mixed into the results there)."""
+    return 0.1 if sys.stderr.isatty() else 30.0
