@@ -26,6 +26,10 @@ from effvision.errors import UserError
 STDIO = "-"
 
 
+class SubfoldersNotSearched(UserWarning):
+    """A folder given as input has subfolders, which :func:`expand_inputs` does not search."""
+
+
 def _write_error(path: Path, error: OSError) -> UserError:
     # strerror, not str(error), when there is one: str() of an OSError with errno names the temporary file.
     return UserError(f"cannot write {path}: {error.strerror or error}")
@@ -229,9 +233,16 @@ def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str], errors: list
             found.append(pattern)
             continue
         if Path(pattern).is_dir():
-            files = Path(pattern).iterdir()
-            matches = sorted(str(p) for p in files if p.is_file() and p.suffix.lower() in suffixes)
+            entries = list(Path(pattern).iterdir())
+            matches = sorted(str(p) for p in entries if p.is_file() and p.suffix.lower() in suffixes)
             problem = f"{pattern}: no {'/'.join(suffixes)} files in this directory"
+            folders = sum(p.is_dir() for p in entries)
+            if folders:  # they were skipped without a word (eval-codec --data searches them)
+                import warnings
+
+                warnings.warn(f"{pattern}: its {folders} subfolder(s) are not searched (name them, or use a pattern "
+                              f"such as '{Path(pattern) / '**' / '*'}{next(iter(suffixes), '')}')",
+                              SubfoldersNotSearched, stacklevel=2)
         elif Path(pattern).exists():
             matches, problem = [pattern], ""
         else:

@@ -386,3 +386,16 @@ def test_one_file_named_twice_is_one_input(tmp_path, monkeypatch):
     (tmp_path / "rgb.png").write_bytes(b"x")
     (tmp_path / "link.png").symlink_to(tmp_path / "rgb.png")
     assert expand_inputs(["rgb.png", "./rgb.png", "link.png"], (".png",)) == ["rgb.png"]
+
+
+def test_a_folder_input_says_its_subfolders_are_not_searched(tmp_path):
+    """``encode photos/`` skipped ``photos/sub/*.png`` without a word (``eval-codec --data`` searches them)."""
+    from effvision.io_utils import SubfoldersNotSearched, expand_inputs
+
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "sub" / "b.png")
+    with pytest.warns(SubfoldersNotSearched, match="1 subfolder"):
+        assert expand_inputs([str(tmp_path)], (".png",)) == [str(tmp_path / "a.png")]
+    pattern = str(tmp_path / "**" / "*.png")
+    assert sorted(expand_inputs([pattern], (".png",))) == [str(tmp_path / "a.png"), str(tmp_path / "sub" / "b.png")]
