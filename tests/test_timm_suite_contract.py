@@ -554,3 +554,18 @@ def test_a_checkpoint_of_the_whole_model_loads_through_the_overlay_file(name, tm
                                 pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
     assert resized.pos_embed.shape == (1, 1 + 36, 192)
     assert torch.equal(resized.blocks[2].mlp.fc2.weight, trained.blocks[2].mlp.fc2.weight)
+
+
+def test_a_crafted_overlay_file_is_checked_before_timm_reads_it(tmp_path):
+    """The overlay file of a registered name is read by timm's loader; it is checked first as every checkpoint a
+    user passes (here a pickle nested 300,000 deep, which segfaulted torch's weights-only unpickler)."""
+    import zipfile
+
+    from effvision.errors import UserError
+
+    path = tmp_path / "crafted.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        out.writestr("archive/data.pkl", b"\x80\x02}K\x01" + b"\x85" * 300_000 + b"K\x01s.")
+    with pytest.raises(UserError, match="nests values more than 100 deep"):
+        timm.create_model("sparse_tuning_vit_tiny_patch16_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)))

@@ -168,6 +168,9 @@ def create_registered(name: str, build, pretrained: bool, kwargs: dict) -> nn.Mo
     model = build(pretrained=False, **kwargs)
     cfg = model.pretrained_cfg
     if own_file:  # timm's train.py --pretrained-path: base weights, or a checkpoint of this very model
+        from effvision.torch_checkpoint import check_weights_file
+
+        check_weights_file(own_file)  # a crafted file: no code, bounded pickle, tensors backed by their bytes
         state = load_state_dict(own_file)  # timm's loader, as the base's builder would call it
         if not holds_extension_weights(model, state):
             del model, state
