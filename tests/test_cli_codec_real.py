@@ -100,3 +100,11 @@ def test_encode_with_effort_shows_the_refinement_steps_and_decodes(tmp_path, cap
     assert Image.open(tmp_path / "out.png").size == (64, 48)
     assert cli.main([*argv, "--force"]) == 0
     assert "refine" not in capsys.readouterr().err  # no effort, no bar
+
+
+def test_encode_reports_the_mode_it_stores(tmp_path, capsys):
+    """A palette image was reported as "P" while ``info`` (and decode) say what is stored, RGB."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).convert("P").save(tmp_path / "p.png")
+    assert cli.main(["encode", str(tmp_path / "p.png"), "-o", str(tmp_path / "p.evc"), "--device", "cpu"]) == 0
+    assert "32x24 RGB (from P)," in capsys.readouterr().err

@@ -116,9 +116,13 @@ def run(args: argparse.Namespace) -> int:
             with show_refinement_progress(args.effort > 0):  # refinement takes minutes a photo on a CPU
                 data = encode_image(codec, image, tile_size=args.tile_size, progress=len(inputs) < 2).to_bytes()
             atomic_write_bytes(destination, data, force=args.force)
+            from effvision.codecs.container import Mode
+
             bpp = 8 * len(data) / (image.width * image.height)
+            stored = Mode(data[10]).name  # the mode byte of the header: what decode gives back (as info says)
+            origin = "" if stored == image.mode else f" (from {image.mode})"
             progress.write(
-                f"{source} -> {destination}: {image.width}x{image.height} {image.mode}, {len(data)} bytes, "
+                f"{source} -> {destination}: {image.width}x{image.height} {stored}{origin}, {len(data)} bytes, "
                 f"{bpp:.4f} bpp",
                 file=sys.stderr,
             )
