@@ -9,7 +9,8 @@
   file in the destination's folder, then ``os.replace``: a reader or a resume sees the old file or the
   new one, never half of one) and read with ``weights_only=True`` (tensors and plain Python values only).
   :func:`state_dicts` / :func:`restore` / :func:`resume_training_state` map named parts (model,
-  optimizers, schedulers) to and from such a dict.
+  optimizers, schedulers) to and from such a dict, and :func:`restore_generators` the random generators saved in
+  it (so that a resumed run draws what an uninterrupted one would).
 * :func:`progress_bar`: tqdm, shown on rank 0 only.
 * :func:`cosine_factor` / :func:`cosine_lr`: linear warmup then half-cosine decay.
 * :func:`check_training_options` / :func:`load_image_folder`: clear errors on options no loop can run, and a
@@ -198,6 +199,19 @@ def resume_training_state(
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise UserError(f"{path}: its step {step!r:.40} is not an integer >= 0")
     return state
+
+
+def restore_generators(state: Mapping, generators: Mapping[str, torch.Generator], source) -> None:
+    """Set each generator to its state saved under its name in ``state`` (states written before they were saved
+    have none: those generators keep their seeds); a saved state that is not a generator's is a UserError."""
+    from effvision.errors import UserError
+
+    for name, generator in generators.items():
+        if name in state:
+            try:
+                generator.set_state(state[name])
+            except (TypeError, RuntimeError, ValueError) as error:
+                raise UserError(f"{source}: its {name} is not a random generator's state ({error})") from None
 
 
 def restore_checked(state: Any, parts: Mapping[str, Stateful], source, optional: Iterable[str] = ()) -> None:

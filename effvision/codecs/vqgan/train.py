@@ -29,7 +29,14 @@ from effvision.codecs.metrics import ms_ssim_loss
 from effvision.codecs.vqgan.colour_band import low_band_corrected
 from effvision.codecs.vqgan.restoration import IndexRestorer, random_mask
 from effvision.codecs.vqgan.taming import VQModel
-from effvision.training import TimeLimit, progress_bar, resume_training_state, save_training_state, state_dicts
+from effvision.training import (
+    TimeLimit,
+    progress_bar,
+    restore_generators,
+    resume_training_state,
+    save_training_state,
+    state_dicts,
+)
 
 
 class RandomCrops:
@@ -212,19 +219,6 @@ def train_autoencoder(
             break  # last step ends the loop itself)
     model.eval()
     return stats
-
-
-def restore_generators(state: dict, generators: dict[str, torch.Generator], source) -> None:
-    """Set each generator to its state saved under its name in ``state`` (states written before they were saved
-    have none: those generators keep their seeds); a saved state that is not a generator's is a UserError."""
-    from effvision.errors import UserError
-
-    for name, generator in generators.items():
-        if name in state:
-            try:
-                generator.set_state(state[name])
-            except (TypeError, RuntimeError, ValueError) as error:
-                raise UserError(f"{source}: its {name} is not a random generator's state ({error})") from None
 
 
 def train_restorer(
