@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from effvision.errors import UserError
+from effvision.errors import UserError, short_repr
 
 if TYPE_CHECKING:  # torch is imported where a model is built, so that config modules stay light
     from torch import Tensor, nn
@@ -44,7 +44,7 @@ def check_switches(values: dict[str, object]) -> None:
     string such as ``"false"`` is true, so a switch given as text was silently on."""
     for name, value in values.items():
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r:.40} ({type(value).__name__})")
+            raise ValueError(f"{name} must be True or False, got {short_repr(value, 40)} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,14 @@ class Limit:
         """``value`` as the config wants it (tuple for "ints"); a :class:`ValueError` naming ``name``."""
         if self.kind == "str":
             if not isinstance(value, str) or not self.low <= len(value) <= self.high:
-                raise ValueError(f"{name} must be a string of {self.low:g}-{self.high:g} characters, got {value!r:.80}")
+                raise ValueError(
+                    f"{name} must be a string of {self.low:g}-{self.high:g} characters, got {short_repr(value)}"
+                )
             return value
         if self.kind == "ints":
             if not isinstance(value, list) or not self.min_items <= len(value) <= self.max_items:
                 raise ValueError(
-                    f"{name} must be a list of {self.min_items}-{self.max_items} integers, got {value!r:.80}"
+                    f"{name} must be a list of {self.min_items}-{self.max_items} integers, got {short_repr(value)}"
                 )
             return tuple(self._number(f"{name}[{i}]", item, integer=True) for i, item in enumerate(value))
         return self._number(name, value, integer=self.kind == "int")
@@ -76,7 +78,7 @@ class Limit:
         numeric = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not numeric or not math.isfinite(value) or not self.low <= value <= self.high:
             kind = "an integer" if integer else "a number"
-            raise ValueError(f"{name} must be {kind} in [{self.low:g}, {self.high:g}], got {value!r:.80}")
+            raise ValueError(f"{name} must be {kind} in [{self.low:g}, {self.high:g}], got {short_repr(value)}")
         return value
 
 
@@ -155,11 +157,11 @@ def check_finite(tensors: Mapping[str, Tensor], source: str) -> None:
 
     for key, tensor in tensors.items():
         if tensor.is_complex():
-            raise UserError(f"{source}: weight {key!r:.80} is complex ({tensor.dtype}); model weights are real")
+            raise UserError(f"{source}: weight {short_repr(key)} is complex ({tensor.dtype}); model weights are real")
         if tensor.is_floating_point():
             values = tensor if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) else tensor.float()
             if not bool(torch.isfinite(values).all()):
-                raise UserError(f"{source}: weight {key!r:.80} holds NaN or infinite values (as float32)")
+                raise UserError(f"{source}: weight {short_repr(key)} holds NaN or infinite values (as float32)")
 
 
 #: timm options that size a ViT, bounded before timm builds anything (a depth of 10^6 would spend minutes building
@@ -198,7 +200,7 @@ def check_timm_options(options: Mapping[str, object]) -> None:
     for key, value in options.items():
         if not isinstance(key, str) or not _is_option_value(value):
             raise UserError(
-                f"model option {key}={value!r:.80}: expected a number, a string, or a list or dict of at most "
+                f"model option {key}={short_repr(value)}: expected a number, a string, or a list or dict of at most "
                 f"{MAX_OPTION_ITEMS} of them"
             )
         limit = TIMM_OPTION_LIMITS.get(key)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effvision.errors import UserError, names_for_message
+from effvision.errors import UserError, names_for_message, short_repr
 from effvision.io_utils import check_regular_file, check_safetensors_file
 from effvision.pickle_scan import check_pickle_cost
 
@@ -255,16 +255,6 @@ def load_torch_checkpoint(path: str | Path) -> Any:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(error)})") from error
 
 
-def _short_repr(value: Any) -> str:
-    """At most about 80 characters of ``value``'s repr, built without walking all of it (``f"{key!r:.80}"`` built
-    the whole repr first: of a crafted key of shared tuples, exponential)."""
-    import reprlib
-
-    short = reprlib.Repr()  # keyword arguments only from Python 3.12
-    short.maxlevel, short.maxtuple, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 4, 4, 4, 80, 80
-    return short.repr(value)[:80]
-
-
 #: real checkpoints wrap their state dict in at most two containers ({"model": {"state_dict": ...}})
 MAX_CONTAINER_DEPTH = 8
 
@@ -290,7 +280,7 @@ def tensor_state_dict(payload: Any, source: str, containers: tuple[str, ...] = (
     for key, value in payload.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise UserError(
-                f"{source}: its state dict maps {_short_repr(key)} to a {type(value).__name__}, not a name to a tensor"
+                f"{source}: its state dict maps {short_repr(key)} to a {type(value).__name__}, not a name to a tensor"
             )
         _check_tensor_backed(key, value, source)
     return payload
@@ -339,11 +329,11 @@ def _check_tensor_backed(key: str, tensor: torch.Tensor, source: str) -> None:
     the file may size) would then allocate gigabytes for a file of a few hundred bytes. Real checkpoints
     never hold such views."""
     if tensor.layout != torch.strided:
-        raise UserError(f"{source}: weight {_short_repr(key)} is a {tensor.layout} tensor; only dense tensors are read")
+        raise UserError(f"{source}: weight {short_repr(key)} is a {tensor.layout} tensor; only dense tensors are read")
     stored = tensor.untyped_storage().nbytes()
     if tensor.numel() * tensor.element_size() > stored:
         raise UserError(
-            f"{source}: weight {_short_repr(key)} claims {tuple(tensor.shape)} elements but the file stores only "
+            f"{source}: weight {short_repr(key)} claims {tuple(tensor.shape)} elements but the file stores only "
             f"{stored} bytes for it (a crafted view)"
         )
 

@@ -191,13 +191,13 @@ def resume_training_state(
     a FIFO or a folder, is a :class:`UserError` from :func:`load_training_state`)."""
     if path is None or not os.path.lexists(path):
         return None
-    from effvision.errors import UserError
+    from effvision.errors import UserError, short_repr
 
     state = load_training_state(path, map_location)
     restore_checked(state, parts, path, optional)
     step = state.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise UserError(f"{path}: its step {step!r:.40} is not an integer >= 0")
+        raise UserError(f"{path}: its step {short_repr(step, 40)} is not an integer >= 0")
     return state
 
 
@@ -233,7 +233,7 @@ def restore_checked(state: Any, parts: Mapping[str, Stateful], source, optional:
 def _check_restored_numbers(parts: Mapping[str, Stateful], source) -> None:
     """:class:`UserError` unless every restored learning rate and beta is a finite number >= 0 and every
     floating weight is finite: a NaN there trained every step and failed only when the model was saved."""
-    from effvision.errors import UserError
+    from effvision.errors import UserError, short_repr
 
     for name, part in parts.items():
         if isinstance(part, torch.optim.Optimizer):
@@ -241,8 +241,8 @@ def _check_restored_numbers(parts: Mapping[str, Stateful], source) -> None:
                 numbers = [group.get("lr"), *group.get("betas", ())]
                 if not all(isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
                            for v in numbers):
-                    raise UserError(f"{source}: {name}'s learning rate / betas {numbers!r:.80} are not all finite "
-                                    "and >= 0")
+                    raise UserError(f"{source}: {name}'s learning rate / betas {short_repr(numbers)} are not all "
+                                    "finite and >= 0")
         elif isinstance(part, torch.nn.Module):
             for key, tensor in part.state_dict().items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -24,7 +24,7 @@ import torch
 
 from effvision.codecs.base import ImageCodec, fingerprint_module
 from effvision.codecs.rans import CorruptStreamError
-from effvision.errors import UserError
+from effvision.errors import UserError, short_repr
 
 
 class CompressAIImageCodec(ImageCodec):
@@ -130,7 +130,7 @@ def check_quality(quality) -> None:
     """A :class:`UserError` unless ``quality`` is None or an int (numpy's too; not a bool, a string or a tensor:
     "2" used to load quality 2 by the text of its name)."""
     if quality is not None and (isinstance(quality, bool) or not isinstance(quality, numbers.Integral)):
-        raise UserError(f"quality must be an integer, got {quality!r:.40} ({type(quality).__name__})")
+        raise UserError(f"quality must be an integer, got {short_repr(quality, 40)} ({type(quality).__name__})")
 
 
 #: the shipped MambaIC quality used when none is asked for (lambda = 0.013, compressai's middle quality).

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from effvision.bounded_config import Limit, check_timm_model, checked_fields, read_json_object
-from effvision.errors import UserError, names_for_message
+from effvision.errors import UserError, names_for_message, short_repr
 from effvision.finetune import checkpoint
 from effvision.finetune.data import build_transforms, check_splits, image_folder, loader_error
 from effvision.io_utils import read_bytes
@@ -97,7 +97,7 @@ def read_run_config(path: Path) -> FinetuneConfig:
             if key not in fields:
                 raise ValueError(f"{key} is missing")
         if not isinstance(values.get("pretrained", False), bool):
-            raise ValueError(f"pretrained must be true or false, got {values['pretrained']!r:.80}")
+            raise ValueError(f"pretrained must be true or false, got {short_repr(values['pretrained'])}")
         fields["pretrained"] = values.get("pretrained", False)
         kwargs = values.get("model_kwargs", {})
         if not isinstance(kwargs, dict):
@@ -260,7 +260,8 @@ def prepare_output(config: FinetuneConfig, output: Path, resume: bool) -> dict |
     differences = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
                    and not (key in PATH_FIELDS and _same_path(saved.get(key), current[key], config_path.parent))]
     if differences:
-        details = ", ".join(f"{key}: run {saved.get(key)!r:.200}, now {current[key]!r:.200}" for key in differences)
+        details = ", ".join(f"{key}: run {short_repr(saved.get(key), 200)}, now {short_repr(current[key], 200)}"
+                            for key in differences)
         raise UserError(f"cannot resume {output} with a different config ({details})")
     state_path = output / checkpoint.STATE
     if not state_path.exists() and (output / checkpoint.WEIGHTS).exists():  # it would train from scratch over them
@@ -283,10 +284,10 @@ def restore_run_state(state: dict, parts: dict, config: FinetuneConfig, source: 
         raise UserError(f"{source} is not a training state of this run ({type(error).__name__}: "
                         f"{str(error)[:200]})") from error
     if isinstance(epochs_done, bool) or not isinstance(epochs_done, int) or not 0 <= epochs_done <= config.epochs:
-        raise UserError(f"{source}: {epochs_done!r:.40} epochs done, outside [0, {config.epochs}]")
+        raise UserError(f"{source}: {short_repr(epochs_done, 40)} epochs done, outside [0, {config.epochs}]")
     rates = parts["scheduler"].base_lrs  # the schedule restarts from these
     if not all(isinstance(rate, float | int) and math.isfinite(rate) and rate >= 0 for rate in rates):
-        raise UserError(f"{source}: learning rates {rates!r:.80} are not all finite and >= 0")
+        raise UserError(f"{source}: learning rates {short_repr(rates)} are not all finite and >= 0")
     return history, epochs_done
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from effvision.bounded_config import check_finite, meta_state_shapes, read_config_fields, shape_mismatches
 from effvision.codecs.mambaic.model import CONFIG_LIMITS, CONFIGS, MAX_CODED_MAGNITUDE, MambaIC, MambaICConfig
 from effvision.codecs.rans import cdf_table_problem
-from effvision.errors import UserError
+from effvision.errors import UserError, short_repr
 from effvision.io_utils import atomic_path, check_safetensors_file
 
 FORMAT = "effvision-mambaic"
@@ -268,7 +268,9 @@ def _training_lambda(metadata: dict[str, str], path: str | Path) -> float | None
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and 0 < value <= 1000):
-        raise UserError(f"{path}: its lambda metadata must be a number in (0, 1000], got {metadata['lambda']!r:.40}")
+        raise UserError(
+            f"{path}: its lambda metadata must be a number in (0, 1000], got {short_repr(metadata['lambda'], 40)}"
+        )
     return value
 
 
