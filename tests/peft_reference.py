@@ -191,44 +191,40 @@ def aggregation_head(head, cls_tokens):
 
 
 def clca_reference(model, images, reduction, cache_layers, head_layers, carriers=None, average=True):
-    """Released CLCA: after every whole block, cache the plain mean of the stream tokens (non-protected)
-    and each carrier's state; after each cache layer, insert the cached tokens after the protected prefix
-    (never reduced) and clear the cache. Carriers: appended to the stream at the input, reduced like
-    patches; a carrier's state is the token that holds it (zero once pruned). ``carriers``: (tokens,
-    position embedding), each (1, K, D)."""
+    """Released CLCA (its ``forward`` loop): after block i, if i is a cache layer, note the length L and
+    append the cached tokens at the end of the sequence (size 1) and clear the cache; then, if i comes
+    before the last cache layer, cache the plain mean of the tokens at positions prefix..L and the last K
+    tokens (carriers). Later reductions treat appended tokens like patches. ``carriers``: (tokens, position
+    embedding or None), each (1, K, D), appended after the patches at the input."""
     x = embed(model, images)
-    batch, tokens, dim = x.shape
+    batch = x.shape[0]
     prefix = model.num_prefix_tokens
+    pool_end = x.shape[1]
     carrier_count = 0 if carriers is None else carriers[0].shape[1]
-    membership = torch.zeros(batch, tokens + carrier_count, carrier_count)
     if carrier_count:
-        x = torch.cat([x, (carriers[0] + carriers[1]).expand(batch, -1, -1)], dim=1)
-        membership[:, tokens:] = torch.eye(carrier_count)
+        tokens = carriers[0] if carriers[1] is None else carriers[0] + carriers[1]
+        x = torch.cat([x, tokens.expand(batch, -1, -1)], dim=1)
     size = torch.ones(x.shape[:2])
     cache, cls_tokens = [], []
     for index, block in enumerate(model.blocks):
-        if index > 0:
-            if average:
-                cache.append(x[:, prefix:].mean(dim=1, keepdim=True))
-            if carrier_count:
-                cache.append(membership.transpose(1, 2) @ x)
-            if index - 1 in cache_layers:
-                injected = torch.cat(cache, dim=1)
-                count = injected.shape[1]
-                x = torch.cat([x[:, :prefix], injected, x[:, prefix:]], dim=1)
-                size = torch.cat([size[:, :prefix], torch.ones(batch, count), size[:, prefix:]], dim=1)
-                membership = torch.cat(
-                    [membership[:, :prefix], torch.zeros(batch, count, carrier_count), membership[:, prefix:]], dim=1
-                )
-                prefix += count
-                cache = []
         out, probs, keys, value_norm = attention(block, x, size, reduction.proportional)
         x = x + block.ls1(out)
         step = reduction.step(index, probs, keys, value_norm, size, prefix)
         if step is not None:
             weights, member = step
-            x, size, membership = weights @ x, (member @ size[..., None])[..., 0], member @ membership
+            x, size = weights @ x, (member @ size[..., None])[..., 0]
         x = x + mlp(block, x)
         if index in head_layers:
             cls_tokens.append(x[:, 0])
+        if index in cache_layers:
+            pool_end = x.shape[1]
+            injected = torch.cat(cache, dim=1) if cache else x[:, :0]  # block 0: nothing cached yet
+            x = torch.cat([x, injected], dim=1)
+            size = torch.cat([size, torch.ones(batch, injected.shape[1])], dim=1)
+            cache = []
+        if index < max(cache_layers):
+            if average:
+                cache.append(x[:, prefix:pool_end].mean(dim=1, keepdim=True))
+            if carrier_count:
+                cache.append(x[:, -carrier_count:])
     return aggregation_head(model.head, torch.stack(cls_tokens, dim=1)), x.shape[1]

@@ -6,7 +6,7 @@ import torch
 
 import effvision
 from effvision.peft import CrossLayerAggregationHead, CrossLayerCache, add_clca
-from effvision.peft.clca import CACHE_KEY
+from effvision.peft.clca import CACHE_KEY, POOL_END_KEY
 from effvision.tokens import TokenState, count_macs, forward_tokens
 from tests.peft_reference import Reduction, clca_reference
 from tests.vit_factory import make_family
@@ -81,25 +81,27 @@ def test_carriers_only_cache_equals_the_reference():
     model = reference_case("topk", options, carriers=3, average=False)
     cache = model.clca_cache
     assert cache.tokens_per_block() == 3
-    assert cache.cached_count(3) == 4 * 3 and cache.cached_count(10) == 1 * 3
+    assert cache.cached_count(3) == 3 * 3 and cache.cached_count(10) == 1 * 3  # blocks 0-2; block 9
     x = images()
     with torch.no_grad():
         expected, tokens = clca_reference(model, x, Reduction("topk", **options), cache.layers, (3, 6, 9, 11),
                                           (cache.carrier_tokens, cache.carrier_pos_embed), average=False)
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     info = effvision.reduction_info(model)
-    assert info["tokens"][4] == info["tokens_after"][3] + 4 * 3 and info["tokens_after"][-1] == tokens
+    assert info["tokens"][4] == info["tokens_after"][3] + 3 * 3 and info["tokens_after"][-1] == tokens
 
 
 def test_vit_base_schedule_is_the_reduction_schedule_plus_injected_tokens():
     model = timm.create_model("clca_topk_vit_base_patch16_224")
     info = effvision.reduction_info(model)
     assert model.clca_cache.layers == (3, 6, 9, 10)
-    # injected after blocks 3 (blocks 0-3: 4 tokens), 6 (3), 9 (3) and 10 (1); protected from reduction
-    assert [info["tokens_after"][block] for block in (3, 6, 9)] == [140, 100 + 4, 72 + 4 + 3]
-    assert info["tokens"][4] == 144 and info["tokens"][10] == 72 + 10 and info["tokens"][11] == 72 + 11
+    # appended after blocks 3 (the averages of blocks 0-2: 3 tokens), 6 (3-5: 3), 9 (6-8: 3) and 10 (9: 1);
+    # the next reduction keeps ceil(0.7 * (N - 1)) of them and the patches alike, as the release does
+    assert [info["tokens_after"][block] for block in (3, 6, 9)] == [140, 1 + 100 + 1, 1 + 73 + 1]
+    assert info["tokens"][4] == 143 and info["tokens"][7] == 105 and info["tokens"][10] == 78
+    assert info["tokens"][11] == 79 and info["tokens_after"][11] == 79
     carriers = effvision.reduction_info(timm.create_model("clca_topk_vit_base_patch16_224", carriers=2))
-    assert carriers["tokens"][0] == 197 + 2 and carriers["tokens"][4] == carriers["tokens_after"][3] + 4 * 3
+    assert carriers["tokens"][0] == 197 + 2 and carriers["tokens"][4] == carriers["tokens_after"][3] + 3 * 3
 
 
 def test_head_parameter_count_and_shapes_match_the_formula():
@@ -123,27 +125,56 @@ def test_head_takes_cls_after_each_reduction_block_and_the_last():
     assert model(x).shape == (2, 7)
 
 
-def test_cached_token_is_the_plain_mean_of_the_unprotected_tokens():
+def test_cached_token_is_the_plain_mean_of_the_tokens_before_the_last_injection():
+    """The release averages x[:, 1:curr_num_pool]: sizes do not weigh, tokens appended since the last
+    injection are left out."""
     cache = CrossLayerCache(dim=3, layers=(2,), depth=4)
-    x = torch.randn(1, 5, 3)
-    state = TokenState(x=x, size=torch.tensor([[1.0, 1.0, 7.0, 1.0, 1.0]]), num_prefix=2, extras={CACHE_KEY: ()})
+    x = torch.randn(1, 6, 3)
+    size = torch.tensor([[1.0, 1.0, 7.0, 1.0, 1.0, 1.0]])
+    state = TokenState(x=x, size=size, num_prefix=2, extras={CACHE_KEY: (), POOL_END_KEY: 5})
     state = cache.before_block(1, state)
-    torch.testing.assert_close(state.extras[CACHE_KEY][0][:, 0], x[0, 2:].mean(dim=0)[None])
-    assert state.num_tokens == 5
+    torch.testing.assert_close(state.extras[CACHE_KEY][0][:, 0], x[0, 2:5].mean(dim=0)[None])
+    assert state.num_tokens == 6
 
 
-def test_cache_is_inserted_after_the_prefix_protected_and_then_cleared():
+def test_cache_is_appended_unprotected_then_cleared_and_the_block_cached_after():
     cache = CrossLayerCache(dim=3, layers=(2,), depth=4)
     cached = (torch.randn(2, 1, 3), torch.randn(2, 1, 3))
     x = torch.randn(2, 4, 3)
-    state = TokenState(x=x, num_prefix=1, extras={CACHE_KEY: cached})
-    out = cache.before_block(3, state)
-    assert out.num_tokens == 4 + 3 and out.num_prefix == 1 + 3 and out.extras[CACHE_KEY] == ()
-    torch.testing.assert_close(out.x[:, 1:3], torch.cat(cached, dim=1))
-    torch.testing.assert_close(out.x[:, 3], x[:, 1:].mean(dim=1))  # block 2's own average comes last
-    torch.testing.assert_close(out.x[:, 4:], x[:, 1:])
-    assert torch.equal(out.size, torch.ones(2, 7))
-    assert cache.before_block(2, state).num_tokens == 4  # block 1 is no cache layer: nothing inserted
+    state = TokenState(x=x, num_prefix=1, extras={CACHE_KEY: cached, POOL_END_KEY: 4})
+    out = cache.before_block(3, state)  # after block 2, the cache layer
+    assert out.num_tokens == 4 + 2 and out.num_prefix == 1 and out.extras[CACHE_KEY] == ()
+    assert out.extras[POOL_END_KEY] == 4
+    torch.testing.assert_close(out.x[:, :4], x)
+    torch.testing.assert_close(out.x[:, 4:], torch.cat(cached, dim=1))
+    assert torch.equal(out.size, torch.ones(2, 6))
+    # a cache layer before the last one caches its own average after the injection, over the old tokens
+    earlier = CrossLayerCache(dim=3, layers=(2, 3), depth=5)
+    out = earlier.before_block(3, state)
+    assert len(out.extras[CACHE_KEY]) == 1
+    torch.testing.assert_close(out.extras[CACHE_KEY][0][:, 0], x[:, 1:].mean(dim=1))
+    assert cache.before_block(2, state).num_tokens == 4  # block 1 is no cache layer: nothing appended
+
+
+def test_carriers_start_from_the_class_token_and_the_last_tokens_are_cached():
+    model = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), carriers=2)
+    cache = model.clca_cache
+    torch.testing.assert_close(cache.carrier_tokens, model.cls_token.expand(1, 2, -1))
+    cached = torch.randn(2, 2, 48)
+    x = torch.randn(2, 9, 48)
+    state = TokenState(x=x, num_prefix=1, extras={CACHE_KEY: (cached,), POOL_END_KEY: 9})
+    out = cache.before_block(2, state)  # after block 1: append, then cache block 1's average and last 2 tokens
+    average, carriers = out.extras[CACHE_KEY]
+    torch.testing.assert_close(average[:, 0], x[:, 1:].mean(dim=1))
+    torch.testing.assert_close(carriers, cached)  # the tokens just appended are the last ones now
+
+
+def test_rope_models_take_appended_tokens_unrotated():
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, num_classes=7)
+    model = add_clca(effvision.reduce(model, "topk", keep_rate=0.7), carriers=1).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 56, 56))
+    assert out.shape == (2, 7) and bool(torch.isfinite(out).all())
 
 
 @pytest.mark.parametrize("method,options", POLICIES)
@@ -162,9 +193,9 @@ def test_cache_mac_count_follows_the_longer_schedule():
     model = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), head=False)
     plain = effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3))
     assert count_macs(model)["total"] > count_macs(plain)["total"]
-    # cache layers 1, 3 and 4 (recover at last): +2 (blocks 0-1), +2 (blocks 2-3), +1 (block 4)
+    # cache layers 1, 3 and 4 (recover at last): +1 (block 0), +2 (blocks 1-2), +1 (block 3)
     assert model.clca_cache.layers == (1, 3, 4)
-    assert effvision.reduction_info(model)["tokens"] == [65, 65, 49, 49, 39, 40]
+    assert effvision.reduction_info(model)["tokens"] == [65, 65, 48, 48, 37, 38]
 
 
 def test_recover_last_can_be_turned_off_and_layers_chosen():
@@ -172,7 +203,7 @@ def test_recover_last_can_be_turned_off_and_layers_chosen():
     assert add_clca(reduced, head=False, recover_last=False).clca_cache.layers == (1, 3)
     other = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), head=False,
                      cache_layers=(2,))
-    assert effvision.reduction_info(other)["tokens"] == [65, 65, 47, 50, 38, 38]  # +3 after block 2
+    assert effvision.reduction_info(other)["tokens"] == [65, 65, 47, 49, 36, 36]  # +2 (blocks 0-1) after block 2
 
 
 def test_registered_clca_names_build():

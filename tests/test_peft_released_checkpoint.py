@@ -14,11 +14,12 @@ from tests.vit_factory import make_family
 
 # names a release might use: ours never appear, so every adapter / head tensor is matched by structure
 ADAPTER_NAMES = {"down1": "fc_in", "down2": "fc_mid", "up1": "fc_mid_up", "down3": "fc_cat", "up2": "fc_out"}
+# the released CLCA's ``ifa_head``: Sequential(Sequential(BN, depthwise conv, BN, GELU, pointwise conv), Rearrange)
 HEAD_NAMES = {
-    "norm_in": "ifa_head.bn_tokens",
-    "depthwise": "ifa_head.conv_dw",
-    "norm_mid": "ifa_head.bn_mid",
-    "pointwise": "ifa_head.conv_pw",
+    "norm_in": "ifa_head.0.0",
+    "depthwise": "ifa_head.0.1",
+    "norm_mid": "ifa_head.0.2",
+    "pointwise": "ifa_head.0.4",
 }
 
 
@@ -76,15 +77,18 @@ def test_clca_checkpoint_with_carriers_loads_by_structure(tmp_path):
     for name, value in source.state_dict().items():
         for ours, theirs in HEAD_NAMES.items():
             name = name.replace(f"head.{ours}.", f"{theirs}.")
-        name = name.replace("clca_cache.carrier_tokens", "clc.carriers").replace(
-            "clca_cache.carrier_pos_embed", "clc.carrier_pos"
-        )
-        state[name] = value.clone()
+        state[name.replace("clca_cache.carrier_tokens", "clr")] = value.clone()
+    # the release's layout: the carriers' position embedding is the last rows of pos_embed (its add_clr), and
+    # the linear classifier it was built with stays in the file, unused beside ifa_head
+    state["pos_embed"] = torch.cat([state["pos_embed"], state.pop("clca_cache.carrier_pos_embed")], dim=1)
+    state["head.weight"], state["head.bias"] = torch.randn(1000, 48), torch.randn(1000)
     torch.save(state, tmp_path / "clca.pth")
     target = build(3)
     report = load_released_checkpoint(target, tmp_path / "clca.pth")
-    assert report["by_structure"]["clca_cache.carrier_pos_embed"] == "clc.carrier_pos"
-    assert report["by_structure"]["head.norm_mid.running_var"] == "ifa_head.bn_mid.running_var"
+    assert report["by_structure"]["clca_cache.carrier_pos_embed"] == "pos_embed[65:]"
+    assert report["by_structure"]["clca_cache.carrier_tokens"] == "clr"
+    assert report["by_structure"]["head.norm_mid.running_var"] == "ifa_head.0.2.running_var"
+    assert report["ignored"] == ["head.weight", "head.bias"]
     with torch.no_grad():
         torch.testing.assert_close(target(images()), source(images()), atol=0, rtol=0)
 

@@ -520,7 +520,8 @@ def test_clca_carrier_tokens_are_input_tokens_for_layer_decay_and_weight_decay()
 
 def test_clca_prefix_tokens_of_intermediates_are_the_models_prefix_tokens():
     """``return_prefix_tokens`` gives (B, num_prefix_tokens, C) after every block, as timm's; CLCA's re-injected
-    cache tokens (protected stream tokens) came back as prefix tokens, (B, 12, C) after block 11."""
+    cache tokens came back as prefix tokens, (B, 12, C) after block 11, when they were protected prefix tokens.
+    They are stream tokens now (as released), so they come with the patch tokens."""
     model = timm.create_model("clca_topk_vit_tiny_patch16_224", img_size=64, num_classes=3).eval()
     with torch.no_grad():
         out = model.forward_intermediates(torch.randn(2, 3, 64, 64), indices=[1, 5, 11], return_prefix_tokens=True,
@@ -530,7 +531,9 @@ def test_clca_prefix_tokens_of_intermediates_are_the_models_prefix_tokens():
         assert prefix.shape == (2, model.num_prefix_tokens, model.embed_dim)
         assert torch.equal(prefix, state.x[:, :model.num_prefix_tokens])
         assert patches.shape[1] == state.num_tokens - state.num_prefix
-    assert states[-1].num_prefix > model.num_prefix_tokens  # the cache tokens are there, in the token states
+    plain = timm.create_model("topk_vit_tiny_patch16_224", img_size=64, num_classes=3)
+    assert states[-1].num_prefix == model.num_prefix_tokens
+    assert states[-1].num_tokens > effvision.reduction_info(plain)["tokens_after"][-1]  # the cache tokens are there
 
 
 @pytest.mark.parametrize("name", ["sparse_tuning_vit_tiny_patch16_224", "clca_sparse_tuning_vit_tiny_patch16_224",

@@ -172,6 +172,37 @@ def test_tome_conserves_size_and_keeps_prefix_tokens(family):
         torch.testing.assert_close(state.source[:, token], F.one_hot(torch.tensor([token, token]), 64 + prefix).float())
 
 
+def test_tome_without_class_token_keeps_the_release_order_of_unmerged_tokens():
+    """The released bipartite matching sorts the unmerged A tokens back into sequence order only when there is
+    a class token; without one they stay in descending order of their best match, and the next block's A/B
+    split follows that order. Whole model, every block, against that reference (proportional attention)."""
+    model = effvision.reduce(make_family("no_class_token", seed=8), "tome", r=5)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        size = torch.ones(x.shape[:2])
+        for block in model.blocks:
+            out, _, k, _ = explicit_attention(block.attn, block.norm1(x), size)
+            x = x + out
+            metric = k.mean(1)
+            metric = metric / metric.norm(dim=-1, keepdim=True)
+            node_max, node_idx = (metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)).max(dim=-1)
+            edges = node_max.argsort(dim=-1, descending=True)[..., None]
+            unmerged, merged = edges[:, 5:], edges[:, :5]  # no class token: not sorted
+            dst = node_idx[..., None].gather(1, merged)
+
+            def merge(t, unmerged=unmerged, merged=merged, dst=dst):
+                a, b, c = t[:, ::2], t[:, 1::2], t.shape[-1]
+                b = b.scatter_reduce(1, dst.expand(-1, -1, c), a.gather(1, merged.expand(-1, -1, c)), reduce="sum")
+                return torch.cat([a.gather(1, unmerged.expand(-1, -1, c)), b], dim=1)
+
+            new_size = merge(size[..., None])
+            x, size = merge(x * size[..., None]) / new_size, new_size[..., 0]
+            x = x + block.mlp(block.norm2(x))
+        expected = model.forward_head(model.norm(x))
+        torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_r_schedules():
     assert parse_r_schedule(4, 3) == [4, 4, 4]
     assert parse_r_schedule([3, 1], 4) == [3, 1, 0, 0]

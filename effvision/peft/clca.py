@@ -6,10 +6,10 @@ computed as the authors' released code does (docs/methods.md):
 * :class:`CrossLayerAggregationHead`: the CLS token after each reduction block and after the last
   block, stacked as (B, D, L) -> BatchNorm1d(D) -> depthwise Conv1d(D -> 2D, kernel L, groups D) ->
   BatchNorm1d(2D) -> GELU -> pointwise Conv1d(2D -> classes). The model's final norm becomes identity.
-* :class:`CrossLayerCache`: after every whole block the plain mean of its stream tokens (and the state
-  of optional carrier tokens) is cached; after each reduction block, and by default after the
-  second-to-last block too ("recover at last"), the cached tokens join the sequence as protected tokens
-  and the cache is cleared. Counts are static, so the token schedule,
+* :class:`CrossLayerCache`: after every whole block the plain mean of its tokens (and the last tokens of
+  the sequence, with carrier tokens) is cached; after each reduction block, and by default after the
+  second-to-last block too ("recover at last"), the cached tokens are appended to the sequence, as
+  ordinary tokens, and the cache is cleared. Counts are static, so the token schedule,
   :func:`effvision.reduction_info` and the MAC count include them.
 """
 
@@ -20,12 +20,12 @@ import torch.fx
 from torch import Tensor, nn
 
 from effvision.peft.placement import placed_like
-from effvision.peft.token_rows import align_rows, append_tokens, insert_prefix_tokens
+from effvision.peft.token_rows import append_tokens
 from effvision.tokens.state import TokenState
 from effvision.tokens.token_map import PerImageChoice, TokenMap
 
 CACHE_KEY = "clca_cache"
-CARRIER_KEY = "clca_carriers"  # (prefix count, (B, N, K) carrier membership)
+POOL_END_KEY = "clca_pool_end"  # the release's curr_num_pool: the cached average spans positions prefix..this
 CLS_KEY = "clca_cls"
 INIT_STD = 0.02
 
@@ -130,26 +130,36 @@ class ClsCollector:
 
 
 class CrossLayerCache(nn.Module):
-    """Block extension: CLCA's cross-layer cache as the released code computes it.
+    """Block extension: CLCA's cross-layer cache as the released code computes it (its ``forward`` loop).
 
-    Registered on the model as ``clca_cache``. After every block, the cache takes the plain mean of the
-    block's stream tokens (every non-prefix token: patches, merged or fused tokens, carriers; tokens
-    re-injected earlier are protected prefix tokens, so they are left out) and, with carriers, each
-    carrier's state. After every block in ``layers`` the cached tokens are inserted right after the
-    prefix, protected from later reductions, and the cache is cleared. The work runs as the next block's
-    ``before_block``, so it sees the block's final output (after Sparse-Tuning's stage sums).
+    Registered on the model as ``clca_cache``. The released loop, after block ``i`` (here: as block
+    ``i + 1``'s ``before_block``, so it sees block ``i``'s final output, after Sparse-Tuning's stage sums):
 
-    Carrier tokens: ``carriers`` learnable tokens with their own position embedding (parameters
-    ``carrier_tokens`` and ``carrier_pos_embed``, (1, K, D), N(0, 0.02)) appended to the stream once,
-    at the input of block 0. They are pruned, merged and fused like patches; a carrier's state is the
-    token that holds it now (itself while kept, the token it was merged or fused into, zero once pruned),
-    followed through every token map.
+    1. if ``i`` is a cache layer: note the sequence length ``L``, append the cached tokens at the end of the
+       sequence (size 1, no source patch) and clear the cache;
+    2. if ``i`` comes before the last cache layer: cache the plain mean of the tokens at positions
+       ``prefix .. L`` (the release slices ``x[:, 1:curr_num_pool]``: tokens appended since the last
+       injection are left out until a reduction reorders them) and, with carriers, the last ``K`` tokens
+       of the sequence (``x[:, -K:]``).
+
+    So after a cache layer the averages of the blocks since the previous one join the sequence (blocks
+    0-2 after block 3, 3-5 after 6, 6-8 after 9, 9 after 10): ordinary tokens, which later reductions
+    prune, merge or fuse like patches and which count in their keep rates. ``L`` starts as the length
+    before the carriers are appended.
+
+    Carrier tokens: ``carriers`` learnable tokens (``carrier_tokens``, (1, K, D), started from the class
+    token as the release's ``add_clr(init_cls=True)`` does) appended after the patches at the input of
+    block 0, each with its own position embedding (``carrier_pos_embed``, N(0, 0.02)); models that embed
+    no position for their prefix (``no_embed_class``, DeiT-3) give carriers none, as the release does.
     """
 
     #: parameters that enter at the input like ``pos_embed``: no weight decay, the stem's layer-wise lr
     input_parameters = ("carrier_tokens", "carrier_pos_embed")
 
-    def __init__(self, dim: int, layers: tuple[int, ...], depth: int, carriers: int = 0, average: bool = True):
+    def __init__(
+        self, dim: int, layers: tuple[int, ...], depth: int, carriers: int = 0, average: bool = True,
+        carrier_position: bool = True,
+    ):
         super().__init__()
         self.layers = tuple(sorted({int(layer) for layer in layers}))
         if not self.layers or not all(0 <= layer < depth - 1 for layer in self.layers):
@@ -166,63 +176,56 @@ class CrossLayerCache(nn.Module):
         self.carrier_tokens = self.carrier_pos_embed = None
         if carriers:
             self.carrier_tokens = nn.Parameter(torch.randn(1, carriers, dim) * INIT_STD)
-            self.carrier_pos_embed = nn.Parameter(torch.randn(1, carriers, dim) * INIT_STD)
+            if carrier_position:
+                self.carrier_pos_embed = nn.Parameter(torch.randn(1, carriers, dim) * INIT_STD)
 
     def tokens_per_block(self) -> int:
         return int(self.average) + self.carriers
 
     def cached_count(self, layer: int) -> int:
-        """Tokens re-injected after block ``layer`` (in ``layers``): those of every block since the
-        previous injection, that block included."""
+        """Tokens appended after block ``layer`` (in ``layers``): those of the blocks from the previous
+        cache layer (included) or block 0, up to ``layer`` (excluded)."""
         earlier = [previous for previous in self.layers if previous < layer]
-        return (layer - (earlier[-1] if earlier else -1)) * self.tokens_per_block()
+        return (layer - (earlier[-1] if earlier else 0)) * self.tokens_per_block()
 
     def tokens_before_block(self, block: int) -> tuple[int, int]:
         stream = self.carriers if block == 0 else 0
-        protected = self.cached_count(block - 1) if block - 1 in self.layers else 0
-        return stream, protected
+        if block - 1 in self.layers:
+            stream += self.cached_count(block - 1)
+        return stream, 0
 
     def injected_tokens(self, block: int) -> int:
         return 0
 
-    def _membership(self, state: TokenState) -> Tensor:
-        """(B, N, K): which token holds each carrier now."""
-        prefix, membership = state.extras[CARRIER_KEY]
-        return align_rows(membership, prefix, state.num_tokens, state.num_prefix)
-
     def _start(self, state: TokenState) -> TokenState:
-        extras = {**state.extras, CACHE_KEY: ()}
-        if not self.carriers:
-            return state.replace(extras=extras)
-        batch, tokens = state.x.shape[:2]
-        carriers = (self.carrier_tokens + self.carrier_pos_embed).expand(batch, -1, -1)
-        state = append_tokens(state, carriers)
-        eye = torch.eye(self.carriers, device=state.x.device)
-        membership = torch.cat([eye.new_zeros(tokens, self.carriers), eye]).expand(batch, -1, -1)
-        return state.replace(extras={**extras, CARRIER_KEY: (state.num_prefix, membership)})
+        extras = {**state.extras, CACHE_KEY: (), POOL_END_KEY: state.num_tokens}
+        if self.carriers:
+            carriers = self.carrier_tokens
+            if self.carrier_pos_embed is not None:
+                carriers = carriers + self.carrier_pos_embed
+            state = append_tokens(state, carriers.expand(state.x.shape[0], -1, -1))
+        return state.replace(extras=extras)
 
     def before_block(self, block: int, state: TokenState) -> TokenState:
         if block == 0:
             return self._start(state)
-        x, prefix = state.x, state.num_prefix
-        cached = list(state.extras[CACHE_KEY])
-        if self.average:
-            cached.append(x[:, prefix:].mean(dim=1, keepdim=True))
-        if self.carriers:
-            cached.append(self._membership(state).transpose(1, 2).type_as(x) @ x)
-        if block - 1 not in self.layers:
-            return state.replace(extras={**state.extras, CACHE_KEY: tuple(cached)})
-        state = insert_prefix_tokens(state, torch.cat(cached, dim=1))
-        extras = {**state.extras, CACHE_KEY: ()}
-        if self.carriers:
-            extras[CARRIER_KEY] = (state.num_prefix, self._membership(state))
-        return state.replace(extras=extras)
+        previous = block - 1
+        cached, pool_end = list(state.extras[CACHE_KEY]), state.extras[POOL_END_KEY]
+        if previous in self.layers:
+            pool_end = state.num_tokens
+            if cached:  # empty after block 0 (the release's torch.cat would fail there)
+                state = append_tokens(state, torch.cat(cached, dim=1))
+            cached = []
+        if previous < self.layers[-1]:
+            x = state.x
+            if self.average:
+                cached.append(x[:, state.num_prefix : pool_end].mean(dim=1, keepdim=True))
+            if self.carriers:
+                cached.append(x[:, -self.carriers :])
+        return state.replace(extras={**state.extras, CACHE_KEY: tuple(cached), POOL_END_KEY: pool_end})
 
     def after_reduction(self, block: int, state: TokenState, token_map: TokenMap | PerImageChoice | None):
-        if token_map is None or not self.carriers:
-            return state
-        prefix, membership = state.extras[CARRIER_KEY]
-        return state.replace(extras={**state.extras, CARRIER_KEY: (prefix, token_map.sums(membership))})
+        return state
 
     def parallel_ffn(self, block: int, state: TokenState) -> tuple[TokenState, None]:
         return state, None
@@ -297,7 +300,13 @@ def add_clca(
             cache_layers = tuple(sorted({*cache_layers, depth - 2}))
     extensions = list(model.blocks.extensions)
     if cache:
-        model.clca_cache = placed_like(CrossLayerCache(model.embed_dim, cache_layers, depth, carriers, average), model)
+        cache_module = CrossLayerCache(model.embed_dim, cache_layers, depth, carriers, average,
+                                       carrier_position=not getattr(model, "no_embed_class", False))
+        model.clca_cache = placed_like(cache_module, model)
+        cls_token = getattr(model, "cls_token", None)
+        if carriers and cls_token is not None:  # the release's add_clr(init_cls=True)
+            with torch.no_grad():
+                cache_module.carrier_tokens.copy_(cls_token.expand_as(cache_module.carrier_tokens))
         # first: its before_block adds tokens that the other extensions' per-token tensors must then align to
         extensions.insert(0, model.clca_cache)
     if head:

@@ -8,7 +8,8 @@ module it belongs to (the key without its last part) and its shapes:
 * a Linear (2-D ``weight``) whose name holds an integer ``i``: one of block ``i``'s released adapter
   layers (down1 dim->b, down2 b->m, up1 m->b, down3 b+m->b, up2 b->dim: five distinct shapes);
 * a BatchNorm (``running_mean``) or Conv1d (3-D ``weight``): the CLCA aggregation head's parts, by width;
-* a (1, K, D) tensor: CLCA's carrier tokens, or their position embedding when its name says ``pos``.
+* a (1, K, D) tensor: CLCA's carrier tokens (the release's ``clr``), or their position embedding when its
+  name says ``pos`` (the release appends it to ``pos_embed``: its last K rows are split off).
 
 Every trainable parameter of the model must be covered, every tensor of the file used, and shapes must
 agree; anything else is a :class:`ValueError` that lists the offending names. Files are read with
@@ -29,6 +30,9 @@ from effvision.peft.released_adapter import ReleasedAdapters
 from effvision.torch_checkpoint import check_torch_archive, tensor_state_dict
 
 CONTAINER_KEYS = ("model", "state_dict", "module", "model_state")
+#: the released CLCA keeps the linear classifier it was built with beside its aggregation head (``ifa_head``),
+#: unused: with our aggregation head these are skipped (reported as ``ignored``)
+UNUSED_RELEASED_HEAD = ("head.weight", "head.bias")
 ADAPTER_LAYERS = ("down1", "down2", "up1", "down3", "up2")
 
 
@@ -100,11 +104,15 @@ def _signature(module_name: str, tensors: dict[str, Tensor]) -> tuple | None:
 def load_released_checkpoint(model: nn.Module, path: str | Path) -> dict:
     """Load a released Sparse-Tuning / CLCA checkpoint into ``model`` (built with the same options).
 
-    Returns ``{"by_name": [...], "by_structure": {our name: released name}}``. Raises ValueError when a
-    trainable parameter is missing from the file, a tensor of the file has no place in the model, two
-    tensors claim the same place, or shapes disagree.
+    Returns ``{"by_name": [...], "by_structure": {our name: released name}, "ignored": [...]}``. Raises
+    ValueError when a trainable parameter is missing from the file, a tensor of the file has no place in the
+    model, two tensors claim the same place, or shapes disagree.
     """
-    released = read_state_dict(path)
+    released = _release_layout(model, read_state_dict(path))
+    aggregation_head = isinstance(model.head, CrossLayerAggregationHead)
+    ignored = [key for key in UNUSED_RELEASED_HEAD if aggregation_head and key in released]
+    for key in ignored:
+        del released[key]
     ours = model.state_dict()
     targets = _targets(model)
     assigned: dict[str, Tensor] = {}
@@ -153,4 +161,19 @@ def load_released_checkpoint(model: nn.Module, path: str | Path) -> dict:
         more = [f"... ({len(problems)} problems in all)"] if len(problems) > 100 else []
         raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(shown + more))
     model.load_state_dict(assigned, strict=False)
-    return {"by_name": sorted(set(assigned) - set(mapping)), "by_structure": mapping}
+    return {"by_name": sorted(set(assigned) - set(mapping)), "by_structure": mapping, "ignored": ignored}
+
+
+def _release_layout(model: nn.Module, released: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The released CLCA stores its carriers' position embedding as the last K rows of ``pos_embed`` (its
+    ``add_clr`` concatenates them): split off as ``pos_embed[N:]``, a (1, K, D) tensor matched to
+    ``clca_cache.carrier_pos_embed`` (its carrier tokens, ``clr``, are matched by shape)."""
+    cache = getattr(model, "clca_cache", None)
+    value = released.get("pos_embed")
+    ours = getattr(model, "pos_embed", None)
+    if cache is None or cache.carrier_pos_embed is None or value is None or ours is None:
+        return released
+    rows = ours.shape[1]
+    if value.dim() != 3 or value.shape[1] != rows + cache.carriers:
+        return released
+    return {**released, "pos_embed": value[:, :rows], f"pos_embed[{rows}:]": value[:, rows:]}

@@ -1,9 +1,9 @@
 """Keeping per-token tensors of block extensions row-aligned with the token sequence.
 
 Extensions hold per-token tensors from earlier blocks (adapter outputs, the patch-embedding stream,
-carrier membership). When tokens are added later, those tensors get zero rows for them: tokens inserted
-into the protected prefix (CLCA's re-injected cache) go right after the old prefix, tokens added to the
-stream (CLCA's carriers) go at the end. All counts are Python ints, so shapes stay static.
+earlier stage sums). When tokens are added later, those tensors get zero rows for them: tokens inserted
+into the protected prefix go right after the old prefix, tokens added to the stream (CLCA's carriers and
+re-injected cache) go at the end. All counts are Python ints, so shapes stay static.
 """
 
 from __future__ import annotations
@@ -31,30 +31,18 @@ def align_rows(t: Tensor, t_prefix: int, num_tokens: int, num_prefix: int) -> Te
     return t
 
 
-def insert_prefix_tokens(state: TokenState, tokens: Tensor) -> TokenState:
-    """Insert ``tokens`` (B, K, C) right after the prefix and protect them (``num_prefix`` grows by K).
-
-    They hold no original patch: size 1, empty source row.
-    """
-    batch, count = tokens.shape[:2]
-    prefix = state.num_prefix
-
-    def insert(t: Tensor, new: Tensor) -> Tensor:
-        return torch.cat([t[:, :prefix], new, t[:, prefix:]], dim=1)
-
-    size = insert(state.sizes(), state.sizes().new_ones(batch, count))
-    source = state.source
-    if source is not None:
-        source = insert(source, source.new_zeros(batch, count, source.shape[2]))
-    x = insert(state.x, tokens.type_as(state.x))
-    return state.replace(x=x, size=size, source=source, num_prefix=prefix + count)
-
-
 def append_tokens(state: TokenState, tokens: Tensor) -> TokenState:
-    """Append ``tokens`` (B, K, C) to the stream: reducible like patches, size 1, empty source row."""
+    """Append ``tokens`` (B, K, C) to the stream: reducible like patches, size 1, empty source row and, in
+    RoPE models, no position (:data:`~effvision.tokens.state.NO_POSITION`: attention does not rotate them)."""
+    from effvision.tokens.state import NO_POSITION
+
     batch, count = tokens.shape[:2]
     size = torch.cat([state.sizes(), state.sizes().new_ones(batch, count)], dim=1)
     source = state.source
     if source is not None:
         source = torch.cat([source, source.new_zeros(batch, count, source.shape[2])], dim=1)
-    return state.replace(x=torch.cat([state.x, tokens.type_as(state.x)], dim=1), size=size, source=source)
+    position = state.position
+    if position is not None:
+        position = torch.cat([position, position.new_full((batch, count), NO_POSITION)], dim=1)
+    x = torch.cat([state.x, tokens.type_as(state.x)], dim=1)
+    return state.replace(x=x, size=size, source=source, position=position)

@@ -32,7 +32,10 @@ def bipartite_soft_matching(metric: Tensor, sizes: Tensor, num_prefix: int, r: i
         num_prefix: number of protected leading tokens.
         r: tokens to remove, at most the size of A.
 
-    Output order: prefix tokens, unmerged A tokens (in sequence order), all B tokens (in sequence order).
+    Output order: prefix tokens, unmerged A tokens, all B tokens (in sequence order). Unmerged A tokens come
+    in sequence order when there are prefix tokens, else in descending order of their best match: the
+    released ``bipartite_soft_matching`` sorts them only when there is a class token, and the next block's
+    A/B split follows this order.
     """
     batch, tokens, _ = metric.shape
     a_positions = index_range(num_prefix + (num_prefix % 2), tokens, 2, metric)
@@ -45,7 +48,7 @@ def bipartite_soft_matching(metric: Tensor, sizes: Tensor, num_prefix: int, r: i
     best_score, best_b = scores.max(dim=-1)
     ranked = best_score.argsort(dim=-1, descending=True)
     merged_a = ranked[:, :r]
-    unmerged_a = ranked[:, r:].sort(dim=-1).values
+    unmerged_a = ranked[:, r:].sort(dim=-1).values if num_prefix else ranked[:, r:]
 
     num_unmerged = unmerged_a.shape[1]
     keep_index = torch.cat(

@@ -295,8 +295,7 @@ class TokenReducedModel:
         final, states = blocks.forward_intermediate_states(state, take_indices, stop_early)
 
         tokens = [self.norm(s.x) if norm else s.x for s in states]
-        # the model's own prefix tokens: CLCA's re-injected cache tokens are protected prefix tokens of the
-        # stream (s.num_prefix counts them) but not prefix tokens of the model (return_token_states has them)
+        # the model's own prefix tokens (a block extension could protect more: s.num_prefix would count them)
         prefix_tokens = [t[:, :blocks.num_prefix] for t in tokens]
         if nchw:  # the grid of this image, as timm's: with dynamic_img_size it is not the grid of img_size
             if getattr(self, "dynamic_img_size", False):

@@ -8,6 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: the ``position`` of a token added after the input (CLCA's carriers and re-injected cache): it holds no
+#: patch, so RoPE attention leaves it unrotated, as it leaves prefix tokens
+NO_POSITION = -1
+
 
 def index_range(start: int, stop: int, step: int, like: Tensor) -> Tensor:
     """``torch.arange(start, stop, step)`` (int64) on the device of ``like``, built from ``like.new_ones`` so
@@ -77,9 +81,15 @@ class TokenState:
         RoPE; each token takes the row of the original patch it carries the position of."""
         if self.rope is None:
             return None
-        index = self.position[:, self.num_prefix:] - self.num_prefix  # (B, N - P) into the patch grid
+        position = self.position[:, self.num_prefix:]
         table = self.rope if self.rope.dim() == 2 else self.rope[block]  # ([heads,] patches, D)
         table = table.reshape(-1, *table.shape[-2:])  # (1 or heads, patches, D)
+        patches = table.shape[1]
+        # tokens with no position take an extra identity row (timm's layout: sin half 0, cos half 1)
+        identity = torch.cat([table.new_zeros(table.shape[0], 1, table.shape[2] // 2),
+                              table.new_ones(table.shape[0], 1, table.shape[2] - table.shape[2] // 2)], dim=2)
+        table = torch.cat([table, identity], dim=1)
+        index = torch.where(position == NO_POSITION, patches, position - self.num_prefix)  # (B, N - P)
         batch, tokens = index.shape
         heads, _, dim = table.shape
         rows = index[:, None, :, None].expand(batch, heads, tokens, dim)
