@@ -6,8 +6,8 @@ Every image effvision reads (``encode``, training, evaluation) goes through :fun
 * **Size.** At most :data:`MAX_PIXELS` pixels (64 Mi, e.g. 8192 x 8192; a 12 MP photo is about a fifth of
   it), checked from the file header before any pixel is decoded, and files of at most
   :data:`MAX_FILE_BYTES`. The decoder's ``--max-pixels`` default is the same limit. Structures Pillow parses
-  piece by piece in Python are bounded before it does: JPEG scans, PNG chunks, Netpbm header length, TIFF
-  strips and tiles.
+  piece by piece in Python are bounded before it does: JPEG scans and marker segments, PNG chunks, Netpbm
+  header length, TIFF strips, tiles and tag values.
 * **Orientation.** An EXIF orientation tag is applied to the pixels: ``.evc`` keeps no metadata, and the
   decoded image should look as the original is shown.
 * **Modes.** Everything becomes 8 bits per channel in one of RGB, L, RGBA, LA (:data:`STORED_MODES`):
@@ -17,7 +17,7 @@ Every image effvision reads (``encode``, training, evaluation) goes through :fun
   (``I``, ``F``) from 0..65535 when any value exceeds 255, else from 0..255, except a float image whose
   values all lie in [0, 1], taken as unit range (negative and non-finite values become 0); CMYK, YCbCr, LAB,
   HSV become RGB. A PNG's transparent colour (tRNS) of a grey or RGB image becomes an alpha channel (LA,
-  RGBA), as it does for a palette image.
+  RGBA), as it does for a palette image (a 16-bit RGB PNG's cannot be: it is dropped, with a note).
 * **Alpha.** Codecs code RGB and the container keeps alpha losslessly beside it; training and evaluation
   (:func:`to_rgb_array`; :func:`rgb_image` for fine-tuning's torchvision transforms) composite alpha onto white.
 
@@ -32,7 +32,7 @@ import struct
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from effvision.errors import UserError
 from effvision.io_utils import STDIO, atomic_write_bytes, read_bytes
@@ -115,14 +115,14 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 _check_jpeg_scans(image, data)
             except UserError as error:
                 raise UserError(f"{name}: {error}") from None
-            # Pillow opens a 16-bit grey + alpha PNG as RGBA: it was coded in colour and came back tinted
-            grey_alpha = image.format == "PNG" and bool(image.tile) and image.tile[0].args == "LA;16B"
+            png_rawmode = image.tile[0].args if image.format == "PNG" and image.tile else None
             image.load()
-            if grey_alpha and image.mode == "RGBA":
+            # Pillow opens a 16-bit grey + alpha PNG as RGBA: it was coded in colour and came back tinted
+            if png_rawmode == "LA;16B" and image.mode == "RGBA":
                 image = image.convert("LA")  # R = G = B: the grey level exactly
+            _png_transparency_as_read(image, png_rawmode)
             try:
-                ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
-                return image
+                return upright(image)
             except (struct.error, TypeError, KeyError) as error:  # a tag whose type does not fit its value
                 raise UserError(f"{name}: corrupt EXIF orientation data ({type(error).__name__}: {error})") from None
     except UnidentifiedImageError as error:
@@ -133,6 +133,56 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
         raise UserError(f"{name}: too large for Pillow to decode ({error})") from error
     except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as error:  # RuntimeError: libavif's
         raise UserError(f"{name}: corrupt or truncated image ({error})") from error
+
+
+#: Pillow scales 2- and 4-bit grey PNG pixels to 0..255 but leaves their tRNS grey level as stored
+_PNG_GREY_SCALE = {"L;2": 85, "L;4": 17}
+#: set in ``image.info`` when a transparent colour could not be applied (see :func:`what_is_not_kept`)
+TRANSPARENCY_NOT_APPLIED = "effvision: transparency not applied"
+
+
+def _png_transparency_as_read(image: Image.Image, rawmode: object) -> None:
+    """Make a PNG's tRNS colour (``image.info["transparency"]``) compare with the pixels as Pillow decoded them.
+
+    A 2- or 4-bit grey level is scaled as the pixels were (else the transparent pixels stayed opaque). A
+    16-bit RGB PNG is decoded to 8 bits per channel, so the pixels that match its 16-bit colour cannot be told
+    apart any more (Pillow compared 8-bit pixels with the 16-bit colour: wrong pixels became transparent): its
+    transparency is dropped, and :func:`what_is_not_kept` says so."""
+    transparent = image.info.get("transparency")
+    if transparent is None or isinstance(transparent, bytes):
+        return
+    if rawmode in _PNG_GREY_SCALE and isinstance(transparent, int):
+        image.info["transparency"] = transparent * _PNG_GREY_SCALE[rawmode]
+    elif rawmode == "RGB;16B":
+        del image.info["transparency"]
+        image.info[TRANSPARENCY_NOT_APPLIED] = True
+
+
+#: EXIF orientation -> the transpose that shows the image upright (the same table as Pillow's exif_transpose)
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF (or XMP) orientation says; itself when there is nothing to turn.
+
+    Reads the one tag, unlike ``ImageOps.exif_transpose``, which re-serialises the whole EXIF block to drop the
+    tag: a 4 MB crafted block (one orientation tag and an array of half a million rationals) took 11 s there.
+    The metadata is not kept (``.evc`` stores none), so the turned image carries no EXIF."""
+    transpose = _ORIENTATION_TRANSPOSE.get(image.getexif().get(0x0112))
+    if transpose is None:
+        return image
+    turned = image.transpose(transpose)
+    for key in ("exif", "Raw profile type exif", "XML:com.adobe.xmp"):
+        turned.info.pop(key, None)
+    return turned
 
 
 def _check_jpeg_scans(image: Image.Image, data: bytes) -> None:
@@ -171,15 +221,41 @@ def _first_jpeg_frame_marker(data: bytes) -> int | None:
 
 
 def _check_container_structure(data: bytes) -> None:
-    """Refuse, before Pillow parses it, a PNG, PBM/PGM/PPM/PFM or TIFF file whose structure would cost time or
-    memory out of proportion to its pixels (:data:`MAX_PNG_CHUNKS`, :data:`MAX_PPM_HEADER_BYTES`,
-    :data:`MIN_TIFF_SEGMENT_PIXELS`); other files pass."""
+    """Refuse, before Pillow parses it, a PNG, JPEG, PBM/PGM/PPM/PFM or TIFF file whose structure would cost time
+    or memory out of proportion to its pixels (:data:`MAX_PNG_CHUNKS`, :data:`MAX_PPM_HEADER_BYTES`,
+    :data:`MIN_TIFF_SEGMENT_PIXELS`, :data:`MAX_TIFF_TAG_NUMBERS`); other files pass."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         _check_png_chunks(data)
+    elif data.startswith(b"\xff\xd8"):
+        _check_jpeg_segments(data)
     elif len(data) >= 2 and data[0:1] == b"P" and data[1:2] in b"123456fF":
         _check_ppm_header(data)
     elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         _check_tiff_segments(data)
+
+
+def _check_jpeg_segments(data: bytes) -> None:
+    """Walk the marker segments before the first scan (what Pillow parses, one Python object each: a 10 MB file
+    of empty comment segments took 15 s and 225 MB to open) and bound their number like PNG chunks."""
+    limit = MAX_PNG_CHUNKS + len(data) // 65536  # a segment holds at most 64 kB
+    position, segments = 2, 0
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return  # not a marker: Pillow says what is wrong
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan, end of image
+            return
+        segments += 1
+        if segments > limit:
+            raise UserError(f"a JPEG of {len(data)} bytes with more than {limit} marker segments before its image "
+                            "data (each is parsed on its own)")
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers: no length
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
 
 
 def _check_png_chunks(data: bytes) -> None:
@@ -223,12 +299,19 @@ def _check_ppm_header(data: bytes) -> None:
 
 #: TIFF tags that hold one entry per strip or tile: StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
 _TIFF_SEGMENT_TAGS = (273, 279, 324, 325)
+#: TIFF field types stored as bytes (BYTE, ASCII, UNDEFINED): Pillow keeps them as one bytes object; every
+#: other type becomes one Python number per value
+_TIFF_BYTE_TYPES = (1, 2, 7)
+#: numbers all other tags of the first directory may hold together: a 16-bit palette (ColorMap) holds
+#: 3 x 65536; a 1x1 TIFF whose XResolution held 5 million rationals took 37 s and 894 MB to open
+MAX_TIFF_TAG_NUMBERS = 1 << 18
 
 
 def _check_tiff_segments(data: bytes) -> None:
     """Bound the strips or tiles the first directory (IFD0) declares, from its entries' counts, to one per row
     or one per :data:`MIN_TIFF_SEGMENT_PIXELS` pixels, whichever is more, times the planes (PlanarConfiguration
-    2 stores each sample in its own). Classic and BigTIFF; a directory that cannot be read is left to Pillow."""
+    2 stores each sample in its own), and the numbers its other tags hold to :data:`MAX_TIFF_TAG_NUMBERS`.
+    Classic and BigTIFF; a directory that cannot be read is left to Pillow."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\x00", b"\x00+")
     try:
@@ -243,11 +326,17 @@ def _check_tiff_segments(data: bytes) -> None:
         if entries > 65535:
             raise UserError(f"a TIFF directory of {entries} entries")
         values: dict[int, tuple[int, int, bytes]] = {}
+        numbers = 0
         for index in range(entries):
             tag, kind, count, value = struct.unpack_from(layout, data, start + index * entry_size)
             values[tag] = (kind, count, value)
+            if tag not in _TIFF_SEGMENT_TAGS and kind not in _TIFF_BYTE_TYPES:
+                numbers += count
     except struct.error:
         return
+    if numbers > MAX_TIFF_TAG_NUMBERS:
+        raise UserError(f"a TIFF directory whose tags hold {numbers} numbers (at most {MAX_TIFF_TAG_NUMBERS} besides "
+                        "the strip and tile tables; each is parsed on its own)")
     width, height = _tiff_number(values.get(256), order), _tiff_number(values.get(257), order)
     if not width or not height:
         return
@@ -323,8 +412,9 @@ def _grayscale_to_8_bits(image: Image.Image):
 
 def what_is_not_kept(image: Image.Image) -> list[str]:
     """What coding ``image`` (as :func:`open_image` returned it) leaves out, for a note to the user: later
-    frames of an animation, and an ICC colour profile other than sRGB (the pixel values are coded as they are,
-    and the decoded image has no profile, so a wide-gamut photo is shown with duller colours)."""
+    frames of an animation, the transparent colour of a 16-bit RGB PNG, and an ICC colour profile other than
+    sRGB (the pixel values are coded as they are, and the decoded image has no profile, so a wide-gamut photo is
+    shown with duller colours)."""
     notes = []
     try:  # is_animated looks for a second frame only (n_frames would walk a crafted file's every frame)
         animated = getattr(image, "is_animated", False) is True
@@ -332,6 +422,9 @@ def what_is_not_kept(image: Image.Image) -> list[str]:
         animated = False
     if animated:
         notes.append("only the first frame of the animation is coded")
+    if image.info.get(TRANSPARENCY_NOT_APPLIED):
+        notes.append("its transparent colour is not applied: Pillow reads a 16-bit RGB PNG at 8 bits per channel, "
+                     "so which pixels match that colour is lost (save it with an alpha channel instead)")
     profile = image.info.get("icc_profile")
     if profile:
         description = "an unreadable one"

@@ -749,13 +749,27 @@ def tune(
 
 
 def _resize_center_crop(image: Tensor, size: int, crop_pct: float) -> Tensor:
-    """(3, H, W) in [0, 1] -> (3, size, size): shorter side to size / crop_pct, centre crop (timm's eval)."""
+    """(3, H, W) in [0, 1] -> (3, size, size): shorter side to size / crop_pct, centre crop (timm's eval).
+
+    An image longer than :data:`MAX_ASPECT_RESIZED` times the crop once resized has only the central part the
+    crop covers (and a margin for the filter) resized, at very nearly the same scale: resizing the whole of a
+    1x4000 image to a short side of 256 made 256x1024000 pixels (3.7 GB) to keep 224x224."""
     height, width = image.shape[-2:]
     scale = size / crop_pct / min(height, width)
     new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    if max(new_h, new_w) > MAX_ASPECT_RESIZED * size:
+        covered = math.ceil(size / scale) + 4
+        crop_h, crop_w = min(height, covered), min(width, covered)
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        image = image[:, top:top + crop_h, left:left + crop_w]
+        new_h, new_w = max(size, round(crop_h * scale)), max(size, round(crop_w * scale))
     resized = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[0, :, top:top + size, left:left + size]
+
+
+#: longest side, in crops, that :func:`_resize_center_crop` resizes whole
+MAX_ASPECT_RESIZED = 8
 
 
 def _random_crop(image: Tensor, size: int, generator: torch.Generator) -> Tensor:

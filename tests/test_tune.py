@@ -439,3 +439,18 @@ def test_a_model_that_is_not_a_vit_is_a_clear_error(tmp_path, capsys):
     assert "token reduction needs a timm VisionTransformer" in capsys.readouterr().err
     assert main(["reduce-info", "resnet18"]) == 1
     assert "got ResNet" in capsys.readouterr().err
+
+
+def test_a_very_thin_calibration_image_is_resized_within_bounded_memory():
+    """A 1x4000 PNG (102 bytes) made 256x1024000 pixels (3.7 GB) and a 1x100000 one asked for 74 GB: only the
+    part the centre crop covers is resized now; ordinary images go the whole-image way (timm's eval)."""
+    import time
+
+    import torch.nn.functional as F
+
+    start = time.perf_counter()
+    thin = tune._resize_center_crop(torch.rand(3, 1, 100_000), 224, 0.875)
+    assert thin.shape == (3, 224, 224) and time.perf_counter() - start < 5
+    photo = torch.rand(3, 120, 200, generator=torch.Generator().manual_seed(0))
+    whole = F.interpolate(photo[None], size=(256, 427), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(tune._resize_center_crop(photo, 224, 0.875), whole[0, :, 16:240, 101:325])
