@@ -149,6 +149,16 @@ def shape_mismatches(
     return None
 
 
+def check_floating_where_expected(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str) -> None:
+    """A :class:`UserError` naming the first tensor of ``tensors`` that is integer or bool where ``expected`` (a
+    model's state dict) has a floating-point one: ``load_state_dict`` casts it without a word (an int64 checkpoint
+    exported an ONNX file of truncated weights, and its check against the same model passed)."""
+    for key, tensor in tensors.items():
+        if key in expected and expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise UserError(f"{source}: weight {short_repr(key)} is {tensor.dtype}; the model's is "
+                            f"{expected[key].dtype} (model weights are floating-point)")
+
+
 def check_finite(tensors: Mapping[str, Tensor], source: str) -> None:
     """A :class:`UserError` naming the first tensor of ``tensors`` that is complex, or floating-point holding NaN
     or infinity as float32, the dtype the models load it in (a float64 1e300 is finite until then, and a complex

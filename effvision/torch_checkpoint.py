@@ -338,16 +338,28 @@ def _check_tensor_backed(key: str, tensor: torch.Tensor, source: str) -> None:
         )
 
 
+class WeightLoads(list):
+    """The results of the ``load_state_dict`` calls :func:`recorded_weight_loads` saw, and the keys of integer or
+    bool tensors they copied into floating-point weights (``copy_`` casts them without a word)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.not_floating: list[str] = []
+
+
 @contextmanager
 def recorded_weight_loads() -> Iterator[list]:
     """Record the result (missing and unexpected keys) of every ``load_state_dict`` call made inside.
 
     timm loads a model's base weights non-strictly when it adapts the model (a new class count drops the
     classifier) and only logs what it left out: a file of another architecture would leave it random."""
-    loads: list = []
+    loads = WeightLoads()
     original = nn.Module.load_state_dict
 
     def recording(module: nn.Module, state_dict, *args, **kwargs):
+        own = module.state_dict()
+        loads.not_floating += [key for key, value in state_dict.items() if isinstance(value, torch.Tensor)
+                               and not value.is_floating_point() and key in own and own[key].is_floating_point()]
         result = original(module, state_dict, *args, **kwargs)
         loads.append(result)
         return result
@@ -374,6 +386,10 @@ def check_base_weights_loaded(model: nn.Module, loads: list, path: str | Path, n
              registered.classifier if registered is not None else None]
     classifiers = [c for entry in named if entry for c in ((entry,) if isinstance(entry, str) else entry)]
     may_stay = {f"{classifier}.{part}" for classifier in classifiers for part in ("weight", "bias")}
+    not_floating = getattr(loads, "not_floating", [])
+    if not_floating:
+        raise UserError(f"the weights file {path} holds integer or bool tensors where {name} has floating-point "
+                        f"weights ({names_for_message(not_floating, 8)}); they would be cast, not loaded")
     missing = [key for result in loads for key in result.missing_keys if key not in may_stay]
     if missing:
         unexpected = [key for result in loads for key in result.unexpected_keys]

@@ -1,9 +1,10 @@
 """Export any in-memory model to ONNX and check it against PyTorch with onnxruntime.
 
-``export_onnx`` works for plain timm ViTs, effvision's token-reduced ViTs (static token counts, so the
-graph has fixed shapes apart from the batch axis) and codec transforms (dynamic height/width where the
-architecture allows it). ``onnx`` and ``onnxruntime`` are imported inside the functions, never at import
-time of :mod:`effvision.export`.
+``export_onnx`` works for plain timm ViTs, effvision's token-reduced ViTs (fixed token counts: the dynamo
+exporter's graph has fixed shapes apart from the batch axis; the torchscript exporter's computes the token
+counts from shapes at run time) and codec transforms (dynamic height/width where the architecture allows
+it). ``onnx`` and ``onnxruntime`` are imported inside the functions, never at import time of
+:mod:`effvision.export`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from effvision.io_utils import atomic_path
 
 DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
+#: torch's dynamo exporter writes opset 18 or later: asked for less, it exported at 18, failed to convert down
+#: (a 15-line traceback on stderr) and still wrote the opset-18 file
+MIN_DYNAMO_OPSET = 18
 
 
 def _dynamic_axes(names: Sequence[str], dynamic_batch: bool, dynamic_hw: bool, rank: int) -> dict:
@@ -159,6 +163,9 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if exporter == "dynamo" and opset < MIN_DYNAMO_OPSET:
+        raise ValueError(f"the dynamo exporter writes opset {MIN_DYNAMO_OPSET} or later, not {opset}; use the "
+                         "torchscript exporter for an earlier opset")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(path)
@@ -196,7 +203,18 @@ def export_onnx(
             )
         if dynamic_batch and exporter == "dynamo":  # dynamic_axes makes the TorchScript one symbolic by name
             _check_symbolic_batch(temp_name, input_name)
+        _check_opset(temp_name, opset)
     return path
+
+
+def _check_opset(path: str, opset: int) -> None:
+    """A RuntimeError unless the file's default-domain opset is the one asked for (the file is then not kept)."""
+    import onnx
+
+    written = [entry.version for entry in onnx.load(path, load_external_data=False).opset_import
+               if entry.domain in ("", "ai.onnx")]
+    if written != [opset]:
+        raise RuntimeError(f"the exporter wrote opset {written[0] if written else 'none'}, not the {opset} asked for")
 
 
 def max_abs_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -64,6 +64,7 @@ def test_unknown_codec_transform_lists_the_choices(tmp_path, capsys):
 @pytest.mark.parametrize("option, message", [(["--img-size", "0"], "--img-size must be between"),
                                              (["--img-size", "-3"], "--img-size must be between"),
                                              (["--opset", "99"], "--opset must be"),
+                                             (["--opset", "13", "--exporter", "dynamo"], "writes opset 18 or later"),
                                              (["--atol", "nan"], "--atol must be a finite number"),
                                              (["--atol", "-1"], "--atol must be a finite number")])
 def test_bad_sizes_and_opsets_are_user_errors_before_any_work(tmp_path, capsys, option, message):
@@ -146,6 +147,29 @@ def test_a_directory_as_output_and_a_checkpoint_that_does_not_fit_are_clear_erro
     assert cli.main(argv) == 1
     err = capsys.readouterr().err  # before: only "Error(s) in loading state_dict for VisionTransformer:"
     assert "Missing key(s) in state_dict" in err and "size mismatch for pos_embed" in err
+
+
+def test_a_checkpoint_of_integer_weights_is_refused(tmp_path, capsys):
+    """An int64 copy of the weights was cast into the model: the ONNX file held truncated weights and the check,
+    against the same model, passed."""
+    import timm
+
+    state = {key: value.to(torch.int64) for key, value in timm.create_model("deit_tiny_patch16_224",
+                                                                            img_size=32).state_dict().items()}
+    torch.save(state, tmp_path / "int.pth")
+    argv = ["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--img-size", "32", "--checkpoint",
+            str(tmp_path / "int.pth")]
+    assert cli.main(argv) == 1
+    assert "is torch.int64; the model's is torch.float32" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_dynamo_exporter_below_its_opset_is_refused_by_the_library_too(tmp_path):
+    from effvision.export.onnx import export_onnx
+
+    with pytest.raises(ValueError, match="opset 18 or later"):
+        export_onnx(torch.nn.Linear(3, 2), tmp_path / "m.onnx", (1, 3), opset=13, exporter="dynamo")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, capsys):

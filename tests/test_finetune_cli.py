@@ -89,6 +89,20 @@ def test_base_weights_that_are_not_finite_are_refused(dataset, tmp_path):
         loop.create_model(config)
 
 
+def test_integer_base_weights_are_refused(dataset, tmp_path):
+    """timm's loader copies an int64 tensor into a float weight without a word: the run trained on truncated
+    weights."""
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+    state = {key: value.to(torch.int64) if key.startswith("blocks.1.") else value
+             for key, value in base.state_dict().items()}
+    torch.save(state, tmp_path / "base.pth")
+    config = loop.FinetuneConfig(data=str(dataset), model="sparse_tuning_vit_tiny_patch16_224",
+                                 model_kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3),
+                                 checkpoint=str(tmp_path / "base.pth"), classes=sorted(COLOURS))
+    with pytest.raises(UserError, match="holds integer or bool tensors where .* has floating-point weights"):
+        loop.create_model(config)
+
+
 def test_interrupted_run_resumes_after_its_last_finished_epoch(dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_epoch, calls = loop.train_one_epoch, []

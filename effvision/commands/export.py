@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=None, metavar="N", help="input size (default: model's)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
-                        help="torch.onnx exporter (default torchscript)")
+                        help="torch.onnx exporter (default torchscript). dynamo: opset 18 or later, token counts of "
+                             "reduced models as constants (for static-shape runtimes); torchscript: any opset, token "
+                             "counts computed from shapes at run time")
     parser.add_argument("--check", action="store_true",
                         help="compare with onnxruntime: random batches of 1 and 5, plus 3 real photos (or a batch "
                         "of 2 at another size for a dynamic-size export)")
@@ -80,7 +82,11 @@ def _timm_model(args: argparse.Namespace):
         raise download from error
     if args.checkpoint:
         try:
-            model.load_state_dict(_load_state_dict(args.checkpoint))
+            state = _load_state_dict(args.checkpoint)
+            from effvision.bounded_config import check_floating_where_expected
+
+            check_floating_where_expected(state, model.state_dict(), args.checkpoint)
+            model.load_state_dict(state)
         except RuntimeError as error:
             lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()][:8]  # missing, unexpected,
             details = "; ".join(line if len(line) <= 300 else line[:300] + " ..." for line in lines)  # mismatches
@@ -178,6 +184,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--atol must be a finite number >= 0, got {args.atol}")
     if not 7 <= args.opset <= 30:
         raise UserError(f"--opset must be an ONNX opset number (7-30; default 18), got {args.opset}")
+    from effvision.export.onnx import MIN_DYNAMO_OPSET
+
+    if args.exporter == "dynamo" and args.opset < MIN_DYNAMO_OPSET:
+        raise UserError(f"--exporter dynamo writes opset {MIN_DYNAMO_OPSET} or later, not {args.opset}; use "
+                        "--exporter torchscript for an earlier opset")
     if args.output == "-":
         raise UserError("export writes an ONNX file; name it (standard output, -, is not offered)")
     output = Path(args.output)
