@@ -116,9 +116,16 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     assert "prompt_tokens: shape (1, 5, 48) matches no part" in message
 
 
+class TrainingCallback:
+    """A class of the training script's own: unpickling it would import and run that script's code."""
+
+
 def test_files_that_need_code_to_load_are_refused(tmp_path):
-    torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "pickled.pth")
-    with pytest.raises(ValueError, match="not a weights-only PyTorch checkpoint"):
+    """An ``argparse.Namespace`` of settings is read through a stand-in (the release saves one); a class of the
+    training script is refused, by name."""
+    state = tuned(seed=0).state_dict()
+    torch.save({"model": state, "callback": TrainingCallback()}, tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="TrainingCallback, which effvision's checkpoint allow list does not"):
         load_released_checkpoint(tuned(seed=0), tmp_path / "pickled.pth")
 
 
@@ -164,3 +171,34 @@ def test_a_fifo_is_an_error_not_a_hang(tmp_path):
             load_released_checkpoint(tuned(seed=0), tmp_path / "released.pth")
     finally:
         signal.alarm(0)
+
+
+def test_a_checkpoint_as_the_sparse_tuning_release_saves_it_loads_with_its_head_norm_folded(tmp_path):
+    """The release's save_model writes {'model', 'optimizer', 'epoch', 'scaler', 'args': argparse.Namespace};
+    adapters as blocks.{i}.adaptmlp.*, the classifier as head = Sequential(BatchNorm1d(affine=False,
+    eps=1e-6), Linear). The Namespace made weights_only refuse the file and head.0/head.1 matched nothing."""
+    source = tuned(seed=0)
+    dim, classes = source.embed_dim, source.num_classes
+    generator = torch.Generator().manual_seed(3)
+    mean, var = torch.randn(dim, generator=generator), torch.rand(dim, generator=generator) + 0.5
+    weight, bias = torch.randn(classes, dim, generator=generator), torch.randn(classes, generator=generator)
+    state = {}
+    for name, value in source.state_dict().items():
+        if name.startswith("dense_adapters.adapters."):
+            _, _, block, layer, suffix = name.split(".")
+            name = f"blocks.{block}.adaptmlp.{layer}.{suffix}"
+        if not name.startswith("head."):
+            state[name] = value.clone()
+    state.update({"head.0.running_mean": mean, "head.0.running_var": var,
+                  "head.0.num_batches_tracked": torch.tensor(7), "head.1.weight": weight, "head.1.bias": bias})
+    args = argparse.Namespace(model="vit_base_patch16", lr=1e-3, fuse_token=True)
+    torch.save({"model": state, "optimizer": {}, "epoch": 30, "scaler": {}, "args": args}, tmp_path / "st.pth")
+
+    target = tuned(seed=5)
+    report = load_released_checkpoint(target, tmp_path / "st.pth")
+    assert report["folded"] and report["by_structure"]["dense_adapters.adapters.1.up2.weight"] == \
+        "blocks.1.adaptmlp.up2.weight"
+    with torch.no_grad():
+        features = source.forward_head(source.forward_features(images()), pre_logits=True)
+        expected = ((features - mean) / (var + 1e-6).sqrt()) @ weight.T + bias
+        torch.testing.assert_close(target(images()), expected, atol=1e-5, rtol=1e-5)

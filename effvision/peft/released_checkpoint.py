@@ -1,19 +1,22 @@
 """Load the authors' released Sparse-Tuning and CLCA checkpoints into effvision models.
 
-What we know of the released layouts is their structure (issue 14, docs/methods.md), not their module
-names: so the loader matches by structure. Tensors whose names are ours (timm's backbone and linear
-``head.*`` names, which both releases build on) load by name; every other tensor is matched by the
-module it belongs to (the key without its last part) and its shapes:
+Both releases build on timm's ViT, so tensors whose names are ours (the backbone) load by name; the parts the
+methods add are matched by structure, the module they belong to (the key without its last part) and its
+shapes, so that other spellings of the same structure load too:
 
 * a Linear (2-D ``weight``) whose name holds an integer ``i``: one of block ``i``'s released adapter
-  layers (down1 dim->b, down2 b->m, up1 m->b, down3 b+m->b, up2 b->dim: five distinct shapes);
+  layers (down1 dim->b, down2 b->m, up1 m->b, down3 b+m->b, up2 b->dim: five distinct shapes; the
+  Sparse-Tuning release names them ``blocks.{i}.adaptmlp.*``);
+* the Sparse-Tuning release's classifier, ``head.0`` (BatchNorm1d without affine parameters) and ``head.1``
+  (Linear): folded into our Linear ``head`` (the same logits in eval mode);
 * a BatchNorm (``running_mean``) or Conv1d (3-D ``weight``): the CLCA aggregation head's parts, by width;
 * a (1, K, D) tensor: CLCA's carrier tokens (the release's ``clr``), or their position embedding when its
   name says ``pos`` (the release appends it to ``pos_embed``: its last K rows are split off).
 
 Every trainable parameter of the model must be covered, every tensor of the file used, and shapes must
 agree; anything else is a :class:`ValueError` that lists the offending names. Files are read with
-``torch.load(weights_only=True)``: no code in a checkpoint runs.
+``torch.load(weights_only=True)`` and effvision's allow list (what training scripts save beside the weights,
+such as the release's ``args`` Namespace): no code in a checkpoint runs.
 """
 
 from __future__ import annotations
@@ -21,13 +24,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from effvision.errors import UserError
 from effvision.peft.clca import CrossLayerAggregationHead
 from effvision.peft.released_adapter import ReleasedAdapters
-from effvision.torch_checkpoint import check_torch_archive, tensor_state_dict
+from effvision.torch_checkpoint import tensor_state_dict
 
 CONTAINER_KEYS = ("model", "state_dict", "module", "model_state")
 #: the released CLCA keeps the linear classifier it was built with beside its aggregation head (``ifa_head``),
@@ -38,25 +40,46 @@ ADAPTER_LAYERS = ("down1", "down2", "up1", "down3", "up2")
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a PyTorch checkpoint file (unwrapping ``{"model": ...}``-style containers and DDP's
-    ``module.`` prefix), loaded with ``weights_only=True``."""
+    ``module.`` prefix), loaded without running code from the file: ``weights_only=True``, and effvision's
+    allow list for what training scripts save beside the weights (the release's ``args`` Namespace,
+    which ``weights_only`` alone refuses)."""
+    from effvision.torch_checkpoint import load_torch_checkpoint
+
     if Path(path).exists() and not Path(path).is_file():  # torch.load would block on a FIFO
         raise ValueError(f"{path}: not a regular file")
-    if Path(path).exists():
-        try:  # no legacy format, no compressed records: both let a few bytes claim gigabytes
-            check_torch_archive(path)
-        except UserError as error:
-            raise ValueError(str(error)) from None
+    if not Path(path).exists():
+        raise FileNotFoundError(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001 - torch raises many types for foreign or unsafe files
-        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({type(error).__name__}: {error})") from None
-    try:
-        loaded = tensor_state_dict(loaded, str(path), CONTAINER_KEYS)
+        loaded = tensor_state_dict(load_torch_checkpoint(path), str(path), CONTAINER_KEYS)
     except UserError as error:
         raise ValueError(str(error)) from None
     return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+#: the released Sparse-Tuning's classifier: ``head = Sequential(BatchNorm1d(D, affine=False, eps=1e-6), Linear)``
+RELEASED_HEAD_NORM_EPS = 1e-6
+
+
+def _fold_head_norm(model: nn.Module, released: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """A released ``head.0`` BatchNorm1d (its running statistics, and affine parameters if any) in front of a
+    ``head.1`` Linear, folded into one Linear ``head`` for a model whose head is timm's Linear: the same logits
+    in eval mode (the release's training normalises with each batch's statistics; ours has no such norm)."""
+    keys = ("head.0.running_mean", "head.0.running_var", "head.1.weight", "head.1.bias")
+    if not isinstance(getattr(model, "head", None), nn.Linear) or not all(key in released for key in keys):
+        return released, []
+    released = dict(released)
+    mean, var = released.pop("head.0.running_mean").double(), released.pop("head.0.running_var").double()
+    released.pop("head.0.num_batches_tracked", None)
+    scale = (var + RELEASED_HEAD_NORM_EPS).rsqrt()
+    shift = -mean * scale
+    if "head.0.weight" in released and "head.0.bias" in released:  # an affine BatchNorm
+        gamma = released.pop("head.0.weight").double()
+        shift = shift * gamma + released.pop("head.0.bias").double()
+        scale = scale * gamma
+    weight, bias = released.pop("head.1.weight"), released.pop("head.1.bias")
+    released["head.weight"] = (weight.double() * scale[None]).to(weight.dtype)
+    released["head.bias"] = (bias.double() + weight.double() @ shift).to(bias.dtype)
+    return released, ["head.0 (BatchNorm1d) folded into head.1 as head"]
 
 
 def _targets(model: nn.Module) -> dict[tuple, str]:
@@ -104,11 +127,12 @@ def _signature(module_name: str, tensors: dict[str, Tensor]) -> tuple | None:
 def load_released_checkpoint(model: nn.Module, path: str | Path) -> dict:
     """Load a released Sparse-Tuning / CLCA checkpoint into ``model`` (built with the same options).
 
-    Returns ``{"by_name": [...], "by_structure": {our name: released name}, "ignored": [...]}``. Raises
+    Returns ``{"by_name": [...], "by_structure": {our name: released name}, "ignored": [...], "folded": [...]}``.
+    Raises
     ValueError when a trainable parameter is missing from the file, a tensor of the file has no place in the
     model, two tensors claim the same place, or shapes disagree.
     """
-    released = _release_layout(model, read_state_dict(path))
+    released, folded = _fold_head_norm(model, _release_layout(model, read_state_dict(path)))
     aggregation_head = isinstance(model.head, CrossLayerAggregationHead)
     ignored = [key for key in UNUSED_RELEASED_HEAD if aggregation_head and key in released]
     for key in ignored:
@@ -161,7 +185,8 @@ def load_released_checkpoint(model: nn.Module, path: str | Path) -> dict:
         more = [f"... ({len(problems)} problems in all)"] if len(problems) > 100 else []
         raise ValueError(f"{path} does not fit this model:\n  " + "\n  ".join(shown + more))
     model.load_state_dict(assigned, strict=False)
-    return {"by_name": sorted(set(assigned) - set(mapping)), "by_structure": mapping, "ignored": ignored}
+    return {"by_name": sorted(set(assigned) - set(mapping)), "by_structure": mapping, "ignored": ignored,
+            "folded": folded}
 
 
 def _release_layout(model: nn.Module, released: dict[str, Tensor]) -> dict[str, Tensor]:
