@@ -196,14 +196,15 @@ def clca_reference(model, images, reduction, cache_layers, head_layers, carriers
     before the last cache layer, cache the plain mean of the tokens at positions prefix..L and the last K
     tokens (carriers). Later reductions treat appended tokens like patches. ``carriers``: (tokens, position
     embedding or None), each (1, K, D), appended after the patches at the input."""
-    x = embed(model, images)
+    x = model.patch_drop(model._pos_embed(model.patch_embed(images)))
     batch = x.shape[0]
     prefix = model.num_prefix_tokens
     pool_end = x.shape[1]
     carrier_count = 0 if carriers is None else carriers[0].shape[1]
-    if carrier_count:
+    if carrier_count:  # appended with the position embedding, before the model's norm_pre (as released)
         tokens = carriers[0] if carriers[1] is None else carriers[0] + carriers[1]
         x = torch.cat([x, tokens.expand(batch, -1, -1)], dim=1)
+    x = model.norm_pre(x)
     size = torch.ones(x.shape[:2])
     cache, cls_tokens = [], []
     for index, block in enumerate(model.blocks):

@@ -76,6 +76,23 @@ def test_model_equals_the_step_by_step_reference(method, options, carriers):
     assert forward_tokens(model, x).num_tokens == tokens == effvision.reduction_info(model)["tokens_after"][-1]
 
 
+def test_carriers_pass_the_models_norm_pre_as_released():
+    """The release appends its carriers in _pos_embed, before norm_pre: on a pre-norm (CLIP) ViT they were
+    appended after it, unnormalised (logits off by 1.2 on a CLIP-B shrunk to width 192)."""
+    model = make_family("clip_prenorm", seed=2, depth=6)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * model.embed_dim].mul_(4.0)
+    options = dict(keep_rate=0.7, layers=(1, 3))
+    model = randomize_head(add_clca(effvision.reduce(model, "topk", **options), carriers=2)).eval()
+    cache = model.clca_cache
+    with torch.no_grad():
+        cache.carrier_tokens.normal_(0, 1.0)  # far from the norm's output scale, so skipping it shows
+        expected, _ = clca_reference(model, images(), Reduction("topk", **options), cache.layers, (1, 3, 5),
+                                     (cache.carrier_tokens, cache.carrier_pos_embed))
+        torch.testing.assert_close(model(images()), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_carriers_only_cache_equals_the_reference():
     options = dict(keep_rate=0.5, layers=(3, 6, 9))
     model = reference_case("topk", options, carriers=3, average=False)

@@ -173,6 +173,8 @@ class CrossLayerCache(nn.Module):
             raise ValueError("a cache with neither the average token nor carriers caches nothing")
         self.carriers = carriers
         self.average = average
+        #: the model's ``norm_pre`` (one-tuple, so it is not registered twice), applied to the carriers
+        self.input_norm: tuple[nn.Module, ...] = ()
         self.carrier_tokens = self.carrier_pos_embed = None
         if carriers:
             self.carrier_tokens = nn.Parameter(torch.randn(1, carriers, dim) * INIT_STD)
@@ -203,6 +205,8 @@ class CrossLayerCache(nn.Module):
             carriers = self.carrier_tokens
             if self.carrier_pos_embed is not None:
                 carriers = carriers + self.carrier_pos_embed
+            for norm in self.input_norm:  # the release appends them before the model's norm_pre (CLIP's)
+                carriers = norm(carriers)
             state = append_tokens(state, carriers.expand(state.x.shape[0], -1, -1))
         return state.replace(extras=extras)
 
@@ -303,6 +307,8 @@ def add_clca(
         cache_module = CrossLayerCache(model.embed_dim, cache_layers, depth, carriers, average,
                                        carrier_position=not getattr(model, "no_embed_class", False))
         model.clca_cache = placed_like(cache_module, model)
+        if isinstance(getattr(model, "norm_pre", None), nn.Module) and not isinstance(model.norm_pre, nn.Identity):
+            cache_module.input_norm = (model.norm_pre,)
         cls_token = getattr(model, "cls_token", None)
         if carriers and cls_token is not None:  # the release's add_clr(init_cls=True)
             with torch.no_grad():
