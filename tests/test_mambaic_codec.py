@@ -133,6 +133,23 @@ def test_refined_latents_lower_the_rd_objective_and_decode_with_the_same_decoder
     assert tiny_model.decompress(out["strings"], out["shape"])["x_hat"].shape == x.shape
 
 
+def test_a_refined_image_codes_the_same_alone_or_in_a_batch(tiny_model: MambaIC) -> None:
+    """One loss over the batch kept the batch's best step for every image: an image's file depended on the
+    other images coded with it."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    batch = tiny_model.compress(x, effort=2, lmbda=0.01)["strings"]
+    for index in range(2):
+        alone = tiny_model.compress(x[index:index + 1], effort=2, lmbda=0.01)["strings"]
+        assert [stream[index] for stream in batch] == [stream[0] for stream in alone]
+
+
+def test_an_empty_batch_compresses_to_empty_string_lists(tiny_model: MambaIC) -> None:
+    """It failed inside the VSS block ("cannot reshape tensor of 0 elements"); compressai's models return
+    empty lists."""
+    out = tiny_model.compress(torch.rand(0, 3, 64, 64))
+    assert out["strings"] == [[] for _ in range(2 * len(tiny_model.slices) + 1)] and out["shape"] == (64, 64)
+
+
 def test_effort_needs_the_training_lambda(tiny_model: MambaIC) -> None:
     x = torch.rand(1, 3, 32, 32)
     with pytest.raises(ValueError, match="lambda"):

@@ -229,6 +229,23 @@ def test_state_dict_round_trips_into_a_fresh_codec_and_refits_its_index_model(co
         fresh.load_state_dict(dict(other, reference_maps=torch.full((1, 2, 2), 64)))
 
 
+def test_a_state_of_another_codebook_size_fails_and_leaves_the_reference_maps(codec):
+    """The maps were loaded first: the model was left holding another codebook's indices, and the error was
+    "reference_maps must hold codebook indices in [0, 16)"."""
+    clustered = codec.cluster(16)
+    before = clustered.reference_maps.clone()
+    with pytest.raises(RuntimeError, match="reference_maps: they index a codebook of 64 entries, this model's has 16"):
+        clustered.load_state_dict(codec.state_dict())
+    assert torch.equal(clustered.reference_maps, before)
+
+
+def test_a_restorer_state_into_a_codec_without_one_says_how_to_load_it(codec):
+    """torch's "Unexpected key(s) restorer.mask_token ..." did not say that the restorer's config is needed."""
+    with pytest.raises(RuntimeError, match=r"restorer=IndexRestorer\(\*\*source.restorer.config\)"):
+        VQGANCodec(TINY).load_state_dict(codec.state_dict())
+    VQGANCodec(TINY).load_state_dict(codec.state_dict(), strict=False)  # non-strict: left out, as torch does
+
+
 def test_aux_loss_is_a_tensor_and_refinement_works_under_inference_mode(codec):
     """aux_loss() returned the int 0 (no .backward(), no .item()); compress(effort=N) under
     torch.inference_mode() failed as no gradient could be taken."""

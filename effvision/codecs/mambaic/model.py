@@ -376,9 +376,18 @@ class MambaIC(CompressionModel):
         """x: (B, 3, H, W) in [0, 1] -> {"strings": [[bytes] * B] * (2 * slices + 1), "shape": (H, W)}.
 
         ``effort`` > 0 refines the latents for this image first (:meth:`refine_latents`, that many steps) under
-        ``lmbda`` (default: the λ the weights were trained for, ``self.rd_lambda``); decoding is unchanged.
+        ``lmbda`` (default: the λ the weights were trained for, ``self.rd_lambda``); decoding is unchanged. Each
+        image of a batch is refined on its own, so its streams do not depend on the other images. An empty
+        batch gives empty string lists, as compressai's models do.
         """
         check_image_batch(x)
+        streams = 2 * len(self.slices) + 1
+        if x.shape[0] == 0:
+            return {"strings": [[] for _ in range(streams)], "shape": tuple(x.shape[-2:])}
+        if effort > 0 and x.shape[0] > 1:  # one loss over the batch kept the batch's best step for every image
+            parts = [self.compress(x[index:index + 1], effort, lmbda)["strings"] for index in range(x.shape[0])]
+            return {"strings": [[s for part in parts for s in part[k]] for k in range(streams)],
+                    "shape": tuple(x.shape[-2:])}
         if effort > 0 and torch.is_inference_mode_enabled():
             with gradients_available():
                 return self.compress(x.clone(), effort, lmbda)

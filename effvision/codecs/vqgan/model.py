@@ -170,12 +170,31 @@ class VQGANCodec(CompressionModel):
         train; compressai's examples/train.py therefore does not apply: train it with ``effvision train-vqgan``)."""
         return self.reference_maps.new_zeros((), dtype=torch.float32)
 
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """torch's, with a clear error for a state that holds a lost-index restorer when this codec has none
+        (torch's "Unexpected key(s) restorer.mask_token, ..." did not say its config is needed to build one)."""
+        if strict and self.restorer is None and any(str(key).startswith("restorer.") for key in state_dict):
+            raise RuntimeError(
+                "the state holds a lost-index restorer (restorer.*) and this codec has none: build it with "
+                "restorer=IndexRestorer(**source.restorer.config), or save the source with .save(path) and read it "
+                "with VQGANCodec.load(path), which keeps the restorer's config"
+            )
+        return super().load_state_dict(state_dict, strict=strict)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         # reference_maps has the shape of the maps it holds (compressai resizes its CDF buffers the same way):
         # another codec's state dict failed with "size mismatch for reference_maps: [1152, 8, 8] vs [0, 1, 1]"
         incoming = state_dict.get(prefix + "reference_maps")
-        if isinstance(incoming, Tensor) and incoming.dim() == 3:
+        codebook = state_dict.get(prefix + "vq.quantize.embedding.weight")
+        same_codebook = not isinstance(codebook, Tensor) or codebook.shape[0] == self.codebook_size
+        if not same_codebook and isinstance(incoming, Tensor):
+            # the maps index another codebook: they stay out (they were loaded, and the model was left holding
+            # another codebook's indices), and the load fails as torch fails on any size mismatch
+            state_dict = {key: value for key, value in state_dict.items() if key != prefix + "reference_maps"}
+            error_msgs.append(f"size mismatch for {prefix}reference_maps: they index a codebook of {codebook.shape[0]} "
+                              f"entries, this model's has {self.codebook_size}")
+        elif isinstance(incoming, Tensor) and incoming.dim() == 3:
             self.reference_maps = self.reference_maps.new_zeros(incoming.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
