@@ -33,7 +33,7 @@ def test_codec_transform_exports_with_dynamic_height_and_width(tmp_path, capsys)
     finally:
         unregister_codec("factorized-test")
     out = capsys.readouterr().out
-    assert "(2, 24, 4, 2)" in out  # checked at twice the traced latent height
+    assert "(2, 24, 4, 6)" in out  # checked at twice the traced latent height and three times its width
     assert "top-1" not in out
 
 

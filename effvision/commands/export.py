@@ -134,8 +134,9 @@ def _codec_transform(args: argparse.Namespace):
 
 
 def _other_size(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(C, H, W) -> (C, 2H, W): a second, non-square size to check dynamic height/width on."""
-    return (shape[0], 2 * shape[1], shape[2])
+    """(C, H, W) -> (C, 2H, 3W): a second size, another height, another width and another aspect ratio, to
+    check dynamic height/width on (only the height changed: a width baked into the graph passed)."""
+    return (shape[0], 2 * shape[1], 3 * shape[2])
 
 
 def _dynamic_size_works(model, path: Path, shape: tuple[int, ...], atol: float) -> bool:
