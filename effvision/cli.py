@@ -84,9 +84,15 @@ def _command_named(argv: Sequence[str]) -> str | None:
     return None
 
 
+def one_line(message: object) -> str:
+    """``message`` with control characters written escaped (``\\n``, ``\\x1b``): a file name holding a newline
+    split an error line, and one holding a terminal escape sequence would have reached the terminal."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in str(message))
+
+
 def print_error(command: str, message: str) -> None:
     """The one-line error format of every command: ``effvision COMMAND: error: MESSAGE``."""
-    print(f"effvision {command}: error: {message}", file=sys.stderr)
+    print(f"effvision {command}: error: {one_line(message)}", file=sys.stderr)
 
 
 #: the most threads ``--threads`` may ask for: more than any machine's cores (libgomp aborts with "out of
@@ -127,7 +133,7 @@ class Batch:
     def fail(self, message: str) -> None:
         """Report a failure that is already a message (e.g. an input pattern that matched nothing)."""
         self.failures += 1
-        self.write(f"effvision {self.command}: error: {message}")
+        self.write(f"effvision {self.command}: error: {one_line(message)}")
 
     @contextmanager
     def item(self, name: str) -> Iterator[None]:
@@ -174,7 +180,7 @@ def _one_line_for_our_warnings(command: str, format_warning):
 
     def formatwarning(message, category, filename, lineno, line=None):
         if category.__module__.startswith("effvision"):
-            return f"effvision {command}: warning: {message}\n"
+            return f"effvision {command}: warning: {one_line(message)}\n"
         return format_warning(message, category, filename, lineno, line)
 
     return formatwarning

@@ -236,6 +236,14 @@ def expand_inputs(patterns: Iterable[str], suffixes: Iterable[str], errors: list
             entries = list(Path(pattern).iterdir())
             matches = sorted(str(p) for p in entries if p.is_file() and p.suffix.lower() in suffixes)
             problem = f"{pattern}: no {'/'.join(suffixes)} files in this directory"
+            # named like an input but no file to read (a broken or looping link, a pipe): skipped without a word
+            unreadable = sorted(str(p) for p in entries if p.suffix.lower() in suffixes and not p.is_file()
+                                and not p.is_dir())
+            for name in unreadable:
+                message = f"{name}: not a regular file (a broken or looping link, a pipe or a device)"
+                if errors is None:
+                    raise UserError(message)
+                errors.append(message)
             folders = sum(p.is_dir() for p in entries)
             if folders:  # they were skipped without a word (eval-codec --data searches them)
                 import warnings

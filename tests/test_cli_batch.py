@@ -182,3 +182,24 @@ def test_a_max_pixels_below_one_is_a_clear_error(tmp_path, capsys, limit):
     assert cli.main(["decode", str(tmp_path / "x.evc"), "--max-pixels", limit]) == 1
     assert f"--max-pixels must be 1 or more, got {limit}" in capsys.readouterr().err
 
+
+
+def test_a_folders_broken_links_and_pipes_named_like_images_are_reported_not_skipped(tmp_path):
+    """A dangling x.png, a looping link and a FIFO inside a folder were skipped without a word (named
+    directly, each was an error)."""
+    import os
+
+    from effvision.io_utils import expand_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "b.png").symlink_to("nowhere.png")
+    (folder / "loop.png").symlink_to("loop.png")
+    os.mkfifo(folder / "c.png")
+    errors: list[str] = []
+    assert expand_inputs([str(folder)], [".png"], errors) == [str(folder / "a.png")]
+    assert [message.split(":")[0] for message in errors] == [str(folder / name) for name in ("b.png", "c.png",
+                                                                                             "loop.png")]
+    with pytest.raises(UserError, match="b.png: not a regular file"):
+        expand_inputs([str(folder)], [".png"])
