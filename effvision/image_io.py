@@ -12,7 +12,8 @@ Every image effvision reads (``encode``, training, evaluation) goes through :fun
   decoded image should look as the original is shown.
 * **Modes.** Everything becomes 8 bits per channel in one of RGB, L, RGBA, LA (:data:`STORED_MODES`):
   palette images become RGB, or RGBA when they have a transparent colour; 1-bit becomes L (0 / 255);
-  high-bit-depth grayscale is *scaled*, not clipped, to 8 bits: 16-bit (``I;16*``) and 16-bit Netpbm
+  high-bit-depth grayscale is *scaled*, not clipped, to 8 bits: 16-bit (``I;16*``; a 9- to 15-bit TIFF from
+  its own maximum, a white-is-zero TIFF turned round) and 16-bit Netpbm
   (which Pillow opens as ``I`` scaled to its maximum value) from 0..65535; other 32-bit integer and float
   (``I``, ``F``) from 0..65535 when any value exceeds 255, else from 0..255, except a float image whose
   values all lie in [0, 1], taken as unit range (negative and non-finite values become 0); CMYK, YCbCr, LAB,
@@ -121,6 +122,7 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
             if png_rawmode == "LA;16B" and image.mode == "RGBA":
                 image = image.convert("LA")  # R = G = B: the grey level exactly
             _png_transparency_as_read(image, png_rawmode)
+            _tiff_grey_levels_as_stored(image)
             try:
                 return upright(image)
             except (struct.error, TypeError, KeyError) as error:  # a tag whose type does not fit its value
@@ -156,6 +158,23 @@ def _png_transparency_as_read(image: Image.Image, rawmode: object) -> None:
     elif rawmode == "RGB;16B":
         del image.info["transparency"]
         image.info[TRANSPARENCY_NOT_APPLIED] = True
+
+
+#: ``image.info`` key: (maximum grey level, white is zero) of a high-bit-depth grey TIFF (see :func:`normalize_mode`)
+TIFF_GREY_LEVELS = "effvision: tiff grey levels"
+
+
+def _tiff_grey_levels_as_stored(image: Image.Image) -> None:
+    """Pillow opens a 9- to 15-bit grey TIFF as 16-bit (``I;16``) holding values up to 2^bits - 1, and a 16-bit
+    one with white as zero (PhotometricInterpretation 0) as black-is-zero: white came out as 16 of 255, and
+    the second inverted. Their maximum level and polarity are kept in ``image.info`` for the scaling."""
+    if image.format != "TIFF" or not image.mode.startswith("I;16"):
+        return
+    tags = getattr(image, "tag_v2", {})
+    bits = tags.get(258)
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    top = 2 ** bits - 1 if isinstance(bits, int) and 1 <= bits <= 16 else 65535
+    image.info[TIFF_GREY_LEVELS] = (top, tags.get(262) == 0)
 
 
 #: EXIF orientation -> the transpose that shows the image upright (the same table as Pillow's exif_transpose)
@@ -400,7 +419,12 @@ def _grayscale_to_8_bits(image: Image.Image):
     floating = values.dtype.kind == "f"
     values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0, copy=False)
     top = float(values.max(initial=0.0))
-    if image.mode.startswith("I;16") or image.format == "PPM" and not floating:
+    levels = image.info.get(TIFF_GREY_LEVELS)
+    if levels is not None:  # a 9- to 16-bit grey TIFF: its own maximum, and white may be zero
+        scale = float(levels[0])
+        if levels[1]:
+            values = np.clip(scale - values, 0.0, None)
+    elif image.mode.startswith("I;16") or image.format == "PPM" and not floating:
         scale = 65535.0  # the bit depth is known (Pillow scales a Netpbm maximum value to 65535)
     elif floating and top <= 1.0:
         scale = 1.0

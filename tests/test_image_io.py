@@ -487,3 +487,26 @@ def test_the_transparent_colour_of_a_16_bit_rgb_png_is_dropped_with_a_note():
     image = open_image(data)
     assert normalize_mode(image).mode == "RGB"
     assert any("transparent colour is not applied" in note for note in what_is_not_kept(image))
+
+
+def grey_tiff_of_depth(bits: int, packed: bytes, width: int, white_is_zero: bool = False) -> bytes:
+    """A one-row uncompressed grey TIFF (little-endian) of ``bits`` bits per pixel holding ``packed`` bytes."""
+    entries = [(256, 3, 1, width), (257, 3, 1, 1), (258, 3, 1, bits), (259, 3, 1, 1),
+               (262, 3, 1, 0 if white_is_zero else 1), (273, 4, 1, 8 + 2 + 12 * 9 + 4), (277, 3, 1, 1),
+               (278, 3, 1, 1), (279, 4, 1, len(packed))]
+    directory = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, count) + struct.pack("<H" if kind == 3 else "<I", value).ljust(4, b"\0")
+        for tag, kind, count, value in entries) + b"\0" * 4
+    return b"II*\0" + struct.pack("<I", 8) + directory + packed
+
+
+def test_a_12_bit_grey_tiff_is_scaled_from_its_own_maximum():
+    """Pillow opens it as 16-bit holding 0..4095: white came out as 16 of 255."""
+    image = normalize_mode(open_image(grey_tiff_of_depth(12, bytes([0xFF, 0xF0, 0x00]), 2)))
+    assert np.asarray(image).tolist() == [[255, 0]]
+
+
+def test_a_16_bit_white_is_zero_tiff_is_not_inverted():
+    """PhotometricInterpretation 0 (white is zero) at 16 bits came out inverted."""
+    image = normalize_mode(open_image(grey_tiff_of_depth(16, struct.pack("<2H", 0, 65535), 2, white_is_zero=True)))
+    assert np.asarray(image).tolist() == [[255, 0]]
