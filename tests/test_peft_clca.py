@@ -290,3 +290,30 @@ def test_a_global_pool_the_clca_head_cannot_apply_is_refused_when_the_model_is_m
         timm.create_model("clca_ppt_vit_tiny_patch16_224", global_pool="avg")
     assert timm.create_model("clca_ppt_vit_tiny_patch16_224", global_pool="token").global_pool == ""
     assert timm.create_model("clca_ppt_vit_tiny_patch16_224", global_pool="avg", clca_head=False).global_pool == "avg"
+
+
+def test_block_hooks_see_the_released_loops_tokens_and_reach_the_aggregation_head():
+    """The release appends cached tokens and collects the class token in its loop, between blocks: a block's
+    pre-hook sees the appended tokens, a forward hook's replacement reaches the head, backward hooks fire."""
+    model = reference_case("topk", dict(keep_rate=0.7, layers=(3, 6, 9)))
+    x = images()
+    with torch.no_grad():
+        plain = model(x)
+    inputs = []
+    handle = model.blocks[4].register_forward_pre_hook(lambda module, args: inputs.append(args[0].shape[1]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    schedule = effvision.reduction_info(model)["tokens"]
+    assert inputs == [schedule[4]]  # after block 3's reduction and the three appended cached tokens
+    last = model.blocks[11]
+    handle = last.register_forward_hook(lambda module, args, out: out * 0)
+    with torch.no_grad():
+        zeroed = model(x)
+    handle.remove()
+    assert not torch.allclose(zeroed, plain)
+    gradients = []
+    handle = last.register_full_backward_hook(lambda module, grad_in, grad_out: gradients.append(grad_out[0]))
+    model(x).sum().backward()
+    handle.remove()
+    assert len(gradients) == 1 and gradients[0].abs().sum() > 0

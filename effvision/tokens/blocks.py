@@ -273,23 +273,34 @@ class TokenReducingBlocks(nn.Sequential):
         return state, collected
 
     def run_block(self, index: int, block: nn.Module, state: TokenState) -> TokenState:
-        """Block ``index`` on ``state``; the block's hooks see its input and output tokens."""
-        if not has_hooks(block):
-            return self.run_block_parts(index, block, state)
-        result = {}
+        """Block ``index`` on ``state``, between the extensions' ``before_block`` and ``after_block``.
 
-        def run(x: Tensor) -> Tensor:
-            result["state"] = self.run_block_parts(index, block, state.replace(x=x))
-            return result["state"].x
-
-        x = call_with_hooks(block, run, state.x)
-        return result["state"].replace(x=x)
-
-    def run_block_parts(self, index: int, block: nn.Module, state: TokenState) -> TokenState:
+        The block's hooks see its input and output tokens as in timm's loop: the input after what the
+        extensions add between blocks (CLCA's cached tokens), the output before what they do after it
+        (CLCA's head input, Sparse-Tuning's stage sums), so a forward hook that replaces the output
+        replaces what the next block, the collector and the head get."""
         for extension in self.extensions:
             before = getattr(extension, "before_block", None)
             if before is not None:
                 state = before(index, state)
+        if has_hooks(block):
+            result = {}
+
+            def run(x: Tensor) -> Tensor:
+                result["state"] = self.run_block_parts(index, block, state.replace(x=x))
+                return result["state"].x
+
+            x = call_with_hooks(block, run, state.x)
+            state = result["state"].replace(x=x)
+        else:
+            state = self.run_block_parts(index, block, state)
+        for extension in self.extensions:
+            state = extension.after_block(index, state)
+        return state
+
+    def run_block_parts(self, index: int, block: nn.Module, state: TokenState) -> TokenState:
+        """The block itself: attention, the policy's reduction, the extensions' reduction and parallel-FFN
+        steps, the MLP."""
         reduces = self.policy.output_tokens(index, state.num_tokens, state.num_prefix) < state.num_tokens
         need = self.policy.needs if reduces else frozenset()
         bias = size_bias(state.size, state.x) if self.policy.proportional_attention else None
@@ -335,7 +346,4 @@ class TokenReducingBlocks(nn.Sequential):
             x = mlp_part(state.x)
         for branch in branches:
             x = x + branch
-        state = state.replace(x=x)
-        for extension in self.extensions:
-            state = extension.after_block(index, state)
-        return state
+        return state.replace(x=x)
