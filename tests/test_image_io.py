@@ -489,11 +489,16 @@ def test_the_transparent_colour_of_a_16_bit_rgb_png_is_dropped_with_a_note():
     assert any("transparent colour is not applied" in note for note in what_is_not_kept(image))
 
 
-def grey_tiff_of_depth(bits: int, packed: bytes, width: int, white_is_zero: bool = False) -> bytes:
-    """A one-row uncompressed grey TIFF (little-endian) of ``bits`` bits per pixel holding ``packed`` bytes."""
+def grey_tiff_of_depth(bits: int, packed: bytes, width: int, white_is_zero: bool = False,
+                       sample_format: int | None = None, samples: int = 1) -> bytes:
+    """A one-row uncompressed grey (or ``samples``-channel) TIFF, little-endian, of ``bits`` bits per sample
+    holding ``packed`` bytes; ``sample_format``: 1 unsigned, 2 signed, 3 floating point."""
+    count = 9 + (sample_format is not None)
     entries = [(256, 3, 1, width), (257, 3, 1, 1), (258, 3, 1, bits), (259, 3, 1, 1),
-               (262, 3, 1, 0 if white_is_zero else 1), (273, 4, 1, 8 + 2 + 12 * 9 + 4), (277, 3, 1, 1),
-               (278, 3, 1, 1), (279, 4, 1, len(packed))]
+               (262, 3, 1, 2 if samples == 3 else 0 if white_is_zero else 1), (273, 4, 1, 8 + 2 + 12 * count + 4),
+               (277, 3, 1, samples), (278, 3, 1, 1), (279, 4, 1, len(packed))]
+    if sample_format is not None:
+        entries.append((339, 3, 1, sample_format))
     directory = struct.pack("<H", len(entries)) + b"".join(
         struct.pack("<HHI", tag, kind, count) + struct.pack("<H" if kind == 3 else "<I", value).ljust(4, b"\0")
         for tag, kind, count, value in entries) + b"\0" * 4
@@ -510,3 +515,17 @@ def test_a_16_bit_white_is_zero_tiff_is_not_inverted():
     """PhotometricInterpretation 0 (white is zero) at 16 bits came out inverted."""
     image = normalize_mode(open_image(grey_tiff_of_depth(16, struct.pack("<2H", 0, 65535), 2, white_is_zero=True)))
     assert np.asarray(image).tolist() == [[255, 0]]
+
+
+def test_a_signed_8_bit_grey_tiff_reads_minus_128_as_black():
+    """Pillow gives the stored bytes: -100 came out as 156 (dark as bright)."""
+    image = open_image(grey_tiff_of_depth(8, bytes([0x80, 0x9C, 0x00, 0x7F]), 4, sample_format=2))
+    assert np.asarray(normalize_mode(image)).tolist() == [[0, 28, 128, 255]]
+    unsigned = open_image(grey_tiff_of_depth(8, bytes([0x80, 0x9C, 0x00, 0x7F]), 4, sample_format=1))
+    assert np.asarray(normalize_mode(unsigned)).tolist() == [[128, 156, 0, 127]]
+
+
+def test_a_tiff_of_floating_point_colour_says_its_sample_format_is_not_read():
+    data = grey_tiff_of_depth(32, struct.pack("<3f", 0.1, 0.5, 0.9), 1, sample_format=3, samples=3)
+    with pytest.raises(UserError, match="TIFF whose sample format is not read"):
+        open_image(data, name="float.tif")
