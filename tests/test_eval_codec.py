@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -65,6 +66,32 @@ def test_closest_quality_is_the_setting_with_the_nearest_file_size() -> None:
     for target in (sizes[3] - 1, sizes[40] + 7, sizes[90], 10, 10**6):
         chosen = runs.closest_quality(jpeg, 1, target)
         assert abs(sizes[chosen] - target) == min(abs(s - target) for s in sizes.values())
+
+
+def test_closest_quality_finds_the_nearest_size_where_sizes_dip(monkeypatch) -> None:
+    """WebP and JPEG XL sizes are not strictly monotone in quality: a bisection alone lands beside the dip."""
+    codec = evaluation.CLASSICAL["webp"]
+    sizes = {q: 1000 + 10 * q for q in range(0, 101)}
+    sizes[54] = 1514  # a dip two qualities past the crossing (51: 1510, 52: 1520), exactly the target
+    runs = evaluation._ClassicalRuns("x", np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.setattr(runs, "encoded", lambda c, q, f: (b"x" * sizes[q], 0.0))
+    assert runs.closest_quality(codec, 1, 1514) == 54
+
+
+def test_the_jpeg_anchor_has_optimised_huffman_tables_and_every_report_states_the_settings() -> None:
+    """Pillow's default JPEG uses the standard tables: 5-10% larger for the same pixels, a handicapped anchor."""
+    pixels = _photo_like(np.random.default_rng(2), 128, 128)
+    jpeg = evaluation.CLASSICAL["jpeg"]
+    data, _ = jpeg.encode(pixels, 50)
+    plain = io.BytesIO()
+    Image.fromarray(pixels).save(plain, format="JPEG", quality=50)
+    assert len(data) < len(plain.getvalue())
+    decoded, _ = jpeg.decode(data, (128, 128))
+    assert np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(plain.getvalue())).convert("RGB")))
+    assert "optimize=True" in jpeg.settings() and "method=6" in evaluation.CLASSICAL["webp"].settings()
+    evaluation_ = evaluation.Evaluation(["x"], [], [], [], classical_settings={"jpeg": jpeg.settings()})
+    assert "jpeg: JPEG optimize=True" in evaluation.markdown_report(evaluation_)
+    assert evaluation.Evaluation.from_dict(evaluation_.as_dict()).classical_settings == {"jpeg": jpeg.settings()}
 
 
 def test_downscaled_codec_decodes_to_the_original_size() -> None:

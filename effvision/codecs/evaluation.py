@@ -16,7 +16,8 @@ Three views of the same images:
 Classical codecs (Pillow): ``jpeg``, ``webp``, ``avif``, ``jxl`` (needs ``pillow-jxl-plugin``; skipped with a
 note when missing) and, for extreme rates, ``avif-down`` / ``webp-down``: the image downscaled 2x, 3x or 4x
 (Lanczos), coded, decoded and upscaled back (bicubic); at a matched size the factor with the best PSNR among
-those within 25% of the target size is taken (else the closest size).
+those within 25% of the target size is taken (else the closest size). Encoder settings (each report states
+them): JPEG with optimised Huffman tables, 4:2:0; WebP method 6; AVIF speed 6, 4:2:0; JPEG XL effort 7.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from effvision.errors import UserError
 from effvision.image_io import rgb_image
 
 MATCH_TOLERANCE = 0.25
+#: qualities either side of the bisection's crossing compared for the closest file size (sizes are not
+#: strictly monotone in quality)
+MATCH_WINDOW = 4
 DOWNSCALE_FACTORS = (2, 3, 4)
 
 
@@ -147,13 +151,26 @@ def jxl_available() -> bool:
 
 @dataclass(frozen=True)
 class ClassicalCodec:
-    """A Pillow format with its quality range and the grid the RD curve samples."""
+    """A Pillow format with its quality range, the grid the RD curve samples and the encoder settings.
+
+    ``options`` are passed to ``Image.save`` beside ``quality``: each codec at the settings a careful user
+    would pick, stated in every report (:meth:`settings`), so that no learned codec wins against a handicapped
+    anchor (a JPEG without optimised Huffman tables is 5-10% larger at the same pixels).
+    """
 
     name: str
     pillow_format: str
     quality_range: tuple[int, int]
     grid: tuple[int, ...]
     downscale: tuple[int, ...] = (1,)
+    options: tuple[tuple[str, object], ...] = ()
+
+    def settings(self) -> str:
+        """The encoder settings in words (``JPEG optimize=True``)."""
+        words = [self.pillow_format] + [f"{key}={value}" for key, value in self.options]
+        if len(self.downscale) > 1:
+            words.append(f"downscaled {'/'.join(f'{f}x' for f in self.downscale)} (Lanczos), bicubic back up")
+        return " ".join(words)
 
     def encode(self, pixels: np.ndarray, quality: int, factor: int = 1) -> tuple[bytes, float]:
         """(file bytes, seconds) of an (H, W, 3) uint8 image, downscaled by ``factor`` first."""
@@ -165,7 +182,7 @@ class ClassicalCodec:
         if self.pillow_format == "JXL":
             import pillow_jxl  # noqa: F401  (registers the format with Pillow)
         buffer = io.BytesIO()
-        image.save(buffer, format=self.pillow_format, quality=quality)
+        image.save(buffer, format=self.pillow_format, quality=quality, **dict(self.options))
         return buffer.getvalue(), time.perf_counter() - started
 
     def decode(self, data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, float]:
@@ -184,14 +201,21 @@ class ClassicalCodec:
 _QUALITY_GRID = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 _DOWNSCALED_GRID = (5, 20, 40, 60, 80)
 
+# libjpeg(-turbo) baseline with optimised Huffman tables (4:2:0); WebP at its slowest, best method; AVIF
+# (libavif/aom) at Pillow's speed 6, 4:2:0; JPEG XL (libjxl) at effort 7, its default
+_JPEG_OPTIONS = (("optimize", True), ("subsampling", "4:2:0"))
+_WEBP_OPTIONS = (("method", 6),)
+_AVIF_OPTIONS = (("speed", 6), ("subsampling", "4:2:0"))
+_JXL_OPTIONS = (("effort", 7),)
+
 CLASSICAL: dict[str, ClassicalCodec] = {
-    "jpeg": ClassicalCodec("jpeg", "JPEG", (1, 95), _QUALITY_GRID),
-    "webp": ClassicalCodec("webp", "WEBP", (0, 100), _QUALITY_GRID),
-    "avif": ClassicalCodec("avif", "AVIF", (0, 100), _QUALITY_GRID),
+    "jpeg": ClassicalCodec("jpeg", "JPEG", (1, 95), _QUALITY_GRID, options=_JPEG_OPTIONS),
+    "webp": ClassicalCodec("webp", "WEBP", (0, 100), _QUALITY_GRID, options=_WEBP_OPTIONS),
+    "avif": ClassicalCodec("avif", "AVIF", (0, 100), _QUALITY_GRID, options=_AVIF_OPTIONS),
     # pillow-jxl's quality 100 is distance 0, which libjxl refuses unless lossless=True is passed too
-    "jxl": ClassicalCodec("jxl", "JXL", (1, 99), _QUALITY_GRID),
-    "avif-down": ClassicalCodec("avif-down", "AVIF", (0, 100), _DOWNSCALED_GRID, DOWNSCALE_FACTORS),
-    "webp-down": ClassicalCodec("webp-down", "WEBP", (0, 100), _DOWNSCALED_GRID, DOWNSCALE_FACTORS),
+    "jxl": ClassicalCodec("jxl", "JXL", (1, 99), _QUALITY_GRID, options=_JXL_OPTIONS),
+    "avif-down": ClassicalCodec("avif-down", "AVIF", (0, 100), _DOWNSCALED_GRID, DOWNSCALE_FACTORS, _AVIF_OPTIONS),
+    "webp-down": ClassicalCodec("webp-down", "WEBP", (0, 100), _DOWNSCALED_GRID, DOWNSCALE_FACTORS, _WEBP_OPTIONS),
 }
 
 
@@ -285,8 +309,12 @@ class _ClassicalRuns:
         return self.coded(codec, quality, factor, with_ms_ssim)[0]
 
     def closest_quality(self, codec: ClassicalCodec, factor: int, target_bytes: int) -> int:
-        """The quality whose file size is closest to ``target_bytes`` (sizes rise with quality: bisection,
-        then the two neighbours of the crossing are compared)."""
+        """The quality whose file size is closest to ``target_bytes``.
+
+        Sizes rise with quality almost everywhere, but not strictly (WebP and JPEG XL sizes can dip by a few
+        bytes from one quality to the next), so a bisection finds the crossing and then every quality within
+        :data:`MATCH_WINDOW` of it is compared; ties go to the lower quality.
+        """
         low, high = codec.quality_range
         while low < high:
             middle = (low + high) // 2
@@ -294,8 +322,10 @@ class _ClassicalRuns:
                 low = middle + 1
             else:
                 high = middle
-        candidates = {max(codec.quality_range[0], low - 1), low}
-        return min(candidates, key=lambda q: (abs(len(self.encoded(codec, q, factor)[0]) - target_bytes), q))
+        first = max(codec.quality_range[0], low - MATCH_WINDOW)
+        last = min(codec.quality_range[1], low + MATCH_WINDOW)
+        return min(range(first, last + 1),
+                   key=lambda q: (abs(len(self.encoded(codec, q, factor)[0]) - target_bytes), q))
 
     def matched(self, codec: ClassicalCodec, target_bytes: int) -> Row:
         settings = [(self.closest_quality(codec, f, target_bytes), f) for f in codec.downscale]
@@ -395,6 +425,8 @@ class Evaluation:
     curves: list[Row]
     matched: list[Row]
     notes: list[str] = field(default_factory=list)
+    #: classical codec name -> its encoder settings in words (:meth:`ClassicalCodec.settings`)
+    classical_settings: dict[str, str] = field(default_factory=dict)
 
     def mean_curve(self, rows: Sequence[Row], codec: str) -> list[dict]:
         """Per setting: mean bytes, bpp, PSNR, MS-SSIM over images, and MP/s (sum of pixels / sum of times)."""
@@ -507,13 +539,15 @@ class Evaluation:
                           for key, value in values.items()})
 
         return cls(data["images"], [row(r) for r in rows["learned"]], [row(r) for r in rows["curves"]],
-                   [row(r) for r in rows["matched"]], list(data.get("notes", [])))
+                   [row(r) for r in rows["matched"]], list(data.get("notes", [])),
+                   dict(data.get("classical_settings", {})))
 
     def as_dict(self) -> dict:
         learned = {n: self.mean_curve(self.learned, n) for n in self.learned_names()}
         classical = {n: self.mean_curve(self.curves, n) for n in self.classical_names()}
         return {
-            "images": self.images, "notes": self.notes, "learned_mean": learned, "classical_mean": classical,
+            "images": self.images, "notes": self.notes, "classical_settings": self.classical_settings,
+            "learned_mean": learned, "classical_mean": classical,
             "bd_rate_psnr_pchip": self.bd_rates(),
             "bd_psnr_db_pchip": self.bd_psnrs(), "matched_summary": self.matched_summary(),
             "interpolated_summary": self.interpolated_summary(),
@@ -550,7 +584,8 @@ def evaluate(
             for factor in codec.downscale:
                 for quality in codec.grid:
                     curves.append(runs.row(codec, quality, factor))
-    return Evaluation([name for name, _ in images], learned, curves, matched)
+    return Evaluation([name for name, _ in images], learned, curves, matched,
+                      classical_settings={codec.name: codec.settings() for codec in classical})
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -595,6 +630,9 @@ def _decibels(value: float | None) -> str:
 def markdown_report(evaluation: Evaluation) -> str:
     """Tables: learned points, classical curves, matched bytes, BD-rate, BD-PSNR."""
     lines = [f"Images: {len(evaluation.images)} ({', '.join(evaluation.images)})", ""]
+    if evaluation.classical_settings:
+        lines += ["Classical encoders (Pillow): " + "; ".join(
+            f"{name}: {words}" for name, words in evaluation.classical_settings.items()), ""]
     lines += [
         "### Learned codecs (real `.evc` files, means over images)", "",
         "| codec | setting | bytes | bpp | PSNR (dB) | MS-SSIM | encode MP/s | decode MP/s |",
@@ -632,15 +670,21 @@ def markdown_report(evaluation: Evaluation) -> str:
         "", "### BD-rate vs each classical codec (PSNR, piecewise cubic in log-rate; negative = learned saves bits)",
         "", "| learned | " + " | ".join(classical) + " |", "|---|" + "---:|" * len(classical),
     ]
+    single = [n for n in evaluation.learned_names() if len(evaluation.mean_curve(evaluation.learned, n)) == 1]
     for learned, row in bd.items():
-        lines.append(f"| {learned} | " + " | ".join(_percent(row[c]) for c in classical) + " |")
+        lines.append(f"| {learned}{' (one point)' if learned in single else ''} | "
+                     + " | ".join(_percent(row[c]) for c in classical) + " |")
     lines += [
         "", "### BD-PSNR vs each classical codec (dB at the same rate, piecewise cubic in log-rate; positive = "
         "learned is better; defined wherever the rate ranges overlap)",
         "", "| learned | " + " | ".join(classical) + " |", "|---|" + "---:|" * len(classical),
     ]
     for learned, row in evaluation.bd_psnrs().items():
-        lines.append(f"| {learned} | " + " | ".join(_decibels(row[c]) for c in classical) + " |")
+        lines.append(f"| {learned}{' (one point)' if learned in single else ''} | "
+                     + " | ".join(_decibels(row[c]) for c in classical) + " |")
+    if single:
+        lines += ["", "A ladder of one point (marked) has no Bjøntegaard mean: its figures are the differences at "
+                  "its own rate (or PSNR) on the classical curve."]
     lines += [
         "", "### Classical RD curves (means over images)", "",
         "| codec | setting | bpp | PSNR (dB) | MS-SSIM | encode MP/s | decode MP/s |",

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also evaluate the official release (downloaded and converted once, cached)")
     parser.add_argument("--classical", nargs="+", metavar="NAME",
                         help="classical codecs: jpeg webp avif jxl avif-down webp-down (default: jpeg webp avif "
-                             "jxl, plus avif-down webp-down with vqgan)")
+                             "jxl, plus avif-down webp-down with vqgan), at careful settings: JPEG with optimised "
+                             "Huffman tables 4:2:0, WebP method 6, AVIF speed 6 4:2:0, JPEG XL effort 7")
     parser.add_argument("--effort", nargs="+", type=int_in(0, MAX_EFFORT), default=[0], metavar="N",
                         help="encoder-side refinement steps to evaluate (MambaIC latents, VQGAN indices; each "
                         "N > 0 is its own curve NAME-effortN; default 0)")
