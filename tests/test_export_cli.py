@@ -272,3 +272,43 @@ def test_a_transform_the_exporter_cannot_make_dynamic_falls_back_to_a_fixed_size
     assert "does not export with a dynamic height/width; fixed at (4, 4)" in err and "\x1b[" not in err
     assert "ValueError: Attempting to permute a tensor of rank 5" in err and "step 1/3" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h_a.onnx"]
+
+
+def test_a_checkpoint_fine_tuned_to_other_classes_exports_with_num_classes(tmp_path, capsys):
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "three.pth")
+    argv = ["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--img-size", "32", "--checkpoint",
+            str(tmp_path / "three.pth")]
+    assert cli.main(argv) == 1
+    assert "pass --num-classes" in capsys.readouterr().err
+    assert cli.main([*argv, "--num-classes", "3", "--check"]) == 0
+    assert "top-1 agreement 1.000" in capsys.readouterr().out
+    assert cli.main([*argv, "--num-classes", "-1", "--force"]) == 1
+    assert "--num-classes must be between 0" in capsys.readouterr().err
+
+
+def test_a_fine_tuning_run_folder_exports_its_trained_model(tmp_path, monkeypatch, capsys):
+    """A run keeps only its trained weights: export rebuilds its model from its config and base weights."""
+    import onnxruntime
+
+    from effvision.finetune import checkpoint, loop
+    from tests.test_finetune_cli import finetune_args, write_dataset
+
+    data = write_dataset(tmp_path / "data", per_class=(4, 2))
+    run = tmp_path / "run"
+    monkeypatch.setitem(cli.COMMANDS, "finetune", "finetune")
+    assert cli.main(finetune_args(data, run, epochs=1)) == 0  # a tiny Sparse-Tuning ViT, 32 px, 3 classes
+    assert cli.main(["export", str(run), str(tmp_path / "run.onnx"), "--check"]) == 0
+    assert "top-1 agreement 1.000" in capsys.readouterr().out
+    model = loop.create_model(loop.read_run_config(run / checkpoint.CONFIG))
+    checkpoint.load_weights(model, run / checkpoint.WEIGHTS)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "run.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == (2, 3) and abs(got - expected).max() < 1e-4
+    assert cli.main(["export", str(run), str(tmp_path / "x.onnx"), "--num-classes", "5"]) == 1
+    assert "is a fine-tuning run" in capsys.readouterr().err

@@ -8,20 +8,25 @@ from pathlib import Path
 
 from effvision.errors import UserError
 
-HELP = "export a model (timm or token-reduced name, or CODEC:TRANSFORM) to ONNX, optionally checked"
+HELP = ("export a model (timm or token-reduced name, a fine-tuning run folder, or CODEC:TRANSFORM) to ONNX, "
+        "optionally checked")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="timm name (e.g. ppt_deit_small_patch16_224) or codec transform (e.g. mambaic:g_a, mambaic:g_s)",
+        help="timm name (e.g. ppt_deit_small_patch16_224), a run folder written by `effvision finetune` (its "
+             "model, base weights and trained weights), or codec transform (e.g. mambaic:g_a, mambaic:g_s)",
     )
     parser.add_argument("output", metavar="OUT.onnx", help="destination file")
     parser.add_argument("--checkpoint", metavar="F", help="weights (.safetensors or .pth) for the model/codec")
     parser.add_argument("--pretrained", action="store_true",
                         help="download the official weights (timm's hub weights, or the codec's release)")
     parser.add_argument("--quality", type=int, metavar="Q", help="codec transforms: shipped quality preset")
+    parser.add_argument("--num-classes", type=int, metavar="N",
+                        help="timm models: classifier outputs (e.g. those of a --checkpoint fine-tuned to N "
+                             "classes; 0: no classifier, the pooled features)")
     parser.add_argument("--img-size", type=int, default=None, metavar="N", help="input size (default: model's)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
@@ -59,6 +64,41 @@ def _load_state_dict(path: str) -> dict:
     return state
 
 
+#: the largest --num-classes (timm's largest heads have 21843 outputs)
+MAX_NUM_CLASSES = 100_000
+
+
+def _is_run_folder(name: str) -> bool:
+    from effvision.finetune import checkpoint
+
+    return (Path(name) / checkpoint.CONFIG).is_file()
+
+
+def _run_model(args: argparse.Namespace):
+    """The model a fine-tuning run trained: its config's model and base weights plus its trained weights."""
+    from effvision.finetune import checkpoint
+    from effvision.finetune.loop import create_model, read_run_config
+
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--pretrained", args.pretrained),
+                                      ("--num-classes", args.num_classes), ("--img-size", args.img_size))
+             if value not in (None, False)]
+    if given:
+        raise UserError(f"{args.model} is a fine-tuning run: its config fixes the model, weights, classes and input "
+                        f"size ({', '.join(given)} not taken)")
+    run_dir = Path(args.model)
+    weights = run_dir / checkpoint.WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{run_dir} is a fine-tuning run without a finished epoch (no {checkpoint.WEIGHTS})")
+    config = read_run_config(run_dir / checkpoint.CONFIG)
+    model = create_model(config)
+    checkpoint.load_weights(model, weights)
+    channels = model.pretrained_cfg.get("input_size", (3, 224, 224))[0]
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # the size the run built it at
+    height, width = built if built else model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
+    print(f"{run_dir}: {config.model}, {len(config.classes)} classes, {height}x{width} input", file=sys.stderr)
+    return model.eval(), (channels, height, width), False
+
+
 def _timm_model(args: argparse.Namespace):
     import timm
 
@@ -66,8 +106,11 @@ def _timm_model(args: argparse.Namespace):
     from effvision.bounded_config import check_timm_model
 
     if not timm.is_model(args.model):
-        raise UserError(f"unknown model {args.model!r} (a timm name, or CODEC:TRANSFORM such as mambaic:g_a)")
+        raise UserError(f"unknown model {args.model!r} (a timm name, a fine-tuning run folder, or CODEC:TRANSFORM "
+                        "such as mambaic:g_a)")
     kwargs = {"img_size": args.img_size} if args.img_size else {}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
     check_timm_model(args.model, kwargs)  # e.g. --img-size 8192 at patch 16: 262144 tokens, hours to trace
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
@@ -90,7 +133,9 @@ def _timm_model(args: argparse.Namespace):
         except RuntimeError as error:
             lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()][:8]  # missing, unexpected,
             details = "; ".join(line if len(line) <= 300 else line[:300] + " ..." for line in lines)  # mismatches
-            raise UserError(f"{args.checkpoint} does not fit {args.model}: {details or error}") from error
+            hint = ("; a head fine-tuned to another class count: pass --num-classes"
+                    if "size mismatch" in str(error) and args.num_classes is None else "")
+            raise UserError(f"{args.checkpoint} does not fit {args.model}: {details or error}{hint}") from error
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     image_size = args.img_size or size[-1]
     return model.eval(), (size[0], image_size, image_size), False
@@ -194,12 +239,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("export writes an ONNX file; name it (standard output, -, is not offered)")
     output = Path(args.output)
     check_output_file(output, args.force)
-    is_codec = ":" in args.model
+    if args.num_classes is not None and not 0 <= args.num_classes <= MAX_NUM_CLASSES:
+        raise UserError(f"--num-classes must be between 0 and {MAX_NUM_CLASSES}, got {args.num_classes}")
+    is_run = _is_run_folder(args.model)
+    is_codec = ":" in args.model and not is_run
     if not is_codec and args.quality is not None:
         raise UserError("--quality picks a codec's shipped weights (MODEL = CODEC:TRANSFORM); not for timm models")
+    if is_codec and args.num_classes is not None:
+        raise UserError("--num-classes sets a timm model's classifier; a codec transform has none")
     if is_codec and sum((args.quality is not None, args.checkpoint is not None, args.pretrained)) > 1:
         raise UserError("a codec's weights come from one of --quality, --checkpoint or --pretrained")
-    model, shape, dynamic_hw = _codec_transform(args) if is_codec else _timm_model(args)
+    if is_run:
+        model, shape, dynamic_hw = _run_model(args)
+    else:
+        model, shape, dynamic_hw = _codec_transform(args) if is_codec else _timm_model(args)
     print(f"exporting {args.model} with input (batch, {', '.join(map(str, shape))})", file=sys.stderr)
     # written and checked beside the output, moved into place only when the check passes: a failed check left
     # its file behind, and with --force replaced a good one
