@@ -312,3 +312,8 @@ def test_a_fine_tuning_run_folder_exports_its_trained_model(tmp_path, monkeypatc
     assert got.shape == (2, 3) and abs(got - expected).max() < 1e-4
     assert cli.main(["export", str(run), str(tmp_path / "x.onnx"), "--num-classes", "5"]) == 1
     assert "is a fine-tuning run" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_run_is_named_as_such(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "m.onnx")]) == 1
+    assert "is a folder but not a fine-tuning run" in capsys.readouterr().err

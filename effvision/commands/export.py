@@ -105,6 +105,8 @@ def _timm_model(args: argparse.Namespace):
     import effvision  # noqa: F401 - registers the token-reduced timm names
     from effvision.bounded_config import check_timm_model
 
+    if Path(args.model).is_dir():
+        raise UserError(f"{args.model} is a folder but not a fine-tuning run (no config.json)")
     if not timm.is_model(args.model):
         raise UserError(f"unknown model {args.model!r} (a timm name, a fine-tuning run folder, or CODEC:TRANSFORM "
                         "such as mambaic:g_a)")
