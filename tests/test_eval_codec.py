@@ -283,6 +283,7 @@ def test_tiny_images_evaluate_end_to_end_with_strict_json(tmp_path: Path, two_qu
     again = evaluation.Evaluation.from_dict(document)
     assert math.inf in [row.psnr for row in again.curves]
     assert again.bd_rates() == evaluation.Evaluation.from_dict(json.loads(out.read_text())).bd_rates()
+    assert any("single-scale SSIM" in line for line in document["notes"])  # its MS-SSIM is not the standard one
 
 
 def test_an_image_too_small_for_ms_ssim_is_a_clear_error(tmp_path: Path, capsys) -> None:

@@ -631,6 +631,8 @@ def _decibels(value: float | None) -> str:
 def markdown_report(evaluation: Evaluation) -> str:
     """Tables: learned points, classical curves, matched bytes, BD-rate, BD-PSNR."""
     lines = [f"Images: {len(evaluation.images)} ({', '.join(evaluation.images)})", ""]
+    for line in evaluation.notes:  # ladders that end early, plugins missing, non-standard MS-SSIM
+        lines += [line, ""]
     if evaluation.classical_settings:
         lines += ["Classical encoders (Pillow): " + "; ".join(
             f"{name}: {words}" for name, words in evaluation.classical_settings.items()), ""]

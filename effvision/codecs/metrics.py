@@ -10,6 +10,10 @@ from torch import Tensor
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 #: the smallest image side the smallest (3 x 3) SSIM window fits in
 MIN_SSIM_SIDE = 3
+#: the largest image side at which MS-SSIM is not the standard one: a smaller window up to this side, and
+#: single-scale SSIM at :data:`SINGLE_SCALE_SIDE` or less (see ``_differentiable_ms_ssim``)
+REDUCED_MS_SSIM_SIDE = 160
+SINGLE_SCALE_SIDE = 32
 
 
 def psnr(reference: Tensor, distorted: Tensor, peak: float = 1.0) -> float:

@@ -104,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{path}: {image.width}x{image.height} pixels; eval-codec measures MS-SSIM, which needs "
                             f"at least {MIN_SSIM_SIDE}x{MIN_SSIM_SIDE}")
 
+    from effvision.codecs.metrics import REDUCED_MS_SSIM_SIDE, SINGLE_SCALE_SIDE
+
+    small = [path for path, (_, image) in zip(paths, images, strict=True) if min(image.size) <= REDUCED_MS_SSIM_SIDE]
     from effvision.codecs import evaluation
     from effvision.codecs.base import available_codecs, load_codec, resolve_device
     from effvision.io_utils import atomic_write_bytes
@@ -117,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         notes.append(line)
         print(line, file=sys.stderr)
 
+    if small:
+        note(f"note: {len(small)} of {len(paths)} images have a side of {REDUCED_MS_SSIM_SIDE} px or less: their "
+             f"MS-SSIM uses a smaller window than the standard 11 px, and at {SINGLE_SCALE_SIDE} px or less it is "
+             "single-scale SSIM (not comparable with MS-SSIM figures of larger images)")
     classical = evaluation.classical_codecs(_classical_names(args), note)
     device = resolve_device(args.device)
     ladders = []
