@@ -17,10 +17,10 @@ Every image effvision reads (``encode``, training, evaluation) goes through :fun
   (which Pillow opens as ``I`` scaled to its maximum value) from 0..65535; other 32-bit integer and float
   (``I``, ``F``) from 0..65535 when any value exceeds 255, else from 0..255, except a float image whose
   values all lie in [0, 1], taken as unit range (negative and non-finite values become 0); CMYK, YCbCr, LAB,
-  HSV become RGB; a signed 8-bit grey TIFF is shifted to 0..255 (-128 is black). A PNG's transparent colour
-  (tRNS) of a grey or RGB image becomes an alpha channel (LA, RGBA), as it does for a palette image (a 16-bit
-  RGB PNG's cannot be: it is dropped, with a note). TIFFs Pillow has no mode for (signed, 32-bit or float
-  colour samples) are a clear error.
+  HSV become RGB; a signed 8- or 16-bit grey TIFF is shifted so that its lowest level is black. A PNG's
+  transparent colour (tRNS) of a grey or RGB image becomes an alpha channel (LA, RGBA), as it does for a palette
+  image (a 16-bit RGB PNG's cannot be: it is dropped, with a note). TIFFs Pillow has no mode for (signed, 32-bit
+  or float colour samples) are a clear error.
 * **Alpha.** Codecs code RGB and the container keeps alpha losslessly beside it; training and evaluation
   (:func:`to_rgb_array`; :func:`rgb_image` for fine-tuning's torchvision transforms) composite alpha onto white.
 
@@ -125,16 +125,16 @@ def open_image(source: str | Path | bytes, *, name: str | None = None, max_pixel
                 image = image.convert("LA")  # R = G = B: the grey level exactly
             _png_transparency_as_read(image, png_rawmode)
             _tiff_grey_levels_as_stored(image)
-            signed_bytes = _is_signed_8_bit_tiff(image)
+            signed_bits = _signed_grey_tiff_bits(image)
             try:
                 image = upright(image)
-                return _signed_bytes_as_levels(image) if signed_bytes else image
+                return _signed_as_levels(image, signed_bits) if signed_bits else image
             except (struct.error, TypeError, KeyError) as error:  # a tag whose type does not fit its value
                 raise UserError(f"{name}: corrupt EXIF orientation data ({type(error).__name__}: {error})") from None
     except UnidentifiedImageError as error:
-        if data[:4] in (b"II*\0", b"MM\0*"):  # a TIFF Pillow has no pixel mode for
-            raise UserError(f"{name}: a TIFF whose sample format is not read (signed, 32-bit or floating-point "
-                            "colour samples, or an unusual layout); save it as 8- or 16-bit unsigned") from error
+        if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # TIFF or BigTIFF magic
+            raise UserError(f"{name}: a TIFF Pillow cannot read: corrupt, or in a sample format it does not support "
+                            "(signed, 32-bit or floating-point colour samples, an unusual layout)") from error
         raise UserError(
             f"{name}: not an image file, or not one of the formats read ({', '.join(READ_FORMATS)})"
         ) from error
@@ -184,20 +184,34 @@ def _tiff_grey_levels_as_stored(image: Image.Image) -> None:
     image.info[TIFF_GREY_LEVELS] = (top, tags.get(262) == 0)
 
 
-def _is_signed_8_bit_tiff(image: Image.Image) -> bool:
-    """Whether ``image`` is a signed 8-bit grey TIFF (SampleFormat 2), which Pillow opens as ``L`` with the
-    bytes as stored: -100 came out as 156, dark as bright (see :func:`_signed_bytes_as_levels`)."""
-    if image.format != "TIFF" or image.mode != "L":
-        return False
-    sample_format = getattr(image, "tag_v2", {}).get(339)
+def _signed_grey_tiff_bits(image: Image.Image) -> int:
+    """8 or 16 for a signed grey TIFF (SampleFormat 2) Pillow opened as ``L`` or ``I`` (0 otherwise). Pillow
+    gives an 8-bit one's bytes as stored (-100 came out as 156, dark as bright) and a 16-bit one's signed values
+    (every negative level came out black, the top level as 127); see :func:`_signed_as_levels`."""
+    if image.format != "TIFF" or image.mode not in ("L", "I"):
+        return 0
+    tags = getattr(image, "tag_v2", {})
+    sample_format, bits = tags.get(339), tags.get(258)
     sample_format = sample_format[0] if isinstance(sample_format, tuple) and sample_format else sample_format
-    return sample_format == 2
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    if sample_format != 2 or bits not in (8, 16) or (image.mode == "L") != (bits == 8):
+        return 0
+    return bits
 
 
-def _signed_bytes_as_levels(image: Image.Image) -> Image.Image:
-    """Two's-complement bytes -128..127 as the grey levels 0..255 (black = -128); ``info`` is kept."""
-    shifted = image.point([level ^ 0x80 for level in range(256)])
+def _signed_as_levels(image: Image.Image, bits: int) -> Image.Image:
+    """Signed levels -2^(bits-1) .. 2^(bits-1)-1 as 0 .. 2^bits-1 (the lowest level is black); ``info`` is kept.
+    A 16-bit one is then scaled from 65535 like every 16-bit grey image."""
+    if bits == 8:  # two's-complement bytes: flipping the top bit adds 128
+        shifted = image.point([level ^ 0x80 for level in range(256)])
+    else:
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.int32) + 32768
+        shifted = Image.fromarray(values)  # int32: mode I
     shifted.info = dict(image.info)
+    if bits == 16:
+        shifted.info[TIFF_GREY_LEVELS] = (65535, False)
     return shifted
 
 

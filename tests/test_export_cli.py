@@ -317,3 +317,23 @@ def test_a_fine_tuning_run_folder_exports_its_trained_model(tmp_path, monkeypatc
 def test_a_folder_that_is_no_run_is_named_as_such(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path), str(tmp_path / "m.onnx")]) == 1
     assert "is a folder but not a fine-tuning run" in capsys.readouterr().err
+
+
+def test_a_folder_named_like_a_timm_model_does_not_hide_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deit_tiny_patch16_224").mkdir()  # not a run: no config.json
+    assert cli.main(["export", "deit_tiny_patch16_224", "m.onnx", "--img-size", "32"]) == 0
+    (tmp_path / "deit_tiny_patch16_224" / "config.json").write_text("{}")  # now it looks like a run too
+    assert cli.main(["export", "deit_tiny_patch16_224", "n.onnx", "--img-size", "32"]) == 1
+    assert "both a timm model name and a fine-tuning run folder" in capsys.readouterr().err
+
+
+def test_the_num_classes_hint_is_given_only_when_the_head_does_not_fit(tmp_path, capsys):
+    import timm
+
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=48).state_dict(), tmp_path / "48.pth")
+    argv = ["export", "deit_tiny_patch16_224", str(tmp_path / "m.onnx"), "--img-size", "32", "--checkpoint",
+            str(tmp_path / "48.pth")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "size mismatch for pos_embed" in err and "--num-classes" not in err

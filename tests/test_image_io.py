@@ -525,7 +525,14 @@ def test_a_signed_8_bit_grey_tiff_reads_minus_128_as_black():
     assert np.asarray(normalize_mode(unsigned)).tolist() == [[128, 156, 0, 127]]
 
 
-def test_a_tiff_of_floating_point_colour_says_its_sample_format_is_not_read():
+def test_a_signed_16_bit_grey_tiff_reads_its_lowest_level_as_black():
+    """Pillow gives the signed values: every negative level came out black and the top level as 127."""
+    image = open_image(grey_tiff_of_depth(16, struct.pack("<4h", -32768, -100, 0, 32767), 4, sample_format=2))
+    assert np.asarray(normalize_mode(image)).tolist() == [[0, 127, 128, 255]]
+
+
+def test_a_tiff_of_floating_point_colour_or_a_corrupt_tiff_says_pillow_cannot_read_it():
     data = grey_tiff_of_depth(32, struct.pack("<3f", 0.1, 0.5, 0.9), 1, sample_format=3, samples=3)
-    with pytest.raises(UserError, match="TIFF whose sample format is not read"):
-        open_image(data, name="float.tif")
+    for tiff in (data, b"II*\0" + b"\xff" * 20):
+        with pytest.raises(UserError, match="a TIFF Pillow cannot read: corrupt, or in a sample format"):
+            open_image(tiff, name="float.tif")

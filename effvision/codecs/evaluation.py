@@ -155,7 +155,7 @@ class ClassicalCodec:
 
     ``options`` are passed to ``Image.save`` beside ``quality``: each codec at the settings a careful user
     would pick, stated in every report (:meth:`settings`), so that no learned codec wins against a handicapped
-    anchor (a JPEG without optimised Huffman tables was 3-52% larger at the same pixels on our test photos, the
+    anchor (a JPEG without optimised Huffman tables was 3-108% larger at the same pixels on our test photos, the
     most at low quality).
     """
 

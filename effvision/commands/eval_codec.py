@@ -93,20 +93,14 @@ def run(args: argparse.Namespace) -> int:
                             f"({budget / 2**30:.1f} GiB, passed at image {count} of {len(paths)}); evaluate fewer "
                             "(--limit) or smaller images")
         images.append((path.relative_to(args.data).as_posix(), image))  # a/x.png and b/x.png are two images
-    if transparent:  # the classical codecs code no alpha; encode adds a lossless alpha section to the .evc
-        print(f"note: {transparent} of {len(paths)} images have transparency; they are measured composited onto "
-              "white (what JPEG codes), while `effvision encode` keeps their alpha in an extra lossless section, so "
-              "their .evc files are larger than counted here", file=sys.stderr)
-    from effvision.codecs.metrics import MIN_SSIM_SIDE
+    from effvision.codecs.metrics import MIN_SSIM_SIDE, REDUCED_MS_SSIM_SIDE, SINGLE_SCALE_SIDE
 
     for path, (_, image) in zip(paths, images, strict=True):
         if min(image.size) < MIN_SSIM_SIDE:
             raise UserError(f"{path}: {image.width}x{image.height} pixels; eval-codec measures MS-SSIM, which needs "
                             f"at least {MIN_SSIM_SIDE}x{MIN_SSIM_SIDE}")
-
-    from effvision.codecs.metrics import REDUCED_MS_SSIM_SIDE, SINGLE_SCALE_SIDE
-
     small = [path for path, (_, image) in zip(paths, images, strict=True) if min(image.size) <= REDUCED_MS_SSIM_SIDE]
+
     from effvision.codecs import evaluation
     from effvision.codecs.base import available_codecs, load_codec, resolve_device
     from effvision.io_utils import atomic_write_bytes
@@ -120,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
         notes.append(line)
         print(line, file=sys.stderr)
 
+    if transparent:  # the classical codecs code no alpha; encode adds a lossless alpha section to the .evc
+        note(f"note: {transparent} of {len(paths)} images have transparency; they are measured composited onto "
+             "white (what JPEG codes), while `effvision encode` keeps their alpha in an extra lossless section, so "
+             "their .evc files are larger than counted here")
     if small:
         note(f"note: {len(small)} of {len(paths)} images have a side of {REDUCED_MS_SSIM_SIDE} px or less: their "
              f"MS-SSIM uses a smaller window than the standard 11 px, and at {SINGLE_SCALE_SIDE} px or less it is "

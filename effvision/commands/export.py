@@ -105,9 +105,9 @@ def _timm_model(args: argparse.Namespace):
     import effvision  # noqa: F401 - registers the token-reduced timm names
     from effvision.bounded_config import check_timm_model
 
-    if Path(args.model).is_dir():
-        raise UserError(f"{args.model} is a folder but not a fine-tuning run (no config.json)")
     if not timm.is_model(args.model):
+        if Path(args.model).is_dir():
+            raise UserError(f"{args.model} is a folder but not a fine-tuning run (no config.json)")
         raise UserError(f"unknown model {args.model!r} (a timm name, a fine-tuning run folder, or CODEC:TRANSFORM "
                         "such as mambaic:g_a)")
     kwargs = {"img_size": args.img_size} if args.img_size else {}
@@ -135,8 +135,11 @@ def _timm_model(args: argparse.Namespace):
         except RuntimeError as error:
             lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()][:8]  # missing, unexpected,
             details = "; ".join(line if len(line) <= 300 else line[:300] + " ..." for line in lines)  # mismatches
+            classifiers = model.pretrained_cfg.get("classifier") or "head"
+            classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+            head_mismatch = any(f"size mismatch for {name}." in str(error) for name in classifiers)
             hint = ("; a head fine-tuned to another class count: pass --num-classes"
-                    if "size mismatch" in str(error) and args.num_classes is None else "")
+                    if head_mismatch and args.num_classes is None else "")
             raise UserError(f"{args.checkpoint} does not fit {args.model}: {details or error}{hint}") from error
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     image_size = args.img_size or size[-1]
@@ -244,6 +247,14 @@ def run(args: argparse.Namespace) -> int:
     if args.num_classes is not None and not 0 <= args.num_classes <= MAX_NUM_CLASSES:
         raise UserError(f"--num-classes must be between 0 and {MAX_NUM_CLASSES}, got {args.num_classes}")
     is_run = _is_run_folder(args.model)
+    if is_run:
+        import timm
+
+        import effvision  # noqa: F401 - registers the token-reduced timm names
+
+        if timm.is_model(args.model):
+            raise UserError(f"{args.model} is both a timm model name and a fine-tuning run folder here; write "
+                            f"./{args.model} for the folder, or run from another folder for the model")
     is_codec = ":" in args.model and not is_run
     if not is_codec and args.quality is not None:
         raise UserError("--quality picks a codec's shipped weights (MODEL = CODEC:TRANSFORM); not for timm models")
