@@ -171,6 +171,13 @@ def _png_transparency_as_read(image: Image.Image, rawmode: object) -> None:
 TIFF_GREY_LEVELS = "effvision: tiff grey levels"
 
 
+def _first_tag_value(tags, tag: int) -> object:
+    """A TIFF tag's value as Pillow's ``tag_v2`` gives it, or the first of its values when it holds several
+    (BitsPerSample, SampleFormat: one per sample); None when absent."""
+    value = tags.get(tag)
+    return value[0] if isinstance(value, tuple) and value else value
+
+
 def _tiff_grey_levels_as_stored(image: Image.Image) -> None:
     """Pillow opens a 9- to 15-bit grey TIFF as 16-bit (``I;16``) holding values up to 2^bits - 1, and a 16-bit
     one with white as zero (PhotometricInterpretation 0) as black-is-zero: white came out as 16 of 255, and
@@ -178,8 +185,7 @@ def _tiff_grey_levels_as_stored(image: Image.Image) -> None:
     if image.format != "TIFF" or not image.mode.startswith("I;16"):
         return
     tags = getattr(image, "tag_v2", {})
-    bits = tags.get(258)
-    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    bits = _first_tag_value(tags, 258)
     top = 2 ** bits - 1 if isinstance(bits, int) and 1 <= bits <= 16 else 65535
     image.info[TIFF_GREY_LEVELS] = (top, tags.get(262) == 0)
 
@@ -191,9 +197,7 @@ def _signed_grey_tiff_bits(image: Image.Image) -> int:
     if image.format != "TIFF" or image.mode not in ("L", "I"):
         return 0
     tags = getattr(image, "tag_v2", {})
-    sample_format, bits = tags.get(339), tags.get(258)
-    sample_format = sample_format[0] if isinstance(sample_format, tuple) and sample_format else sample_format
-    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    sample_format, bits = _first_tag_value(tags, 339), _first_tag_value(tags, 258)
     if sample_format != 2 or bits not in (8, 16) or (image.mode == "L") != (bits == 8):
         return 0
     return bits

@@ -674,17 +674,18 @@ def markdown_report(evaluation: Evaluation) -> str:
         "", "| learned | " + " | ".join(classical) + " |", "|---|" + "---:|" * len(classical),
     ]
     single = [n for n in evaluation.learned_names() if len(evaluation.mean_curve(evaluation.learned, n)) == 1]
-    for learned, row in bd.items():
-        lines.append(f"| {learned}{' (one point)' if learned in single else ''} | "
-                     + " | ".join(_percent(row[c]) for c in classical) + " |")
+
+    def rows(table: dict[str, dict[str, float | None]], cell: Callable[[float | None], str]) -> list[str]:
+        return [f"| {learned}{' (one point)' if learned in single else ''} | "
+                + " | ".join(cell(row[c]) for c in classical) + " |" for learned, row in table.items()]
+
+    lines += rows(bd, _percent)
     lines += [
         "", "### BD-PSNR vs each classical codec (dB at the same rate, piecewise cubic in log-rate; positive = "
         "learned is better; defined wherever the rate ranges overlap)",
         "", "| learned | " + " | ".join(classical) + " |", "|---|" + "---:|" * len(classical),
     ]
-    for learned, row in evaluation.bd_psnrs().items():
-        lines.append(f"| {learned}{' (one point)' if learned in single else ''} | "
-                     + " | ".join(_decibels(row[c]) for c in classical) + " |")
+    lines += rows(evaluation.bd_psnrs(), _decibels)
     if single:
         lines += ["", "A ladder of one point (marked) has no Bjøntegaard mean: its figures are the differences at "
                   "its own rate (or PSNR) on the classical curve."]

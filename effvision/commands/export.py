@@ -76,9 +76,15 @@ def _is_run_folder(name: str) -> bool:
 
 def _run_model(args: argparse.Namespace):
     """The model a fine-tuning run trained: its config's model and base weights plus its trained weights."""
+    import timm
+
+    import effvision  # noqa: F401 - registers the token-reduced timm names
     from effvision.finetune import checkpoint
     from effvision.finetune.loop import create_model, read_run_config
 
+    if timm.is_model(args.model):
+        raise UserError(f"{args.model} is both a timm model name and a fine-tuning run folder here; write "
+                        f"./{args.model} for the folder, or run from another folder for the model")
     given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--pretrained", args.pretrained),
                                       ("--num-classes", args.num_classes), ("--img-size", args.img_size))
              if value not in (None, False)]
@@ -247,14 +253,6 @@ def run(args: argparse.Namespace) -> int:
     if args.num_classes is not None and not 0 <= args.num_classes <= MAX_NUM_CLASSES:
         raise UserError(f"--num-classes must be between 0 and {MAX_NUM_CLASSES}, got {args.num_classes}")
     is_run = _is_run_folder(args.model)
-    if is_run:
-        import timm
-
-        import effvision  # noqa: F401 - registers the token-reduced timm names
-
-        if timm.is_model(args.model):
-            raise UserError(f"{args.model} is both a timm model name and a fine-tuning run folder here; write "
-                            f"./{args.model} for the folder, or run from another folder for the model")
     is_codec = ":" in args.model and not is_run
     if not is_codec and args.quality is not None:
         raise UserError("--quality picks a codec's shipped weights (MODEL = CODEC:TRANSFORM); not for timm models")
