@@ -85,6 +85,9 @@ def taming_release(callback_class, seed: int = 0) -> dict:
     }
 
 
+REAL_HUB_UNREACHABLE = pretrained.hub_unreachable
+
+
 class FakeHub:
     """``hf_hub_download`` over a local folder: files are "downloaded" into a local cache on first use."""
 
@@ -124,6 +127,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.delenv("EFFVISION_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(pretrained, "PRETRAINED", {MAMBAIC.config_id: MAMBAIC, VQGAN.config_id: VQGAN})
+    monkeypatch.setattr(pretrained, "hub_unreachable", lambda: None)  # the fake hub is always "reachable"
     return fake
 
 
@@ -232,6 +236,52 @@ def test_a_placed_file_is_used_offline_without_asking_the_hub(hub, monkeypatch, 
     fetch_pretrained("test-official-mambaic")
     record = json.loads((tmp_path / "cache/mambaic/test-official-mambaic.json").read_text())
     assert hub.calls == [] and record["source"] == str(place)
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """A resolver that knows no host name, as on a machine without a network; no proxy configured."""
+    import socket
+
+    def fail(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    for name in pretrained.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_hub_unreachable_says_why_without_a_network_and_nothing_behind_a_proxy(no_network, monkeypatch):
+    assert "huggingface.co does not resolve" in pretrained.hub_unreachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert pretrained.hub_unreachable() is None
+
+
+def test_without_a_network_the_error_comes_at_once_from_the_cache_only(hub, no_network, monkeypatch, tmp_path):
+    monkeypatch.setattr(pretrained, "hub_unreachable", REAL_HUB_UNREACHABLE)  # the fixture's stand-in undone
+    hub.publish("authors/tiny-mambaic", "checkpoint0.025.pth.tar", mambaic_release())
+    with pytest.raises(UserError) as error:
+        fetch_pretrained("test-official-mambaic")
+    message = str(error.value)
+    assert "does not resolve" in message and "not in the Hugging Face cache" in message
+    assert f"place it at {tmp_path / 'cache' / 'mambaic' / 'checkpoint0.025.pth.tar'}" in message
+    assert [call["local_files_only"] for call in hub.calls] == [True]  # never the retrying download
+
+
+def test_without_a_network_a_file_in_the_hub_cache_is_still_used(hub, no_network, monkeypatch):
+    hub.publish("authors/tiny-mambaic", "checkpoint0.025.pth.tar", mambaic_release())
+    hub.downloaded.add(("authors/tiny-mambaic", "checkpoint0.025.pth.tar"))  # fetched on an earlier day
+    monkeypatch.setattr(pretrained, "hub_unreachable", REAL_HUB_UNREACHABLE)
+    assert fetch_pretrained("test-official-mambaic").is_file()
+    assert [call["local_files_only"] for call in hub.calls] == [True]
+
+
+def test_cache_follows_xdg_cache_home_unless_effvision_cache_is_set(monkeypatch, tmp_path):
+    monkeypatch.delenv("EFFVISION_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pretrained.cache_dir() == tmp_path / "xdg" / "effvision"
+    monkeypatch.setenv("EFFVISION_CACHE", str(tmp_path / "mine"))
+    assert pretrained.cache_dir() == tmp_path / "mine"
 
 
 def test_without_download_only_local_copies_are_used(hub):

@@ -3,13 +3,15 @@
 :data:`PRETRAINED` lists the official releases effvision knows, keyed by the config id written into every
 ``.evc`` file encoded with them, so ``effvision decode`` finds the same weights again (and still checks
 the file's weights fingerprint). :func:`fetch_pretrained` turns an entry into a verified effvision
-safetensors file in effvision's cache (``$EFFVISION_CACHE``, default ``~/.cache/effvision``):
+safetensors file in effvision's cache (``$EFFVISION_CACHE``, else ``$XDG_CACHE_HOME/effvision``, default
+``~/.cache/effvision``):
 
 1. A converted file recorded in ``<cache>/<codec>/<config id>.json`` is used when its SHA-256 matches the
    record (no network, no re-conversion).
 2. Otherwise the official file is taken from ``<cache>/<codec>/<file name>`` when the user placed it there
    (the offline route), else from Hugging Face with ``huggingface_hub.hf_hub_download`` (its own cache;
-   ``local_files_only`` when downloading was not asked for or ``EFFVISION_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``).
+   ``local_files_only`` when downloading was not asked for, when ``EFFVISION_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``,
+   or when the Hub's host name does not resolve: no network, so no retries).
 3. The official file's SHA-256 must equal the pinned one (:attr:`PretrainedWeights.sha256`) or, when none
    is pinned, the one recorded the first time it was converted (trust on first use).
 4. It is read without running code from it (:mod:`effvision.torch_checkpoint`), converted once to
@@ -109,8 +111,10 @@ PRETRAINED: dict[str, PretrainedWeights] = {
 
 
 def cache_dir() -> Path:
-    """effvision's cache: ``$EFFVISION_CACHE`` or ``~/.cache/effvision``."""
-    return Path(os.environ.get("EFFVISION_CACHE") or Path.home() / ".cache" / "effvision").expanduser()
+    """effvision's cache: ``$EFFVISION_CACHE``, else ``$XDG_CACHE_HOME/effvision``, else ``~/.cache/effvision``."""
+    if os.environ.get("EFFVISION_CACHE"):
+        return Path(os.environ["EFFVISION_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "effvision"
 
 
 def offline() -> bool:
@@ -181,6 +185,38 @@ def _read_record(entry: PretrainedWeights) -> dict | None:
     return record
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face endpoint certainly cannot be reached: its host name does not resolve (no network).
+
+    ``None`` when it resolves or when that cannot be told here (a proxy resolves names for us). Asked before a
+    download, so that a machine without a network gets its clear error at once instead of after
+    huggingface_hub's retries (about 25 s).
+    """
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        from huggingface_hub import constants
+
+        host = urlsplit(constants.ENDPOINT).hostname
+    except (ImportError, AttributeError, ValueError):
+        return None
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        return f"{host} does not resolve ({error.strerror or error}: no network?)"
+    except (OSError, UnicodeError):
+        return None
+    return None
+
+
 def _download(entry: PretrainedWeights, download: bool) -> Path:
     """The official file: placed by the user, or from Hugging Face (only its local cache unless ``download``)."""
     placed = placed_path(entry)
@@ -193,6 +229,8 @@ def _download(entry: PretrainedWeights, download: bool) -> Path:
             f"{_where_to_get(entry)}, or set {entry.env_prefix}_REPO (and _FILENAME) to a mirror"
         )
     local_only = not download or offline()
+    unreachable = None if local_only else hub_unreachable()
+    local_only = local_only or unreachable is not None  # no network: the Hub's cache only, no 25 s of retries
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as error:
@@ -210,6 +248,8 @@ def _download(entry: PretrainedWeights, download: bool) -> Path:
             reason = "they are not in the cache and downloading was not asked for (--pretrained / pretrained=True)"
         elif offline():
             reason = "offline (EFFVISION_OFFLINE / HF_HUB_OFFLINE) and they are not in the Hugging Face cache"
+        elif unreachable is not None:
+            reason = f"{unreachable} and they are not in the Hugging Face cache"
         else:
             first_line = (str(error).splitlines() or [""])[0]
             reason = f"download from {repo} failed ({type(error).__name__}: {first_line})"
