@@ -317,3 +317,18 @@ def test_block_hooks_see_the_released_loops_tokens_and_reach_the_aggregation_hea
     model(x).sum().backward()
     handle.remove()
     assert len(gradients) == 1 and gradients[0].abs().sum() > 0
+
+
+def test_stop_early_returns_the_last_run_blocks_tokens_as_timm_does():
+    """forward_intermediates(stop_early=True) before the head's last collected block: no head input exists,
+    so the final output is the normed tokens after the last run block (timm's ViT semantics), not an error."""
+    model = add_clca(effvision.reduce(make_family("vit"), "topk", keep_rate=0.7, layers=(1, 3)), carriers=1).eval()
+    x = images()
+    with torch.no_grad():
+        final, intermediates, states = model.forward_intermediates(x, indices=[1], stop_early=True, output_fmt="NLC",
+                                                                   return_token_states=True)
+        full, full_intermediates = model.forward_intermediates(x, indices=[1], output_fmt="NLC")
+    torch.testing.assert_close(final, model.norm(states[-1].x))
+    torch.testing.assert_close(intermediates[0], full_intermediates[0])
+    assert full.shape == (2, 3, 48)  # the head's input when every block ran: CLS after blocks 1, 3 and 5
+    assert final.shape[0] == 2 and final.shape[1] > 3

@@ -125,8 +125,14 @@ class ClsCollector:
         collected = (*state.extras.get(CLS_KEY, ()), state.x[:, :1])
         return state.replace(extras={**state.extras, CLS_KEY: collected})
 
-    def output(self, state: TokenState) -> Tensor:
-        return torch.cat(state.extras[CLS_KEY], dim=1)
+    def output(self, state: TokenState) -> Tensor | None:
+        """(B, L, D): the collected CLS tokens; ``None`` when the blocks stopped before the last collected layer
+        (``forward_intermediates(stop_early=True)``): there is no head input then, and the blocks return the
+        last block's tokens, as timm's ViT does."""
+        collected = state.extras.get(CLS_KEY, ())
+        if len(collected) < len(self.layers):
+            return None
+        return torch.cat(collected, dim=1)
 
 
 class CrossLayerCache(nn.Module):
