@@ -185,9 +185,6 @@ def _read_record(entry: PretrainedWeights) -> dict | None:
     return record
 
 
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
 def hub_unreachable() -> str | None:
     """Why the Hugging Face endpoint certainly cannot be reached: its host name does not resolve (no network).
 
@@ -195,10 +192,12 @@ def hub_unreachable() -> str | None:
     download, so that a machine without a network gets its clear error at once instead of after
     huggingface_hub's retries (about 25 s).
     """
-    if any(os.environ.get(name) for name in PROXY_VARIABLES):
-        return None
     import socket
     from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    if any(getproxies().get(scheme) for scheme in ("https", "http", "all")):  # as httpx (the Hub's client) sees them
+        return None
 
     try:
         from huggingface_hub import constants
