@@ -16,7 +16,9 @@ stage's seed is its Q, so to replay them bit for bit pass Q-1 and rename the fil
 but is not shipped: on the corpus's test photos it loses to JPEG at the same size by 1.28 dB, on 8 of the 9
 photos where JPEG can make a file that size (bench/results/codec-rd-cpu.md). All five shipped qualities then had
 their entropy models alone fine-tuned on whole 16x16 latents (scripts/init_mambaic_klt.py --config lite --init ...
---latent-crop 16; the recipe is in each file's metadata and in bench/results/codec-rd-cpu.md).
+--latent-crop 16; the recipe is in each file's metadata and in bench/results/codec-rd-cpu.md), and then one more
+joint stage on whole 256 px crops, from each shipped file: ``--chain Q:LAMBDA:700 --init <shipped qQ> --crop 256
+--batch-size 4 --lr 1e-4 --final-lr 1e-5``, saved with float16 parameters.
 
 ``--config wide`` trains the upper rungs in the ``wide`` config (100 latent channels; a ``lite`` ``--init`` is
 widened first, :func:`widened`), written as ``mambaic-wide-q<N>.safetensors``. None ships yet: 1753 steps of q6
